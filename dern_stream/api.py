@@ -1,0 +1,170 @@
+"""The rewrite, as one straight pipeline: check everything, then stream layer by layer into a staged OUT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .audit import audit_record, write_audit
+from .calib import CalibDump
+from .checkpoint import (
+    Checkpoint, ShardedWriter, StagedOutput, check_output_location, copy_side_files, resolve_checkpoint,
+)
+from .device import resolve_device
+from .errors import DernError
+from .families import family_for
+from .layer_rewrite import LayerReport, compress_layer, write_layer
+from .layout import ModelShape, check_moe_layers, plan_output
+from .options import RewriteOptions
+
+log = logging.getLogger("dern_stream")
+
+
+@dataclass
+class RewriteSummary:
+    output: Path
+    model_type: str
+    layers: int
+    experts_in: int
+    experts_out: int
+    segments_pooled: int
+    segments_reassigned: int
+    output_bytes: int
+    seconds: float
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
+        lines = [
+            f"done: {self.layers} MoE layers of {self.model_type}, experts {self.experts_in} -> {self.experts_out}",
+            f"segments reassigned: {self.segments_reassigned} of {self.segments_pooled} pooled ({frac:.1%})",
+            f"output: {self.output} ({self.output_bytes / 1e9:.3f} GB of tensors) in {self.seconds:.1f} s "
+            f"on {self.device}",
+        ]
+        return "\n".join(lines)
+
+
+def rewrite(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    experts: int,
+    calib: str | os.PathLike | None = None,
+    alpha: float = 0.4,
+    sim_components: str | tuple[str, ...] = ("up", "down"),
+    kmeans_iters: int = 20,
+    intermediate_size: int | None = None,
+    importance: str = "routing",
+    router_transfer: bool = True,
+    device: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RewriteSummary:
+    """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
+    MoE layer, built by DERN. Raises DernError, with a one-line message, for any bad input; `out` is
+    then left as it was."""
+    started = time.perf_counter()
+    options = RewriteOptions(
+        experts=experts, alpha=alpha, sim_components=sim_components, kmeans_iters=kmeans_iters,
+        intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
+        device=device, max_shard_size=max_shard_size,
+    )
+    source = resolve_checkpoint(src)
+    out_path = Path(out).expanduser().resolve()
+    check_output_location(source, out_path, overwrite)
+
+    ckpt = Checkpoint(source)
+    config = ckpt.config
+    family = family_for(config)
+    if config.get("quantization_config"):
+        raise DernError(f"quantized checkpoints ({config['quantization_config'].get('quant_method', '?')}) "
+                        "are not supported yet; rewrite the unquantized weights")
+    shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
+    if options.experts > shape.num_experts:
+        raise DernError(f"--experts {options.experts} exceeds the model's {shape.num_experts} experts per layer")
+    if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
+        raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
+                        f"{shape.intermediate}; it can only shrink them")
+    layers = check_moe_layers(ckpt, family, shape)
+    out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
+    groups = family.group_plan(config, options.experts)
+
+    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], config, notes)
+    for note in notes:
+        log.warning("note: %s", note)
+    compute = resolve_device(options.device)
+    specs, copied = plan_output(ckpt, family, layers, options.experts, options.intermediate_size or shape.intermediate)
+
+    reports: list[LayerReport] = []
+    with StagedOutput(out_path) as stage:
+        writer = ShardedWriter(stage.path, specs, options.max_shard_size)
+        try:
+            for name in tqdm(copied, desc="copy untouched tensors", unit="tensor", disable=not progress,
+                             leave=False):
+                writer.copy_raw(name, ckpt.entries[name])
+            bar = tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress)
+            for layer in bar:
+                layer_dump = dump if dump is not None and layer.index in dump_layers(dump) else None
+                report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
+                write_layer(writer, ckpt, family, layer, report)
+                reports.append(report)
+                bar.set_postfix(layer=layer.index, reassigned=report.result.segments_reassigned)
+            writer.finish()
+        finally:
+            writer.close()
+            ckpt.close()
+        (stage.path / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+        _, skipped = copy_side_files(source, stage.path)
+        if skipped:
+            notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
+            log.warning("note: %s", notes[-1])
+        write_audit(stage.path, audit_record(
+            source=source, fingerprint=ckpt.fingerprint(), calib=Path(calib).resolve() if calib else None,
+            model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
+            options=options, config_notes=notes, reports=reports,
+        ))
+
+    return RewriteSummary(
+        output=out_path, model_type=family.model_type, layers=len(reports),
+        experts_in=shape.num_experts, experts_out=options.experts,
+        segments_pooled=len(layers) * (shape.num_experts - options.experts) * shape.intermediate,
+        segments_reassigned=sum(r.result.segments_reassigned for r in reports),
+        output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
+    )
+
+
+def dump_layers(dump: CalibDump) -> set[int]:
+    return set(dump.attrs.get("moe_layers") or [])
+
+
+def _open_dump(calib, options, family, shape, layer_indices, config, notes) -> CalibDump | None:
+    """Open and check the dump before any work starts; a bad dump must not cost a long run."""
+    if options.importance == "router-norm":
+        if calib is not None:
+            raise DernError("--importance router-norm ignores the calibration dump; pass one or the other")
+        notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
+        return None
+    if calib is None:
+        raise DernError("--calib DUMP is required (make one with `dern-stream dump`), "
+                        "or pass --importance router-norm for the weaker parameter-only ranking")
+    dump = CalibDump(calib)
+    dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
+    available = dump_layers(dump)
+    decoder_layers = int(config.get("num_hidden_layers", 0))
+    for i in layer_indices:
+        if i in available:
+            dump.layer(i)  # complete and non-empty, or a clear error now
+        elif i >= decoder_layers:
+            # DeepSeek-V3's multi-token-prediction layer sits past the decoder; no forward pass reaches it.
+            notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")
+        else:
+            raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
+    return dump

@@ -1,0 +1,72 @@
+"""Capture MoE-block inputs from a model that is already in memory (tests, examples, small models).
+
+Large checkpoints get the layer-by-layer `dump` instead; both write the same store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..families import family_for
+from .store import CalibWriter, tensor_sha256
+
+
+@torch.no_grad()
+def dump_from_model(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    path: str | Path,
+    *,
+    batch_size: int = 8,
+    chunk_tokens: int = 4096,
+    dtype: str = "float16",
+    overwrite: bool = False,
+) -> list[int]:
+    """Run `model` (a transformers causal LM) on `input_ids` [sequences, seq_len] and store every MoE
+    layer's input (the output of its post_attention_layernorm). Returns the MoE layer indices."""
+    config = model.config.to_dict()
+    family = family_for(config)
+    routers = moe_routers(model)
+    layers = sorted(routers)
+    writer = CalibWriter(
+        path, model_type=family.model_type, hidden_size=config["hidden_size"],
+        num_experts=family.num_experts(config), moe_layers=layers,
+        dtype=dtype, chunk_tokens=chunk_tokens, overwrite=overwrite,
+    )
+    hashes = {i: tensor_sha256(w) for i, w in routers.items()}
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [
+        model.model.layers[i].post_attention_layernorm.register_forward_hook(
+            lambda _m, _inp, out, i=i: captured.__setitem__(i, out)
+        )
+        for i in layers
+    ]
+    try:
+        model.eval()
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids=input_ids[start:start + batch_size])
+            for i in layers:
+                writer.append(i, captured.pop(i), router_sha256=hashes[i])
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in layers:
+        writer.finish_layer(i)
+    return layers
+
+
+def moe_routers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+    """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block.
+
+    Found by structure (a `gate` with a [N, d] weight beside `experts`): in memory transformers 5
+    renames some blocks (Mixtral's block_sparse_moe becomes mlp) and fuses the experts.
+    """
+    found = {}
+    for i, layer in enumerate(model.model.layers):
+        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        gate = getattr(block, "gate", None)
+        if hasattr(block, "experts") and isinstance(getattr(gate, "weight", None), torch.Tensor):
+            found[i] = gate.weight
+    return found

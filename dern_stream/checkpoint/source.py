@@ -1,0 +1,122 @@
+"""Input checkpoints: resolve a directory or Hub repo id, index every tensor, read tensors by name.
+
+Only headers are read up front (a few KB per shard); tensor data stays memory-mapped until a
+layer asks for it, so opening a 300 GB checkpoint costs almost nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import DernError
+from .safetensors_format import TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Weight formats this tool neither reads nor copies (a Hub download skips them too).
+FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "original/*")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_checkpoint(ref: str | os.PathLike) -> Path:
+    """A local directory as given, or a Hub repo id fetched through huggingface_hub's cache.
+
+    With HF_HUB_OFFLINE=1 a cached repo resolves without network access.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DernError(f"input {ref} is a file; give the checkpoint directory")
+        return path.resolve()
+    if not _REPO_ID.match(str(ref)):
+        raise DernError(f"input {ref} does not exist (neither a directory nor a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(ref), ignore_patterns=list(FOREIGN_WEIGHTS))).resolve()
+    except LocalEntryNotFoundError:
+        raise DernError(f"{ref} is not in the Hugging Face cache and cannot be downloaded (offline?)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise DernError(f"cannot fetch {ref} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory: config, tensor index, and lazy tensor reads."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.config = self._read_config()
+        self.entries, self.shard_files = self._index_tensors()
+        self._handles: dict[str, object] = {}
+
+    def _read_config(self) -> dict:
+        path = self.root / "config.json"
+        if not path.is_file():
+            raise DernError(f"{self.root} has no config.json; is it a Hugging Face checkpoint directory?")
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DernError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise DernError(f"{path} does not hold a JSON object")
+        return config
+
+    def _index_tensors(self) -> tuple[dict[str, TensorEntry], list[str]]:
+        index_path = self.root / INDEX_NAME
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                raise DernError(f"{index_path} is not a valid safetensors index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.root / SINGLE_NAME).is_file():
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            raise DernError(f"{self.root} holds no {SINGLE_NAME} or {INDEX_NAME} (only safetensors is supported)")
+        entries: dict[str, TensorEntry] = {}
+        for fname in files:
+            fpath = self.root / fname
+            if not fpath.is_file():
+                raise DernError(f"shard {fname} named in {INDEX_NAME} is missing from {self.root}")
+            shard_entries, _ = read_header(str(fpath))
+            for name, entry in shard_entries.items():
+                if weight_map is None or weight_map.get(name) == fname:
+                    entries[name] = entry
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if name not in entries:
+                    raise DernError(f"{INDEX_NAME} places tensor {name!r} in {fname}, which does not hold it")
+        return entries, files
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every tensor's name, dtype and shape (no tensor data is read)."""
+        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for name in sorted(self.entries):
+            e = self.entries[name]
+            h.update(f"{name}|{e.dtype}|{e.shape}|{e.nbytes}\n".encode())
+        return h.hexdigest()
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor, read from the memory-mapped shard in its stored dtype."""
+        entry = self.entries[name]
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            try:
+                handle = safe_open(entry.file, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise DernError(f"cannot open {os.path.basename(entry.file)}: {e}") from None
+            self._handles[entry.file] = handle
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()

@@ -1,0 +1,133 @@
+"""Sharded safetensors output written in place.
+
+Every output tensor's name, dtype and shape is known before any layer is computed (the
+rewrite only changes counts), so the shards and their headers are laid out first and each
+tensor is then written at its offset the moment it exists. Nothing waits in a shard-sized
+buffer: host memory stays at one layer, whatever --max-shard-size is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
+from .source import INDEX_NAME, SINGLE_NAME
+
+_COPY_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy split in the given order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedWriter:
+    """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once."""
+
+    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_size: int):
+        self.directory = Path(directory)
+        self.specs = {s.name: s for s in specs}
+        self._slots: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
+        self._fds: list[int] = []
+        self._pending = set(self.specs)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(s.nbytes for s in specs)
+        shards = plan_shards(specs, max_shard_size)
+        for fname, shard in zip(shard_names(len(shards)), shards, strict=True):
+            head, offsets = build_header([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
+            fd = os.open(self.directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard))
+            for spec, off in zip(shard, offsets, strict=True):
+                self._slots[spec.name] = (fd, off)
+                self.weight_map[spec.name] = fname
+        self.files = shard_names(len(shards))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[name]
+        if DTYPE_NAMES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise AssertionError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        fd, off = self._slots[name]
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n
+        self._pending.discard(name)
+
+    def copy_raw(self, name: str, src: TensorEntry) -> None:
+        """Copy a tensor's bytes file to file (in the kernel where it can), never decoding them."""
+        spec = self.specs[name]
+        if (src.dtype, src.shape) != (spec.dtype, spec.shape):
+            raise AssertionError(f"{name}: source {src.dtype} {src.shape} differs from plan {spec.dtype} {spec.shape}")
+        fd, off = self._slots[name]
+        with open(src.file, "rb") as f:
+            _copy_range(f.fileno(), src.start, fd, off, src.nbytes)
+        self._pending.discard(name)
+
+    def finish(self) -> None:
+        """Check every planned tensor was written, flush to disk, write the index if sharded."""
+        if self._pending:
+            raise AssertionError(f"{len(self._pending)} planned tensors were never written, e.g. {min(self._pending)}")
+        for fd in self._fds:
+            os.fsync(fd)
+        self.close()
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
+    try:
+        while count:
+            n = os.copy_file_range(src_fd, dst_fd, min(count, 2**30), src_off, dst_off)
+            if n == 0:
+                raise OSError("source ended early")
+            src_off, dst_off, count = src_off + n, dst_off + n, count - n
+    except OSError:
+        # Filesystems without copy_file_range (or across devices on old kernels): plain chunked copy.
+        while count:
+            buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
+            if not buf:
+                raise
+            os.pwrite(dst_fd, buf, dst_off)
+            src_off, dst_off, count = src_off + len(buf), dst_off + len(buf), count - len(buf)

@@ -1,0 +1,71 @@
+"""`dern-stream` command line. Bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import DernError
+from .options import IMPORTANCE_METHODS
+
+
+class _Group(click.Group):
+    """Turn DernError into one line (no traceback) unless --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DernError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="dern-stream")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug: bool) -> None:
+    """Shrink Mixture-of-Experts checkpoints out of core with DERN."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("dern_stream").setLevel(logging.INFO)
+
+
+@main.command()
+@click.argument("src", metavar="IN")
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")
+@click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs, from `dern-stream dump`.")
+@click.option("--alpha", type=float, default=0.4, show_default=True,
+              help="Similarity threshold for moving a dropped expert's segment (1 = pure pruning, 0 = move all).")
+@click.option("--sim-components", default="up,down", show_default=True,
+              help="Segment parts compared by cosine: any of gate,up,down.")
+@click.option("--kmeans-iters", type=int, default=20, show_default=True, help="Maximum k-means iterations.")
+@click.option("--intermediate-size", type=int, default=None,
+              help="Shrink every expert to this many neurons (default: keep the current size).")
+@click.option("--importance", type=click.Choice(IMPORTANCE_METHODS), default="routing", show_default=True,
+              help="Expert ranking: routing statistics from --calib, or router-norm (no data, weaker).")
+@click.option("--no-router-transfer", is_flag=True, help="Skip the Eq. 8 router update.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def rewrite(src, out, experts, calib, alpha, sim_components, kmeans_iters, intermediate_size, importance,
+            no_router_transfer, device, max_shard_size, overwrite, quiet) -> None:
+    """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer."""
+    from .api import rewrite as run_rewrite  # torch loads only for commands that need it
+
+    summary = run_rewrite(
+        src, out, experts=experts, calib=calib, alpha=alpha, sim_components=sim_components,
+        kmeans_iters=kmeans_iters, intermediate_size=intermediate_size, importance=importance,
+        router_transfer=not no_router_transfer, device=device, max_shard_size=max_shard_size,
+        overwrite=overwrite, progress=not quiet,
+    )
+    click.echo(str(summary))
+
+
+if __name__ == "__main__":
+    main()

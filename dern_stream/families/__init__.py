@@ -1,0 +1,25 @@
+"""Model families, chosen by config.json's `model_type`."""
+
+from ..errors import DernError
+from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
+from .base import PARTS, Family, GroupPlan
+
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY,
+        deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3,
+    )
+}
+
+
+def family_for(config: dict) -> Family:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise DernError(
+            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+__all__ = ["FAMILIES", "PARTS", "Family", "GroupPlan", "family_for"]

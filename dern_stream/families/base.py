@@ -1,0 +1,125 @@
+"""What a model family looks like on disk: tensor names, config keys, routing, output config rules."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..errors import DernError
+from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
+
+Router = SoftmaxTopK | SoftmaxGroupLimited | SigmoidGroupLimited
+PARTS = ("gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How the kept experts relate to routing groups (DeepSeek-style group-limited routing).
+
+    balanced: keep K / n_group experts in every group, so the output keeps the input's routing
+    structure. Otherwise groups collapse (n_group = topk_group = 1) and the K best are kept globally.
+    """
+
+    n_group: int
+    topk_group: int
+    balanced: bool
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    expert_count_keys: tuple[str, ...]  # any that config.json holds is rewritten; the first found is read
+    intermediate_key: str
+    moe_module: str  # "mlp" or "block_sparse_moe"
+    proj_names: tuple[str, str, str]  # file names of the gate, up and down projections
+    make_router: Callable[[dict], Router]
+    has_score_correction_bias: bool = False
+    # DeepSeek: shared experts are n_shared_experts * moe_intermediate_size wide, derived, not stored.
+    shared_size_follows_moe_size: bool = False
+    grouped_routing: Callable[[dict], bool] = lambda config: False
+
+    # --- tensor names -------------------------------------------------------------------------
+    def router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.moe_module}.gate.weight"
+
+    def bias_name(self, layer: int) -> str | None:
+        return f"model.layers.{layer}.{self.moe_module}.gate.e_score_correction_bias" \
+            if self.has_score_correction_bias else None
+
+    def expert_name(self, layer: int, expert: int, part: str) -> str:
+        return f"model.layers.{layer}.{self.moe_module}.experts.{expert}.{self.proj_names[PARTS.index(part)]}.weight"
+
+    def moe_layers(self, names: Iterable[str]) -> list[int]:
+        """Layers holding routed experts, found by their router tensor (dense and MTP layers included)."""
+        pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.gate\.weight$")
+        return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+    def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
+        return name.startswith(f"model.layers.{layer}.{self.moe_module}.experts.")
+
+    # --- config -------------------------------------------------------------------------------
+    def num_experts(self, config: dict) -> int:
+        for key in self.expert_count_keys:
+            if isinstance(config.get(key), int):
+                return config[key]
+        raise DernError(f"config.json has no expert count ({' or '.join(self.expert_count_keys)})")
+
+    def top_k(self, config: dict) -> int:
+        k = config.get("num_experts_per_tok")
+        if not isinstance(k, int) or k < 1:
+            raise DernError("config.json has no valid num_experts_per_tok")
+        return k
+
+    def intermediate_size(self, config: dict) -> int:
+        h = config.get(self.intermediate_key)
+        if not isinstance(h, int) or h < 1:
+            raise DernError(f"config.json has no valid {self.intermediate_key}")
+        return h
+
+    def group_plan(self, config: dict, experts: int) -> GroupPlan | None:
+        """None for ungrouped routing; else how K experts fit the groups (see GroupPlan)."""
+        if not self.grouped_routing(config):
+            return None
+        n_group, topk_group = int(config["n_group"]), int(config["topk_group"])
+        per_group, new_top_k = divmod(experts, n_group), min(self.top_k(config), experts)
+        # Each group needs >= 2 experts (V3 scores a group by its top-2; vLLM requires it for all),
+        # and the groups a token may use must hold at least top_k experts.
+        if per_group[1] == 0 and per_group[0] >= 2 and topk_group * per_group[0] >= new_top_k:
+            return GroupPlan(n_group, topk_group, True)
+        return GroupPlan(1, 1, False)
+
+    def output_config(self, config: dict, experts: int, intermediate_size: int | None) -> tuple[dict, list[str]]:
+        """config.json for the output, and notes for the user about each non-obvious change."""
+        out, notes = dict(config), []
+        present = [k for k in self.expert_count_keys if k in config]
+        for key in present or self.expert_count_keys[:1]:
+            out[key] = experts
+        top_k = self.top_k(config)
+        if top_k > experts:
+            out["num_experts_per_tok"] = experts
+            notes.append(f"num_experts_per_tok clipped from {top_k} to {experts} (K is below it)")
+        if intermediate_size is not None:
+            out[self.intermediate_key] = intermediate_size
+            if self.shared_size_follows_moe_size and config.get("n_shared_experts"):
+                shared = self.intermediate_size(config) * int(config["n_shared_experts"])
+                if shared % intermediate_size:
+                    raise DernError(
+                        f"--intermediate-size {intermediate_size} must divide the shared experts' width {shared}: "
+                        f"{self.model_type} derives it as n_shared_experts * {self.intermediate_key}"
+                    )
+                out["n_shared_experts"] = shared // intermediate_size
+                notes.append(f"n_shared_experts set to {out['n_shared_experts']} so shared experts keep width {shared}")
+        plan = self.group_plan(config, experts)
+        if plan is not None and not plan.balanced:
+            out["n_group"], out["topk_group"] = 1, 1
+            notes.append(
+                f"group-limited routing collapsed to one group (n_group={config['n_group']} does not leave "
+                f"at least 2 kept experts per group at K={experts})"
+            )
+        return out, notes
+
+
+def grouped_if(config: dict) -> bool:
+    n_group = config.get("n_group")
+    return isinstance(n_group, int) and n_group > 1

@@ -1,0 +1,13 @@
+"""OLMoE: softmax top-k over `mlp.gate`; experts named as in Qwen-MoE."""
+
+from .base import Family
+from .routing import SoftmaxTopK
+
+FAMILY = Family(
+    model_type="olmoe",
+    expert_count_keys=("num_experts",),
+    intermediate_key="intermediate_size",
+    moe_module="mlp",
+    proj_names=("gate_proj", "up_proj", "down_proj"),
+    make_router=lambda c: SoftmaxTopK(c["num_experts_per_tok"]),
+)

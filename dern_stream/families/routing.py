@@ -1,0 +1,67 @@
+"""Top-k routing as each family computes it, for Stage 1 importance (method.md, moe-layouts.md).
+
+Each router returns the selected experts A(x) and their scores G(x) before any
+renormalisation or scaling: Eq. 1 divides by the sum over A(x) itself, so a family's
+`norm_topk_prob` or `routed_scaling_factor` cancels and is not applied here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SoftmaxTopK:
+    """Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2 `greedy`: p = softmax(z), A = top-k of p."""
+
+    top_k: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        return idx, weights
+
+
+@dataclass(frozen=True)
+class SoftmaxGroupLimited:
+    """DeepSeek-V2 `group_limited_greedy`: only the topk_group groups with the largest max p compete."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        group_scores = probs.view(probs.shape[0], self.n_group, -1).amax(dim=-1)
+        masked = probs.masked_fill(~_group_mask(group_scores, self.topk_group, probs.shape[-1]), 0.0)
+        weights, idx = torch.topk(masked, self.top_k, dim=-1)
+        return idx, weights
+
+
+@dataclass(frozen=True)
+class SigmoidGroupLimited:
+    """DeepSeek-V3 `noaux_tc`: s = sigmoid(z), choose on s + correction bias within the best groups
+    (group score = sum of its top-2 choice values); the scores are s, not the biased choice values."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.sigmoid(logits.float())
+        choice = scores if bias is None else scores + bias.float()
+        per_group = choice.view(choice.shape[0], self.n_group, -1)
+        group_scores = per_group.topk(min(2, per_group.shape[-1]), dim=-1).values.sum(dim=-1)
+        choice = choice.masked_fill(~_group_mask(group_scores, self.topk_group, choice.shape[-1]), float("-inf"))
+        idx = torch.topk(choice, self.top_k, dim=-1).indices
+        return idx, scores.gather(1, idx)
+
+
+def _group_mask(group_scores: torch.Tensor, topk_group: int, n_experts: int) -> torch.Tensor:
+    """[T, N] bool mask of the experts in each token's topk_group best groups (groups are contiguous)."""
+    tokens, n_group = group_scores.shape
+    top_groups = torch.topk(group_scores, topk_group, dim=-1).indices
+    mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+    return mask.unsqueeze(-1).expand(tokens, n_group, n_experts // n_group).reshape(tokens, n_experts)

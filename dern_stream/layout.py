@@ -1,0 +1,108 @@
+"""Checkpoint layout: check each MoE layer's tensors against the config, and plan the output tensors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .checkpoint import Checkpoint, TensorSpec
+from .checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
+from .errors import DernError
+from .families import PARTS, Family
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    index: int
+    router: TensorEntry
+    bias: TensorEntry | None
+    dtype: str  # experts' stored dtype
+
+    def expert_entry(self, ckpt: Checkpoint, family: Family, expert: int, part: str) -> TensorEntry:
+        return ckpt.entries[family.expert_name(self.index, expert, part)]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_experts: int
+    hidden: int
+    intermediate: int
+
+
+def natural_key(name: str) -> list:
+    """model.layers.2 sorts before model.layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> list[MoELayer]:
+    """Every routed-expert tensor present, with the shapes the config implies and one float dtype."""
+    indices = family.moe_layers(ckpt.entries)
+    if not indices:
+        raise DernError(
+            f"no MoE layers found: no tensor named like {family.router_name(0)!r}; is this an MoE checkpoint?"
+        )
+    n, d, h = shape.num_experts, shape.hidden, shape.intermediate
+    expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
+    layers = []
+    for i in indices:
+        router = ckpt.entries[family.router_name(i)]
+        if router.shape != (n, d):
+            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
+        expected = {family.expert_name(i, e, p): (e, p) for e in range(n) for p in PARTS}
+        present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
+        if present - set(expected):
+            extra = min(present - set(expected), key=natural_key)
+            raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra} "
+                            "(quantized or fused experts are not supported yet)")
+        if set(expected) - present:
+            missing = min(set(expected) - present, key=natural_key)
+            raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts)")
+        dtypes = set()
+        for name, (e, p) in expected.items():
+            entry = ckpt.entries[name]
+            if entry.shape != expected_shape[p]:
+                raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")
+            dtypes.add(entry.dtype)
+        if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
+            raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; supported: one of {FLOAT_DTYPES}")
+        bias_name = family.bias_name(i)
+        bias = ckpt.entries.get(bias_name) if bias_name else None
+        if bias is not None and bias.shape != (n,):
+            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]}")
+        layers.append(MoELayer(i, router, bias, dtypes.pop()))
+    return layers
+
+
+def plan_output(
+    ckpt: Checkpoint, family: Family, layers: list[MoELayer], experts: int, intermediate: int
+) -> tuple[list[TensorSpec], list[str]]:
+    """Output tensor specs in natural order (a layer's new experts where its router was),
+    and the input tensors that are copied unchanged."""
+    by_router = {layer.router: layer for layer in layers}
+    biases = {layer.bias for layer in layers if layer.bias is not None}
+    moe_indices = [layer.index for layer in layers]
+    specs, copied = [], []
+    for name in sorted(ckpt.entries, key=natural_key):
+        entry = ckpt.entries[name]
+        layer_index = _layer_of(name)
+        if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
+            continue
+        if entry in by_router:
+            layer = by_router[entry]
+            specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
+            d = entry.shape[1]
+            for e in range(experts):
+                for part in PARTS:
+                    shape = (d, intermediate) if part == "down" else (intermediate, d)
+                    specs.append(TensorSpec(family.expert_name(layer.index, e, part), layer.dtype, shape))
+        elif entry in biases:
+            specs.append(TensorSpec(name, entry.dtype, (experts,)))
+        else:
+            specs.append(TensorSpec(name, entry.dtype, entry.shape))
+            copied.append(name)
+    return specs, copied
+
+
+def _layer_of(name: str) -> int | None:
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,96 @@
+"""Tiny random MoE checkpoints built with transformers' own classes, for tests and the quick start.
+
+    python -m dern_stream.tiny_models DIR [--family mixtral]   # DIR/model, DIR/calib.zarr
+
+Needs the `dump` or `test` extra (transformers); the rewrite itself never imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+_COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, tie_word_embeddings=False)
+_DEEPSEEK = dict(moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=48,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": dict(moe_intermediate_size=32, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, head_dim=16),
+    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1),
+    "deepseek_v2": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=None,
+                        topk_method="greedy"),
+    "deepseek_v3": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24,
+                        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5),
+}
+# vLLM reads these from config.json although DeepseekV3Config does not carry them (moe-layouts.md).
+_EXTRA_CONFIG_KEYS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+
+
+def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A randomly initialised transformers causal LM of `family` (model_type)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILY_CONFIGS[family], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():
+        # Random inits leave routers near-uniform; widen them so experts differ in importance.
+        for name, param in model.named_parameters():
+            if name.endswith(".gate.weight") and param.dim() == 2 and param.shape[0] > 1:
+                param.normal_(0.0, 0.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return model
+
+
+def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Path:
+    import json
+
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    extra = _EXTRA_CONFIG_KEYS.get(model.config.model_type)
+    if extra:
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(extra)
+        (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+def calibration_tokens(model, sequences: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (sequences, length), generator=gen)
+
+
+def build_example(directory: str | Path, family: str = "mixtral", *, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                  chunk_tokens: int = 64, **overrides) -> tuple[Path, Path]:
+    """DIR/model (checkpoint) and DIR/calib.zarr (its dump). Returns both paths."""
+    from .calib import dump_from_model
+
+    directory = Path(directory)
+    model = build_model(family, seed=seed, dtype=dtype, **overrides)
+    model_dir = save_model(model, directory / "model", max_shard_size)
+    calib = directory / "calib.zarr"
+    dump_from_model(model, calibration_tokens(model), calib, chunk_tokens=chunk_tokens, overwrite=True)
+    return model_dir, calib
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory")
+    parser.add_argument("--family", default="mixtral", choices=sorted(FAMILY_CONFIGS))
+    args = parser.parse_args()
+    model_dir, calib = build_example(args.directory, args.family)
+    print(f"checkpoint: {model_dir}\ncalibration dump: {calib}")
+
+
+if __name__ == "__main__":
+    _main()
