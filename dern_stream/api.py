@@ -14,7 +14,12 @@ from tqdm.auto import tqdm
 from .audit import audit_record, write_audit
 from .calib import CalibDump
 from .checkpoint import (
-    Checkpoint, ShardedWriter, StagedOutput, check_output_location, copy_side_files, resolve_checkpoint,
+    Checkpoint,
+    ShardedWriter,
+    StagedOutput,
+    check_output_location,
+    copy_side_files,
+    resolve_checkpoint,
 )
 from .device import resolve_device
 from .errors import DernError
@@ -97,7 +102,7 @@ def rewrite(
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
     groups = family.group_plan(config, options.experts)
 
-    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], config, notes)
+    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
     for note in notes:
         log.warning("note: %s", note)
     compute = resolve_device(options.device)
@@ -110,13 +115,13 @@ def rewrite(
             for name in tqdm(copied, desc="copy untouched tensors", unit="tensor", disable=not progress,
                              leave=False):
                 writer.copy_raw(name, ckpt.entries[name])
-            bar = tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress)
-            for layer in bar:
-                layer_dump = dump if dump is not None and layer.index in dump_layers(dump) else None
-                report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
-                write_layer(writer, ckpt, family, layer, report)
-                reports.append(report)
-                bar.set_postfix(layer=layer.index, reassigned=report.result.segments_reassigned)
+            with tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
+                for layer in bar:
+                    layer_dump = dump if dump is not None and layer.index in dump_layers(dump) else None
+                    report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
+                    write_layer(writer, ckpt, family, layer, report)
+                    reports.append(report)
+                    bar.set_postfix(layer=layer.index, reassigned=report.result.segments_reassigned)
             writer.finish()
         finally:
             writer.close()
@@ -145,7 +150,7 @@ def dump_layers(dump: CalibDump) -> set[int]:
     return set(dump.attrs.get("moe_layers") or [])
 
 
-def _open_dump(calib, options, family, shape, layer_indices, config, notes) -> CalibDump | None:
+def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:
     """Open and check the dump before any work starts; a bad dump must not cost a long run."""
     if options.importance == "router-norm":
         if calib is not None:
@@ -158,10 +163,11 @@ def _open_dump(calib, options, family, shape, layer_indices, config, notes) -> C
     dump = CalibDump(calib)
     dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
     available = dump_layers(dump)
-    decoder_layers = int(config.get("num_hidden_layers", 0))
+    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
     for i in layer_indices:
         if i in available:
             dump.layer(i)  # complete and non-empty, or a clear error now
+            dump.check_router(i, ckpt.load(family.router_name(i)))  # routers are small: check all up front
         elif i >= decoder_layers:
             # DeepSeek-V3's multi-token-prediction layer sits past the decoder; no forward pass reaches it.
             notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")

@@ -38,7 +38,7 @@ def main(debug: bool) -> None:
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
 @click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")
-@click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs, from `dern-stream dump`.")
+@click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs.")
 @click.option("--alpha", type=float, default=0.4, show_default=True,
               help="Similarity threshold for moving a dropped expert's segment (1 = pure pruning, 0 = move all).")
 @click.option("--sim-components", default="up,down", show_default=True,

@@ -10,7 +10,7 @@ from .calib import CalibDump
 from .checkpoint import Checkpoint, ShardedWriter
 from .checkpoint.safetensors_format import DTYPES
 from .families import PARTS, Family, GroupPlan
-from .layout import MoELayer, ModelShape
+from .layout import ModelShape, MoELayer
 from .methods import ExpertStack, LayerResult, dern_layer, router_norm_importance, routing_importance, select_experts
 from .options import RewriteOptions
 
@@ -24,7 +24,9 @@ class LayerReport:
     result: LayerResult
 
 
-def load_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device) -> ExpertStack:
+def load_experts(
+    ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device
+) -> ExpertStack:
     """All routed experts of one layer as float32 on `device`, filled in place (no second full copy)."""
     n, d, h = shape.num_experts, shape.hidden, shape.intermediate
     stack = ExpertStack(
@@ -49,7 +51,6 @@ def compress_layer(
     router = ckpt.load(family.router_name(layer.index)).to(device)
     bias = ckpt.load(family.bias_name(layer.index)).to(device) if layer.bias is not None else None
     if dump is not None:
-        dump.check_router(layer.index, router)
         scores, tokens = routing_importance(dump.chunks(layer.index, device), router, family.make_router(ckpt.config),
                                             bias)
         source = "routing"

@@ -48,7 +48,7 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> lis
         router = ckpt.entries[family.router_name(i)]
         if router.shape != (n, d):
             raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
-        expected = {family.expert_name(i, e, p): (e, p) for e in range(n) for p in PARTS}
+        expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
         present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
         if present - set(expected):
             extra = min(present - set(expected), key=natural_key)
@@ -58,7 +58,7 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> lis
             missing = min(set(expected) - present, key=natural_key)
             raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts)")
         dtypes = set()
-        for name, (e, p) in expected.items():
+        for name, p in expected.items():
             entry = ckpt.entries[name]
             if entry.shape != expected_shape[p]:
                 raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")

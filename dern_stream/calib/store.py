@@ -95,7 +95,7 @@ class CalibDump:
             raise DernError(f"{self.path} has dump format version {attrs.get('format_version')}; "
                             f"this dern-stream reads version {FORMAT_VERSION}")
         self.attrs = attrs
-        self.inputs = self.group["moe_inputs"] if "moe_inputs" in self.group else None
+        self.inputs = self.group.get("moe_inputs")
 
     def check_matches(self, model_type: str, hidden_size: int, num_experts: int) -> None:
         found = (self.attrs.get("model_type"), self.attrs.get("hidden_size"), self.attrs.get("num_experts"))

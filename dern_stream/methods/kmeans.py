@@ -48,7 +48,7 @@ def spherical_weighted_kmeans(
 
     assignment = None
     iterations = 0
-    for iterations in range(1, max_iters + 1):  # noqa: B007 - the count is part of the result
+    for iterations in range(1, max_iters + 1):  # noqa: B007 - the count is returned
         new = (sim_n @ F.normalize(centroids[:, sim_columns], dim=-1).T).argmax(dim=-1)
         if assignment is not None and torch.equal(new, assignment):
             break

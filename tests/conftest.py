@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny real checkpoints built with transformers' own classes, cached per session."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.tiny_models import FAMILY_CONFIGS, build_example
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+
+
+@dataclass
+class Built:
+    model_dir: Path
+    calib: Path
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.model_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """build(family, **kwargs) -> Built, each distinct request built once per session."""
+    cache: dict = {}
+
+    def _build(family: str, **kwargs) -> Built:
+        key = (family, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(family)
+            cache[key] = Built(*build_example(directory, family, **kwargs))
+        return cache[key]
+
+    return _build
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (tests only: tiny checkpoints)."""
+    ckpt = Checkpoint(directory)
+    return {name: ckpt.load(name) for name in ckpt.entries}
+
+
+def raw_bytes(directory: Path) -> dict[str, bytes]:
+    """Every tensor's stored bytes, read by offset (what 'byte for byte' means)."""
+    out = {}
+    for name, e in Checkpoint(directory).entries.items():
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            out[name] = f.read(e.nbytes)
+    return out
+
+
+def shard_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}

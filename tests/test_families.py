@@ -1,0 +1,143 @@
+"""End to end for every supported family: rewrite a real tiny checkpoint, load it back with transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, raw_bytes
+from transformers import AutoModelForCausalLM
+
+import dern_stream
+from dern_stream.calib import CalibDump
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.families import family_for
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rewrite_loads_with_transformers(family, build, tmp_path):
+    built = build(family)
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
+    assert summary.segments_reassigned > 0  # alpha 0.2 moves segments, so k-means really ran
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    logits = model(torch.randint(3, 250, (2, 12))).logits
+    assert torch.isfinite(logits).all()
+
+    src_cfg, out_cfg = built.config, json.loads((out / "config.json").read_text())
+    present = [k for k in EXPERT_COUNT_KEYS if k in src_cfg]
+    assert present and all(out_cfg[k] == 4 for k in present)
+    assert set(out_cfg) == set(src_cfg)  # no second, conflicting expert-count key added
+    assert out_cfg["num_experts_per_tok"] == src_cfg["num_experts_per_tok"]
+    assert model.config.num_experts_per_tok == 2
+
+    audit = json.loads((out / "dern_stream.json").read_text())
+    fam = family_for(src_cfg)
+    moe_layers = fam.moe_layers(Checkpoint(built.model_dir).entries)
+    assert moe_layers == CalibDump(built.calib).attrs["moe_layers"]
+    assert sorted(map(int, audit["layers"])) == moe_layers
+    for rec in audit["layers"].values():
+        assert len(rec["kept"]) == 4 and rec["kept"] == sorted(rec["kept"])
+        assert len(rec["importance"]) == 8
+        # Eq. 1 splits each token's unit weight over its selected experts, so S sums to 1.
+        assert sum(rec["importance"]) == pytest.approx(1.0, abs=1e-9)
+        assert rec["calibration_tokens"] == 256
+        assert sum(t[2] for t in rec["transfers"]) == rec["segments_reassigned"]
+    assert audit["options"]["alpha"] == 0.2 and audit["num_experts"] == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_untouched_tensors_are_byte_identical(family, build, tmp_path):
+    built = build(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=3, calib=built.calib, alpha=0.2, progress=False)
+    fam = family_for(built.config)
+    src, dst = raw_bytes(built.model_dir), raw_bytes(out)
+    moe = set(fam.moe_layers(src))
+    touched = {n for n in src for i in moe
+               if fam.is_layer_expert_tensor(i, n) or n in (fam.router_name(i), fam.bias_name(i))}
+    untouched = set(src) - touched
+    # Attention, norms, embeddings, dense MLP layers, shared experts and their gates.
+    assert any("attn" in n for n in untouched) and any("embed" in n for n in untouched)
+    if family in ("qwen2_moe",):
+        assert any("shared_expert_gate" in n for n in untouched)
+    if family.startswith("deepseek"):
+        assert any("shared_experts" in n for n in untouched) and any("layers.0.mlp.gate_proj" in n for n in untouched)
+    for name in untouched:
+        assert dst[name] == src[name], name
+
+
+def test_deepseek_v3_keeps_group_structure_when_k_fits(build, tmp_path):
+    built = build("deepseek_v3")  # 8 experts in n_group=2 groups of 4, topk_group=1
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_group"], cfg["topk_group"]) == (2, 1)
+    assert (cfg["scoring_func"], cfg["topk_method"]) == ("sigmoid", "noaux_tc")  # kept for vLLM
+    for rec in json.loads((out / "dern_stream.json").read_text())["layers"].values():
+        assert sum(e < 4 for e in rec["kept"]) == 2 and sum(e >= 4 for e in rec["kept"]) == 2
+
+
+def test_deepseek_v3_collapses_groups_when_k_does_not_fit(build, tmp_path):
+    built = build("deepseek_v3")
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(built.model_dir, out, experts=3, calib=built.calib, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_group"], cfg["topk_group"], cfg["n_routed_experts"]) == (1, 1, 3)
+    assert any("collapsed" in n for n in summary.notes)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+
+
+def test_top_k_is_clipped_to_k(build, tmp_path):
+    built = build("mixtral")
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(built.model_dir, out, experts=1, calib=built.calib, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (1, 1)
+    assert any("clipped" in n for n in summary.notes)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_intermediate_size_shrinks_every_expert(family, build, tmp_path):
+    built = build(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, intermediate_size=16, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    key = "intermediate_size" if family == "mixtral" else "moe_intermediate_size"
+    assert cfg[key] == 16
+    if family == "deepseek_v3":
+        assert cfg["n_shared_experts"] == 2  # shared experts keep their width 1 * 32 = 2 * 16
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints(dtype, build, tmp_path):
+    built = build("qwen2_moe", dtype=dtype)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == dtype
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits.float()).all()
+
+
+def test_router_norm_fallback_needs_no_dump(build, tmp_path):
+    built = build("olmoe")
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(built.model_dir, out, experts=4, importance="router-norm", progress=False)
+    assert any("weaker" in n for n in summary.notes)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    for i, rec in audit["layers"].items():
+        assert rec["importance_source"] == "router-norm"
+        router = AutoModelForCausalLM.from_pretrained(built.model_dir).model.layers[int(i)].mlp.gate.weight
+        expected = sorted(torch.argsort(router.norm(dim=-1), descending=True)[:4].tolist())
+        assert rec["kept"] == expected
