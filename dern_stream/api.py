@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .audit import audit_record, write_audit
+from .audit import audit_record, layer_record, write_audit
 from .calib import CalibDump
 from .checkpoint import (
     Checkpoint,
@@ -24,7 +24,7 @@ from .checkpoint import (
 from .device import resolve_device
 from .errors import DernError
 from .families import family_for
-from .layer_rewrite import LayerReport, compress_layer, write_layer
+from .layer_rewrite import compress_layer, write_layer
 from .layout import ModelShape, check_moe_layers, plan_output
 from .options import RewriteOptions
 
@@ -108,7 +108,7 @@ def rewrite(
     compute = resolve_device(options.device)
     specs, copied = plan_output(ckpt, family, layers, options.experts, options.intermediate_size or shape.intermediate)
 
-    reports: list[LayerReport] = []
+    records: dict[str, dict] = {}  # per-layer audit entries: plain numbers, never tensors
     with StagedOutput(out_path) as stage:
         writer = ShardedWriter(stage.path, specs, options.max_shard_size)
         try:
@@ -120,8 +120,10 @@ def rewrite(
                     layer_dump = dump if dump is not None and layer.index in dump_layers(dump) else None
                     report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
                     write_layer(writer, ckpt, family, layer, report)
-                    reports.append(report)
-                    bar.set_postfix(layer=layer.index, reassigned=report.result.segments_reassigned)
+                    records[str(layer.index)] = layer_record(report)
+                    del report  # this layer's tensors go now: memory stays at one layer
+                    ckpt.release()  # and so do the shards' mapped pages read for it
+                    bar.set_postfix(layer=layer.index, reassigned=records[str(layer.index)]["segments_reassigned"])
             writer.finish()
         finally:
             writer.close()
@@ -134,14 +136,14 @@ def rewrite(
         write_audit(stage.path, audit_record(
             source=source, fingerprint=ckpt.fingerprint(), calib=Path(calib).resolve() if calib else None,
             model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
-            options=options, config_notes=notes, reports=reports,
+            options=options, config_notes=notes, layers=records,
         ))
 
     return RewriteSummary(
-        output=out_path, model_type=family.model_type, layers=len(reports),
+        output=out_path, model_type=family.model_type, layers=len(records),
         experts_in=shape.num_experts, experts_out=options.experts,
         segments_pooled=len(layers) * (shape.num_experts - options.experts) * shape.intermediate,
-        segments_reassigned=sum(r.result.segments_reassigned for r in reports),
+        segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
         output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
     )
 

@@ -23,23 +23,9 @@ def audit_record(
     intermediate: int,
     options: RewriteOptions,
     config_notes: list[str],
-    reports: list[LayerReport],
+    layers: dict[str, dict],
 ) -> dict:
-    layers = {}
-    for rep in reports:
-        res = rep.result
-        nonzero = res.counts.nonzero().tolist()
-        layers[str(rep.index)] = {
-            "kept": res.kept,
-            "importance": rep.importance,
-            "importance_source": rep.importance_source,
-            "calibration_tokens": rep.tokens,
-            "segments_reassigned": res.segments_reassigned,
-            # [dropped expert, kept expert, segments moved], original expert indices
-            "transfers": [[res.dropped[o], res.kept[r], int(res.counts[o, r])] for o, r in nonzero],
-            "rebuilt_experts": [k for k, e in zip(res.kept, res.experts, strict=True) if e is not None],
-            "kmeans_iterations": res.kmeans_iterations,
-        }
+    """The whole record; `layers` maps layer index to `layer_record(...)`."""
     return {
         "dern_stream_version": __version__,
         "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
@@ -52,6 +38,22 @@ def audit_record(
         "intermediate_size": options.intermediate_size or intermediate,
         "config_notes": config_notes,
         "layers": layers,
+    }
+
+
+def layer_record(report: LayerReport) -> dict:
+    """What one layer did, as plain numbers (the layer's tensors can be freed once this exists)."""
+    res = report.result
+    return {
+        "kept": res.kept,
+        "importance": report.importance,
+        "importance_source": report.importance_source,
+        "calibration_tokens": report.tokens,
+        "segments_reassigned": res.segments_reassigned,
+        # [dropped expert, kept expert, segments moved], original expert indices
+        "transfers": [[res.dropped[o], res.kept[r], int(res.counts[o, r])] for o, r in res.counts.nonzero().tolist()],
+        "rebuilt_experts": [k for k, e in zip(res.kept, res.experts, strict=True) if e is not None],
+        "kmeans_iterations": res.kmeans_iterations,
     }
 
 

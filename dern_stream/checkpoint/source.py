@@ -118,5 +118,8 @@ class Checkpoint:
             self._handles[entry.file] = handle
         return handle.get_tensor(name)
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Unmap every shard: mapped pages that were read count toward RSS until the mapping goes."""
         self._handles.clear()
+
+    close = release

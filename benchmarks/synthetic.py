@@ -1,0 +1,115 @@
+"""Synthetic MoE checkpoints of any size, in Mixtral's on-disk layout, written one layer at a time.
+
+    python benchmarks/synthetic.py OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8 [--dump DUMP]
+
+`--upcycled S` makes every expert the same base FFN plus noise of relative size S (as in
+upcycled models such as Mixtral), so DERN has aligned segments to reassign; 0 gives independent experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dern_stream.calib import CalibWriter, tensor_sha256
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def write_synthetic(path: str | Path, *, layers: int, hidden: int, intermediate: int, experts: int, top_k: int = 2,
+                    vocab: int = 32000, dtype: str = "bf16", upcycled: float = 0.0, seed: int = 0) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    dt = DTYPES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    total = layers + 1  # shard 1: embeddings and head; shard i + 2: layer i
+    weight_map: dict[str, str] = {}
+
+    def flush(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    flush(0, {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dt),
+              "lm_head.weight": rand(vocab, hidden)})
+    kv = hidden // 4
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=dt),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dt),
+            p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
+            p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
+            p + "block_sparse_moe.gate.weight": rand(experts, hidden, scale=0.5),
+        }
+        shapes = {"w1": (intermediate, hidden), "w3": (intermediate, hidden), "w2": (hidden, intermediate)}
+        base = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
+        for e in range(experts):
+            for name, b in base.items():
+                noise = torch.randn(b.shape, generator=gen) * 0.02
+                w = b + noise * upcycled if upcycled else noise
+                t[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = w.to(dt)
+        flush(i + 1, t)  # written as we go: the generator never holds more than one layer
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 16,
+        "num_key_value_heads": 4, "head_dim": hidden // 16, "num_local_experts": experts,
+        "num_experts_per_tok": top_k, "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "hidden_act": "silu", "tie_word_embeddings": False,
+        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    size = sum((path / f).stat().st_size for f in set(weight_map.values()))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2))
+    return path
+
+
+def write_synthetic_dump(checkpoint: str | Path, dump: str | Path, tokens: int = 4096, seed: int = 1) -> Path:
+    """Random MoE inputs (unit-RMS, like a post-attention RMSNorm output) for every layer, with router hashes."""
+    from dern_stream.checkpoint import Checkpoint
+    from dern_stream.families import family_for
+
+    ckpt = Checkpoint(Path(checkpoint))
+    fam = family_for(ckpt.config)
+    layers = fam.moe_layers(ckpt.entries)
+    hidden = ckpt.config["hidden_size"]
+    writer = CalibWriter(dump, model_type=fam.model_type, hidden_size=hidden, num_experts=fam.num_experts(ckpt.config),
+                         moe_layers=layers, chunk_tokens=1024)
+    gen = torch.Generator().manual_seed(seed)
+    for i in layers:
+        writer.append(i, torch.randn(tokens, hidden, generator=gen), router_sha256=tensor_sha256(
+            ckpt.load(fam.router_name(i))))
+        writer.finish_layer(i)
+    return Path(dump)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--upcycled", type=float, default=0.0)
+    ap.add_argument("--dump", help="also write a calibration dump here")
+    ap.add_argument("--tokens", type=int, default=4096)
+    a = ap.parse_args()
+    path = write_synthetic(a.out, layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, experts=a.experts,
+                           dtype=a.dtype, upcycled=a.upcycled)
+    if a.dump:
+        write_synthetic_dump(path, a.dump, a.tokens)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
