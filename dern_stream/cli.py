@@ -1,4 +1,5 @@
-"""`dern-stream` command line. Bad input ends in one line on stderr and exit status 2."""
+"""`dern-stream` command line. Bad input (or an OS error such as a full disk) ends in one line on
+stderr and exit status 2."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DernError as e:
+        except (DernError, OSError) as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            # OSError: a full disk or a permission problem mid-run; the staged output is already gone.
+            message = str(e) if isinstance(e, DernError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 
 import numpy as np
@@ -132,3 +134,22 @@ def test_output_location_rules(build, tmp_path):
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert raw_bytes(src) == before
+
+
+@pytest.mark.parametrize("call", ["pwrite", "copy_file_range"])
+def test_disk_full_mid_write_leaves_no_output(call, build, tmp_path, monkeypatch):
+    """Writes go through pwrite (computed tensors) and copy_file_range (untouched ones): fail either."""
+    built = build("mixtral")
+    real, calls = getattr(os, call), []
+
+    def fail_after_three(*args):
+        calls.append(args)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args)
+
+    monkeypatch.setattr(os, call, fail_after_three)
+    out = tmp_path / "out"
+    result = run("rewrite", built.model_dir, out, "--experts", 4, "--calib", built.calib, "-q", "--alpha", "0.2")
+    assert len(calls) > 3
+    assert_clean_failure(result, out, "No space left on device")

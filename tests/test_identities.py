@@ -69,6 +69,22 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
     assert len(dst) == len(src) - sum(3 * (8 - keep) for _ in fam.moe_layers(src))
 
 
+def test_deepseek_v2_group_limited_routing_matches_transformers(build, tmp_path):
+    """group_limited_greedy: importance from transformers' router; K = 4 keeps 2 of each of the 2 groups."""
+    built = build("deepseek_v2", topk_method="group_limited_greedy", n_group=2, topk_group=1)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=1.0, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    for layer, rec in audit["layers"].items():
+        scores = _reference_importance(model, built.calib, int(layer))
+        torch.testing.assert_close(torch.tensor(rec["importance"], dtype=torch.float64), scores, rtol=0, atol=1e-6)
+        kept = [g * 4 + int(i) for g in range(2) for i in sorted(torch.topk(scores[g * 4:(g + 1) * 4], 2).indices)]
+        assert rec["kept"] == kept
+    assert json.loads((out / "config.json").read_text())["n_group"] == 2
+    assert torch.isfinite(AutoModelForCausalLM.from_pretrained(out)(torch.randint(3, 250, (1, 8))).logits).all()
+
+
 def test_segments_sum_to_the_expert_output(build):
     """sum_i w_d,i * act(w_g,i . x) * (w_u,i . x) equals transformers' own expert forward."""
     built = build("qwen3_moe")

@@ -8,6 +8,7 @@ buffer: host memory stays at one layer, whatever --max-shard-size is.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -116,15 +117,20 @@ class ShardedWriter:
         self._fds = []
 
 
+# copy_file_range is unsupported here (old kernel, cross-device, some filesystems): copy in user space.
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
 def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
     try:
         while count:
             n = os.copy_file_range(src_fd, dst_fd, min(count, 2**30), src_off, dst_off)
             if n == 0:
-                raise OSError("source ended early")
+                raise OSError(errno.EIO, f"source ended {count} bytes early")
             src_off, dst_off, count = src_off + n, dst_off + n, count - n
-    except OSError:
-        # Filesystems without copy_file_range (or across devices on old kernels): plain chunked copy.
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            raise  # a full disk or an I/O error is the user's to see, not a reason to retry
         while count:
             buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
             if not buf:

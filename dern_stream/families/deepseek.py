@@ -3,7 +3,7 @@
 and the V3 multi-token-prediction layer need no special case)."""
 
 from .base import Family, grouped_if
-from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
+from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, softmax_top_k
 
 _EXPERT_KEYS = ("n_routed_experts", "num_local_experts")
 _PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -12,7 +12,7 @@ _PROJ = ("gate_proj", "up_proj", "down_proj")
 def _v2_router(c: dict):
     if c.get("topk_method", "greedy") == "group_limited_greedy":
         return SoftmaxGroupLimited(c["num_experts_per_tok"], c["n_group"], c["topk_group"])
-    return SoftmaxTopK(c["num_experts_per_tok"])
+    return softmax_top_k(c)
 
 
 def _v3_router(c: dict):

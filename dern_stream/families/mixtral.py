@@ -1,7 +1,7 @@
 """Mixtral: `block_sparse_moe`, experts w1 (gate) / w3 (up) / w2 (down); softmax top-k, always renormalised."""
 
 from .base import Family
-from .routing import SoftmaxTopK
+from .routing import softmax_top_k
 
 FAMILY = Family(
     model_type="mixtral",
@@ -9,5 +9,5 @@ FAMILY = Family(
     intermediate_key="intermediate_size",
     moe_module="block_sparse_moe",
     proj_names=("w1", "w3", "w2"),
-    make_router=lambda c: SoftmaxTopK(c["num_experts_per_tok"]),
+    make_router=softmax_top_k,
 )

@@ -1,7 +1,7 @@
 """OLMoE: softmax top-k over `mlp.gate`; experts named as in Qwen-MoE."""
 
 from .base import Family
-from .routing import SoftmaxTopK
+from .routing import softmax_top_k
 
 FAMILY = Family(
     model_type="olmoe",
@@ -9,5 +9,5 @@ FAMILY = Family(
     intermediate_key="intermediate_size",
     moe_module="mlp",
     proj_names=("gate_proj", "up_proj", "down_proj"),
-    make_router=lambda c: SoftmaxTopK(c["num_experts_per_tok"]),
+    make_router=softmax_top_k,
 )

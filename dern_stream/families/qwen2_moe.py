@@ -1,7 +1,7 @@
 """Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): softmax top-k; the shared expert and its gate are untouched."""
 
 from .base import Family
-from .routing import SoftmaxTopK
+from .routing import softmax_top_k
 
 FAMILY = Family(
     model_type="qwen2_moe",
@@ -9,5 +9,5 @@ FAMILY = Family(
     intermediate_key="moe_intermediate_size",
     moe_module="mlp",
     proj_names=("gate_proj", "up_proj", "down_proj"),
-    make_router=lambda c: SoftmaxTopK(c["num_experts_per_tok"]),
+    make_router=softmax_top_k,
 )

@@ -2,7 +2,7 @@
 Hub checkpoints say `num_experts`; whichever config.json holds is read and rewritten."""
 
 from .base import Family
-from .routing import SoftmaxTopK
+from .routing import softmax_top_k
 
 FAMILY = Family(
     model_type="qwen3_moe",
@@ -10,5 +10,5 @@ FAMILY = Family(
     intermediate_key="moe_intermediate_size",
     moe_module="mlp",
     proj_names=("gate_proj", "up_proj", "down_proj"),
-    make_router=lambda c: SoftmaxTopK(c["num_experts_per_tok"]),
+    make_router=softmax_top_k,
 )

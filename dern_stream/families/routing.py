@@ -59,6 +59,11 @@ class SigmoidGroupLimited:
         return idx, scores.gather(1, idx)
 
 
+def softmax_top_k(config: dict) -> SoftmaxTopK:
+    """The common router: softmax over all experts, top num_experts_per_tok."""
+    return SoftmaxTopK(config["num_experts_per_tok"])
+
+
 def _group_mask(group_scores: torch.Tensor, topk_group: int, n_experts: int) -> torch.Tensor:
     """[T, N] bool mask of the experts in each token's topk_group best groups (groups are contiguous)."""
     tokens, n_group = group_scores.shape
