@@ -120,13 +120,18 @@ def test_intermediate_size_shrinks_every_expert(family, build, tmp_path):
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_checkpoints(dtype, build, tmp_path):
-    built = build("qwen2_moe", dtype=dtype)
+@pytest.mark.parametrize(("family", "dtype"), [(f, torch.bfloat16) for f in FAMILIES] + [("qwen2_moe", torch.float16)])
+def test_half_precision_checkpoints(family, dtype, build, tmp_path):
+    built = build(family, dtype=dtype)
     out = tmp_path / "out"
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
-    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == dtype
+    src, dst = Checkpoint(built.model_dir), Checkpoint(out)
+    fam = family_for(built.config)
+    layer = fam.moe_layers(src.entries)[-1]
+    assert dst.entries[fam.expert_name(layer, 3, "down")].dtype == src.entries[fam.expert_name(layer, 0, "down")].dtype
+    assert {e.dtype for e in dst.entries.values()} == {e.dtype for e in src.entries.values()}
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits.float()).all()
 
 

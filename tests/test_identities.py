@@ -198,3 +198,13 @@ def test_kmeans_assigns_by_similarity_columns_only():
                                     init=torch.tensor([0, 3]))
     a = res.assignment.tolist()
     assert a[0] == a[1] and a[2] == a[3] and a[0] != a[2]
+
+
+def test_kmeans_blockwise_assignment_equals_one_block():
+    torch.manual_seed(3)
+    members = torch.randn(300, 24)
+    args = dict(weights=torch.rand(300), sim_columns=torch.arange(8, 24), k=40, max_iters=10,
+                init=gate_linf_init(torch.randn(300, 24), 8, 40))
+    small = spherical_weighted_kmeans(members, **args, block_bytes=4 * 40 * 7)  # 7 rows per block
+    whole = spherical_weighted_kmeans(members, **args, block_bytes=2**30)
+    assert small.assignment.equal(whole.assignment) and small.segments.equal(whole.segments)

@@ -69,7 +69,8 @@ def dern_layer(
         members = torch.cat([own, foreign])
         member_weights = torch.cat([weights[expert].expand(h), weights[source]])
         result = spherical_weighted_kmeans(
-            members, member_weights, sim_cols, target_k, options.kmeans_iters, gate_linf_init(members, d, target_k)
+            members, member_weights, sim_cols, target_k, options.kmeans_iters, gate_linf_init(members, d, target_k),
+            options.similarity_block_bytes,
         )
         seg = result.segments
         rebuilt.append(RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T))

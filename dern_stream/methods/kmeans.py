@@ -37,8 +37,11 @@ def spherical_weighted_kmeans(
     k: int,
     max_iters: int,
     init: torch.Tensor,
+    block_bytes: int = 256 * 2**20,
 ) -> KMeansResult:
-    """Cluster M member segments into k; `init` holds the k member indices that seed the centroids."""
+    """Cluster M member segments into k; `init` holds the k member indices that seed the centroids.
+
+    The [M, k] member-centroid cosines are reduced in row blocks of at most `block_bytes`."""
     norms = torch.linalg.vector_norm(members, dim=-1)
     safe_norms = norms.clamp_min(torch.finfo(members.dtype).tiny)
     sim_n = F.normalize(members[:, sim_columns], dim=-1)
@@ -49,7 +52,7 @@ def spherical_weighted_kmeans(
     assignment = None
     iterations = 0
     for iterations in range(1, max_iters + 1):  # noqa: B007 - the count is returned
-        new = (sim_n @ F.normalize(centroids[:, sim_columns], dim=-1).T).argmax(dim=-1)
+        new = _nearest(sim_n, F.normalize(centroids[:, sim_columns], dim=-1), block_bytes)
         if assignment is not None and torch.equal(new, assignment):
             break
         assignment = new
@@ -63,6 +66,12 @@ def spherical_weighted_kmeans(
         owner.scatter_(0, assignment, torch.arange(members.shape[0], device=members.device))
         segments[single] = members[owner[single]]
     return KMeansResult(segments, assignment, iterations)
+
+
+def _nearest(points: torch.Tensor, centres: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """Index of the most similar (unit) centre for each (unit) point, ties to the lower index."""
+    rows = max(1, block_bytes // (4 * centres.shape[0]))
+    return torch.cat([(points[i:i + rows] @ centres.T).argmax(dim=-1) for i in range(0, points.shape[0], rows)])
 
 
 def _update(members, norms, safe_norms, weights, assignment, centroids, radius):

@@ -84,13 +84,15 @@ def reassign_segments(
     Only the kept experts' original segments count, so the result does not depend on order.
     """
     h = experts.intermediate
+    target = torch.full((len(dropped), h), -1, dtype=torch.long, device=experts.gate.device)
     if not dropped:
-        return torch.empty(0, h, dtype=torch.long, device=experts.gate.device)
-    sim, target = max_similarity_to_experts(
-        experts.segments(dropped, components), experts.segments(kept, components), len(kept), block_bytes
-    )
-    target[sim <= alpha] = -1
-    return target.view(len(dropped), h)
+        return target
+    kept_segments = experts.segments(kept, components)
+    for row, expert in enumerate(dropped):  # one dropped expert's segments at a time, not the whole pool
+        sim, best = max_similarity_to_experts(experts.segments([expert], components), kept_segments, len(kept),
+                                              block_bytes)
+        target[row] = torch.where(sim > alpha, best, -1)
+    return target
 
 
 def transfer_counts(assignment: torch.Tensor, num_kept: int) -> torch.Tensor:
