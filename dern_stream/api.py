@@ -102,7 +102,7 @@ def rewrite(
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
     groups = family.group_plan(config, options.experts)
 
-    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+    dump, calibrated = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
     for note in notes:
         log.warning("note: %s", note)
     compute = resolve_device(options.device)
@@ -117,7 +117,7 @@ def rewrite(
                 writer.copy_raw(name, ckpt.entries[name])
             with tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
                 for layer in bar:
-                    layer_dump = dump if dump is not None and layer.index in dump_layers(dump) else None
+                    layer_dump = dump if layer.index in calibrated else None
                     report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
                     write_layer(writer, ckpt, family, layer, report)
                     records[str(layer.index)] = layer_record(report)
@@ -148,23 +148,21 @@ def rewrite(
     )
 
 
-def dump_layers(dump: CalibDump) -> set[int]:
-    return set(dump.attrs.get("moe_layers") or [])
+def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> tuple[CalibDump | None, set[int]]:
+    """Open and check the dump before any work starts (a bad dump must not cost a long run).
 
-
-def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:
-    """Open and check the dump before any work starts; a bad dump must not cost a long run."""
+    Returns the dump and the MoE layers it calibrates; the others are ranked by router norm."""
     if options.importance == "router-norm":
         if calib is not None:
             raise DernError("--importance router-norm ignores the calibration dump; pass one or the other")
         notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
-        return None
+        return None, set()
     if calib is None:
-        raise DernError("--calib DUMP is required (make one with `dern-stream dump`), "
+        raise DernError("--calib DUMP is required (a calibration dump of the MoE layers' inputs, see the README), "
                         "or pass --importance router-norm for the weaker parameter-only ranking")
     dump = CalibDump(calib)
     dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
-    available = dump_layers(dump)
+    available = set(dump.attrs.get("moe_layers") or [])
     decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
     for i in layer_indices:
         if i in available:
@@ -175,4 +173,4 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
             notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")
         else:
             raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
-    return dump
+    return dump, available & set(layer_indices)

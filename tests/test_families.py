@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -146,3 +147,30 @@ def test_router_norm_fallback_needs_no_dump(build, tmp_path):
         router = AutoModelForCausalLM.from_pretrained(built.model_dir).model.layers[int(i)].mlp.gate.weight
         expected = sorted(torch.argsort(router.norm(dim=-1), descending=True)[:4].tolist())
         assert rec["kept"] == expected
+
+
+def test_deepseek_v3_mtp_layer_is_rewritten_and_ranked_by_router_norm(build, tmp_path):
+    """A DeepSeek-V3 checkpoint holds its multi-token-prediction block as layer num_hidden_layers, with its
+    own routed experts: it must shrink too (the expert count is global), ranked without calibration."""
+    from safetensors.torch import load_file, save_file
+
+    built = build("deepseek_v3")
+    src = tmp_path / "src"
+    shutil.copytree(built.model_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    last = built.config["num_hidden_layers"] - 1
+    mtp = built.config["num_hidden_layers"]
+    tensors.update({k.replace(f"layers.{last}.", f"layers.{mtp}."): v.clone()
+                    for k, v in tensors.items() if k.startswith(f"model.layers.{last}.")})
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(src, out, experts=4, calib=built.calib, progress=False)
+    assert any("multi-token prediction" in n for n in summary.notes)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    assert audit["layers"][str(mtp)]["importance_source"] == "router-norm"
+    assert audit["layers"][str(last)]["importance_source"] == "routing"
+    entries = Checkpoint(out).entries
+    assert entries[f"model.layers.{mtp}.mlp.gate.weight"].shape == (4, 64)
+    assert f"model.layers.{mtp}.mlp.experts.3.up_proj.weight" in entries
+    assert f"model.layers.{mtp}.mlp.experts.4.up_proj.weight" not in entries
