@@ -44,7 +44,8 @@ def dern_layer(
 ) -> LayerResult:
     """Stages 2 and 3 for one layer; `experts` are float32 on the compute device, `importance` is S."""
     num, h, d = experts.gate.shape
-    dropped = [e for e in range(num) if e not in set(kept)]
+    kept_set = set(kept)
+    dropped = [e for e in range(num) if e not in kept_set]
     target_k = options.intermediate_size or h
     assignment = reassign_segments(
         experts, kept, dropped, options.sim_components, options.alpha, options.similarity_block_bytes
