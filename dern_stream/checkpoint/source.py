@@ -43,9 +43,11 @@ def resolve_checkpoint(ref: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(str(ref), ignore_patterns=list(FOREIGN_WEIGHTS))).resolve()
     except LocalEntryNotFoundError:
-        raise DernError(f"{ref} is not in the Hugging Face cache and cannot be downloaded (offline?)") from None
+        raise DernError(f"no directory {ref}, and no Hugging Face repo {ref} in the local cache "
+                        "(the Hub cannot be reached, or HF_HUB_OFFLINE is set)") from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise DernError(f"cannot fetch {ref} from the Hugging Face Hub: {str(e).splitlines()[0]}") from None
+        raise DernError(f"no directory {ref}, and fetching Hugging Face repo {ref} failed: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 class Checkpoint:
