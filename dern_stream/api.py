@@ -127,7 +127,7 @@ def rewrite(
             writer.finish()
         finally:
             writer.close()
-            ckpt.close()
+            ckpt.release()
         (stage.path / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         _, skipped = copy_side_files(source, stage.path)
         if skipped:

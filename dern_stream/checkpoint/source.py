@@ -123,5 +123,3 @@ class Checkpoint:
     def release(self) -> None:
         """Unmap every shard: mapped pages that were read count toward RSS until the mapping goes."""
         self._handles.clear()
-
-    close = release
