@@ -70,5 +70,61 @@ def rewrite(src, out, experts, calib, alpha, sim_components, kmeans_iters, inter
     click.echo(str(summary))
 
 
+def _text_options(num_tokens: int, seq_len: int):
+    """--text/--dataset/--tokenizer/--num-tokens/--seq-len, shared by dump and eval."""
+    def wrap(f):
+        for option in reversed([
+            click.option("--text", type=click.Path(dir_okay=False),
+                         help="Text file: plain, or .jsonl with a 'text' field per line."),
+            click.option("--dataset", help="A datasets dataset NAME[:split] with a 'text' field (needs datasets)."),
+            click.option("--tokenizer", type=click.Path(), help="Tokenizer directory (default: the checkpoint's)."),
+            click.option("--num-tokens", type=int, default=num_tokens, show_default=True, help="Tokens to use."),
+            click.option("--seq-len", type=int, default=seq_len, show_default=True, help="Tokens per sequence."),
+            click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward."),
+            click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda:N."),
+            click.option("--dtype", default="auto", show_default=True,
+                         help="Compute dtype: auto (as stored), float32, bfloat16, float16."),
+            click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+        ]):
+            f = option(f)
+        return f
+    return wrap
+
+
+@main.command()
+@click.argument("src", metavar="IN")
+@click.argument("out", metavar="DUMP", type=click.Path())
+@_text_options(num_tokens=262144, seq_len=2048)
+@click.option("--overwrite", is_flag=True, help="Start DUMP again if it exists (else an interrupted dump resumes).")
+def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, overwrite) -> None:
+    """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
+
+    Run again after an interruption, with the same arguments, to continue from the last finished layer."""
+    from .dump_pipeline import dump as run_dump
+
+    summary = run_dump(src, out, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens,
+                       seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
+                       progress=not quiet)
+    click.echo(str(summary))
+
+
+@main.command(name="eval")
+@click.argument("src", metavar="CKPT")
+@_text_options(num_tokens=131072, seq_len=2048)
+@click.option("--reference", metavar="IN", help="Reference checkpoint for per-layer MoE output error (with --calib).")
+@click.option("--calib", type=click.Path(), help="Dump whose inputs the per-layer error is measured on.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, reference, calib,
+          json_path) -> None:
+    """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens), and/or
+    the per-MoE-layer output error against --reference on the inputs cached in --calib."""
+    from .eval_pipeline import evaluate
+
+    report = evaluate(src, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len,
+                      batch_size=batch_size, reference=reference, calib=calib, device=device, dtype=dtype,
+                      json_path=json_path, progress=not quiet)
+    click.echo(str(report))
+
+
 if __name__ == "__main__":
     main()

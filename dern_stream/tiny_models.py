@@ -1,6 +1,6 @@
 """Tiny random MoE checkpoints built with transformers' own classes, for tests and the quick start.
 
-    python -m dern_stream.tiny_models DIR [--family mixtral]   # DIR/model, DIR/calib.zarr
+    python -m dern_stream.tiny_models DIR [--family mixtral]   # DIR/model, DIR/corpus.txt, DIR/heldout.txt
 
 Needs the `dump` or `test` extra (transformers); the rewrite itself never imports this module.
 """
@@ -64,9 +64,48 @@ def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Pa
     return path
 
 
-def calibration_tokens(model, sequences: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+_SYLLABLES = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "he", "ji", "vo", "ze", "xu")
+
+
+def example_text(words: int, seed: int = 0) -> str:
+    """Deterministic pseudo-text in three 'domains' with their own vocabularies (so that routing has
+    something to tell apart), in lines and paragraphs."""
+    import random
+
+    rng = random.Random(seed)
+    domains = [[rng.choice(_SYLLABLES) + rng.choice(_SYLLABLES) + rng.choice(("", "n", "s")) for _ in range(60)]
+               for _ in range(3)]
+    lines, line, domain = [], [], domains[0]
+    for n in range(words):
+        if n % 200 == 0:
+            domain = rng.choice(domains)
+        line.append(rng.choice(domain))
+        if len(line) == 12:
+            lines.append(" ".join(line) + ".")
+            line = []
+            if rng.random() < 0.2:
+                lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def build_tokenizer(text: str, vocab_size: int):
+    """A small BPE tokenizer (<unk>, <s>, </s> = ids 0, 1, 2) trained on `text`, as transformers loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def calibration_tokens(vocab_size: int = _COMMON["vocab_size"], sequences: int = 8, length: int = 32,
+                       seed: int = 1) -> torch.Tensor:
+    """The random token ids the example dumps are made from (ids 0-2 are special tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, model.config.vocab_size, (sequences, length), generator=gen)
+    return torch.randint(3, vocab_size, (sequences, length), generator=gen)
 
 
 def build_example(directory: str | Path, family: str = "mixtral", *, seed: int = 0,
@@ -78,9 +117,19 @@ def build_example(directory: str | Path, family: str = "mixtral", *, seed: int =
     directory = Path(directory)
     model = build_model(family, seed=seed, dtype=dtype, **overrides)
     model_dir = save_model(model, directory / "model", max_shard_size)
+    write_texts(directory, model.config.vocab_size, model_dir)
     calib = directory / "calib.zarr"
-    dump_from_model(model, calibration_tokens(model), calib, chunk_tokens=chunk_tokens, overwrite=True)
+    ids = calibration_tokens(model.config.vocab_size)
+    dump_from_model(model, ids, calib, chunk_tokens=chunk_tokens, overwrite=True)
     return model_dir, calib
+
+
+def write_texts(directory: Path, vocab_size: int, model_dir: Path) -> None:
+    """DIR/corpus.txt (calibration), DIR/heldout.txt (evaluation) and the tokenizer in `model_dir`."""
+    corpus, heldout = example_text(20000, seed=1), example_text(6000, seed=2)
+    (directory / "corpus.txt").write_text(corpus)
+    (directory / "heldout.txt").write_text(heldout)
+    build_tokenizer(corpus, vocab_size).save_pretrained(model_dir)
 
 
 def _main() -> None:
@@ -88,8 +137,10 @@ def _main() -> None:
     parser.add_argument("directory")
     parser.add_argument("--family", default="mixtral", choices=sorted(FAMILY_CONFIGS))
     args = parser.parse_args()
-    model_dir, calib = build_example(args.directory, args.family)
-    print(f"checkpoint: {model_dir}\ncalibration dump: {calib}")
+    directory = Path(args.directory)
+    model_dir = save_model(build_model(args.family), directory / "model")
+    write_texts(directory, _COMMON["vocab_size"], model_dir)
+    print(f"checkpoint (with tokenizer): {model_dir}\ntexts: {directory / 'corpus.txt'}, {directory / 'heldout.txt'}")
 
 
 if __name__ == "__main__":

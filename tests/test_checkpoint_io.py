@@ -88,12 +88,13 @@ def test_side_files_are_copied_and_foreign_weights_are_not(build, tmp_path):
     (src / "original").mkdir()
     out = tmp_path / "out"
     summary = dern_stream.rewrite(src, out, experts=4, calib=built.calib, progress=False)
-    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     assert not (out / "pytorch_model.bin").exists() and not (out / "original").exists()
     assert any("pytorch_model.bin" in n and "original" in n for n in summary.notes)
     assert sorted(p.name for p in src.iterdir()) == sorted(
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+         "chat_template.jinja",
          "pytorch_model.bin", "original"])  # IN is never written to
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 
@@ -69,13 +70,24 @@ def test_calibration_is_required_unless_router_norm(build, tmp_path):
     assert_clean_failure(run("rewrite", built.model_dir, out, "--experts", 4), out, "--calib DUMP is required")
 
 
-def test_unsupported_family_names_the_supported_ones(tmp_path):
+def test_dense_model_is_refused_as_not_moe(tmp_path):
     src = tmp_path / "llama"
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4)).save_pretrained(src)
     out = tmp_path / "out"
     assert_clean_failure(run("rewrite", src, out, "--experts", 2, "--importance", "router-norm"), out,
-                         "model_type 'llama' is not supported; supported families: deepseek_v2, deepseek_v3, mixtral")
+                         "model_type 'llama' is not a Mixture-of-Experts model (config.json has no expert count); "
+                         "dern-stream shrinks MoE models: deepseek_v2, deepseek_v3, mixtral")
+
+
+def test_unsupported_moe_family_names_the_supported_ones(build, tmp_path):
+    src = tmp_path / "phimoe"
+    shutil.copytree(build("mixtral").model_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "phimoe"}))
+    out = tmp_path / "out"
+    assert_clean_failure(run("rewrite", src, out, "--experts", 2, "--importance", "router-norm"), out,
+                         "model_type 'phimoe' is not supported; supported families: deepseek_v2, deepseek_v3, mixtral")
 
 
 def test_moe_family_without_moe_layers(build, tmp_path):

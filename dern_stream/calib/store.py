@@ -3,9 +3,14 @@
 Layout (zarr v3), written down in the README:
 
     DUMP.zarr/                      group; attrs: format, format_version, model_type, hidden_size,
-                                    num_experts, moe_layers, checkpoint_fingerprint (optional)
+                                    num_experts, moe_layers, checkpoint_fingerprint (optional),
+                                    provenance (optional: tokenizer, seq_len, source...), complete
       moe_inputs/<layer>            array [tokens, hidden_size], float16 by default, chunked along
                                     tokens; attrs: layer, router_sha256, complete
+      tokens                        array [sequences, seq_len] int32 (dumps made by `dern-stream dump`)
+      resume/residual_{0,1}         the residual stream after the last finished layer, while a
+                                    streamed dump is in progress (two slots, so a crash mid-write
+                                    leaves the previous one valid); removed when the dump completes
 
 `router_sha256` (the layer's router weight, as stored in the checkpoint) lets the rewrite refuse a
 dump made from another model without reading anything but tensors it loads anyway.
@@ -46,6 +51,7 @@ class CalibWriter:
         num_experts: int,
         moe_layers: list[int],
         checkpoint_fingerprint: str | None = None,
+        provenance: dict | None = None,
         dtype: str = "float16",
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         overwrite: bool = False,
@@ -58,9 +64,25 @@ class CalibWriter:
         self.group.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": model_type,
             "hidden_size": hidden_size, "num_experts": num_experts, "moe_layers": list(moe_layers),
-            "checkpoint_fingerprint": checkpoint_fingerprint,
+            "checkpoint_fingerprint": checkpoint_fingerprint, "provenance": provenance, "complete": False,
+            "dtype": self.dtype.name, "chunk_tokens": chunk_tokens,
         })
         self.inputs = self.group.require_group("moe_inputs")
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> CalibWriter:
+        """Continue an interrupted dump: layers not marked complete are discarded."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        attrs = self.group.attrs.asdict()
+        self.hidden_size, self.dtype = attrs["hidden_size"], np.dtype(attrs.get("dtype", "float16"))
+        self.chunk_tokens = attrs.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
+        self.inputs = self.group.require_group("moe_inputs")
+        for key in list(self.inputs.array_keys()):
+            if not self.inputs[key].attrs.get("complete", False):
+                del self.inputs[key]
+        return self
 
     def append(self, layer: int, hidden: torch.Tensor | np.ndarray, router_sha256: str | None = None) -> None:
         data = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden)
@@ -75,6 +97,59 @@ class CalibWriter:
 
     def finish_layer(self, layer: int) -> None:
         self.inputs[str(layer)].attrs["complete"] = True
+
+    # --- streamed dumps: token ids and the resume state ---------------------------------------
+    def write_tokens(self, ids: torch.Tensor) -> None:
+        arr = self.group.create_array("tokens", shape=tuple(ids.shape), chunks=(max(1, min(64, ids.shape[0])),
+                                      ids.shape[1]), dtype="int32", overwrite=True)
+        arr[:] = ids.to(torch.int32).numpy()
+
+    def tokens(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.group["tokens"][:])).to(torch.int64)
+
+    def save_residual(self, after_layer: int, batches: list[torch.Tensor]) -> None:
+        """Store the residual stream after `after_layer` bit for bit, in the slot the last save did not use."""
+        state = self.group.require_group("resume")
+        previous = self.group.attrs.get("resume")
+        slot = 1 - previous["slot"] if previous else 0
+        first = batches[0]
+        shape = (sum(b.shape[0] for b in batches), *first.shape[1:])
+        arr = state.create_array(f"residual_{slot}", shape=shape, chunks=(1, *first.shape[1:]),
+                                 dtype=_raw_dtype(first.dtype), overwrite=True)
+        row = 0
+        for b in batches:
+            arr[row:row + b.shape[0]] = _raw(b)
+            row += b.shape[0]
+        self.group.attrs["resume"] = {"after_layer": after_layer, "slot": slot, "dtype": str(first.dtype)}
+
+    def resume_point(self) -> int | None:
+        """The last decoder layer whose output is saved, or None."""
+        state = self.group.attrs.get("resume")
+        return state["after_layer"] if state else None
+
+    def load_residual(self, batch_rows: list[int]) -> list[torch.Tensor]:
+        state = self.group.attrs["resume"]
+        arr = self.group["resume"][f"residual_{state['slot']}"]
+        dtype = getattr(torch, state["dtype"].removeprefix("torch."))
+        out, row = [], 0
+        for rows in batch_rows:
+            out.append(torch.from_numpy(np.asarray(arr[row:row + rows])).view(dtype))
+            row += rows
+        return out
+
+    def finish(self) -> None:
+        if "resume" in self.group:
+            del self.group["resume"]
+        self.group.attrs.update({"resume": None, "complete": True})
+
+
+def _raw_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "int16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 class CalibDump:

@@ -74,8 +74,9 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     entries: dict[str, TensorEntry] = {}
     for tname, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            ok = dtype in DTYPES and all(s >= 0 for s in shape) and 0 <= begin <= end
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            # JSON numbers must be plain non-negative integers (not 2.5, inf, or true).
+            ok = dtype in DTYPES and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and begin <= end
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

@@ -12,9 +12,14 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type")
+    if model_type not in FAMILIES and not any(k in config for k in _EXPERT_COUNT_KEYS):
+        raise DernError(f"model_type {model_type!r} is not a Mixture-of-Experts model (config.json has no expert "
+                        f"count); dern-stream shrinks MoE models: {', '.join(sorted(FAMILIES))}")
     if model_type not in FAMILIES:
         raise DernError(
             f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"

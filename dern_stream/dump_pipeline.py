@@ -1,0 +1,200 @@
+"""`dump`: the calibration dump, made layer by layer with the streamed forward (never the whole model
+in memory), resumable after an interruption from the last finished layer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .calib import CalibWriter, tensor_sha256
+from .calib.store import FORMAT
+from .calib.text import TokenSource, file_sha256, tokens_from
+from .checkpoint import Checkpoint, resolve_checkpoint
+from .device import resolve_device
+from .errors import DernError
+from .families import family_for
+from .stream import HiddenStore, StreamedModel
+from .stream.executor import batched, parse_dtype
+
+log = logging.getLogger("dern_stream")
+
+
+@dataclass
+class DumpSummary:
+    path: Path
+    moe_layers: int
+    sequences: int
+    seq_len: int
+    resumed_after_layer: int | None
+    seconds: float
+    device: str
+
+    def __str__(self) -> str:
+        resumed = "" if self.resumed_after_layer is None else f" (resumed after layer {self.resumed_after_layer})"
+        return (f"done: {self.moe_layers} MoE layers x {self.sequences * self.seq_len} tokens "
+                f"({self.sequences} x {self.seq_len}) -> {self.path}{resumed} in {self.seconds:.1f} s on {self.device}")
+
+
+def dump(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    text: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    tokens: torch.Tensor | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    num_tokens: int = 262144,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    store_dtype: str = "float16",
+    chunk_tokens: int = 4096,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DumpSummary:
+    """Write the calibration dump `out` for checkpoint `src` from `text` (plain or .jsonl), a `datasets`
+    `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call."""
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise DernError(f"--batch-size {batch_size} must be at least 1")
+    ckpt = Checkpoint(resolve_checkpoint(src))
+    family = family_for(ckpt.config)
+    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    moe_layers = [i for i in family.moe_layers(ckpt.entries) if i < num_layers]
+    if not moe_layers:
+        raise DernError(f"no MoE layers found in {ckpt.root} (no tensor like {family.router_name(0)!r}); "
+                        "is this an MoE checkpoint?")
+    out_path = Path(out).expanduser().resolve()
+    compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
+    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
+    writer, ids, resumed = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
+    vocab = ckpt.config.get("vocab_size")
+    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+        raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
+                        "is --tokenizer the model's own?")
+
+    model = StreamedModel(ckpt, compute, compute_dtype)
+    if model.moe_layers() != moe_layers:
+        raise DernError(f"the checkpoint's routers (layers {moe_layers}) and the model transformers builds from "
+                        f"config.json (MoE layers {model.moe_layers()}) disagree")
+    batches = batched(ids, batch_size)
+    hidden = int(ckpt.config["hidden_size"])
+    store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, compute, scratch_dir=out_path.parent)
+    last = moe_layers[-1]
+    try:
+        if resumed is None:
+            model.embed(batches, store)
+            start = 0
+        else:
+            model.prepare(batches)
+            for b, state in enumerate(writer.load_residual([b.shape[0] for b in batches])):
+                store[b] = state
+            start = resumed + 1
+            log.warning("note: resuming %s after decoder layer %d", out_path, resumed)
+        for i in tqdm(range(start, last + 1), desc="dump layers", unit="layer", disable=not progress,
+                      initial=start, total=last + 1):
+            if i in moe_layers:
+                sha = tensor_sha256(ckpt.load(family.router_name(i)))
+                model.run_layer(i, batches, store, lambda _b, x, i=i, sha=sha: writer.append(i, x, router_sha256=sha))
+                writer.finish_layer(i)
+            else:
+                model.run_layer(i, batches, store)
+            if i < last:
+                writer.save_residual(i, [store[b] for b in range(len(batches))])
+        writer.finish()
+    finally:
+        store.close()
+        ckpt.release()
+    return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], resumed,
+                       time.perf_counter() - started, str(compute))
+
+
+@dataclass(frozen=True)
+class _Request:
+    text: str | os.PathLike | None
+    dataset: str | None
+    tokens: torch.Tensor | None
+    tokenizer: str | os.PathLike | None
+    num_tokens: int
+    seq_len: int
+    store_dtype: str
+    chunk_tokens: int
+
+    def provenance(self, ckpt: Checkpoint) -> dict:
+        """What must match for an interrupted dump to be continued (and what the dump records)."""
+        if self.tokens is not None:
+            source = TokenSource("tokens given by the caller", tensor_sha256(self.tokens.to(torch.int64)))
+            num_tokens, seq_len = self.tokens.numel(), self.tokens.shape[-1]
+        elif self.text is not None:
+            text = Path(self.text)
+            source = TokenSource(f"text:{text.resolve()}", file_sha256(text) if text.is_file() else None)
+            num_tokens, seq_len = self.num_tokens, self.seq_len
+        else:
+            source = TokenSource(f"dataset:{self.dataset}", None)
+            num_tokens, seq_len = self.num_tokens, self.seq_len
+        return {
+            "checkpoint_fingerprint": ckpt.fingerprint(), "source": source.description,
+            "source_sha256": source.sha256,
+            "tokenizer": None if self.tokens is not None else str(self.tokenizer or ckpt.root),
+            "num_tokens": num_tokens, "seq_len": seq_len, "dtype": self.store_dtype, "dern_stream": __version__,
+        }
+
+
+def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int], request: _Request,
+                    overwrite: bool) -> tuple[CalibWriter, torch.Tensor, int | None]:
+    """A fresh writer with the token ids, or the interrupted dump at `path` when it was started by the
+    same command on the same checkpoint. Returns (writer, ids, resumed_after_layer or None)."""
+    provenance = request.provenance(ckpt)
+    if path.exists() and not overwrite:
+        writer = _resumable(path, provenance)
+        after = writer.resume_point()
+        for key in list(writer.inputs.array_keys()):  # layers past the saved state are redone
+            if after is None or int(key) > after:
+                del writer.inputs[key]
+        return writer, writer.tokens(), after
+    if request.tokens is not None:
+        ids = request.tokens.to(torch.int64)
+        if ids.dim() != 2 or ids.shape[1] < 2:
+            raise DernError("tokens must be a [sequences, seq_len] tensor with seq_len >= 2")
+    else:
+        ids, _, _ = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
+                                num_tokens=request.num_tokens, seq_len=request.seq_len)
+    if path.exists():  # --overwrite, and only once the new tokens are in hand
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    writer = CalibWriter(
+        path, model_type=family.model_type, hidden_size=int(ckpt.config["hidden_size"]),
+        num_experts=family.num_experts(ckpt.config), moe_layers=moe_layers,
+        checkpoint_fingerprint=provenance["checkpoint_fingerprint"], provenance=provenance,
+        dtype=request.store_dtype, chunk_tokens=request.chunk_tokens, overwrite=True,
+    )
+    writer.write_tokens(ids)
+    return writer, ids, None
+
+
+def _resumable(path: Path, provenance: dict) -> CalibWriter:
+    import zarr
+
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    except Exception:  # zarr raises many types for a path that is not a store
+        raise DernError(f"{path} exists and is not a calibration dump; remove it or pass --overwrite") from None
+    if attrs.get("format") != FORMAT:
+        raise DernError(f"{path} exists and is not a calibration dump; remove it or pass --overwrite")
+    if attrs.get("complete"):
+        raise DernError(f"dump {path} already exists and is complete; pass --overwrite to make it again")
+    before = attrs.get("provenance") or {}
+    changed = [k for k in ("checkpoint_fingerprint", "source", "source_sha256", "tokenizer", "num_tokens",
+                           "seq_len", "dtype") if before.get(k) != provenance.get(k)]
+    if changed:
+        raise DernError(f"{path} holds an interrupted dump made with a different {', '.join(changed)}; "
+                        "rerun that command to resume it, or pass --overwrite to start again")
+    return CalibWriter.reopen(path)

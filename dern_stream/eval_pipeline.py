@@ -1,0 +1,168 @@
+"""`evaluate`: out-of-core quality checks of a checkpoint, with the same streamed forward as `dump`.
+
+- perplexity on a text (every batch through layer L, then L+1; final norm and lm_head at the end);
+- per MoE layer, the relative L2 error between a reference checkpoint's MoE block output and this
+  checkpoint's, on a dump's cached inputs (one MoE block of each checkpoint in memory at a time).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calib import CalibDump
+from .calib.text import tokens_from
+from .checkpoint import Checkpoint, resolve_checkpoint
+from .device import resolve_device
+from .errors import DernError
+from .families import family_for
+from .stream import HiddenStore, StreamedModel
+from .stream.executor import batched, parse_dtype
+
+
+@dataclass
+class LayerError:
+    layer: int
+    rel_l2: float  # ||y_ref - y|| / ||y_ref|| over all dump tokens
+    tokens: int
+
+
+@dataclass
+class EvalReport:
+    checkpoint: str
+    perplexity: float | None = None
+    nll_per_token: float | None = None
+    tokens: int | None = None
+    reference: str | None = None
+    layer_errors: list[LayerError] = field(default_factory=list)
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def mean_rel_l2(self) -> float | None:
+        return sum(e.rel_l2 for e in self.layer_errors) / len(self.layer_errors) if self.layer_errors else None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "mean_rel_l2": self.mean_rel_l2}
+
+    def __str__(self) -> str:
+        lines = []
+        if self.perplexity is not None:
+            lines.append(f"perplexity {self.perplexity:.4f} over {self.tokens} predicted tokens "
+                         f"(nll {self.nll_per_token:.5f} per token)")
+        if self.layer_errors:
+            lines.append(f"MoE block output error against {self.reference}:")
+            lines.append(f"  {'layer':>5}  {'rel L2':>10}  {'tokens':>8}")
+            lines += [f"  {e.layer:>5}  {e.rel_l2:>10.6f}  {e.tokens:>8}" for e in self.layer_errors]
+            lines.append(f"  {'mean':>5}  {self.mean_rel_l2:>10.6f}")
+        lines.append(f"{self.checkpoint} evaluated in {self.seconds:.1f} s on {self.device}")
+        return "\n".join(lines)
+
+
+def evaluate(
+    src: str | os.PathLike,
+    *,
+    text: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    tokens: torch.Tensor | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    num_tokens: int = 131072,
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    reference: str | os.PathLike | None = None,
+    calib: str | os.PathLike | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    json_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`), and/or with `reference`
+    and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's inputs."""
+    started = time.perf_counter()
+    wants_ppl = text is not None or dataset is not None or tokens is not None
+    if not wants_ppl and reference is None:
+        raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
+    if (reference is None) != (calib is None):
+        raise DernError("--reference and --calib go together (the dump's inputs are the reference's MoE inputs)")
+    compute = resolve_device(device)
+    compute_dtype = parse_dtype(dtype)
+    ckpt = Checkpoint(resolve_checkpoint(src))
+    report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
+    if wants_ppl:
+        if tokens is None:
+            tokens, _, _ = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
+                                       num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
+        nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
+        report.nll_per_token, report.tokens = nll / count, count
+        report.perplexity = math.exp(nll / count)
+    if reference is not None:
+        ref = Checkpoint(resolve_checkpoint(reference))
+        report.reference = str(ref.root)
+        report.layer_errors = layer_errors(ref, ckpt, CalibDump(calib), compute, compute_dtype, progress)
+    report.seconds = time.perf_counter() - started
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return report
+
+
+def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device: torch.device,
+                   dtype: torch.dtype | None, progress: bool) -> tuple[float, int]:
+    """Summed next-token NLL and predicted-token count of `ids` [sequences, seq_len], streamed."""
+    vocab = ckpt.config.get("vocab_size")
+    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+        raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
+                        "is --tokenizer the model's own?")
+    model = StreamedModel(ckpt, device, dtype)
+    batches = batched(ids, batch_size)
+    store = HiddenStore([(*b.shape, int(ckpt.config["hidden_size"])) for b in batches], model.dtype, device)
+    try:
+        model.embed(batches, store)
+        for i in tqdm(range(model.num_layers), desc="eval layers", unit="layer", disable=not progress):
+            model.run_layer(i, batches, store)
+        return model.nll(batches, store)
+    finally:
+        store.close()
+        ckpt.release()
+
+
+@torch.no_grad()
+def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torch.device,
+                 dtype: torch.dtype | None, progress: bool) -> list[LayerError]:
+    family = family_for(ref.config)
+    if family_for(new.config).model_type != family.model_type:
+        raise DernError(f"{new.root} ({new.config.get('model_type')}) is not the same family as the reference "
+                        f"{ref.root} ({ref.config.get('model_type')})")
+    dump.check_matches(family.model_type, int(ref.config["hidden_size"]), family.num_experts(ref.config))
+    ref_model, new_model = StreamedModel(ref, device, dtype), StreamedModel(new, device, dtype)
+    layers = [i for i in ref_model.moe_layers() if i in set(dump.attrs.get("moe_layers") or [])]
+    if not layers:
+        raise DernError(f"calibration dump {dump.path} holds no inputs for the reference's MoE layers")
+    missing = [i for i in layers if i not in new_model.moe_layers()]
+    if missing:
+        raise DernError(f"{new.root} has no MoE block in layer(s) {missing}, which the reference has")
+    for i in layers:
+        dump.check_router(i, ref.load(family.router_name(i)))
+    out = []
+    for i in tqdm(layers, desc="layer errors", unit="layer", disable=not progress):
+        diff_sq = ref_sq = 0.0
+        count = 0
+        with ref_model.loaded_moe_block(i) as a, new_model.loaded_moe_block(i) as b:
+            for x in dump.chunks(i, device):
+                x = x.to(ref_model.dtype)[None]
+                ya, yb = _block_output(a(x)).double(), _block_output(b(x.to(new_model.dtype))).double()
+                diff_sq += float((ya - yb).pow(2).sum())
+                ref_sq += float(ya.pow(2).sum())
+                count += x.shape[1]
+        out.append(LayerError(i, math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else math.sqrt(diff_sq), count))
+    return out
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,214 @@
+"""The streamed forward: every batch goes through decoder layer L before layer L+1 is read, so each
+layer's weights are read from disk once and only one layer is ever materialised.
+
+The skeleton is the model transformers builds from config.json, on the meta device (no weights
+allocated). Its own forward computes what the decoder layers receive (embeddings, rotary
+position embeddings, attention masks): we run it once per batch shape with the layers swapped for
+recorders, so each family's conventions come from transformers itself, not from a copy here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
+from ..errors import DernError
+from ..families import family_for
+from .hidden_store import HiddenStore
+from .weights import materialise, release
+
+_LOGIT_BLOCK_BYTES = 256 << 20  # lm_head logits are computed in row blocks of at most this size
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for decoder layer i during the embedding pass: records the call's keyword arguments."""
+
+    def __init__(self, index: int, attention_type: str | None, sink: dict):
+        super().__init__()
+        self.index, self.sink = index, sink
+        if attention_type is not None:
+            self.attention_type = attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise DernError("this transformers version passes decoder layers positional arguments; "
+                            "the streamed forward does not support it")
+        self.sink[self.index] = (hidden_states, kwargs)
+        return hidden_states
+
+
+class StreamedModel:
+    """A causal LM whose weights stay on disk until a layer is run. See the module doc."""
+
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt, self.device = ckpt, device
+        self.family = family_for(ckpt.config)
+        try:
+            config = AutoConfig.from_pretrained(ckpt.root)
+        except (ValueError, KeyError, OSError) as e:
+            raise DernError(f"transformers cannot read {ckpt.root / 'config.json'}: {str(e).splitlines()[0]}") from None
+        self.dtype = dtype or _stored_dtype(ckpt)
+        config.dtype = self.dtype
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.model.eval().requires_grad_(False)
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.layers = self.base.layers
+        self.num_layers = int(config.num_hidden_layers)
+        self._real_buffers()
+        self.materialised = 0  # parameter elements currently off the meta device (tests count them)
+        self._contexts: dict[tuple[int, ...], dict[int, dict]] = {}
+
+    def _real_buffers(self) -> None:
+        """Non-persistent buffers (rotary frequencies) are computed, not stored: allocate them and let
+        transformers' own initialiser fill them, as from_pretrained does."""
+        for module in self.model.modules():
+            if any(b is not None for n, b in module.named_buffers(recurse=False)
+                   if n in module._non_persistent_buffers_set):
+                if any(True for _ in module.parameters(recurse=False)):
+                    raise DernError(f"{type(module).__name__} holds computed buffers beside weights; "
+                                    "the streamed forward does not support this model")
+                module.to_empty(device=self.device)
+                self.model._init_weights(module)
+
+    # --- materialising parts ------------------------------------------------------------------
+    @contextmanager
+    def loaded(self, module: torch.nn.Module, prefix: str, layer: int | None = None) -> Iterator[torch.nn.Module]:
+        """`module` with real weights from the checkpoint for the duration of the block."""
+        count = materialise(module, prefix, self.ckpt, self.family, layer, self.device)
+        self.materialised += count
+        try:
+            yield module
+        finally:
+            release(module)
+            self.materialised -= count
+            self.ckpt.release()  # mapped pages read for this part leave RSS too
+
+    def decoder_prefix(self, i: int) -> str:
+        return f"{self.model.base_model_prefix}.layers.{i}."
+
+    def moe_block(self, i: int) -> torch.nn.Module:
+        layer = self.layers[i]
+        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+        if block is None or not hasattr(block, "experts"):
+            raise DernError(f"decoder layer {i} has no MoE block")
+        return block
+
+    @contextmanager
+    def loaded_moe_block(self, i: int) -> Iterator[torch.nn.Module]:
+        block = self.moe_block(i)
+        name = next(n for n, m in self.layers[i].named_children() if m is block)
+        with self.loaded(block, f"{self.decoder_prefix(i)}{name}.", layer=i):
+            yield block
+
+    # --- the forward --------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, batches: list[torch.Tensor], store: HiddenStore) -> None:
+        """Layer 0's input for every batch into `store` (and each layer's call arguments per batch shape)."""
+        with self.loaded(self.base.embed_tokens, f"{self.model.base_model_prefix}.embed_tokens."):
+            for b, ids in enumerate(batches):
+                store[b] = self._record(input_ids=ids.to(self.device))
+
+    @torch.no_grad()
+    def prepare(self, batches: list[torch.Tensor]) -> None:
+        """Only the layers' call arguments (resuming from saved hidden states): no embeddings are read."""
+        hidden = int(self.model.config.hidden_size)
+        for ids in batches:
+            if tuple(ids.shape) not in self._contexts:
+                self._record(inputs_embeds=torch.zeros(*ids.shape, hidden, dtype=self.dtype, device=self.device))
+
+    def _record(self, **inputs) -> torch.Tensor:
+        """Run the skeleton's own forward with recorders for layers; returns layer 0's input."""
+        recorded: dict[int, tuple] = {}
+        recorders = torch.nn.ModuleList(
+            _Recorder(i, getattr(layer, "attention_type", None), recorded) for i, layer in enumerate(self.layers)
+        )
+        layers, norm = self.base.layers, self.base.norm
+        self.base.layers, self.base.norm = recorders, torch.nn.Identity()
+        try:
+            self.base(**inputs, use_cache=False)
+        finally:
+            self.base.layers, self.base.norm = layers, norm
+        first = recorded[0][0]
+        # Same shape, same positions and masks (sequences are packed, never padded).
+        self._contexts.setdefault(tuple(first.shape[:2]), {i: kwargs for i, (_, kwargs) in recorded.items()})
+        return first
+
+    @torch.no_grad()
+    def run_layer(self, i: int, batches: list[torch.Tensor], store: HiddenStore,
+                  on_moe_input: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        """Decoder layer i over every batch, in place in `store`. `on_moe_input(batch, x)` receives the
+        input of the layer's MoE block (the router's input), when it has one."""
+        layer = self.layers[i]
+        hook = None
+        if on_moe_input is not None:
+            block = self.moe_block(i)
+            hook = block.register_forward_pre_hook(lambda _m, args: on_moe_input(current[0], args[0]))
+        current = [0]
+        try:
+            with self.loaded(layer, self.decoder_prefix(i), layer=i):
+                for b, ids in enumerate(batches):
+                    current[0] = b
+                    out = layer(store[b], **self._contexts[tuple(ids.shape)][i])
+                    store[b] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    @torch.no_grad()
+    def nll(self, batches: list[torch.Tensor], store: HiddenStore) -> tuple[float, int]:
+        """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
+        total, count = 0.0, 0
+        head = self.model.get_output_embeddings()
+        vocab = head.weight.shape[0]
+        rows = max(1, _LOGIT_BLOCK_BYTES // (vocab * 4))
+        with self.loaded(self.base.norm, f"{self.model.base_model_prefix}.norm."), self.loaded(head, "lm_head."):
+            for b, ids in enumerate(batches):
+                normed = self.base.norm(store[b])[:, :-1]
+                hidden = normed.reshape(-1, normed.shape[-1])
+                targets = ids[:, 1:].reshape(-1).to(self.device)
+                for start in range(0, hidden.shape[0], rows):
+                    logits = head(hidden[start:start + rows]).float()
+                    total += torch.nn.functional.cross_entropy(
+                        logits, targets[start:start + rows], reduction="sum").double().item()
+                count += targets.numel()
+        return total, count
+
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if _has_moe(self.layers[i])]
+
+
+def _has_moe(layer: torch.nn.Module) -> bool:
+    block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+    return hasattr(block, "experts") and hasattr(block, "gate")
+
+
+def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype the weights are stored in (the embedding's), which the forward runs in by default."""
+    entry = ckpt.entries.get("model.embed_tokens.weight")
+    if entry is None:
+        raise DernError("checkpoint has no model.embed_tokens.weight; cannot run its forward")
+    if entry.dtype not in FLOAT_DTYPES:
+        raise DernError(f"embeddings stored as {entry.dtype}; the streamed forward runs float checkpoints only")
+    return DTYPES[entry.dtype]
+
+
+def parse_dtype(name: str) -> torch.dtype | None:
+    """None for "auto" (the stored dtype), else one of float32, bfloat16, float16."""
+    if name == "auto":
+        return None
+    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}.get(name)
+    if dtype is None:
+        raise DernError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def batched(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [ids[i:i + batch_size] for i in range(0, ids.shape[0], batch_size)] if ids.numel() else []

@@ -1,0 +1,84 @@
+"""Fill a meta-device module's parameters from checkpoint tensors, and free them again.
+
+On disk every expert has its own tensors; in memory transformers 5 fuses them per layer into
+`experts.gate_up_proj` [E, 2h, d] (gate rows, then up rows) and `experts.down_proj` [E, d, h], and
+renames Mixtral's `block_sparse_moe` to `mlp`. Those two rules are all that differs for the families
+supported; anything else that does not match is an error, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import DernError
+from ..families import Family
+
+_FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
+
+
+def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: Family, layer: int | None,
+                device: torch.device) -> int:
+    """Allocate `module`'s parameters and persistent buffers on `device` (in the dtypes the skeleton
+    gave them) and fill them from `ckpt`.
+
+    `prefix` is the module's in-memory name (e.g. "model.layers.3."); `layer` its decoder index when
+    it may hold routed experts. Returns the number of parameter elements materialised.
+    """
+    module.to_empty(device=device)
+    params = {id(p) for p in module.parameters()}
+    count = 0
+    with torch.no_grad():
+        for key, target in module.state_dict(keep_vars=True).items():
+            _fill(target, prefix, key, ckpt, family, layer)
+            count += target.numel() if id(target) in params else 0
+    return count
+
+
+def release(module: torch.nn.Module) -> None:
+    """Return the module's parameters and buffers to the meta device (frees their memory)."""
+    module.to_empty(device="meta")
+
+
+def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None) -> None:
+    for suffix, parts in _FUSED.items():
+        if layer is not None and key.endswith(suffix):
+            _fill_fused(target, ckpt, family, layer, parts, prefix + key)
+            return
+    name = _disk_name(prefix + key, ckpt, family, layer)
+    source = ckpt.load(name)
+    if tuple(source.shape) != tuple(target.shape):
+        raise DernError(f"{name} has shape {list(source.shape)}, the model built from config.json expects "
+                        f"{list(target.shape)}")
+    target.copy_(source)
+
+
+def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
+    if name in ckpt.entries:
+        return name
+    renamed = name.replace(f"layers.{layer}.mlp.", f"layers.{layer}.{family.moe_module}.", 1)
+    if layer is not None and renamed in ckpt.entries:
+        return renamed
+    if name == "lm_head.weight" and "model.embed_tokens.weight" in ckpt.entries:
+        return "model.embed_tokens.weight"  # tied embeddings: no lm_head stored
+    raise DernError(f"checkpoint has no tensor {name} (or it is stored under a name this tool does not know)")
+
+
+def _fill_fused(target: torch.Tensor, ckpt: Checkpoint, family: Family, layer: int, parts: tuple[str, ...],
+                name: str) -> None:
+    experts = target.shape[0]
+    offset = 0
+    for part in parts:
+        for e in range(experts):
+            disk = family.expert_name(layer, e, part)
+            if disk not in ckpt.entries:
+                raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
+            source = ckpt.load(disk)
+            rows = source.shape[0]
+            if tuple(source.shape[1:]) != tuple(target.shape[2:]) or offset + rows > target.shape[1]:
+                raise DernError(f"{disk} has shape {list(source.shape)}, which does not fit {name} "
+                                f"{list(target.shape)}")
+            target[e, offset:offset + rows].copy_(source)
+        offset += rows
+    if offset != target.shape[1]:
+        raise DernError(f"{name} {list(target.shape)} is not filled by the experts' {'+'.join(parts)} tensors")
