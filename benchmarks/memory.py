@@ -1,11 +1,16 @@
-"""Peak host memory of a rewrite against one layer, the whole checkpoint, and the load-everything approach.
+"""Peak host memory of a rewrite (or a dump) against one layer, the whole checkpoint, and the load-everything approach.
 
     python benchmarks/memory.py [--layers 12 24] [--hidden 1024] [--intermediate 1024] [--experts 8]
+    python benchmarks/memory.py --job dump [--dump-tokens 8192]
 
 For each layer count: writes a synthetic bf16 Mixtral-layout checkpoint (upcycled experts, so DERN
 reassigns and clusters) and a calibration dump, then runs in fresh processes (a) `dern_stream.rewrite`
 to half the experts and (b) transformers `from_pretrained` + drop experts + `save_pretrained`.
 Prints each one's peak RSS (VmHWM) and peak anonymous RSS (sampled every 5 ms), and the ratios.
+
+With `--job dump` the same comparison is made for the calibration dump: the streamed
+`dern_stream.dump` (one decoder layer materialised at a time) against `from_pretrained` +
+`dump_from_model` (the whole model in memory), on the same random token ids.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ elif job == "load-all":
         layer.mlp.gate.weight = torch.nn.Parameter(layer.mlp.gate.weight.data[:keep].clone())
     model.config.num_local_experts = keep
     model.save_pretrained(out)
+elif job in ("dump", "dump-load-all"):
+    import json as _json, torch
+    vocab = _json.load(open(src + "/config.json"))["vocab_size"]
+    ids = torch.randint(0, vocab, (keep // 512, 512), generator=torch.Generator().manual_seed(0))
+    if job == "dump":
+        import dern_stream
+        dern_stream.dump(src, out, tokens=ids, batch_size=4, progress=False)
+    else:
+        from transformers import AutoModelForCausalLM
+        from dern_stream.calib import dump_from_model
+        dump_from_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), ids, out, batch_size=4)
 else:
     import dern_stream  # noqa: F401  - the interpreter + torch baseline
 stop.set()
@@ -80,6 +96,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--kmeans-iters", type=int, default=20)
     ap.add_argument("--skip-load-all", action="store_true")
+    ap.add_argument("--job", choices=["rewrite", "dump"], default="rewrite")
+    ap.add_argument("--dump-tokens", type=int, default=8192, help="--job dump: tokens (sequences of 512)")
     a = ap.parse_args()
     keep = a.experts // 2
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
@@ -88,6 +106,9 @@ def main() -> None:
         for layers in a.layers:
             src = write_synthetic(Path(tmp) / f"ck{layers}", layers=layers, hidden=a.hidden,
                                   intermediate=a.intermediate, experts=a.experts, upcycled=0.3)
+            if a.job == "dump":
+                measure_dump(a, src, Path(tmp), layers, base)
+                continue
             dump = write_synthetic_dump(src, Path(tmp) / f"calib{layers}.zarr", tokens=4096)
             total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
             layer_bytes = 3 * a.experts * a.hidden * a.intermediate * 2  # bf16 routed experts of one layer
@@ -105,6 +126,21 @@ def main() -> None:
                 full = measure("load-all", src, Path(tmp) / f"full{layers}", dump, keep, 0)
                 print(f"  load-everything (from_pretrained + drop + save_pretrained): peak RSS {gb(full['hwm'])}, "
                       f"{full['seconds']:.1f} s; ratio load-everything / dern = {full['hwm'] / dern['hwm']:.2f}x")
+
+
+def measure_dump(a, src: Path, tmp: Path, layers: int, base: dict) -> None:
+    total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    layer_bytes = total / (layers + 1)  # one decoder layer, all of its weights (shard per layer)
+    hidden_bytes = a.dump_tokens * a.hidden * 2  # the bf16 hidden states of every token, kept between layers
+    streamed = measure("dump", src, tmp / f"dump{layers}.zarr", tmp, a.dump_tokens, 0)
+    print(f"\n{layers} layers: checkpoint {gb(total)}, one decoder layer {gb(layer_bytes)}, "
+          f"hidden states of {a.dump_tokens} tokens {gb(hidden_bytes)}")
+    print(f"  streamed dump: peak RSS {gb(streamed['hwm'])}, peak anon {gb(streamed['anon'])}, "
+          f"{streamed['seconds']:.1f} s; peak RSS - baseline = {gb(streamed['hwm'] - base['hwm'])}")
+    if not a.skip_load_all:
+        full = measure("dump-load-all", src, tmp / f"dumpfull{layers}.zarr", tmp, a.dump_tokens, 0)
+        print(f"  from_pretrained + dump_from_model: peak RSS {gb(full['hwm'])}, {full['seconds']:.1f} s; "
+              f"ratio whole-model / streamed = {full['hwm'] / streamed['hwm']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,3 +106,12 @@ def test_eval_argument_errors(build, tmp_path):
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr"), "give exactly one of --text FILE or --dataset")
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr", "--text", built.model_dir.parent / "corpus.txt",
                      "--dtype", "int8"), "--dtype 'int8'")
+
+
+def test_dataset_needs_the_datasets_library(build, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed here")
+    assert_error(run("dump", build("mixtral").model_dir, tmp_path / "d.zarr", "--dataset", "allenai/c4"),
+                 "--dataset needs the datasets library: pip install datasets")

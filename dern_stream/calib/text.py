@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError
+from ..optional import require_transformers
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
 
@@ -31,7 +32,7 @@ class TokenSource:
 
 
 def load_tokenizer(src: Path, tokenizer: str | Path | None = None):
-    from transformers import AutoTokenizer
+    AutoTokenizer = require_transformers().AutoTokenizer  # noqa: N806
 
     where = tokenizer or src
     try:

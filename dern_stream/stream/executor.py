@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
 from ..families import family_for
+from ..optional import require_transformers
 from .hidden_store import HiddenStore
 from .weights import materialise, release
 
@@ -45,7 +46,8 @@ class StreamedModel:
     """A causal LM whose weights stay on disk until a layer is run. See the module doc."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype | None = None):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        transformers = require_transformers()
+        AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM  # noqa: N806
 
         self.ckpt, self.device = ckpt, device
         self.family = family_for(ckpt.config)

@@ -1,0 +1,16 @@
+"""Optional dependencies, imported only by the commands that need them, with a one-line hint if missing."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from .errors import DernError
+
+
+def require_transformers() -> ModuleType:
+    """transformers builds the model skeleton and loads tokenizers for `dump` and `eval` (not `rewrite`)."""
+    try:
+        import transformers
+    except ImportError:
+        raise DernError("dump and eval need transformers: pip install 'dern-stream[dump]'") from None
+    return transformers
