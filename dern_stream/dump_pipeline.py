@@ -74,6 +74,8 @@ def dump(
         raise DernError(f"no MoE layers found in {ckpt.root} (no tensor like {family.router_name(0)!r}); "
                         "is this an MoE checkpoint?")
     out_path = Path(out).expanduser().resolve()
+    if out_path == ckpt.root or ckpt.root in out_path.parents:
+        raise DernError(f"DUMP {out_path} is inside the checkpoint directory {ckpt.root}, which is never written to")
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
     request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
     writer, ids, resumed = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
@@ -111,6 +113,9 @@ def dump(
             if i < last:
                 writer.save_residual(i, [store[b] for b in range(len(batches))])
         writer.finish()
+    except KeyboardInterrupt:
+        log.warning("interrupted: rerun the same command to continue %s after the last finished layer", out_path)
+        raise
     finally:
         store.close()
         ckpt.release()

@@ -115,3 +115,11 @@ def test_dataset_needs_the_datasets_library(build, tmp_path):
         pytest.skip("datasets is installed here")
     assert_error(run("dump", build("mixtral").model_dir, tmp_path / "d.zarr", "--dataset", "allenai/c4"),
                  "--dataset needs the datasets library: pip install datasets")
+
+
+def test_dump_inside_the_checkpoint_is_refused(build):
+    built = build("mixtral")
+    out = built.model_dir / "calib.zarr"
+    assert_error(run("dump", built.model_dir, out, "--text", built.model_dir.parent / "corpus.txt"),
+                 "is inside the checkpoint directory")
+    assert not out.exists()

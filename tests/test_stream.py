@@ -158,3 +158,15 @@ def test_hidden_states_spilled_to_disk_give_the_same_perplexity(build, tmp_path)
         store.close()
     assert results[0] == results[1]
     assert not list(tmp_path.iterdir())  # the scratch file is gone
+
+
+def test_tied_embeddings_stream_like_the_full_model(build):
+    """No lm_head.weight on disk: the head is the embedding matrix, as transformers ties it."""
+    built = build("olmoe", tie_word_embeddings=True)
+    assert "lm_head.weight" not in Checkpoint(built.model_dir).entries
+    ids = calibration_tokens(sequences=3, length=20, seed=5)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    with torch.no_grad():
+        expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
+    report = dern_stream.evaluate(built.model_dir, tokens=ids, progress=False)
+    assert report.perplexity == pytest.approx(expected, rel=1e-5)
