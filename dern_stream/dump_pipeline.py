@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calib import CalibWriter, tensor_sha256
 from .calib.store import FORMAT
-from .calib.text import TokenSource, file_sha256, tokens_from
+from .calib.text import TokenSource, check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .errors import DernError
@@ -77,17 +77,12 @@ def dump(
     if out_path == ckpt.root or ckpt.root in out_path.parents:
         raise DernError(f"DUMP {out_path} is inside the checkpoint directory {ckpt.root}, which is never written to")
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
-    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
-    writer, ids, resumed = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
-    vocab = ckpt.config.get("vocab_size")
-    if isinstance(vocab, int) and int(ids.max()) >= vocab:
-        raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
-                        "is --tokenizer the model's own?")
-
-    model = StreamedModel(ckpt, compute, compute_dtype)
+    model = StreamedModel(ckpt, compute, compute_dtype)  # meta device: cheap, and checks config.json
     if model.moe_layers() != moe_layers:
         raise DernError(f"the checkpoint's routers (layers {moe_layers}) and the model transformers builds from "
                         f"config.json (MoE layers {model.moe_layers()}) disagree")
+    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
+    writer, ids, resumed = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
     batches = batched(ids, batch_size)
     hidden = int(ckpt.config["hidden_size"])
     store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, compute, scratch_dir=out_path.parent)
@@ -173,6 +168,7 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
     else:
         ids, _, _ = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
                                 num_tokens=request.num_tokens, seq_len=request.seq_len)
+    check_vocabulary(ids, ckpt.config)
     if path.exists():  # --overwrite, and only once the new tokens are in hand
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     writer = CalibWriter(

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calib import CalibDump
-from .calib.text import tokens_from
+from .calib.text import check_vocabulary, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .errors import DernError
@@ -115,10 +115,7 @@ def evaluate(
 def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device: torch.device,
                    dtype: torch.dtype | None, progress: bool) -> tuple[float, int]:
     """Summed next-token NLL and predicted-token count of `ids` [sequences, seq_len], streamed."""
-    vocab = ckpt.config.get("vocab_size")
-    if isinstance(vocab, int) and int(ids.max()) >= vocab:
-        raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
-                        "is --tokenizer the model's own?")
+    check_vocabulary(ids, ckpt.config)
     model = StreamedModel(ckpt, device, dtype)
     batches = batched(ids, batch_size)
     store = HiddenStore([(*b.shape, int(ckpt.config["hidden_size"])) for b in batches], model.dtype, device)

@@ -170,3 +170,13 @@ def test_tied_embeddings_stream_like_the_full_model(build):
         expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
     report = dern_stream.evaluate(built.model_dir, tokens=ids, progress=False)
     assert report.perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(build, tmp_path):
+    built = build("mixtral")
+    ids = torch.full((2, 8), 300)  # the tiny models have 256 ids
+    with pytest.raises(dern_stream.DernError, match="token id 300 is outside the model's vocabulary"):
+        dern_stream.evaluate(built.model_dir, tokens=ids, progress=False)
+    with pytest.raises(dern_stream.DernError, match="outside the model's vocabulary"):
+        dern_stream.dump(built.model_dir, tmp_path / "d.zarr", tokens=ids, progress=False)
+    assert not (tmp_path / "d.zarr").exists()

@@ -142,3 +142,11 @@ def tokens_from(src: Path, *, text: str | Path | None, dataset: str | None, toke
         docs, source = dataset_documents(name, split or "train"), TokenSource(f"dataset:{dataset}", None)
     ids = pack_tokens(docs, tok, num_tokens, seq_len, str(text or dataset), allow_fewer)
     return ids, source, str(getattr(tok, "name_or_path", "") or tokenizer or src)
+
+
+def check_vocabulary(ids: torch.Tensor, config: dict) -> None:
+    """Token ids from another model's tokenizer would index past the embedding table."""
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
+        raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
+                        "is --tokenizer the model's own?")
