@@ -123,3 +123,16 @@ def test_dump_inside_the_checkpoint_is_refused(build):
     assert_error(run("dump", built.model_dir, out, "--text", built.model_dir.parent / "corpus.txt"),
                  "is inside the checkpoint directory")
     assert not out.exists()
+
+
+def test_checkpoint_missing_a_tensor_the_forward_needs(build, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    built = build("mixtral")
+    src = tmp_path / "model"
+    shutil.copytree(built.model_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.self_attn.q_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert_error(run("eval", src, "--text", built.model_dir.parent / "heldout.txt", "--seq-len", 64),
+                 "checkpoint has no tensor model.layers.1.self_attn.q_proj.weight")
