@@ -106,7 +106,8 @@ def dump(
             else:
                 model.run_layer(i, batches, store)
             if i < last:
-                writer.save_residual(i, [store[b] for b in range(len(batches))])
+                rows = (ids.shape[0], ids.shape[1], hidden)
+                writer.save_residual(i, rows, model.dtype, (store[b] for b in range(len(batches))))
         writer.finish()
     except KeyboardInterrupt:
         log.warning("interrupted: rerun the same command to continue %s after the last finished layer", out_path)

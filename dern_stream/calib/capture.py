@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..families import family_for
+from ..stream.executor import moe_block_of
 from .store import CalibWriter, tensor_sha256
 
 
@@ -58,15 +59,6 @@ def dump_from_model(
 
 
 def moe_routers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
-    """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block.
-
-    Found by structure (a `gate` with a [N, d] weight beside `experts`): in memory transformers 5
-    renames some blocks (Mixtral's block_sparse_moe becomes mlp) and fuses the experts.
-    """
-    found = {}
-    for i, layer in enumerate(model.model.layers):
-        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        gate = getattr(block, "gate", None)
-        if hasattr(block, "experts") and isinstance(getattr(gate, "weight", None), torch.Tensor):
-            found[i] = gate.weight
-    return found
+    """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block."""
+    blocks = {i: moe_block_of(layer) for i, layer in enumerate(model.model.layers)}
+    return {i: block.gate.weight for i, block in blocks.items() if block is not None}

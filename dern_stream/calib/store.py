@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,35 +107,35 @@ class CalibWriter:
     def tokens(self) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.group["tokens"][:])).to(torch.int64)
 
-    def save_residual(self, after_layer: int, batches: list[torch.Tensor]) -> None:
-        """Store the residual stream after `after_layer` bit for bit, in the slot the last save did not use."""
+    def save_residual(self, after_layer: int, shape: tuple[int, ...], dtype: torch.dtype,
+                      batches: Iterable[torch.Tensor]) -> None:
+        """Store the residual stream [sequences, seq_len, hidden] after `after_layer` bit for bit, batch by
+        batch as `batches` yields them, in the slot the last save did not use."""
         state = self.group.require_group("resume")
         previous = self.group.attrs.get("resume")
         slot = 1 - previous["slot"] if previous else 0
-        first = batches[0]
-        shape = (sum(b.shape[0] for b in batches), *first.shape[1:])
-        arr = state.create_array(f"residual_{slot}", shape=shape, chunks=(1, *first.shape[1:]),
-                                 dtype=_raw_dtype(first.dtype), overwrite=True)
+        arr = state.create_array(f"residual_{slot}", shape=shape, chunks=(1, *shape[1:]), dtype=_raw_dtype(dtype),
+                                 overwrite=True)
         row = 0
         for b in batches:
             arr[row:row + b.shape[0]] = _raw(b)
             row += b.shape[0]
-        self.group.attrs["resume"] = {"after_layer": after_layer, "slot": slot, "dtype": str(first.dtype)}
+        self.group.attrs["resume"] = {"after_layer": after_layer, "slot": slot, "dtype": str(dtype)}
 
     def resume_point(self) -> int | None:
         """The last decoder layer whose output is saved, or None."""
         state = self.group.attrs.get("resume")
         return state["after_layer"] if state else None
 
-    def load_residual(self, batch_rows: list[int]) -> list[torch.Tensor]:
+    def load_residual(self, batch_rows: list[int]) -> Iterator[torch.Tensor]:
+        """The saved residual stream, one batch of `batch_rows[i]` sequences at a time."""
         state = self.group.attrs["resume"]
         arr = self.group["resume"][f"residual_{state['slot']}"]
         dtype = getattr(torch, state["dtype"].removeprefix("torch."))
-        out, row = [], 0
+        row = 0
         for rows in batch_rows:
-            out.append(torch.from_numpy(np.asarray(arr[row:row + rows])).view(dtype))
+            yield torch.from_numpy(np.asarray(arr[row:row + rows])).view(dtype)
             row += rows
-        return out
 
     def finish(self) -> None:
         if "resume" in self.group:

@@ -96,9 +96,8 @@ class StreamedModel:
         return f"{self.model.base_model_prefix}.layers.{i}."
 
     def moe_block(self, i: int) -> torch.nn.Module:
-        layer = self.layers[i]
-        block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        if block is None or not hasattr(block, "experts"):
+        block = moe_block_of(self.layers[i])
+        if block is None:
             raise DernError(f"decoder layer {i} has no MoE block")
         return block
 
@@ -183,12 +182,16 @@ class StreamedModel:
         return total, count
 
     def moe_layers(self) -> list[int]:
-        return [i for i in range(self.num_layers) if _has_moe(self.layers[i])]
+        return [i for i in range(self.num_layers) if moe_block_of(self.layers[i]) is not None]
 
 
-def _has_moe(layer: torch.nn.Module) -> bool:
+def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """A decoder layer's routed MoE block (experts beside a router `gate`), or None for a dense layer.
+
+    Found by structure: in memory transformers 5 renames some blocks (Mixtral's block_sparse_moe
+    becomes mlp) and fuses the experts."""
     block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-    return hasattr(block, "experts") and hasattr(block, "gate")
+    return block if hasattr(block, "experts") and hasattr(block, "gate") else None
 
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
