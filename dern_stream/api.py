@@ -24,6 +24,7 @@ from .checkpoint import (
 from .device import resolve_device
 from .errors import DernError
 from .families import family_for
+from .host_memory import return_freed_memory
 from .layer_rewrite import compress_layer, write_layer
 from .layout import ModelShape, check_moe_layers, plan_output
 from .options import RewriteOptions
@@ -123,6 +124,7 @@ def rewrite(
                     records[str(layer.index)] = layer_record(report)
                     del report  # this layer's tensors go now: memory stays at one layer
                     ckpt.release()  # and so do the shards' mapped pages read for it
+                    return_freed_memory()
                     bar.set_postfix(layer=layer.index, reassigned=records[str(layer.index)]["segments_reassigned"])
             writer.finish()
         finally:

@@ -18,6 +18,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
 from ..families import family_for
+from ..host_memory import return_freed_memory
 from ..optional import require_transformers
 from .hidden_store import HiddenStore
 from .weights import materialise, release
@@ -91,6 +92,7 @@ class StreamedModel:
             release(module)
             self.materialised -= count
             self.ckpt.release()  # mapped pages read for this part leave RSS too
+            return_freed_memory()
 
     def decoder_prefix(self, i: int) -> str:
         return f"{self.model.base_model_prefix}.layers.{i}."
