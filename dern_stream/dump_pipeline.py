@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calib import CalibWriter, tensor_sha256
 from .calib.store import FORMAT
-from .calib.text import TokenSource, check_vocabulary, file_sha256, tokens_from
+from .calib.text import check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .errors import DernError
 from .families import family_for
+from .layout import moe_layer_indices
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 
@@ -68,11 +69,8 @@ def dump(
         raise DernError(f"--batch-size {batch_size} must be at least 1")
     ckpt = Checkpoint(resolve_checkpoint(src))
     family = family_for(ckpt.config)
-    num_layers = int(ckpt.config.get("num_hidden_layers", 0))
-    moe_layers = [i for i in family.moe_layers(ckpt.entries) if i < num_layers]
-    if not moe_layers:
-        raise DernError(f"no MoE layers found in {ckpt.root} (no tensor like {family.router_name(0)!r}); "
-                        "is this an MoE checkpoint?")
+    # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
+    moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
     out_path = Path(out).expanduser().resolve()
     if out_path == ckpt.root or ckpt.root in out_path.parents:
         raise DernError(f"DUMP {out_path} is inside the checkpoint directory {ckpt.root}, which is never written to")
@@ -132,19 +130,17 @@ class _Request:
 
     def provenance(self, ckpt: Checkpoint) -> dict:
         """What must match for an interrupted dump to be continued (and what the dump records)."""
+        num_tokens, seq_len = self.num_tokens, self.seq_len
         if self.tokens is not None:
-            source = TokenSource("tokens given by the caller", tensor_sha256(self.tokens.to(torch.int64)))
+            source, sha = "tokens given by the caller", tensor_sha256(self.tokens.to(torch.int64))
             num_tokens, seq_len = self.tokens.numel(), self.tokens.shape[-1]
         elif self.text is not None:
             text = Path(self.text)
-            source = TokenSource(f"text:{text.resolve()}", file_sha256(text) if text.is_file() else None)
-            num_tokens, seq_len = self.num_tokens, self.seq_len
+            source, sha = f"text:{text.resolve()}", file_sha256(text) if text.is_file() else None
         else:
-            source = TokenSource(f"dataset:{self.dataset}", None)
-            num_tokens, seq_len = self.num_tokens, self.seq_len
+            source, sha = f"dataset:{self.dataset}", None
         return {
-            "checkpoint_fingerprint": ckpt.fingerprint(), "source": source.description,
-            "source_sha256": source.sha256,
+            "checkpoint_fingerprint": ckpt.fingerprint(), "source": source, "source_sha256": sha,
             "tokenizer": None if self.tokens is not None else str(self.tokenizer or ckpt.root),
             "num_tokens": num_tokens, "seq_len": seq_len, "dtype": self.store_dtype, "dern_stream": __version__,
         }
@@ -167,8 +163,8 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
         if ids.dim() != 2 or ids.shape[1] < 2:
             raise DernError("tokens must be a [sequences, seq_len] tensor with seq_len >= 2")
     else:
-        ids, _, _ = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
-                                num_tokens=request.num_tokens, seq_len=request.seq_len)
+        ids = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
+                          num_tokens=request.num_tokens, seq_len=request.seq_len)
     check_vocabulary(ids, ckpt.config)
     if path.exists():  # --overwrite, and only once the new tokens are in hand
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -97,8 +97,8 @@ def evaluate(
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
     if wants_ppl:
         if tokens is None:
-            tokens, _, _ = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
-                                       num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
+            tokens = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
+                                 num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
         nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
         report.nll_per_token, report.tokens = nll / count, count
         report.perplexity = math.exp(nll / count)
@@ -138,7 +138,8 @@ def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torc
                         f"{ref.root} ({ref.config.get('model_type')})")
     dump.check_matches(family.model_type, int(ref.config["hidden_size"]), family.num_experts(ref.config))
     ref_model, new_model = StreamedModel(ref, device, dtype), StreamedModel(new, device, dtype)
-    layers = [i for i in ref_model.moe_layers() if i in set(dump.attrs.get("moe_layers") or [])]
+    dumped = set(dump.attrs.get("moe_layers") or [])
+    layers = [i for i in ref_model.moe_layers() if i in dumped]
     if not layers:
         raise DernError(f"calibration dump {dump.path} holds no inputs for the reference's MoE layers")
     missing = [i for i in layers if i not in new_model.moe_layers()]

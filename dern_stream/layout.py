@@ -34,13 +34,19 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> list[MoELayer]:
-    """Every routed-expert tensor present, with the shapes the config implies and one float dtype."""
-    indices = family.moe_layers(ckpt.entries)
+def moe_layer_indices(ckpt: Checkpoint, family: Family, below: int | None = None) -> list[int]:
+    """Indices of the layers holding routed experts (those below `below`, if given); none is an error."""
+    indices = [i for i in family.moe_layers(ckpt.entries) if below is None or i < below]
     if not indices:
         raise DernError(
             f"no MoE layers found: no tensor named like {family.router_name(0)!r}; is this an MoE checkpoint?"
         )
+    return indices
+
+
+def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> list[MoELayer]:
+    """Every routed-expert tensor present, with the shapes the config implies and one float dtype."""
+    indices = moe_layer_indices(ckpt, family)
     n, d, h = shape.num_experts, shape.hidden, shape.intermediate
     expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
     layers = []

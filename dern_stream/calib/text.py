@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,14 +20,6 @@ from ..errors import DernError
 from ..optional import require_transformers
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
-
-
-@dataclass(frozen=True)
-class TokenSource:
-    """Where the tokens came from, as recorded in a dump's provenance."""
-
-    description: str  # "text:PATH" or "dataset:NAME[:split]"
-    sha256: str | None  # of the text file
 
 
 def load_tokenizer(src: Path, tokenizer: str | Path | None = None):
@@ -129,19 +120,17 @@ def pack_tokens(documents: Iterator[str], tokenizer, num_tokens: int, seq_len: i
 
 
 def tokens_from(src: Path, *, text: str | Path | None, dataset: str | None, tokenizer: str | Path | None,
-                num_tokens: int, seq_len: int, allow_fewer: bool = False) -> tuple[torch.Tensor, TokenSource, str]:
-    """Token ids, their source, and the tokenizer's name, from `--text` or `--dataset`."""
+                num_tokens: int, seq_len: int, allow_fewer: bool = False) -> torch.Tensor:
+    """Token ids [sequences, seq_len] from `--text` or `--dataset`."""
     if (text is None) == (dataset is None):
         raise DernError("give exactly one of --text FILE or --dataset NAME")
     tok = load_tokenizer(src, tokenizer)
     if text is not None:
-        docs, source = text_documents(text), TokenSource(f"text:{Path(text).resolve()}", None)
-        source = TokenSource(source.description, file_sha256(text)) if Path(text).is_file() else source
+        docs = text_documents(text)
     else:
         name, _, split = dataset.partition(":")
-        docs, source = dataset_documents(name, split or "train"), TokenSource(f"dataset:{dataset}", None)
-    ids = pack_tokens(docs, tok, num_tokens, seq_len, str(text or dataset), allow_fewer)
-    return ids, source, str(getattr(tok, "name_or_path", "") or tokenizer or src)
+        docs = dataset_documents(name, split or "train")
+    return pack_tokens(docs, tok, num_tokens, seq_len, str(text or dataset), allow_fewer)
 
 
 def check_vocabulary(ids: torch.Tensor, config: dict) -> None:

@@ -59,9 +59,6 @@ class HiddenStore:
         else:
             self._items = [None] * len(shapes)
 
-    def __len__(self) -> int:
-        return len(self.shapes)
-
     def __getitem__(self, i: int) -> torch.Tensor:
         return self._items[i].to(self.device, non_blocking=True)
 
