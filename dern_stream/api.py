@@ -25,7 +25,7 @@ from .device import resolve_device
 from .errors import DernError
 from .families import family_for
 from .host_memory import return_freed_memory
-from .layer_rewrite import compress_layer, write_layer
+from .layer_rewrite import compress_layer, layer_routing, write_layer
 from .layout import ModelShape, check_moe_layers, plan_output
 from .options import RewriteOptions
 
@@ -63,25 +63,34 @@ def rewrite(
     *,
     experts: int,
     calib: str | os.PathLike | None = None,
-    alpha: float = 0.4,
-    sim_components: str | tuple[str, ...] = ("up", "down"),
-    kmeans_iters: int = 20,
+    method: str | None = None,
+    recipe: str | None = None,
+    alpha: float | None = None,
+    sim_components: str | tuple[str, ...] | None = None,
+    kmeans_iters: int | None = None,
     intermediate_size: int | None = None,
-    importance: str = "routing",
-    router_transfer: bool = True,
+    importance: str | None = None,
+    router_transfer: bool | None = None,
+    kmeans_init: str | None = None,
+    alpha_candidates: str | tuple[float, ...] | None = None,
+    refit: bool | None = None,
+    refit_ridge: float | None = None,
+    fit_tokens: int | None = None,
     device: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
-    MoE layer, built by DERN. Raises DernError, with a one-line message, for any bad input; `out` is
-    then left as it was."""
+    MoE layer, built by DERN (or by `method`; `recipe="best"` is the recommended setting, see the
+    README). Options left as None take the recipe's value, else the paper's default. Raises DernError,
+    with a one-line message, for any bad input; `out` is then left as it was."""
     started = time.perf_counter()
-    options = RewriteOptions(
-        experts=experts, alpha=alpha, sim_components=sim_components, kmeans_iters=kmeans_iters,
+    options = RewriteOptions.build(
+        experts, recipe, method=method, alpha=alpha, sim_components=sim_components, kmeans_iters=kmeans_iters,
         intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
-        device=device, max_shard_size=max_shard_size,
+        kmeans_init=kmeans_init, alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge,
+        fit_tokens=fit_tokens, device=device, max_shard_size=max_shard_size,
     )
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
@@ -102,6 +111,7 @@ def rewrite(
     layers = check_moe_layers(ckpt, family, shape)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
     groups = family.group_plan(config, options.experts)
+    routing = layer_routing(family, config, out_config)
 
     dump, calibrated = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
     for note in notes:
@@ -119,7 +129,8 @@ def rewrite(
             with tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
                 for layer in bar:
                     layer_dump = dump if layer.index in calibrated else None
-                    report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute)
+                    report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute,
+                                            routing)
                     write_layer(writer, ckpt, family, layer, report)
                     records[str(layer.index)] = layer_record(report)
                     del report  # this layer's tensors go now: memory stays at one layer
@@ -155,6 +166,9 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> tup
 
     Returns the dump and the MoE layers it calibrates; the others are ranked by router norm."""
     if options.importance == "router-norm":
+        if options.uses_layer_outputs:
+            raise DernError(f"--method {options.method} with these options needs the layers' cached inputs: "
+                            "pass --calib DUMP instead of --importance router-norm")
         if calib is not None:
             raise DernError("--importance router-norm ignores the calibration dump; pass one or the other")
         notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")

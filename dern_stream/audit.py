@@ -29,7 +29,8 @@ def audit_record(
     return {
         "dern_stream_version": __version__,
         "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
-        "method": "dern",
+        "method": options.method,
+        "recipe": options.recipe,
         "options": options.method_record(),
         "source": {"path": str(source), "fingerprint": fingerprint, "model_type": model_type,
                    "num_experts": num_experts, "intermediate_size": intermediate},
@@ -54,6 +55,7 @@ def layer_record(report: LayerReport) -> dict:
         "transfers": [[res.dropped[o], res.kept[r], int(res.counts[o, r])] for o, r in res.counts.nonzero().tolist()],
         "rebuilt_experts": [k for k, e in zip(res.kept, res.experts, strict=True) if e is not None],
         "kmeans_iterations": res.kmeans_iterations,
+        **({"output_error": report.fit} if report.fit else {}),
     }
 
 

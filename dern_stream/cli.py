@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import DernError
-from .options import IMPORTANCE_METHODS
+from .options import IMPORTANCE_METHODS, KMEANS_INITS, METHODS, RECIPES
 
 
 class _Group(click.Group):
@@ -42,30 +42,52 @@ def main(debug: bool) -> None:
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
 @click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")
 @click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs.")
-@click.option("--alpha", type=float, default=0.4, show_default=True,
-              help="Similarity threshold for moving a dropped expert's segment (1 = pure pruning, 0 = move all).")
-@click.option("--sim-components", default="up,down", show_default=True,
-              help="Segment parts compared by cosine: any of gate,up,down.")
-@click.option("--kmeans-iters", type=int, default=20, show_default=True, help="Maximum k-means iterations.")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="dern (default), or a baseline: prune, reap, msmoe, hcsmoe (see the README).")
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
+              help="A bundle of method options: 'best' is the recommended setting, 'paper' the paper's DERN. "
+                   "Options given beside it override its values.")
+@click.option("--alpha", type=float, default=None,
+              help="Similarity threshold for moving a dropped expert's segment (1 = pure pruning, 0 = move all) "
+                   "[default: 0.4].")
+@click.option("--sim-components", default=None, help="Segment parts compared by cosine: any of gate,up,down "
+              "[default: up,down].")
+@click.option("--kmeans-iters", type=int, default=None, help="Maximum k-means iterations [default: 20].")
+@click.option("--kmeans-init", type=click.Choice(KMEANS_INITS), default=None,
+              help="k-means seeds: the paper's largest-gate-norm members, or the kept expert's own segments "
+                   "[default: gate-linf].")
 @click.option("--intermediate-size", type=int, default=None,
               help="Shrink every expert to this many neurons (default: keep the current size).")
-@click.option("--importance", type=click.Choice(IMPORTANCE_METHODS), default="routing", show_default=True,
-              help="Expert ranking: routing statistics from --calib, or router-norm (no data, weaker).")
-@click.option("--no-router-transfer", is_flag=True, help="Skip the Eq. 8 router update.")
+@click.option("--importance", type=click.Choice(IMPORTANCE_METHODS), default=None,
+              help="Expert ranking: routing statistics from --calib, or router-norm (no data, weaker) "
+                   "[default: routing].")
+@click.option("--router-transfer/--no-router-transfer", default=None,
+              help="Apply the Eq. 8 router update [default: on].")
+@click.option("--alpha-candidates", default=None,
+              help="Choose alpha per layer among these (e.g. 1,0.8,0.6,0.4) by the output error on the cached "
+                   "inputs; include 1 and no layer is worse than pruning on them.")
+@click.option("--refit/--no-refit", default=None,
+              help="Refit the kept experts' down projections by ridge least squares on the cached inputs.")
+@click.option("--refit-ridge", type=float, default=None, help="Ridge strength of --refit [default: 0.001].")
+@click.option("--fit-tokens", type=int, default=None,
+              help="Cached inputs per layer used by the baselines, --alpha-candidates and --refit "
+                   "[default: 32768].")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def rewrite(src, out, experts, calib, alpha, sim_components, kmeans_iters, intermediate_size, importance,
-            no_router_transfer, device, max_shard_size, overwrite, quiet) -> None:
+def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kmeans_iters, kmeans_init,
+            intermediate_size, importance, router_transfer, alpha_candidates, refit, refit_ridge, fit_tokens, device,
+            max_shard_size, overwrite, quiet) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
     summary = run_rewrite(
-        src, out, experts=experts, calib=calib, alpha=alpha, sim_components=sim_components,
-        kmeans_iters=kmeans_iters, intermediate_size=intermediate_size, importance=importance,
-        router_transfer=not no_router_transfer, device=device, max_shard_size=max_shard_size,
-        overwrite=overwrite, progress=not quiet,
+        src, out, experts=experts, calib=calib, method=method, recipe=recipe, alpha=alpha,
+        sim_components=sim_components, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init,
+        intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
+        alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge, fit_tokens=fit_tokens,
+        device=device, max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
     )
     click.echo(str(summary))
 

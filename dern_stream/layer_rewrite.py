@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -11,7 +11,18 @@ from .checkpoint import Checkpoint, ShardedWriter
 from .checkpoint.safetensors_format import DTYPES
 from .families import PARTS, Family, GroupPlan
 from .layout import ModelShape, MoELayer
-from .methods import ExpertStack, LayerResult, dern_layer, router_norm_importance, routing_importance, select_experts
+from .methods import (
+    ExpertStack,
+    LayerResult,
+    RebuiltExpert,
+    dern_layer,
+    router_norm_importance,
+    routing_importance,
+    select_experts,
+)
+from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
+from .methods.moe_forward import Gating, expert_stats, relative_error, routed_output, sample_tokens
+from .methods.refit import refit_down
 from .options import RewriteOptions
 
 
@@ -22,6 +33,25 @@ class LayerReport:
     importance_source: str  # "routing" or "router-norm"
     tokens: int
     result: LayerResult
+    # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
+    fit: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """The family's routing as the model applies it, before (N experts) and after (K experts) the rewrite."""
+
+    before: Gating
+    after: Gating
+
+
+def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRouting:
+    act = str(config.get("hidden_act", "silu"))
+
+    def gating(c: dict) -> Gating:
+        return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act)
+
+    return LayerRouting(gating(config), gating(out_config))
 
 
 def load_experts(
@@ -47,20 +77,84 @@ def compress_layer(
     groups: GroupPlan | None,
     options: RewriteOptions,
     device: torch.device,
+    routing: LayerRouting,
 ) -> LayerReport:
     router = ckpt.load(family.router_name(layer.index)).to(device)
     bias = ckpt.load(family.bias_name(layer.index)).to(device) if layer.bias is not None else None
     if dump is not None:
-        scores, tokens = routing_importance(dump.chunks(layer.index, device), router, family.make_router(ckpt.config),
-                                            bias)
+        scores, tokens = routing_importance(dump.chunks(layer.index, device), router, routing.before.router, bias)
         source = "routing"
     else:
         scores, tokens, source = router_norm_importance(router), 0, "router-norm"
-    kept = select_experts(scores, options.experts, groups)
     experts = load_experts(ckpt, family, layer, shape, device)
-    result = dern_layer(experts, router, scores, kept, options)
+    fit: dict = {}
+    x = target = None
+    if options.uses_layer_outputs and dump is not None:
+        x = sample_tokens(dump.chunks(layer.index, device), tokens, options.fit_tokens)
+        target = routed_output(x, router, bias, routing.before, experts)
+        fit["fit_tokens"] = int(x.shape[0])
+
+    best: LayerResult | None = None
+    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing):
+        if x is None:
+            best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
+            break
+        kept_bias = bias[result.kept] if bias is not None else None
+        stack = kept_stack(experts, result)
+        error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), target)
+        entry = {"candidate": label, "error": error}
+        if options.refit:
+            refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge)
+            _take_refit(result, stack, refitted)
+            stack = refitted
+            entry["error_after_refit"] = error = relative_error(
+                routed_output(x, result.router, kept_bias, routing.after, stack), target)
+        fit.setdefault("candidates", []).append(entry)
+        if best is None or error < fit["error"]:
+            best, fit["error"], fit["chosen"] = result, error, label
+        del stack
     del experts
-    return LayerReport(layer.index, scores.tolist(), source, tokens, result)
+    return LayerReport(layer.index, scores.tolist(), source, tokens, best, fit)
+
+
+def _candidates(experts, router, bias, scores, x, groups, options, routing):
+    """(label, LayerResult) for every setting the options ask to try, built one at a time."""
+    n = router.shape[0]
+    if options.method == "dern":
+        kept = select_experts(scores, options.experts, groups)
+        for alpha in options.alpha_candidates or (options.alpha,):
+            yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, replace(options, alpha=alpha))
+        return
+    if options.method == "prune" or x is None:
+        yield "prune", prune_layer(router, select_experts(scores, options.experts, groups), n)
+        return
+    stats = expert_stats(x, router, bias, routing.before, experts)
+    if options.method == "reap":
+        yield "reap", prune_layer(router, select_experts(stats.reap, options.experts, groups), n)
+    elif options.method == "msmoe":
+        yield "msmoe", msmoe_layer(experts, router, stats, options.experts, groups)
+    else:
+        yield "hcsmoe", hcsmoe_layer(experts, router, stats, options.experts, groups)
+
+
+def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
+    """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
+    parts = {p: [] for p in PARTS}
+    for expert, rebuilt in zip(result.kept, result.experts, strict=True):
+        for p in PARTS:
+            parts[p].append(getattr(rebuilt, p) if rebuilt is not None else getattr(experts, p)[expert])
+    return ExpertStack(*(torch.stack(parts[p]) for p in PARTS))
+
+
+def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
+    """Store refitted down projections; an expert the refit did not touch (no tokens) stays a raw copy."""
+    for pos, rebuilt in enumerate(result.experts):
+        if torch.equal(before.down[pos], after.down[pos]):
+            continue
+        if rebuilt is None:
+            result.experts[pos] = RebuiltExpert(after.gate[pos], after.up[pos], after.down[pos])
+        else:
+            rebuilt.down = after.down[pos]
 
 
 def write_layer(

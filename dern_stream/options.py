@@ -9,6 +9,13 @@ from .errors import DernError
 
 SIM_COMPONENTS = ("gate", "up", "down")
 IMPORTANCE_METHODS = ("routing", "router-norm")
+METHODS = ("dern", "prune", "reap", "msmoe", "hcsmoe")
+KMEANS_INITS = ("gate-linf", "own")
+# Named bundles of method options; explicit options given beside a recipe override its values.
+RECIPES: dict[str, dict] = {
+    "paper": {},  # the paper's DERN, as method.md fixes it (the defaults below)
+    "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True),
+}
 _SIZE_UNITS = {
     "": 1, "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -42,17 +49,38 @@ def parse_components(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...
     return tuple(c for c in SIM_COMPONENTS if c in parts)
 
 
+def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
+    """'1,0.6,0.4' -> (1.0, 0.6, 0.4); each must lie in [0, 1]."""
+    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(p) for p in parts)
+    except ValueError:
+        raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}") from None
+    if not out or any(not 0.0 <= a <= 1.0 for a in out):
+        raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class RewriteOptions:
     """Everything that changes the output of a rewrite (recorded in dern_stream.json)."""
 
     experts: int
+    method: str = "dern"
+    recipe: str | None = None
     alpha: float = 0.4
     sim_components: tuple[str, ...] = ("up", "down")
     kmeans_iters: int = 20
     intermediate_size: int | None = None
     importance: str = "routing"
     router_transfer: bool = True
+    kmeans_init: str = "gate-linf"
+    # Beyond the paper (method.md, last section): choose alpha per layer by the output error it gives on
+    # the cached inputs, and refit the kept experts' down projections by ridge least squares.
+    alpha_candidates: tuple[float, ...] | None = None
+    refit: bool = False
+    refit_ridge: float = 1e-3
+    fit_tokens: int = 32768
     # Not recorded as a method choice: they change speed and layout, not values.
     device: str = "auto"
     max_shard_size: int = 5 * 10**9
@@ -67,10 +95,36 @@ class RewriteOptions:
             raise DernError(f"--kmeans-iters must be at least 1, got {self.kmeans_iters}")
         if self.intermediate_size is not None and self.intermediate_size < 1:
             raise DernError(f"--intermediate-size must be a positive integer, got {self.intermediate_size}")
+        if self.method not in METHODS:
+            raise DernError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.kmeans_init not in KMEANS_INITS:
+            raise DernError(f"--kmeans-init must be one of {', '.join(KMEANS_INITS)}, got {self.kmeans_init!r}")
+        if self.alpha_candidates is not None:
+            cands = parse_floats(self.alpha_candidates, "--alpha-candidates")
+            if self.method != "dern":
+                raise DernError("--alpha-candidates applies to --method dern only")
+            object.__setattr__(self, "alpha_candidates", cands)
+        if self.intermediate_size is not None and self.method != "dern":
+            raise DernError(f"--intermediate-size needs --method dern ({self.method} keeps whole experts)")
+        if self.refit_ridge < 0 or self.fit_tokens < 1:
+            raise DernError("--refit-ridge must be >= 0 and --fit-tokens >= 1")
         if self.importance not in IMPORTANCE_METHODS:
             raise DernError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}, got {self.importance!r}")
         object.__setattr__(self, "sim_components", parse_components(self.sim_components))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
+
+    @classmethod
+    def build(cls, experts: int, recipe: str | None = None, **given) -> RewriteOptions:
+        """Options from a recipe (or the paper's defaults), with the non-None `given` values on top."""
+        if recipe is not None and recipe not in RECIPES:
+            raise DernError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        values = {**RECIPES.get(recipe or "paper", {}), **{k: v for k, v in given.items() if v is not None}}
+        return cls(experts=experts, recipe=recipe, **values)
+
+    @property
+    def uses_layer_outputs(self) -> bool:
+        """Whether the layer's outputs on the cached inputs are needed (baselines, choice, refit)."""
+        return self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
 
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""
@@ -78,4 +132,6 @@ class RewriteOptions:
         for key in ("device", "max_shard_size", "similarity_block_bytes"):
             rec.pop(key)
         rec["sim_components"] = list(self.sim_components)
+        if self.alpha_candidates is not None:
+            rec["alpha_candidates"] = list(self.alpha_candidates)
         return rec

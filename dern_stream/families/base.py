@@ -38,6 +38,10 @@ class Family:
     # DeepSeek: shared experts are n_shared_experts * moe_intermediate_size wide, derived, not stored.
     shared_size_follows_moe_size: bool = False
     grouped_routing: Callable[[dict], bool] = lambda config: False
+    # How the model combines the selected experts' outputs (only the output-error options need it):
+    # scores renormalised over A(x)? then times what? (moe-layouts.md, "Routing")
+    renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
+    routed_scale: Callable[[dict], float] = lambda config: 1.0
 
     # --- tensor names -------------------------------------------------------------------------
     def router_name(self, layer: int) -> str:

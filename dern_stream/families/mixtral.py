@@ -10,4 +10,5 @@ FAMILY = Family(
     moe_module="block_sparse_moe",
     proj_names=("w1", "w3", "w2"),
     make_router=softmax_top_k,
+    renormalises=lambda config: True,
 )

@@ -69,9 +69,11 @@ def dern_layer(
         foreign = experts.segment_rows(source, src_segment)
         members = torch.cat([own, foreign])
         member_weights = torch.cat([weights[expert].expand(h), weights[source]])
+        # "own": seed the centroids with the kept expert's own segments (the first h members), so that
+        # near-duplicate pooled segments cannot take two centroids and leave a neuron with none.
+        init = gate_linf_init(members[:h] if options.kmeans_init == "own" else members, d, target_k)
         result = spherical_weighted_kmeans(
-            members, member_weights, sim_cols, target_k, options.kmeans_iters, gate_linf_init(members, d, target_k),
-            options.similarity_block_bytes,
+            members, member_weights, sim_cols, target_k, options.kmeans_iters, init, options.similarity_block_bytes,
         )
         seg = result.segments
         rebuilt.append(RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T))

@@ -1,0 +1,150 @@
+"""Quality of every method, on real trained MoEs, at several keep ratios.
+
+    python benchmarks/quality.py [--fixtures mixtral-scratch ...] [--ratios 0.75 0.5 0.25]
+                                 [--json benchmarks/results/quality.json]
+
+For each fixture of benchmarks/fixtures.py (built first if missing), it dumps calibration inputs
+from the fixture's `calib` split and, separately, MoE inputs from its `heldout` split. Then, for
+each keep ratio and each configuration below, it rewrites the model with dern-stream and reports:
+- held-out perplexity (the `heldout` split: never seen by training or calibration), and its ratio
+  to the original model's;
+- mean per-layer relative L2 error of the MoE block output against the original model, on the
+  held-out MoE inputs (so a refit cannot score by memorising the calibration tokens);
+- the fraction of the dropped experts' segments that were moved into kept experts (whole merged
+  experts count all their segments).
+Everything runs through the same out-of-core pipeline a user runs (`dern_stream.rewrite`,
+`dern_stream.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fixtures  # noqa: E402
+
+import dern_stream  # noqa: E402
+
+CALIB_TOKENS = 32768
+EVAL_TOKENS = 65536
+SEQ_LEN = fixtures.SEQ_LEN
+
+# name -> rewrite() keyword arguments. The first five are the methods; then options beyond the
+# paper, one at a time and combined; "best" is the recommended recipe as shipped.
+CONFIGS: dict[str, dict] = {
+    "prune": dict(method="prune"),
+    "reap": dict(method="reap"),
+    "msmoe": dict(method="msmoe"),
+    "hcsmoe": dict(method="hcsmoe"),
+    "dern (paper)": dict(method="dern"),
+    "dern +own-init": dict(kmeans_init="own"),
+    "dern -transfer": dict(router_transfer=False),
+    "dern +own -transfer": dict(kmeans_init="own", router_transfer=False),
+    "dern alpha-choice": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2)),
+    "prune +refit": dict(method="prune", refit=True),
+    "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
+    "best (recipe)": dict(recipe="best"),
+}
+
+
+def token_rows(tokenizer, path: Path, count: int) -> torch.Tensor:
+    """The split's documents as [n, SEQ_LEN] rows (BOS/EOS around documents), up to `count` tokens."""
+    stream = fixtures.token_stream(tokenizer, fixtures.documents(path))
+    rows = min(count, stream.numel()) // SEQ_LEN
+    return stream[:rows * SEQ_LEN].view(rows, SEQ_LEN)
+
+
+def cached_dump(model: Path, path: Path, tokens: torch.Tensor) -> Path:
+    if not (path / ".done").exists():
+        dern_stream.dump(model, path, tokens=tokens, seq_len=SEQ_LEN, overwrite=True, progress=False)
+        (path / ".done").write_text("")
+    return path
+
+
+def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, dict], work: Path) -> dict:
+    model = fixtures.build_all(root, [name])[name]
+    tokenizer = fixtures.build_tokenizer(root, root / "corpus")
+    calib = cached_dump(model, root / name / "calib.zarr", token_rows(tokenizer, root / "corpus/calib.txt",
+                                                                       CALIB_TOKENS))
+    heldout_tokens = token_rows(tokenizer, root / "corpus/heldout.txt", EVAL_TOKENS)
+    heldout_inputs = cached_dump(model, root / name / "heldout.zarr", heldout_tokens[:CALIB_TOKENS // SEQ_LEN])
+    config = json.loads((model / "config.json").read_text())
+    experts = next(config[k] for k in ("num_local_experts", "num_experts") if k in config)
+    base = dern_stream.evaluate(model, tokens=heldout_tokens, progress=False)
+    print(f"\n{name}: {experts} experts, original held-out perplexity {base.perplexity:.3f} "
+          f"({base.tokens} tokens)", flush=True)
+    out = {"experts": experts, "perplexity": base.perplexity, "tokens": base.tokens, "runs": []}
+    for ratio in ratios:
+        keep = max(1, round(experts * ratio))
+        for label, kwargs in configs.items():
+            target = work / "out"
+            started = time.perf_counter()
+            summary = dern_stream.rewrite(model, target, experts=keep, calib=calib, overwrite=True, progress=False,
+                                          **kwargs)
+            seconds = time.perf_counter() - started
+            report = dern_stream.evaluate(target, tokens=heldout_tokens, reference=model, calib=heldout_inputs,
+                                          progress=False)
+            run = {"config": label, "ratio": ratio, "experts": keep, "perplexity": report.perplexity,
+                   "ppl_ratio": report.perplexity / base.perplexity, "layer_error": report.mean_rel_l2,
+                   "reassigned": summary.segments_reassigned / max(1, summary.segments_pooled),
+                   "rewrite_seconds": round(seconds, 1)}
+            out["runs"].append(run)
+            print(f"  {ratio:>4.0%} {label:<22} ppl {run['perplexity']:9.3f} (x{run['ppl_ratio']:.3f})  "
+                  f"err {run['layer_error']:.3f}  moved {run['reassigned']:6.1%}  {seconds:5.1f} s", flush=True)
+            shutil.rmtree(target)
+    return out
+
+
+def table(results: dict) -> str:
+    """Markdown: one block per fixture, a row per configuration, per ratio ppl (x original) / err / moved."""
+    lines = []
+    for name, res in results.items():
+        ratios = sorted({r["ratio"] for r in res["runs"]}, reverse=True)
+        lines += [f"**{name}** ({res['experts']} experts, original held-out perplexity {res['perplexity']:.2f})", "",
+                  "| config | " + " | ".join(f"{r:.0%} kept: ppl (x orig) / err / moved" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for label in dict.fromkeys(r["config"] for r in res["runs"]):
+            cells = []
+            for ratio in ratios:
+                run = next(r for r in res["runs"] if r["config"] == label and r["ratio"] == ratio)
+                cells.append(f"{run['perplexity']:.2f} (x{run['ppl_ratio']:.3f}) / {run['layer_error']:.3f} / "
+                             f"{run['reassigned']:.0%}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=fixtures.ROOT)
+    parser.add_argument("--fixtures", nargs="*", default=list(fixtures.RECIPES), choices=list(fixtures.RECIPES))
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.75, 0.5, 0.25])
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="dern-quality-") as work:
+        for name in args.fixtures:
+            results[name] = run_fixture(name, args.root, args.ratios, {c: CONFIGS[c] for c in args.configs},
+                                        Path(work))
+    print("\n" + table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"results": results, "seconds": round(time.perf_counter() - started, 1),
+                                     "torch": torch.__version__, "threads": torch.get_num_threads()}, indent=2))
+    print(f"written: {args.json} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

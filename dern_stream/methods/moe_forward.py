@@ -1,0 +1,109 @@
+"""A MoE layer's routed experts run on cached inputs, without transformers.
+
+The baselines (REAP saliency, HC-SMoE features), the per-layer choice and the least-squares refit
+all need what a layer outputs on the calibration inputs; this computes it from the raw tensors
+with the family's own routing (moe-layouts.md, "Routing"). Shared experts are left out: they are
+unchanged by every method, so they cancel in any output difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DernError
+from ..families.base import Router
+from .segments import ExpertStack
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+@dataclass(frozen=True)
+class Gating:
+    """Routing as the model applies it: selection, then scores renormalised over A(x) (or not), times a scale."""
+
+    router: Router
+    renormalise: bool
+    scale: float
+    act: str = "silu"
+
+    def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
+        """(selected experts [T, k], combine weights [T, k]) for inputs x [T, d]."""
+        idx, scores = self.router.select(x @ router_weight.float().T, bias)
+        if self.renormalise:
+            scores = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        return idx, scores * self.scale
+
+    def activation(self):
+        if self.act not in _ACTIVATIONS:
+            raise DernError(f"hidden_act {self.act!r} is not supported by the output-error options")
+        return _ACTIVATIONS[self.act]
+
+
+def sample_tokens(chunks: Iterable[torch.Tensor], total: int, limit: int) -> torch.Tensor:
+    """At most `limit` of a layer's `total` cached inputs, evenly spaced, as one [T, d] tensor."""
+    stride = max(1, -(-total // limit))
+    kept, seen = [], 0
+    for chunk in chunks:
+        first = (-seen) % stride  # first index in this chunk that is a multiple of stride overall
+        kept.append(chunk[first::stride])
+        seen += chunk.shape[0]
+    return torch.cat(kept)[:limit]
+
+
+def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
+    """act(x W_g^T) * (x W_u^T): the expert's h neuron activations, [T, h]."""
+    return act(x @ gate.T) * (x @ up.T)
+
+
+def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
+                  experts: ExpertStack) -> torch.Tensor:
+    """sum over selected experts e of w_e(x) E_e(x), for x [T, d]; float32 [T, d]."""
+    idx, w = gating.weights(x, router_weight, bias)
+    act = gating.activation()
+    out = torch.zeros_like(x)
+    for e in range(experts.gate.shape[0]):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if tok.numel():
+            y = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) @ experts.down[e].T
+            out.index_add_(0, tok, y * w[tok, slot, None])
+    return out
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """||y - ref|| / ||ref|| over all tokens (0 when both are 0)."""
+    ref = float(torch.linalg.vector_norm(reference.double()))
+    diff = float(torch.linalg.vector_norm((y - reference).double()))
+    return diff / ref if ref > 0 else diff
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert statistics of the original layer on the calibration inputs."""
+
+    frequency: torch.Tensor  # [N] fraction of tokens that select the expert
+    reap: torch.Tensor  # [N] REAP saliency: mean over routed tokens of w_e(x) ||E_e(x)||
+    mean_output: torch.Tensor  # [N, d] mean of E_e(x) over all tokens (HC-SMoE's clustering feature)
+    router_logits: torch.Tensor  # [N, T] router logits (M-SMoE's similarity feature)
+
+
+def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
+                 experts: ExpertStack) -> ExpertStats:
+    idx, w = gating.weights(x, router_weight, bias)
+    act = gating.activation()
+    n = experts.gate.shape[0]
+    freq = torch.zeros(n, dtype=torch.float64, device=x.device)
+    reap = torch.zeros(n, dtype=torch.float64, device=x.device)
+    mean_out = torch.zeros(n, x.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(n):
+        y = expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].T  # every token
+        mean_out[e] = y.double().mean(dim=0)
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        freq[e] = tok.numel() / x.shape[0]
+        if tok.numel():
+            reap[e] = (w[tok, slot].double() * torch.linalg.vector_norm(y[tok].double(), dim=-1)).mean()
+    logits = (x @ router_weight.float().T).T
+    return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)

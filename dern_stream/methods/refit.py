@@ -1,0 +1,41 @@
+"""Least-squares refit of the kept experts' down projections (method.md, "Beyond the paper").
+
+The compressed layer's routed output is fitted to the original layer's on the cached inputs:
+    min over W_d,e of  sum_x || sum_{e in A'(x)} w_e(x) W_d,e a_e(x) - y(x) ||^2 + lambda_e ||W_d,e - W_d,e^0||^2
+with the compressed routing A', w fixed and a_e(x) = act(W_g,e x) * (W_u,e x). The problem is
+joint over experts (a token's output sums several); it is solved by block Gauss-Seidel, one expert
+at a time against the current residual, so only one expert's h x h Gram matrix exists at once.
+The ridge pulls towards the current weights, scaled by the Gram matrix's mean diagonal, so an
+expert that few tokens reach barely moves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moe_forward import Gating, expert_hidden, routed_output
+from .segments import ExpertStack
+
+
+def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None,
+               gating: Gating, experts: ExpertStack, ridge: float, sweeps: int = 2) -> ExpertStack:
+    """New stack with refitted down projections (gate and up are shared with `experts`)."""
+    idx, w = gating.weights(x, router_weight, bias)
+    act = gating.activation()
+    down = experts.down.clone()
+    residual = target - routed_output(x, router_weight, bias, gating, experts)
+    for _ in range(sweeps):
+        for e in range(down.shape[0]):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            feats = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) * w[tok, slot, None]
+            goal = residual[tok] + feats @ down[e].T  # what this expert should produce, others fixed
+            gram = (feats.T @ feats).double()
+            lam = ridge * float(gram.diagonal().mean()) + 1e-12
+            rhs = (feats.T @ goal).double() + lam * down[e].T.double()
+            gram.diagonal().add_(lam)
+            new = torch.linalg.solve(gram, rhs).T.to(down.dtype)  # [d, h]
+            residual[tok] = goal - feats @ new.T
+            down[e] = new
+    return ExpertStack(experts.gate, experts.up, down)

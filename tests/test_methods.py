@@ -1,0 +1,229 @@
+"""Baselines (prune, reap, msmoe, hcsmoe) and the options beyond the paper (own-segment init,
+per-layer alpha choice, least-squares refit), checked against transformers' own MoE blocks and
+against the error the tool itself reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FAMILIES, read_tensors
+from transformers import AutoModelForCausalLM
+
+import dern_stream
+from dern_stream.calib import CalibDump
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.cli import main
+from dern_stream.families import family_for
+from dern_stream.layer_rewrite import layer_routing, load_experts
+from dern_stream.layout import ModelShape, check_moe_layers
+from dern_stream.methods.moe_forward import expert_stats, routed_output
+from dern_stream.stream.executor import moe_block_of
+
+
+def _layer_inputs(built, layer: int) -> torch.Tensor:
+    return torch.cat(list(CalibDump(built.calib).chunks(layer)))
+
+
+def _shared_part(block, x: torch.Tensor) -> torch.Tensor:
+    """What the family's untouched shared experts add (transformers' own modules)."""
+    if hasattr(block, "shared_expert"):
+        return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    if hasattr(block, "shared_experts"):
+        return block.shared_experts(x)
+    return torch.zeros_like(x)
+
+
+def _setup(built):
+    ckpt = Checkpoint(built.model_dir)
+    family = family_for(ckpt.config)
+    config = ckpt.config
+    shape = ModelShape(family.num_experts(config), config["hidden_size"], family.intermediate_size(config))
+    layers = check_moe_layers(ckpt, family, shape)
+    return ckpt, family, shape, layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_routed_output_matches_the_transformers_moe_block(family, build):
+    """The forward the baselines, the choice and the refit rely on equals the real block minus its shared part."""
+    built = build(family)
+    ckpt, fam, shape, layers = _setup(built)
+    routing = layer_routing(fam, ckpt.config, ckpt.config)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    for layer in layers:
+        x = _layer_inputs(built, layer.index)
+        router = ckpt.load(fam.router_name(layer.index))
+        bias = ckpt.load(fam.bias_name(layer.index)) if layer.bias is not None else None
+        experts = load_experts(ckpt, fam, layer, shape, torch.device("cpu"))
+        ours = routed_output(x, router, bias, routing.before, experts)
+        block = moe_block_of(model.model.layers[layer.index])
+        with torch.no_grad():
+            reference = block(x[None])[0] - _shared_part(block, x)
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_reap_saliency_matches_transformers_experts_and_router(family, build):
+    """REAP: mean over routed tokens of gate weight x ||expert output||, with each expert's output
+    computed by transformers' own expert module and the routing by its own router."""
+    built = build(family)
+    ckpt, fam, shape, layers = _setup(built)
+    routing = layer_routing(fam, ckpt.config, ckpt.config)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    layer = layers[0]
+    x = _layer_inputs(built, layer.index)
+    stats = expert_stats(x, ckpt.load(fam.router_name(layer.index)), None, routing.before,
+                         load_experts(ckpt, fam, layer, shape, torch.device("cpu")))
+    block = moe_block_of(model.model.layers[layer.index])
+    with torch.no_grad():
+        _, weights, index = block.gate(x)
+        reference = []
+        for e in range(shape.num_experts):
+            out = block.experts(x, torch.full((x.shape[0], 1), e), torch.ones(x.shape[0], 1))
+            tok, slot = (index == e).nonzero(as_tuple=True)
+            reference.append(float((weights[tok, slot] * out[tok].norm(dim=-1)).mean()) if tok.numel() else 0.0)
+    torch.testing.assert_close(stats.reap, torch.tensor(reference, dtype=torch.float64), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["reap", "msmoe", "hcsmoe", "prune"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_method_loads_back_in_transformers(method, family, build, tmp_path):
+    built = build(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, method=method, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    assert audit["method"] == method
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(torch.arange(3, 19)[None]).logits
+    assert logits.shape[-1] == built.config["vocab_size"] and torch.isfinite(logits).all()
+    for layer in audit["layers"].values():
+        assert len(layer["kept"]) == 4
+
+
+def test_hcsmoe_merges_duplicate_experts_into_exactly_their_weights(build, tmp_path):
+    """Experts built as four identical pairs: clustering to 4 finds the pairs, and a frequency-weighted
+    merge of two identical experts gives back that expert, bit for bit."""
+    built = build("mixtral")
+    src = tmp_path / "dup"
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            for p in (experts.gate_up_proj, experts.down_proj):
+                p[1::2] = p[0::2]
+            layer.mlp.gate.weight[1::2] = layer.mlp.gate.weight[0::2]
+    model.save_pretrained(src)
+    dern_stream.dump(src, tmp_path / "calib.zarr", tokens=torch.randint(3, 256, (8, 32),
+                     generator=torch.Generator().manual_seed(0)), seq_len=32, progress=False)
+    out = tmp_path / "out"
+    dern_stream.rewrite(src, out, experts=4, calib=tmp_path / "calib.zarr", method="hcsmoe", progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    before, after = read_tensors(src), read_tensors(out)
+    for i, layer in audit["layers"].items():
+        assert sorted(t[:2] for t in layer["transfers"]) == [[k + 1, k] for k in layer["kept"]]
+        for pos, kept in enumerate(layer["kept"]):
+            for w in ("w1", "w2", "w3"):
+                name = f"model.layers.{i}.block_sparse_moe.experts.{{}}.{w}.weight"
+                assert torch.equal(after[name.format(pos)], before[name.format(kept)])
+
+
+def test_msmoe_alignment_undoes_neuron_permutations(build, tmp_path):
+    """Permuting each expert's neurons does not change the model; M-SMoE aligns neurons before merging,
+    so the merged layers' errors on the calibration inputs are unchanged too."""
+    built = build("mixtral")
+    permuted = tmp_path / "permuted"
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            h = experts.down_proj.shape[-1]
+            for e in range(experts.down_proj.shape[0]):
+                perm = torch.randperm(h, generator=gen)
+                experts.gate_up_proj[e] = experts.gate_up_proj[e][torch.cat([perm, perm + h])]
+                experts.down_proj[e] = experts.down_proj[e][:, perm]
+    model.save_pretrained(permuted)
+    errors = []
+    for src in (built.model_dir, permuted):
+        out = tmp_path / f"out-{src.name}"
+        dern_stream.rewrite(src, out, experts=4, calib=built.calib, method="msmoe", progress=False)
+        report = dern_stream.evaluate(out, reference=built.model_dir, calib=built.calib, progress=False)
+        errors.append([e.rel_l2 for e in report.layer_errors])
+    torch.testing.assert_close(torch.tensor(errors[0]), torch.tensor(errors[1]), rtol=1e-4, atol=1e-6)
+    assert min(errors[0]) > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_alpha_choice_and_refit_are_never_worse_than_pruning_on_the_cached_inputs(family, build, tmp_path):
+    """With alpha = 1 among the candidates, every layer's error on the calibration inputs is at most
+    pruning's; the refit lowers it further. Errors are measured by `evaluate`, not by the rewrite."""
+    built = build(family)
+
+    def layer_errors(**kwargs) -> list[float]:
+        out = tmp_path / "out"
+        dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, overwrite=True, progress=False,
+                            **kwargs)
+        report = dern_stream.evaluate(out, reference=built.model_dir, calib=built.calib, progress=False)
+        return [e.rel_l2 for e in report.layer_errors]
+
+    pruned = layer_errors(method="prune")
+    chosen = layer_errors(alpha_candidates="1,0.6,0.3,0", kmeans_init="own")
+    refitted = layer_errors(recipe="best")
+    for p, c, r in zip(pruned, chosen, refitted, strict=True):
+        assert c <= p + 1e-6
+        assert r < c
+    out_audit = json.loads((tmp_path / "out" / "dern_stream.json").read_text())
+    assert out_audit["recipe"] == "best" and out_audit["options"]["refit"] is True
+    for layer in out_audit["layers"].values():
+        fit = layer["output_error"]
+        assert fit["error"] == min(c["error_after_refit"] for c in fit["candidates"])
+
+
+def test_own_init_survives_near_duplicate_experts_where_gate_linf_init_collapses(build, tmp_path):
+    """Every expert a copy of expert 0 (an upcycled model before training): all pooled segments move,
+    and each kept expert's members are copies of its own neurons. Seeding from the kept expert's own
+    segments rebuilds it exactly; the paper's gate-L-inf seeds spend several centroids on the same
+    neuron and lose others (method.md, "Beyond the paper")."""
+    built = build("mixtral")
+    src = tmp_path / "copies"
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p[1:] = p[0]
+    model.save_pretrained(src)
+    errors = {}
+    for init in ("own", "gate-linf"):
+        out = tmp_path / init
+        summary = dern_stream.rewrite(src, out, experts=4, calib=built.calib, kmeans_init=init, progress=False)
+        assert summary.segments_reassigned == summary.segments_pooled
+        report = dern_stream.evaluate(out, reference=src, calib=built.calib, progress=False)
+        errors[init] = max(e.rel_l2 for e in report.layer_errors)
+    assert errors["own"] < 1e-5
+    assert errors["gate-linf"] > 0.05
+
+
+def test_recipe_values_can_be_overridden_and_bad_combinations_are_refused(build, tmp_path):
+    built = build("mixtral")
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, recipe="best", refit=False,
+                        progress=False)
+    options = json.loads((out / "dern_stream.json").read_text())["options"]
+    assert options["refit"] is False and options["kmeans_init"] == "own" and options["recipe"] == "best"
+    runner = CliRunner()
+    base = ["rewrite", str(built.model_dir), str(tmp_path / "x"), "--experts", "4", "--calib", str(built.calib)]
+    for extra, message in [
+        (["--method", "prune", "--alpha-candidates", "1,0.5"], "--alpha-candidates applies to --method dern only"),
+        (["--method", "reap", "--intermediate-size", "16"], "--intermediate-size needs --method dern"),
+        (["--alpha-candidates", "1,2"], "--alpha-candidates must be comma-separated numbers in [0, 1]"),
+        (["--recipe", "fastest"], "Invalid value for '--recipe'"),
+    ]:
+        result = runner.invoke(main, base + extra)
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    result = runner.invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "y"), "--experts", "4",
+                                  "--importance", "router-norm", "--method", "msmoe"])
+    assert result.exit_code == 2 and "needs the layers' cached inputs" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
