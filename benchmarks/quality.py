@@ -131,7 +131,12 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.75, 0.5, 0.25])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json")
+    parser.add_argument("--report", nargs="*", type=Path,
+                        help="Print the table from JSON files of earlier runs (one per fixture is fine), run nothing.")
     args = parser.parse_args()
+    if args.report:
+        print(table({k: v for f in args.report for k, v in json.loads(f.read_text())["results"].items()}))
+        return
     torch.manual_seed(0)
     started = time.perf_counter()
     results = {}

@@ -68,7 +68,8 @@ def main(debug: bool) -> None:
                    "inputs; include 1 and no layer is worse than pruning on them.")
 @click.option("--refit/--no-refit", default=None,
               help="Refit the kept experts' down projections by ridge least squares on the cached inputs.")
-@click.option("--refit-ridge", type=float, default=None, help="Ridge strength of --refit [default: 0.001].")
+@click.option("--refit-ridge", type=float, default=None,
+              help="Ridge strength of --refit, relative to the mean Gram diagonal [default: 1.0].")
 @click.option("--fit-tokens", type=int, default=None,
               help="Cached inputs per layer used by the baselines, --alpha-candidates and --refit "
                    "[default: 32768].")

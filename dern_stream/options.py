@@ -79,7 +79,7 @@ class RewriteOptions:
     # the cached inputs, and refit the kept experts' down projections by ridge least squares.
     alpha_candidates: tuple[float, ...] | None = None
     refit: bool = False
-    refit_ridge: float = 1e-3
+    refit_ridge: float = 1.0
     fit_tokens: int = 32768
     # Not recorded as a method choice: they change speed and layout, not values.
     device: str = "auto"
