@@ -21,7 +21,7 @@ from .methods import (
     select_experts,
 )
 from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
-from .methods.moe_forward import Gating, expert_stats, relative_error, routed_output, sample_tokens
+from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_error, routed_output
 from .methods.refit import refit_down
 from .options import RewriteOptions
 
@@ -81,16 +81,21 @@ def compress_layer(
 ) -> LayerReport:
     router = ckpt.load(family.router_name(layer.index)).to(device)
     bias = ckpt.load(family.bias_name(layer.index)).to(device) if layer.bias is not None else None
+    sample = None
     if dump is not None:
-        scores, tokens = routing_importance(dump.chunks(layer.index, device), router, routing.before.router, bias)
+        chunks = dump.chunks(layer.index, device)
+        if options.uses_layer_outputs:
+            sample = EvenSample(dump.layer(layer.index).shape[0], options.fit_tokens)
+            chunks = sample.watch(chunks)
+        scores, tokens = routing_importance(chunks, router, routing.before.router, bias)
         source = "routing"
     else:
         scores, tokens, source = router_norm_importance(router), 0, "router-norm"
     experts = load_experts(ckpt, family, layer, shape, device)
     fit: dict = {}
     x = target = None
-    if options.uses_layer_outputs and dump is not None:
-        x = sample_tokens(dump.chunks(layer.index, device), tokens, options.fit_tokens)
+    if sample is not None:
+        x = sample.tensor()
         target = routed_output(x, router, bias, routing.before, experts)
         fit["fit_tokens"] = int(x.shape[0])
 

@@ -8,7 +8,7 @@ unchanged by every method, so they cancel in any output difference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,15 +43,25 @@ class Gating:
         return _ACTIVATIONS[self.act]
 
 
-def sample_tokens(chunks: Iterable[torch.Tensor], total: int, limit: int) -> torch.Tensor:
-    """At most `limit` of a layer's `total` cached inputs, evenly spaced, as one [T, d] tensor."""
-    stride = max(1, -(-total // limit))
-    kept, seen = [], 0
-    for chunk in chunks:
-        first = (-seen) % stride  # first index in this chunk that is a multiple of stride overall
-        kept.append(chunk[first::stride])
-        seen += chunk.shape[0]
-    return torch.cat(kept)[:limit]
+class EvenSample:
+    """At most `limit` of a layer's `total` cached inputs, evenly spaced, collected from chunks as they
+    stream past (so the importance pass over the dump also yields the sample: one read per layer)."""
+
+    def __init__(self, total: int, limit: int):
+        self.stride = max(1, -(-total // limit))
+        self.limit = limit
+        self.kept: list[torch.Tensor] = []
+        self.seen = 0
+
+    def watch(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for chunk in chunks:
+            first = (-self.seen) % self.stride  # first index in this chunk that is a multiple of stride overall
+            self.kept.append(chunk[first::self.stride])
+            self.seen += chunk.shape[0]
+            yield chunk
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat(self.kept)[:self.limit]
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
