@@ -1,6 +1,11 @@
 """Synthetic MoE checkpoints of any size, in Mixtral's on-disk layout, written one layer at a time.
 
-    python benchmarks/synthetic.py OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8 [--dump DUMP]
+    python benchmarks/synthetic.py OUT --size 2GB --layers 24 [--hidden 1024 --experts 8] [--dump DUMP]
+    python benchmarks/synthetic.py OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8
+    python benchmarks/synthetic.py OUT --size 32GB --layers 32   # larger than this machine's 24 GB RAM
+
+`--size` picks the experts' intermediate size (a multiple of 64) so the checkpoint comes out at about
+that size; the generator itself holds one layer at a time, so any size can be written.
 
 `--upcycled S` makes every expert the same base FFN plus noise of relative size S (as in
 upcycled models such as Mixtral), so DERN has aligned segments to reassign; 0 gives independent experts.
@@ -16,12 +21,29 @@ import torch
 from safetensors.torch import save_file
 
 from dern_stream.calib import CalibWriter, tensor_sha256
+from dern_stream.options import parse_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def write_synthetic(path: str | Path, *, layers: int, hidden: int, intermediate: int, experts: int, top_k: int = 2,
-                    vocab: int = 32000, dtype: str = "bf16", upcycled: float = 0.0, seed: int = 0) -> Path:
+def intermediate_for(size: int, *, layers: int, hidden: int, experts: int, vocab: int = 32000,
+                     dtype: str = "bf16") -> int:
+    """The expert intermediate size (multiple of 64) that makes the checkpoint about `size` bytes."""
+    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    fixed = (2 * vocab * hidden + layers * (2.5 * hidden * hidden + experts * hidden)) * elem
+    per_unit = layers * experts * 3 * hidden * elem
+    inter = int((size - fixed) // per_unit) // 64 * 64
+    if inter < 64:
+        raise SystemExit(f"{size} bytes is too small for {layers} layers of hidden size {hidden}")
+    return inter
+
+
+def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, intermediate: int | None = None,
+                    experts: int = 8, top_k: int = 2, vocab: int = 32000, dtype: str = "bf16",
+                    upcycled: float = 0.0, seed: int = 0, size: int | None = None) -> Path:
+    """`intermediate` or `size` (bytes) sets the experts' size."""
+    if intermediate is None:
+        intermediate = intermediate_for(size, layers=layers, hidden=hidden, experts=experts, vocab=vocab, dtype=dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
     dt = DTYPES[dtype]
@@ -97,7 +119,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, help="experts' intermediate size (default: from --size)")
+    ap.add_argument("--size", default="2GB", help="about this many bytes in all, when --intermediate is not given")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--upcycled", type=float, default=0.0)
@@ -105,10 +128,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     a = ap.parse_args()
     path = write_synthetic(a.out, layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, experts=a.experts,
-                           dtype=a.dtype, upcycled=a.upcycled)
+                           dtype=a.dtype, upcycled=a.upcycled, size=parse_size(a.size))
     if a.dump:
         write_synthetic_dump(path, a.dump, a.tokens)
-    print(f"wrote {path}")
+    total = sum(f.stat().st_size for f in path.iterdir())
+    inter = json.loads((path / "config.json").read_text())["intermediate_size"]
+    print(f"wrote {path}: {total / 1e9:.2f} GB, intermediate size {inter}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ from .device import resolve_device
 from .errors import DernError
 from .families import family_for
 from .host_memory import return_freed_memory
-from .layer_rewrite import compress_layer, layer_routing, write_layer
-from .layout import ModelShape, check_moe_layers, plan_output
+from .layer_rewrite import LayerInputs, compress_layer, layer_routing, read_layer, write_layer
+from .layout import ModelShape, check_moe_layers, copies_by_layer, plan_output
 from .options import RewriteOptions
+from .pipeline import run_pipeline
+from .stage_clock import StageClock
 
 log = logging.getLogger("dern_stream")
 
@@ -45,6 +47,7 @@ class RewriteSummary:
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # busy seconds per stage; they overlap
 
     def __str__(self) -> str:
         frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
@@ -54,6 +57,9 @@ class RewriteSummary:
             f"output: {self.output} ({self.output_bytes / 1e9:.3f} GB of tensors) in {self.seconds:.1f} s "
             f"on {self.device}",
         ]
+        if self.stages:
+            lines.append("busy time by stage (stages overlap): "
+                         + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         return "\n".join(lines)
 
 
@@ -119,25 +125,37 @@ def rewrite(
     compute = resolve_device(options.device)
     specs, copied = plan_output(ckpt, family, layers, options.experts, options.intermediate_size or shape.intermediate)
 
+    by_index = {layer.index: layer for layer in layers}
+    copy_with = copies_by_layer(copied, list(by_index))
+    with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+    clock = StageClock(compute)
     records: dict[str, dict] = {}  # per-layer audit entries: plain numbers, never tensors
     with StagedOutput(out_path) as stage:
         writer = ShardedWriter(stage.path, specs, options.max_shard_size)
         try:
-            for name in tqdm(copied, desc="copy untouched tensors", unit="tensor", disable=not progress,
-                             leave=False):
-                writer.copy_raw(name, ckpt.entries[name])
-            with tqdm(layers, desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
-                for layer in bar:
-                    layer_dump = dump if layer.index in calibrated else None
-                    report = compress_layer(ckpt, family, layer, shape, layer_dump, groups, options, compute,
-                                            routing)
-                    write_layer(writer, ckpt, family, layer, report)
-                    records[str(layer.index)] = layer_record(report)
-                    del report  # this layer's tensors go now: memory stays at one layer
-                    ckpt.release()  # and so do the shards' mapped pages read for it
-                    return_freed_memory()
-                    bar.set_postfix(layer=layer.index, reassigned=records[str(layer.index)]["segments_reassigned"])
-            writer.finish()
+            with tqdm(total=len(layers), desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
+
+                def read(layer) -> LayerInputs:
+                    return read_layer(ckpt, family, layer, shape, with_experts, clock)
+
+                def compute_layer(inputs: LayerInputs):
+                    layer_dump = dump if inputs.layer.index in calibrated else None
+                    return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing, clock)
+
+                def write(report) -> None:
+                    with clock("write"):
+                        for name in copy_with[report.index]:
+                            writer.copy_raw(name, ckpt.entries[name])
+                        write_layer(writer, ckpt, family, by_index[report.index], report)
+                        writer.start_writeback()
+                    records[str(report.index)] = layer_record(report)
+                    return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
+                    bar.update()
+                    bar.set_postfix(layer=report.index, reassigned=records[str(report.index)]["segments_reassigned"])
+
+                run_pipeline(layers, read, compute_layer, write)
+            with clock("write"):
+                writer.finish()
         finally:
             writer.close()
             ckpt.release()
@@ -158,6 +176,7 @@ def rewrite(
         segments_pooled=len(layers) * (shape.num_experts - options.experts) * shape.intermediate,
         segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
         output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
+        stages=dict(clock.seconds),
     )
 
 

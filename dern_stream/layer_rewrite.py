@@ -1,4 +1,4 @@
-"""One MoE layer, start to finish: load its router and experts, score, compress, write."""
+"""One MoE layer in three steps, run on three threads by pipeline.py: read its tensors, compress, write."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
 from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_error, routed_output
 from .methods.refit import refit_down
 from .options import RewriteOptions
+from .stage_clock import NO_CLOCK, StageClock
 
 
 @dataclass
@@ -54,92 +55,116 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
     return LayerRouting(gating(config), gating(out_config))
 
 
-def load_experts(
-    ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device
-) -> ExpertStack:
-    """All routed experts of one layer as float32 on `device`, filled in place (no second full copy)."""
-    n, d, h = shape.num_experts, shape.hidden, shape.intermediate
-    stack = ExpertStack(
-        torch.empty(n, h, d, device=device), torch.empty(n, h, d, device=device), torch.empty(n, d, h, device=device)
-    )
-    for e in range(n):
-        for part in PARTS:
-            getattr(stack, part)[e].copy_(ckpt.load(family.expert_name(layer.index, e, part)))
-    return stack
+@dataclass
+class LayerInputs:
+    """What the computation needs of one layer, read into host memory in the stored dtype."""
+
+    layer: MoELayer
+    router: torch.Tensor
+    bias: torch.Tensor | None
+    experts: ExpertStack | None  # None when the options never look at expert weights (pruning, alpha = 1)
+
+
+def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
+               clock: StageClock = NO_CLOCK) -> LayerInputs:
+    """The layer's router (and bias), and its experts read straight into one preallocated stack."""
+    with clock("read"):
+        router = ckpt.load(family.router_name(layer.index))
+        bias = ckpt.load(family.bias_name(layer.index)) if layer.bias is not None else None
+        experts = None
+        if with_experts:
+            experts = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden, DTYPES[layer.dtype])
+            for e in range(shape.num_experts):
+                for part in PARTS:
+                    ckpt.read_into(family.expert_name(layer.index, e, part), getattr(experts, part)[e])
+    return LayerInputs(layer, router, bias, experts)
 
 
 def compress_layer(
-    ckpt: Checkpoint,
+    inputs: LayerInputs,
     family: Family,
-    layer: MoELayer,
     shape: ModelShape,
     dump: CalibDump | None,
     groups: GroupPlan | None,
     options: RewriteOptions,
     device: torch.device,
     routing: LayerRouting,
+    clock: StageClock = NO_CLOCK,
 ) -> LayerReport:
-    router = ckpt.load(family.router_name(layer.index)).to(device)
-    bias = ckpt.load(family.bias_name(layer.index)).to(device) if layer.bias is not None else None
+    """Score the experts, build every candidate the options ask for, keep the best; all on `device`,
+    with only the result leaving it (in the checkpoint's dtype)."""
+    index = inputs.layer.index
+    router = inputs.router.to(device)
+    bias = inputs.bias.to(device) if inputs.bias is not None else None
     sample = None
-    if dump is not None:
-        chunks = dump.chunks(layer.index, device)
-        if options.uses_layer_outputs:
-            sample = EvenSample(dump.layer(layer.index).shape[0], options.fit_tokens)
-            chunks = sample.watch(chunks)
-        scores, tokens = routing_importance(chunks, router, routing.before.router, bias)
-        source = "routing"
-    else:
-        scores, tokens, source = router_norm_importance(router), 0, "router-norm"
-    experts = load_experts(ckpt, family, layer, shape, device)
+    with clock("importance"):
+        if dump is not None:
+            chunks = dump.chunks(index, device)
+            if options.uses_layer_outputs:
+                sample = EvenSample(dump.layer(index).shape[0], options.fit_tokens)
+                chunks = sample.watch(chunks)
+            scores, tokens = routing_importance(chunks, router, routing.before.router, bias)
+            source = "routing"
+        else:
+            scores, tokens, source = router_norm_importance(router), 0, "router-norm"
+    experts = inputs.experts.to(device) if inputs.experts is not None else None
     fit: dict = {}
     x = target = None
     if sample is not None:
-        x = sample.tensor()
-        target = routed_output(x, router, bias, routing.before, experts)
-        fit["fit_tokens"] = int(x.shape[0])
+        with clock("fit"):
+            x = sample.tensor()
+            target = routed_output(x, router, bias, routing.before, experts)
+            fit["fit_tokens"] = int(x.shape[0])
 
     best: LayerResult | None = None
-    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing):
+    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
         if x is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
-        kept_bias = bias[result.kept] if bias is not None else None
-        stack = kept_stack(experts, result)
-        error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), target)
-        entry = {"candidate": label, "error": error}
-        if options.refit:
-            refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge)
-            _take_refit(result, stack, refitted)
-            stack = refitted
-            entry["error_after_refit"] = error = relative_error(
-                routed_output(x, result.router, kept_bias, routing.after, stack), target)
-        fit.setdefault("candidates", []).append(entry)
-        if best is None or error < fit["error"]:
-            best, fit["error"], fit["chosen"] = result, error, label
-        del stack
+        with clock("fit"):
+            kept_bias = bias[result.kept] if bias is not None else None
+            stack = kept_stack(experts, result)
+            error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), target)
+            entry = {"candidate": label, "error": error}
+            if options.refit:
+                refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge)
+                _take_refit(result, stack, refitted)
+                stack = refitted
+                entry["error_after_refit"] = error = relative_error(
+                    routed_output(x, result.router, kept_bias, routing.after, stack), target)
+            fit.setdefault("candidates", []).append(entry)
+            if best is None or error < fit["error"]:
+                best, fit["error"], fit["chosen"] = result, error, label
+            del stack
     del experts
-    return LayerReport(layer.index, scores.tolist(), source, tokens, best, fit)
+    return LayerReport(index, scores.tolist(), source, tokens, best, fit)
 
 
-def _candidates(experts, router, bias, scores, x, groups, options, routing):
+def _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
     """(label, LayerResult) for every setting the options ask to try, built one at a time."""
     n = router.shape[0]
     if options.method == "dern":
         kept = select_experts(scores, options.experts, groups)
         for alpha in options.alpha_candidates or (options.alpha,):
-            yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, replace(options, alpha=alpha))
+            if experts is None:  # the options showed nothing can move: DERN reduces to pruning, unread
+                yield f"dern@{alpha:g}", prune_layer(router, kept, n)
+            else:
+                yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, replace(options, alpha=alpha),
+                                                    clock)
         return
     if options.method == "prune" or x is None:
         yield "prune", prune_layer(router, select_experts(scores, options.experts, groups), n)
         return
-    stats = expert_stats(x, router, bias, routing.before, experts)
-    if options.method == "reap":
-        yield "reap", prune_layer(router, select_experts(stats.reap, options.experts, groups), n)
-    elif options.method == "msmoe":
-        yield "msmoe", msmoe_layer(experts, router, stats, options.experts, groups)
-    else:
-        yield "hcsmoe", hcsmoe_layer(experts, router, stats, options.experts, groups)
+    with clock("fit"):
+        stats = expert_stats(x, router, bias, routing.before, experts)
+    with clock("cluster"):
+        if options.method == "reap":
+            result = prune_layer(router, select_experts(stats.reap, options.experts, groups), n)
+        elif options.method == "msmoe":
+            result = msmoe_layer(experts, router, stats, options.experts, groups)
+        else:
+            result = hcsmoe_layer(experts, router, stats, options.experts, groups)
+    yield options.method, result
 
 
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
@@ -152,14 +177,16 @@ def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
 
 
 def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
-    """Store refitted down projections; an expert the refit did not touch (no tokens) stays a raw copy."""
+    """Store refitted down projections (in the experts' dtype); an expert the refit did not touch (no
+    tokens) stays as it was, a raw copy if it was one."""
     for pos, rebuilt in enumerate(result.experts):
-        if torch.equal(before.down[pos], after.down[pos]):
+        if torch.equal(before.down[pos].float(), after.down[pos]):
             continue
+        down = after.down[pos].to(before.down.dtype)
         if rebuilt is None:
-            result.experts[pos] = RebuiltExpert(after.gate[pos], after.up[pos], after.down[pos])
+            result.experts[pos] = RebuiltExpert(after.gate[pos], after.up[pos], down)
         else:
-            rebuilt.down = after.down[pos]
+            rebuilt.down = down
 
 
 def write_layer(
@@ -181,4 +208,4 @@ def write_layer(
             if rebuilt is None:
                 writer.copy_raw(name, ckpt.entries[family.expert_name(i, expert, part)])
             else:
-                writer.write(name, getattr(rebuilt, part).to(dtype).cpu())
+                writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy

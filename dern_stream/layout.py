@@ -109,6 +109,17 @@ def plan_output(
     return specs, copied
 
 
+def copies_by_layer(names: list[str], moe_layers: list[int]) -> dict[int, list[str]]:
+    """Untouched tensors grouped with the MoE layer whose write copies them: a decoder layer's own
+    tensors with the first MoE layer at or after it (the last, past the end), others with the first."""
+    groups: dict[int, list[str]] = {i: [] for i in moe_layers}
+    for name in names:
+        layer = _layer_of(name)
+        later = [i for i in moe_layers if layer is not None and i >= layer]
+        groups[later[0] if later else (moe_layers[-1] if layer is not None else moe_layers[0])].append(name)
+    return groups
+
+
 def _layer_of(name: str) -> int | None:
     m = re.match(r"^model\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None

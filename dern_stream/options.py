@@ -84,7 +84,8 @@ class RewriteOptions:
     # Not recorded as a method choice: they change speed and layout, not values.
     device: str = "auto"
     max_shard_size: int = 5 * 10**9
-    similarity_block_bytes: int = field(default=256 * 2**20, repr=False)
+    # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py).
+    similarity_block_bytes: int = field(default=64 * 2**20, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, int) or self.experts < 1:
@@ -125,6 +126,13 @@ class RewriteOptions:
     def uses_layer_outputs(self) -> bool:
         """Whether the layer's outputs on the cached inputs are needed (baselines, choice, refit)."""
         return self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
+
+    def reads_expert_weights(self, num_experts: int, intermediate: int) -> bool:
+        """Whether any expert weight must be read for computation. Not for pruning, nor for DERN when
+        no segment can move (K = N, or alpha = 1): kept experts are then copied as raw bytes."""
+        if self.uses_layer_outputs or (self.intermediate_size is not None and self.intermediate_size < intermediate):
+            return True
+        return self.method == "dern" and self.experts < num_experts and self.alpha < 1.0
 
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""

@@ -37,8 +37,9 @@ def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, alig
     best match that expert's (weight matching: maximise the sum of gate|up|down dot products)."""
     w = weights[members].to(torch.float64)
     w = w / w.sum() if float(w.sum()) > 0 else torch.full_like(w, 1.0 / len(members))
-    gate = torch.zeros_like(experts.gate[0])
-    up, down = torch.zeros_like(experts.up[0]), torch.zeros_like(experts.down[0])
+    f32 = torch.float32  # accumulated in float32, cast once to the experts' dtype
+    gate = torch.zeros_like(experts.gate[0], dtype=f32)
+    up, down = torch.zeros_like(experts.up[0], dtype=f32), torch.zeros_like(experts.down[0], dtype=f32)
     anchor = experts.segments([align_to]) if align_to is not None else None
     for e, share in zip(members, w.tolist(), strict=True):
         perm = torch.arange(experts.intermediate, device=gate.device)
@@ -46,10 +47,11 @@ def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, alig
             score = (anchor @ experts.segments([e]).T).double().cpu().numpy()
             _, cols = linear_sum_assignment(score, maximize=True)
             perm = torch.as_tensor(cols, device=gate.device)
-        gate += share * experts.gate[e][perm]
-        up += share * experts.up[e][perm]
-        down += share * experts.down[e][:, perm]
-    return RebuiltExpert(gate, up, down)
+        gate += share * experts.gate[e][perm].float()
+        up += share * experts.up[e][perm].float()
+        down += share * experts.down[e][:, perm].float()
+    dtype = experts.gate.dtype
+    return RebuiltExpert(gate.to(dtype), up.to(dtype), down.to(dtype))
 
 
 def msmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats, keep: int,

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..options import RewriteOptions
-from .kmeans import gate_linf_init, spherical_weighted_kmeans
+from ..stage_clock import NO_CLOCK, StageClock
+from .kmeans import batched_spherical_kmeans, gate_linf_init
 from .segments import ExpertStack, component_columns, reassign_segments, transfer_counts, transfer_router
 
 
 @dataclass
 class RebuiltExpert:
-    """A kept expert's new weights in float32: gate and up [k, d], down [d, k]."""
+    """A kept expert's new weights, in the checkpoint's dtype: gate and up [k, d], down [d, k]."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -41,42 +42,81 @@ def dern_layer(
     importance: torch.Tensor,
     kept: list[int],
     options: RewriteOptions,
+    clock: StageClock = NO_CLOCK,
 ) -> LayerResult:
-    """Stages 2 and 3 for one layer; `experts` are float32 on the compute device, `importance` is S."""
+    """Stages 2 and 3 for one layer; `experts` are on the compute device, `importance` is S.
+
+    Rebuilt experts come back in the experts' own dtype, cast once from the float32 clustering."""
     num, h, d = experts.gate.shape
     kept_set = set(kept)
     dropped = [e for e in range(num) if e not in kept_set]
     target_k = options.intermediate_size or h
-    assignment = reassign_segments(
-        experts, kept, dropped, options.sim_components, options.alpha, options.similarity_block_bytes
-    )
-    counts = transfer_counts(assignment, len(kept))
-    new_router = transfer_router(router, kept, dropped, counts, h) if options.router_transfer else router[kept].clone()
-
-    weights = importance.to(device=experts.gate.device, dtype=torch.float32)
-    sim_cols = component_columns(options.sim_components, d, experts.gate.device)
-    rebuilt: list[RebuiltExpert | None] = []
-    iterations: list[int] = []
-    for pos, expert in enumerate(kept):
-        own = experts.segments([expert])
-        # Reassigned members in (dropped expert, segment) order: deterministic whatever the device.
-        src_expert, src_segment = (assignment == pos).nonzero(as_tuple=True)
-        if own.shape[0] + src_expert.numel() <= target_k:
-            rebuilt.append(None)
-            iterations.append(0)
-            continue
-        source = torch.as_tensor(dropped, dtype=torch.long, device=own.device)[src_expert]
-        foreign = experts.segment_rows(source, src_segment)
-        members = torch.cat([own, foreign])
-        member_weights = torch.cat([weights[expert].expand(h), weights[source]])
-        # "own": seed the centroids with the kept expert's own segments (the first h members), so that
-        # near-duplicate pooled segments cannot take two centroids and leave a neuron with none.
-        init = gate_linf_init(members[:h] if options.kmeans_init == "own" else members, d, target_k)
-        result = spherical_weighted_kmeans(
-            members, member_weights, sim_cols, target_k, options.kmeans_iters, init, options.similarity_block_bytes,
+    with clock("reassign"):
+        assignment = reassign_segments(
+            experts, kept, dropped, options.sim_components, options.alpha, options.similarity_block_bytes
         )
-        seg = result.segments
-        rebuilt.append(RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T))
-        iterations.append(result.iterations)
+        counts = transfer_counts(assignment, len(kept))
+        new_router = (transfer_router(router, kept, dropped, counts, h) if options.router_transfer
+                      else router[kept].clone())
+
+    with clock("cluster"):
+        weights = importance.to(device=experts.gate.device, dtype=torch.float32)
+        dropped_ids = torch.as_tensor(dropped, dtype=torch.long, device=experts.gate.device)
+        jobs = []  # (position, kept expert, sources of its reassigned members, their segments)
+        for pos, expert in enumerate(kept):
+            # Reassigned members in (dropped expert, segment) order: deterministic whatever the device.
+            src_expert, src_segment = (assignment == pos).nonzero(as_tuple=True)
+            if h + src_expert.numel() > target_k:  # else the expert is written unchanged
+                jobs.append((pos, expert, dropped_ids[src_expert], src_segment))
+        rebuilt: list[RebuiltExpert | None] = [None] * len(kept)
+        iterations = [0] * len(kept)
+        for batch in _batches(jobs, h, 3 * d, len(options.sim_components) * d, target_k,
+                              options.similarity_block_bytes):
+            for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, options),
+                                              strict=True):
+                seg = result.segments.to(experts.gate.dtype)
+                rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T.contiguous())
+                iterations[pos] = result.iterations
     return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations)
 
+
+def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int) -> list[list]:
+    """Consecutive kept experts grouped so one batch's float32 working set stays within `budget`
+    (members, their similarity part, their scaled copy, three centroid tables); at least one each."""
+    batches: list[list] = []
+    widest = 0
+    for job in jobs:
+        rows = h + job[2].numel()
+        if batches and (len(batches[-1]) + 1) * _job_bytes(max(widest, rows), width, sim_width, k) <= budget:
+            batches[-1].append(job)
+            widest = max(widest, rows)
+        else:
+            batches.append([job])
+            widest = rows
+    return batches
+
+
+def _job_bytes(rows: int, width: int, sim_width: int, k: int) -> int:
+    return 4 * (rows * (2 * width + sim_width) + 3 * k * width)
+
+
+def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, options: RewriteOptions):
+    """Gather each job's members (own segments first) into one padded float32 batch and cluster it."""
+    h, d = experts.intermediate, experts.gate.shape[2]
+    sizes = [h + job[2].numel() for job in batch]
+    device = experts.gate.device
+    members = torch.zeros(len(batch), max(sizes), 3 * d, device=device)
+    member_weights = torch.zeros(len(batch), max(sizes), device=device)
+    init = torch.empty(len(batch), k, dtype=torch.long, device=device)
+    for j, (_, expert, source, segment) in enumerate(batch):
+        members[j, :h] = experts.segments([expert])
+        members[j, h:sizes[j]] = experts.segment_rows(source, segment)
+        member_weights[j, :h] = weights[expert]
+        member_weights[j, h:sizes[j]] = weights[source]
+        # "own": seed the centroids with the kept expert's own segments (the first h members), so that
+        # near-duplicate pooled segments cannot take two centroids and leave a neuron with none.
+        init[j] = gate_linf_init(members[j, :h] if options.kmeans_init == "own" else members[j, :sizes[j]], d, k)
+    sim_cols = component_columns(options.sim_components, d, device)
+    counts = torch.tensor(sizes, device=device)
+    return batched_spherical_kmeans(members, member_weights, counts, sim_cols, k, options.kmeans_iters, init,
+                                    options.similarity_block_bytes)

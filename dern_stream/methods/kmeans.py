@@ -39,57 +39,106 @@ def spherical_weighted_kmeans(
     init: torch.Tensor,
     block_bytes: int = 256 * 2**20,
 ) -> KMeansResult:
-    """Cluster M member segments into k; `init` holds the k member indices that seed the centroids.
+    """Cluster M member segments into k; `init` holds the k member indices that seed the centroids."""
+    count = torch.tensor([members.shape[0]], device=members.device)
+    return batched_spherical_kmeans(members[None], weights[None], count, sim_columns, k, max_iters, init[None],
+                                    block_bytes)[0]
 
-    The [M, k] member-centroid cosines are reduced in row blocks of at most `block_bytes`."""
+
+def batched_spherical_kmeans(
+    members: torch.Tensor,
+    weights: torch.Tensor,
+    counts: torch.Tensor,
+    sim_columns: torch.Tensor,
+    k: int,
+    max_iters: int,
+    init: torch.Tensor,
+    block_bytes: int = 256 * 2**20,
+) -> list[KMeansResult]:
+    """Several independent clusterings at once (one per kept expert): one batched matmul per step
+    instead of one small one per expert, which is what keeps a GPU busy on many small experts.
+
+    members [B, M, D] float32, rows >= counts[b] being padding; weights [B, M]; init [B, k].
+    Each clustering stops changing when its assignment does (a converged one is a fixed point,
+    held as it is while the others go on), so the result equals clustering each alone.
+    The [B, rows, k] member-centroid cosines are reduced in row blocks of at most `block_bytes`.
+    """
+    b, m, _ = members.shape
+    device = members.device
+    valid = torch.arange(m, device=device)[None, :] < counts[:, None]
     norms = torch.linalg.vector_norm(members, dim=-1)
     safe_norms = norms.clamp_min(torch.finfo(members.dtype).tiny)
-    sim_n = F.normalize(members[:, sim_columns], dim=-1)
-    centroids = members[init] / safe_norms[init, None]
-    radius = norms[init].clone()
+    sim_n = F.normalize(members[..., sim_columns], dim=-1)
+    batch = torch.arange(b, device=device)[:, None]
+    centroids = members[batch, init] / safe_norms[batch, init, None]
+    radius = norms[batch, init]
     weights = weights.to(members.dtype)
 
     assignment = None
-    iterations = 0
-    for iterations in range(1, max_iters + 1):  # noqa: B007 - the count is returned
-        new = _nearest(sim_n, F.normalize(centroids[:, sim_columns], dim=-1), block_bytes)
-        if assignment is not None and torch.equal(new, assignment):
-            break
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    iterations = torch.full((b,), max_iters, dtype=torch.long)
+    for it in range(1, max_iters + 1):
+        new = _nearest(sim_n, F.normalize(centroids[..., sim_columns], dim=-1), block_bytes)
+        new = torch.where(valid, new, k)  # padding goes to a spare cluster k, dropped below
+        if assignment is not None:
+            settled = active & (new == assignment).all(dim=1)
+            iterations[settled.cpu()] = it
+            active &= ~settled
+            if not bool(active.any()):
+                break
+            new = torch.where(active[:, None], new, assignment)
         assignment = new
-        centroids, radius = _update(members, norms, safe_norms, weights, assignment, centroids, radius)
+        updated, new_radius = _update(members, norms, safe_norms, weights, assignment, centroids, radius, k)
+        centroids = torch.where(active[:, None, None], updated, centroids)
+        radius = torch.where(active[:, None], new_radius, radius)
 
-    counts = torch.bincount(assignment, minlength=k)
-    segments = centroids * radius[:, None]
-    single = (counts == 1).nonzero().squeeze(-1)
-    if single.numel():
-        owner = torch.full((k,), -1, dtype=torch.long, device=members.device)
-        owner.scatter_(0, assignment, torch.arange(members.shape[0], device=members.device))
-        segments[single] = members[owner[single]]
-    return KMeansResult(segments, assignment, iterations)
+    results = []
+    for j in range(b):
+        n = int(counts[j])
+        own = assignment[j, :n]
+        sizes = torch.bincount(own, minlength=k)
+        segments = centroids[j] * radius[j, :, None]
+        single = (sizes == 1).nonzero().squeeze(-1)
+        if single.numel():  # a singleton cluster gives back its member exactly
+            owner = torch.full((k,), -1, dtype=torch.long, device=device)
+            owner.scatter_(0, own, torch.arange(n, device=device))
+            segments[single] = members[j, owner[single]]
+        results.append(KMeansResult(segments, own, int(iterations[j])))
+    return results
 
 
 def _nearest(points: torch.Tensor, centres: torch.Tensor, block_bytes: int) -> torch.Tensor:
-    """Index of the most similar (unit) centre for each (unit) point, ties to the lower index."""
-    rows = max(1, block_bytes // (4 * centres.shape[0]))
-    return torch.cat([(points[i:i + rows] @ centres.T).argmax(dim=-1) for i in range(0, points.shape[0], rows)])
+    """Index of the most similar (unit) centre for each (unit) point, ties to the lower index; [B, M]."""
+    rows = max(1, block_bytes // (4 * centres.shape[0] * centres.shape[1]))
+    return torch.cat([torch.bmm(points[:, i:i + rows], centres.transpose(1, 2)).argmax(dim=-1)
+                      for i in range(0, points.shape[1], rows)], dim=1)
 
 
-def _update(members, norms, safe_norms, weights, assignment, centroids, radius):
-    k = centroids.shape[0]
-    counts = torch.bincount(assignment, minlength=k)
-    filled = counts > 0
-    r = torch.zeros(k, dtype=members.dtype, device=members.device).index_add_(0, assignment, norms)
-    r = r / counts.clamp_min(1)
-    wsum = torch.zeros(k, dtype=members.dtype, device=members.device).index_add_(0, assignment, weights)
+def _update(members, norms, safe_norms, weights, assignment, centroids, radius, k):
+    """One centroid step for every clustering; cluster k of each row collects the padding."""
+    b, m, width = members.shape
+    groups = (torch.arange(b, device=members.device)[:, None] * (k + 1) + assignment).reshape(-1)
+
+    def per_cluster(values: torch.Tensor) -> torch.Tensor:  # [B, M] -> sums per cluster [B, k + 1]
+        out = torch.zeros(b * (k + 1), dtype=values.dtype, device=values.device)
+        return out.index_add_(0, groups, values.reshape(-1)).view(b, k + 1)
+
+    counts = torch.bincount(groups, minlength=b * (k + 1)).view(b, k + 1)
+    r = per_cluster(norms) / counts.clamp_min(1)
+    wsum = per_cluster(weights)
+    member_wsum = wsum.gather(1, assignment)
+    member_count = counts.gather(1, assignment).to(members.dtype)
     # A cluster whose members all weigh 0 (experts never routed to) is averaged uniformly instead.
-    uniform = wsum[assignment] <= 0
-    w_tilde = torch.where(uniform, 1.0 / counts[assignment].to(members.dtype), weights / wsum[assignment].clamp_min(
-        torch.finfo(members.dtype).tiny))
-    scaled = members * (w_tilde * r[assignment] / safe_norms)[:, None]
-    total = torch.zeros_like(centroids).index_add_(0, assignment, scaled)
+    w_tilde = torch.where(member_wsum <= 0, 1.0 / member_count,
+                          weights / member_wsum.clamp_min(torch.finfo(members.dtype).tiny))
+    scaled = members * (w_tilde * r.gather(1, assignment) / safe_norms)[..., None]
+    # torch's index_add_, not a numba kernel: numba's scatter is faster alone but its runtime costs
+    # 0.1 GB of RSS for about 12% of the clustering time (benchmarks/kernels.py; README, "Performance").
+    total = torch.zeros(b * (k + 1), width, dtype=members.dtype, device=members.device)
+    total = total.index_add_(0, groups, scaled.reshape(-1, width)).view(b, k + 1, width)[:, :k]
+    del scaled
     length = torch.linalg.vector_norm(total, dim=-1)
-    update = filled & (length > 0)
-    new_centroids = centroids.clone()
-    new_centroids[update] = total[update] / length[update, None]
-    new_radius = torch.where(update, r, radius)
-    return new_centroids, new_radius
+    update = (counts[:, :k] > 0) & (length > 0)
+    new_centroids = torch.where(update[..., None], total / length.clamp_min(torch.finfo(members.dtype).tiny)[..., None],
+                                centroids)
+    return new_centroids, torch.where(update, r[:, :k], radius)

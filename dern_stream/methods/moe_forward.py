@@ -65,8 +65,8 @@ class EvenSample:
 
 
 def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
-    """act(x W_g^T) * (x W_u^T): the expert's h neuron activations, [T, h]."""
-    return act(x @ gate.T) * (x @ up.T)
+    """act(x W_g^T) * (x W_u^T): the expert's h neuron activations, [T, h] (weights taken to float32)."""
+    return act(x @ gate.float().T) * (x @ up.float().T)
 
 
 def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
@@ -78,7 +78,7 @@ def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tens
     for e in range(experts.gate.shape[0]):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if tok.numel():
-            y = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) @ experts.down[e].T
+            y = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) @ experts.down[e].float().T
             out.index_add_(0, tok, y * w[tok, slot, None])
     return out
 
@@ -109,7 +109,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
     reap = torch.zeros(n, dtype=torch.float64, device=x.device)
     mean_out = torch.zeros(n, x.shape[1], dtype=torch.float64, device=x.device)
     for e in range(n):
-        y = expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].T  # every token
+        y = expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].float().T  # every token
         mean_out[e] = y.double().mean(dim=0)
         tok, slot = (idx == e).nonzero(as_tuple=True)
         freq[e] = tok.numel() / x.shape[0]

@@ -25,7 +25,7 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
     """New stack with refitted down projections (gate and up are shared with `experts`)."""
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
-    down = experts.down.clone()
+    down = experts.down.to(torch.float32, copy=True)
     residual = target - routed_output(x, router_weight, bias, gating, experts)
     for _ in range(sweeps):
         for e in range(down.shape[0]):

@@ -16,58 +16,54 @@ from ..families import PARTS
 
 @dataclass
 class ExpertStack:
-    """A layer's routed experts on the compute device: gate and up [N, h, d], down [N, d, h]."""
+    """A layer's routed experts: gate and up [N, h, d], down [N, d, h].
+
+    Held in the checkpoint's dtype (half the memory of float32 for bf16 models); the methods
+    convert the rows they work on to float32 a block at a time."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
 
+    @classmethod
+    def empty(cls, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> ExpertStack:
+        return cls(torch.empty(n, h, d, dtype=dtype, device=device), torch.empty(n, h, d, dtype=dtype, device=device),
+                   torch.empty(n, d, h, dtype=dtype, device=device))
+
     @property
     def intermediate(self) -> int:
         return self.gate.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+    def to(self, device: torch.device) -> ExpertStack:
+        return ExpertStack(self.gate.to(device), self.up.to(device), self.down.to(device))
+
+    def float(self) -> ExpertStack:
+        return ExpertStack(self.gate.float(), self.up.float(), self.down.float())
+
     def segments(self, experts: list[int] | torch.Tensor, components: tuple[str, ...] = PARTS) -> torch.Tensor:
-        """[len(experts) * h, len(components) * d]: one row per segment, experts in the given order."""
+        """float32 [len(experts) * h, len(components) * d]: one row per segment, experts in the given order."""
         idx = torch.as_tensor(experts, dtype=torch.long, device=self.gate.device)
         parts = {
             "gate": lambda: self.gate[idx],
             "up": lambda: self.up[idx],
             "down": lambda: self.down[idx].transpose(1, 2),
         }
-        rows = torch.cat([parts[c]() for c in components], dim=-1)
+        rows = torch.cat([parts[c]().float() for c in components], dim=-1)
         return rows.reshape(-1, rows.shape[-1])
 
     def segment_rows(self, experts: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        """Full vectors [n, 3d] of the single segments (experts[j], segments[j])."""
-        return torch.cat([self.gate[experts, segments], self.up[experts, segments],
-                          self.down[experts, :, segments]], dim=-1)
+        """float32 full vectors [n, 3d] of the single segments (experts[j], segments[j])."""
+        return torch.cat([self.gate[experts, segments].float(), self.up[experts, segments].float(),
+                          self.down[experts, :, segments].float()], dim=-1)
 
 
 def component_columns(components: tuple[str, ...], d: int, device: torch.device) -> torch.Tensor:
     """Column indices of `components` inside a full (gate | up | down) segment vector."""
     return torch.cat([torch.arange(PARTS.index(c) * d, (PARTS.index(c) + 1) * d, device=device) for c in components])
-
-
-def max_similarity_to_experts(
-    pool: torch.Tensor, kept: torch.Tensor, num_kept: int, block_bytes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each pooled segment: the best kept expert and its similarity sim(seg, E_r) = max cosine
-    over E_r's original segments (Eq. 6).
-
-    pool [P, D] and kept [num_kept * h, D] are raw segment vectors. The [P, num_kept * h] cosine
-    matrix is computed in row blocks of at most `block_bytes` and reduced at once, so it never exists whole.
-    """
-    kept_n = F.normalize(kept, dim=-1)
-    h = kept.shape[0] // num_kept
-    rows = max(1, block_bytes // (4 * kept.shape[0]))
-    best_sim = torch.empty(pool.shape[0], device=pool.device)
-    best_expert = torch.empty(pool.shape[0], dtype=torch.long, device=pool.device)
-    for start in range(0, pool.shape[0], rows):
-        block = F.normalize(pool[start:start + rows], dim=-1) @ kept_n.T
-        # Clamp: cosines of identical vectors can round to just above 1, and alpha = 1 must move nothing.
-        per_expert = block.view(block.shape[0], num_kept, h).amax(dim=-1).clamp_(-1.0, 1.0)
-        best_sim[start:start + rows], best_expert[start:start + rows] = per_expert.max(dim=-1)
-    return best_sim, best_expert
 
 
 def reassign_segments(
@@ -80,19 +76,37 @@ def reassign_segments(
 ) -> torch.Tensor:
     """Target kept position (0..K-1) of every pooled segment, -1 where it is dropped.
 
-    Result [len(dropped), h]; a segment moves only if its best similarity exceeds alpha (Eq. 7).
-    Only the kept experts' original segments count, so the result does not depend on order.
+    Result [len(dropped), h]. sim(seg, E_r) = max cosine between seg and the kept expert E_r's
+    *original* segments (Eq. 6), so the result does not depend on order; a segment moves to its
+    best kept expert only if that maximum exceeds alpha (Eq. 7).
+
+    Batched over kept experts and blockwise: the kept experts are taken a block at a time (as
+    many as fit in `block_bytes` once normalised), the pooled segments likewise, and each block of
+    cosines is reduced at once, so no [pooled, K h] matrix ever exists whole and at most one block
+    of float32 copies does. Ties go to the lower kept expert.
     """
-    h = experts.intermediate
-    target = torch.full((len(dropped), h), -1, dtype=torch.long, device=experts.gate.device)
-    if not dropped:
+    h, device = experts.intermediate, experts.gate.device
+    target = torch.full((len(dropped), h), -1, dtype=torch.long, device=device)
+    if not dropped or alpha >= 1.0:  # cosines are clamped to <= 1, so alpha = 1 moves nothing
         return target
-    kept_segments = experts.segments(kept, components)
-    for row, expert in enumerate(dropped):  # one dropped expert's segments at a time, not the whole pool
-        sim, best = max_similarity_to_experts(experts.segments([expert], components), kept_segments, len(kept),
-                                              block_bytes)
-        target[row] = torch.where(sim > alpha, best, -1)
-    return target
+    width = len(components) * experts.gate.shape[2]
+    per_block = max(1, min(len(kept), block_bytes // (3 * 4 * h * width)))  # kept rows, their copy, the products
+    pool_experts = max(1, block_bytes // (4 * h * max(width, per_block * h)))
+    best_sim = torch.full((len(dropped), h), -2.0, device=device)
+    for k0 in range(0, len(kept), per_block):
+        block = kept[k0:k0 + per_block]
+        kept_n = F.normalize(experts.segments(block, components), dim=-1)
+        for p0 in range(0, len(dropped), pool_experts):
+            pool = F.normalize(experts.segments(dropped[p0:p0 + pool_experts], components), dim=-1)
+            cos = (pool @ kept_n.T).view(-1, len(block), h)
+            # Clamp: cosines of identical vectors can round to just above 1, and alpha = 1 must move nothing.
+            sim, best = cos.amax(dim=-1).clamp_(-1.0, 1.0).max(dim=-1)
+            sim, best = sim.view(-1, h), best.view(-1, h) + k0
+            rows = slice(p0, p0 + pool_experts)
+            better = sim > best_sim[rows]  # strict: an earlier (lower) kept expert wins a tie
+            best_sim[rows] = torch.where(better, sim, best_sim[rows])
+            target[rows] = torch.where(better, best, target[rows])
+    return torch.where(best_sim > alpha, target, -1)
 
 
 def transfer_counts(assignment: torch.Tensor, num_kept: int) -> torch.Tensor:
