@@ -34,8 +34,5 @@ class StageClock:
             with self._lock:
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    def summary(self) -> str:
-        return ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items() if v > 0 or k in STAGES)
-
 
 NO_CLOCK = StageClock()  # the default for callers that do not time (tests, library use of single stages)

@@ -1,4 +1,4 @@
-"""Checkpoint I/O: memory-mapped reading, in-place sharded writing, staged output directories."""
+"""Checkpoint I/O: pread reading, in-place sharded writing, staged output directories."""
 
 from .output_dir import StagedOutput, check_output_location, copy_side_files
 from .source import Checkpoint, resolve_checkpoint

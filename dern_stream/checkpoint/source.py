@@ -54,6 +54,15 @@ def resolve_checkpoint(ref: str | os.PathLike) -> Path:
                         f"{str(e).splitlines()[0]}") from None
 
 
+def open_sequential(path: str) -> int:
+    """A read-only descriptor with sequential read-ahead advised (a layer's tensors are read in file
+    order). Keep it open: reopening per tensor resets the kernel's read-ahead each time."""
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    return fd
+
+
 class Checkpoint:
     """A safetensors checkpoint directory: config, tensor index, and lazy tensor reads."""
 
@@ -142,12 +151,9 @@ class Checkpoint:
             fd = self._fds.get(path)
             if fd is None:
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = self._fds[path] = open_sequential(path)
                 except OSError as e:
                     raise DernError(f"cannot open {os.path.basename(path)}: {e.strerror or e}") from None
-                if hasattr(os, "posix_fadvise"):  # larger read-ahead: a layer's tensors are read in file order
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                self._fds[path] = fd
             return fd
 
     def release(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
-from .source import INDEX_NAME, SINGLE_NAME
+from .source import INDEX_NAME, SINGLE_NAME, open_sequential
 
 _COPY_CHUNK = 64 * 2**20
 
@@ -108,13 +108,11 @@ class ShardedWriter:
         self._done(name)
 
     def _source(self, path: str) -> int:
-        """One descriptor per source shard, kept open: reopening per tensor would reset the kernel's
-        read-ahead each time (measured: cold copies ran at well under the disk's speed)."""
+        """One descriptor per source shard, kept open (measured: reopening per tensor made cold copies
+        run well under the disk's speed)."""
         fd = self._sources.get(path)
         if fd is None:
-            fd = self._sources[path] = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            fd = self._sources[path] = open_sequential(path)
         return fd
 
     def _done(self, name: str) -> None:
