@@ -22,13 +22,21 @@ from .checkpoint import (
     resolve_checkpoint,
 )
 from .device import resolve_device
-from .errors import DernError
+from .errors import DernError, describe
 from .families import family_for
-from .host_memory import return_freed_memory
-from .layer_rewrite import LayerInputs, compress_layer, layer_routing, read_layer, write_layer
+from .host_memory import map_large_blocks, return_freed_memory
+from .layer_rewrite import (
+    LayerInputs,
+    compress_layer,
+    layer_output_names,
+    layer_routing,
+    read_layer,
+    write_layer,
+)
 from .layout import ModelShape, check_moe_layers, copies_by_layer, plan_output
 from .options import RewriteOptions
 from .pipeline import run_pipeline
+from .run_identity import files_stamp, run_key, tree_stamp
 from .stage_clock import StageClock
 
 log = logging.getLogger("dern_stream")
@@ -85,13 +93,21 @@ def rewrite(
     device: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    restart: bool = False,
     progress: bool = True,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
     MoE layer, built by DERN (or by `method`; `recipe="best"` is the recommended setting, see the
     README). Options left as None take the recipe's value, else the paper's default. Raises DernError,
-    with a one-line message, for any bad input; `out` is then left as it was."""
+    with a one-line message, for any bad input; `out` is then left as it was.
+
+    An interrupted run (killed, disk full, Ctrl-C) leaves its finished layers in `.OUT.dern-partial`
+    beside `out`; the same call resumes from them, and the result is byte-identical to an
+    uninterrupted run. `restart=True` discards them instead.
+
+    Sets glibc's mmap threshold to 4 MiB for the process (host_memory.map_large_blocks)."""
     started = time.perf_counter()
+    map_large_blocks()
     options = RewriteOptions.build(
         experts, recipe, method=method, alpha=alpha, sim_components=sim_components, kmeans_iters=kmeans_iters,
         intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
@@ -129,46 +145,72 @@ def rewrite(
     copy_with = copies_by_layer(copied, list(by_index))
     with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
     clock = StageClock(compute)
-    records: dict[str, dict] = {}  # per-layer audit entries: plain numbers, never tensors
-    with StagedOutput(out_path) as stage:
-        writer = ShardedWriter(stage.path, specs, options.max_shard_size)
-        try:
-            with tqdm(total=len(layers), desc="rewrite MoE layers", unit="layer", disable=not progress) as bar:
+    run = run_key(
+        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
+        source_fingerprint=ckpt.fingerprint(),
+        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
+        calib_files=tree_stamp(Path(calib)) if dump is not None else None,
+    )
+    stage = StagedOutput(out_path, run, restart)
+    try:
+        with stage:
+            records = stage.progress.layers  # per-layer audit entries (plain numbers), resumed ones first
+            if records:
+                log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(layers))
+            writer = ShardedWriter(stage.path, specs, options.max_shard_size, resume=stage.resumed)
+            try:
+                for index in records:
+                    for name in [*copy_with[int(index)], *layer_output_names(family, by_index[int(index)],
+                                                                                  options.experts)]:
+                        writer.skip(name)
+                todo = [layer for layer in layers if str(layer.index) not in records]
+                with tqdm(total=len(layers), initial=len(layers) - len(todo), desc="rewrite MoE layers",
+                          unit="layer", disable=not progress) as bar:
 
-                def read(layer) -> LayerInputs:
-                    return read_layer(ckpt, family, layer, shape, with_experts, clock)
+                    def read(layer) -> LayerInputs:
+                        return read_layer(ckpt, family, layer, shape, with_experts, clock)
 
-                def compute_layer(inputs: LayerInputs):
-                    layer_dump = dump if inputs.layer.index in calibrated else None
-                    return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing, clock)
+                    def compute_layer(inputs: LayerInputs):
+                        layer_dump = dump if inputs.layer.index in calibrated else None
+                        return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing,
+                                              clock)
 
-                def write(report) -> None:
-                    with clock("write"):
-                        for name in copy_with[report.index]:
-                            writer.copy_raw(name, ckpt.entries[name])
-                        write_layer(writer, ckpt, family, by_index[report.index], report)
-                        writer.start_writeback()
-                    records[str(report.index)] = layer_record(report)
-                    return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
-                    bar.update()
-                    bar.set_postfix(layer=report.index, reassigned=records[str(report.index)]["segments_reassigned"])
+                    def write(report) -> None:
+                        with clock("write"):
+                            for name in copy_with[report.index]:
+                                writer.copy_raw(name, ckpt.entries[name])
+                            write_layer(writer, ckpt, family, by_index[report.index], report)
+                            writer.start_writeback()
+                            record = layer_record(report)
+                            # Journaled once flushed: a resumed run trusts exactly what is on disk.
+                            writer.commit(lambda: stage.progress.add(report.index, record))
+                        return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
+                        bar.update()
+                        bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
-                run_pipeline(layers, read, compute_layer, write)
-            with clock("write"):
-                writer.finish()
-        finally:
-            writer.close()
-            ckpt.release()
-        (stage.path / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-        _, skipped = copy_side_files(source, stage.path)
-        if skipped:
-            notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
-            log.warning("note: %s", notes[-1])
-        write_audit(stage.path, audit_record(
-            source=source, fingerprint=ckpt.fingerprint(), calib=Path(calib).resolve() if calib else None,
-            model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
-            options=options, config_notes=notes, layers=records,
-        ))
+                    run_pipeline(todo, read, compute_layer, write)
+                with clock("write"):
+                    writer.finish()
+            finally:
+                writer.close()
+                ckpt.release()
+            (stage.path / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+            _, skipped = copy_side_files(source, stage.path)
+            if skipped:
+                notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
+                log.warning("note: %s", notes[-1])
+            records = {k: records[k] for k in sorted(records, key=int)}
+            write_audit(stage.path, audit_record(
+                source=source, fingerprint=ckpt.fingerprint(), calib=Path(calib).resolve() if calib else None,
+                model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
+                options=options, config_notes=notes, layers=records, run=run, device=compute,
+                calib_provenance=dump.attrs.get("provenance") if dump is not None else None,
+            ))
+    except (DernError, OSError) as e:
+        if stage.path.exists():  # finished layers were kept
+            raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(layers)} MoE layers are done "
+                            f"and kept in {stage.path}: run the same command again to resume)") from e
+        raise
 
     return RewriteSummary(
         output=out_path, model_type=family.model_type, layers=len(records),

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
-import safetensors
 import torch
 
 from . import __version__
 from .layer_rewrite import LayerReport
 from .options import RewriteOptions
+from .run_identity import versions
 
 
 def audit_record(
@@ -24,11 +25,24 @@ def audit_record(
     options: RewriteOptions,
     config_notes: list[str],
     layers: dict[str, dict],
+    run: dict | None = None,
+    device: torch.device | None = None,
+    calib_provenance: dict | None = None,
 ) -> dict:
-    """The whole record; `layers` maps layer index to `layer_record(...)`."""
+    """The whole record; `layers` maps layer index to `layer_record(...)`. Nothing in it varies between
+    two runs of the same command (no times, no process ids), so reruns stay byte-identical."""
     return {
         "dern_stream_version": __version__,
-        "versions": {"torch": torch.__version__, "safetensors": safetensors.__version__},
+        "versions": versions(),
+        # What reproduces the output bit for bit: these versions, this device type, the options below and
+        # inputs with these fingerprints (`resume_key` is what an interrupted run must match to be resumed).
+        "reproduce": {
+            "device_type": device.type if device is not None else None,
+            "device_name": _device_name(device),
+            "torch_threads": torch.get_num_threads(),
+            "calibration_provenance": calib_provenance,
+            "resume_key": run,
+        },
         "method": options.method,
         "recipe": options.recipe,
         "options": options.method_record(),
@@ -40,6 +54,14 @@ def audit_record(
         "config_notes": config_notes,
         "layers": layers,
     }
+
+
+def _device_name(device: torch.device | None) -> str | None:
+    if device is None:
+        return None
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.machine()
 
 
 def layer_record(report: LayerReport) -> dict:

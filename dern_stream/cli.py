@@ -9,7 +9,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import DernError
+from .errors import DernError, describe
 from .options import IMPORTANCE_METHODS, KMEANS_INITS, METHODS, RECIPES
 
 
@@ -23,9 +23,15 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             # OSError: a full disk or a permission problem mid-run; the staged output is already gone.
-            message = str(e) if isinstance(e, DernError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {describe(e)}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            resumable = ctx.invoked_subcommand in ("rewrite", "dump")
+            click.echo("error: interrupted" + ("; finished layers are kept: run the same command again to resume"
+                                               if resumable else ""), err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group)
@@ -76,11 +82,15 @@ def main(debug: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--restart", is_flag=True,
+              help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kmeans_iters, kmeans_init,
             intermediate_size, importance, router_transfer, alpha_candidates, refit, refit_ridge, fit_tokens, device,
-            max_shard_size, overwrite, quiet) -> None:
-    """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer."""
+            max_shard_size, overwrite, restart, quiet) -> None:
+    """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
+
+    Run again after an interruption, with the same arguments, to continue from the last finished layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
     summary = run_rewrite(
@@ -88,7 +98,7 @@ def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kme
         sim_components=sim_components, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init,
         intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
         alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge, fit_tokens=fit_tokens,
-        device=device, max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
+        device=device, max_shard_size=max_shard_size, overwrite=overwrite, restart=restart, progress=not quiet,
     )
     click.echo(str(summary))
 

@@ -3,3 +3,10 @@
 
 class DernError(Exception):
     """Bad input or an unrecoverable condition, explained in one line (the CLI prints it without traceback)."""
+
+
+def describe(e: BaseException) -> str:
+    """One line for a DernError or an OSError (a full disk, a permission problem)."""
+    if isinstance(e, OSError) and not isinstance(e, DernError):
+        return f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+    return str(e)

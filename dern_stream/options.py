@@ -85,7 +85,7 @@ class RewriteOptions:
     device: str = "auto"
     max_shard_size: int = 5 * 10**9
     # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py).
-    similarity_block_bytes: int = field(default=64 * 2**20, repr=False)
+    similarity_block_bytes: int = field(default=16 * 2**20, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, int) or self.experts < 1:

@@ -6,7 +6,8 @@ hand over layer L's result only once layer L-1's has been written. Host memory t
 most: the layer being read, the layer being computed, and the result being written.
 Reading (pread) and writing (pwrite, copy_file_range) release the GIL, and so do torch's kernels,
 so the three overlap in practice. The first failure on any thread stops the others and is
-raised on the calling thread, with its original type (a DernError stays a one-line message).
+raised on the calling thread, with its original type (a DernError stays a one-line message); after
+a failure in the computation, the results already handed to the writer are written first.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def run_pipeline(
     except _Stopped:
         pass
     except BaseException:
-        stop.set()
+        # Results computed before the failure are still written: a resumed run keeps them.
+        results.put(_DONE)
+        threads[1].join()
         raise
     finally:
         stop.set()  # a worker still blocked (after a failure here) exits

@@ -60,3 +60,24 @@ def raw_bytes(directory: Path) -> dict[str, bytes]:
 def shard_metadata(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def file_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` by relative path (tiny checkpoints): 'untouched' means all of these."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def assert_clean_failure(result, out: Path, message: str, code: int = 2) -> None:
+    """One line on stderr (after any progress bars), the exit code, no traceback, OUT not created, and
+    nothing complete-looking beside it: a kept partial output must be a resumable hidden directory
+    with no config.json, and the message must say how to resume."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1].startswith("error: ") and message in lines[-1], result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    for left in [p for p in out.parent.iterdir() if ".dern-" in p.name and p.name.startswith(f".{out.name}.")]:
+        assert left.name == f".{out.name}.dern-partial" and (left / ".dern-progress.json").is_file(), left
+        assert not (left / "config.json").exists()
+        assert "again to resume" in lines[-1]

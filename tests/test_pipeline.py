@@ -58,6 +58,8 @@ def test_pipeline_failure_on_any_thread_is_raised_here_with_its_type(stage):
         run_pipeline(range(10), lambda i: fail_at("read", i), lambda i: fail_at("compute", i),
                      lambda i: done.append(fail_at("write", i)))
     assert done == list(range(len(done))) and len(done) <= 3  # in order, nothing from item 3 on
+    if stage == "compute":
+        assert done == [0, 1, 2]  # what was computed before the failure is still written
     assert not [t for t in threading.enumerate() if t.name.startswith("dern-")]  # no thread left behind
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import DernError
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
 from .source import INDEX_NAME, SINGLE_NAME, open_sequential
 
@@ -59,7 +60,9 @@ def shard_names(count: int) -> list[str]:
 class ShardedWriter:
     """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once."""
 
-    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_size: int):
+    def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_size: int, resume: bool = False):
+        """With `resume`, the shards must already exist exactly as planned (an interrupted run's): they
+        are reopened as they are, and `skip()` marks the tensors they already hold."""
         self.directory = Path(directory)
         self.specs = {s.name: s for s in specs}
         self._slots: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
@@ -71,15 +74,21 @@ class ShardedWriter:
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dern-fsync")
         self._flushes: list[Future] = []
         self._sources: dict[str, int] = {}
+        self._touched: set[int] = set()  # shard fds written since the last commit()
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(s.nbytes for s in specs)
         shards = plan_shards(specs, max_shard_size)
         for fname, shard in zip(shard_names(len(shards)), shards, strict=True):
             head, offsets = build_header([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
-            fd = os.open(self.directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, head, 0)
-            os.ftruncate(fd, len(head) + sum(s.nbytes for s in shard))
+            size = len(head) + sum(s.nbytes for s in shard)
+            if resume:
+                self._fds.append(_reopen(self.directory / fname, head, size))
+            else:
+                fd = os.open(self.directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, size)
+            fd = self._fds[-1]
             self._pending_in[fd] = {spec.name for spec in shard}
             for spec, off in zip(shard, offsets, strict=True):
                 self._slots[spec.name] = (fd, off)
@@ -107,6 +116,28 @@ class ShardedWriter:
         _copy_range(self._source(src.file), src.start, fd, off, src.nbytes)
         self._done(name)
 
+    def skip(self, name: str) -> None:
+        """`name` is already in place (written by the interrupted run this one resumes)."""
+        self._pending.discard(name)
+        fd = self._slots[name][0]
+        left = self._pending_in.get(fd)
+        if left is not None:
+            left.discard(name)
+            if not left:
+                del self._pending_in[fd]
+
+    def commit(self, then) -> None:
+        """Flush every shard written since the last commit, then call `then()`, on the flush thread (in
+        order, without stalling the writer): what `then` records as done is on disk by then."""
+        touched, self._touched = sorted(self._touched), set()
+
+        def flush_and_record() -> None:
+            for fd in touched:
+                os.fdatasync(fd)
+            then()
+
+        self._flushes.append(self._flusher.submit(flush_and_record))
+
     def _source(self, path: str) -> int:
         """One descriptor per source shard, kept open (measured: reopening per tensor made cold copies
         run well under the disk's speed)."""
@@ -119,6 +150,7 @@ class ShardedWriter:
         """A shard is flushed to disk as soon as its last tensor is in, while later layers are computed."""
         self._pending.discard(name)
         fd = self._slots[name][0]
+        self._touched.add(fd)
         left = self._pending_in.get(fd)
         if left is not None:
             left.discard(name)
@@ -150,6 +182,20 @@ class ShardedWriter:
         for fd in [*self._fds, *self._sources.values()]:
             os.close(fd)
         self._fds, self._sources = [], {}
+
+
+def _reopen(path: Path, head: bytes, size: int) -> int:
+    """An interrupted run's shard, checked to be the one this run plans (same header, same size)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise DernError(f"cannot resume: partial shard {path.name} cannot be opened ({e.strerror}); "
+                        "pass --restart to start over") from None
+    if os.fstat(fd).st_size != size or os.pread(fd, len(head), 0) != head:
+        os.close(fd)
+        raise DernError(f"cannot resume: partial shard {path.name} is not laid out as this run plans; "
+                        "pass --restart to start over")
+    return fd
 
 
 # copy_file_range is unsupported here (old kernel, cross-device, some filesystems): copy in user space.

@@ -81,8 +81,9 @@ def dern_layer(
 
 
 def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int) -> list[list]:
-    """Consecutive kept experts grouped so one batch's float32 working set stays within `budget`
-    (members, their similarity part, their scaled copy, three centroid tables); at least one each."""
+    """Consecutive kept experts grouped so one batch's working set (taken as float32) stays within `budget`
+    (members, the centroids, their similarity part and the cluster sums);
+    at least one each."""
     batches: list[list] = []
     widest = 0
     for job in jobs:
@@ -97,20 +98,21 @@ def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int
 
 
 def _job_bytes(rows: int, width: int, sim_width: int, k: int) -> int:
-    return 4 * (rows * (2 * width + sim_width) + 3 * k * width)
+    return 4 * (rows * width + k * (2 * width + sim_width))
 
 
 def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, options: RewriteOptions):
-    """Gather each job's members (own segments first) into one padded float32 batch and cluster it."""
+    """Gather each job's members (own segments first) into one padded batch, in the checkpoint's dtype
+    (the clustering reads them in float32), and cluster it."""
     h, d = experts.intermediate, experts.gate.shape[2]
     sizes = [h + job[2].numel() for job in batch]
     device = experts.gate.device
-    members = torch.zeros(len(batch), max(sizes), 3 * d, device=device)
+    members = torch.zeros(len(batch), max(sizes), 3 * d, dtype=experts.gate.dtype, device=device)
     member_weights = torch.zeros(len(batch), max(sizes), device=device)
     init = torch.empty(len(batch), k, dtype=torch.long, device=device)
     for j, (_, expert, source, segment) in enumerate(batch):
-        members[j, :h] = experts.segments([expert])
-        members[j, h:sizes[j]] = experts.segment_rows(source, segment)
+        experts.segments_into(members[j, :h], expert)
+        experts.segment_rows_into(members[j, h:sizes[j]], source, segment)
         member_weights[j, :h] = weights[expert]
         member_weights[j, h:sizes[j]] = weights[source]
         # "own": seed the centroids with the kept expert's own segments (the first h members), so that

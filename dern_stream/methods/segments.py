@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..families import PARTS
 
@@ -55,10 +54,34 @@ class ExpertStack:
         rows = torch.cat([parts[c]().float() for c in components], dim=-1)
         return rows.reshape(-1, rows.shape[-1])
 
-    def segment_rows(self, experts: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-        """float32 full vectors [n, 3d] of the single segments (experts[j], segments[j])."""
-        return torch.cat([self.gate[experts, segments].float(), self.up[experts, segments].float(),
-                          self.down[experts, :, segments].float()], dim=-1)
+    def unit_segments_into(self, out: torch.Tensor, experts: list[int], components: tuple[str, ...]) -> torch.Tensor:
+        """Fill out [len(experts) * h, len(components) * d] with the experts' segments (their
+        `components` part), scaled to unit length in place; returns out."""
+        h, d = self.intermediate, self.gate.shape[2]
+        parts = {"gate": lambda e: self.gate[e], "up": lambda e: self.up[e], "down": lambda e: self.down[e].T}
+        for i, e in enumerate(experts):
+            for c, name in enumerate(components):
+                out[i * h:(i + 1) * h, c * d:(c + 1) * d] = parts[name](e)
+        return unit_rows(out)
+
+    def segments_into(self, out: torch.Tensor, expert: int) -> None:
+        """Fill out [h, 3d] with one expert's full segment vectors, converting without a temporary copy."""
+        d = self.gate.shape[2]
+        out[:, :d] = self.gate[expert]
+        out[:, d:2 * d] = self.up[expert]
+        out[:, 2 * d:] = self.down[expert].T
+
+    def segment_rows_into(self, out: torch.Tensor, experts: torch.Tensor, segments: torch.Tensor) -> None:
+        """Fill out [n, 3d] with the full vectors of the single segments (experts[j], segments[j])."""
+        d = self.gate.shape[2]
+        out[:, :d] = self.gate[experts, segments]
+        out[:, d:2 * d] = self.up[experts, segments]
+        out[:, 2 * d:] = self.down[experts, :, segments]
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) along the last axis, in place (what F.normalize computes, without a copy)."""
+    return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def component_columns(components: tuple[str, ...], d: int, device: torch.device) -> torch.Tensor:
@@ -90,15 +113,24 @@ def reassign_segments(
     if not dropped or alpha >= 1.0:  # cosines are clamped to <= 1, so alpha = 1 moves nothing
         return target
     width = len(components) * experts.gate.shape[2]
-    per_block = max(1, min(len(kept), block_bytes // (3 * 4 * h * width)))  # kept rows, their copy, the products
-    pool_experts = max(1, block_bytes // (4 * h * max(width, per_block * h)))
+    rows_bytes = 4 * h * width  # one expert's similarity rows in float32
+    per_block = max(1, min(len(kept), block_bytes // (2 * rows_bytes)))
+    # Each pooled expert in a block costs its rows and its cosines against the kept block.
+    pool_bytes = 4 * h * (width + per_block * h)
+    pool_experts = max(1, min(len(dropped), (block_bytes - per_block * rows_bytes) // pool_bytes))
+    # Buffers filled in place block after block: no concatenated or normalised copies pile up.
+    kept_buf = torch.empty(per_block * h, width, device=device)
+    pool_buf = torch.empty(pool_experts * h, width, device=device)
+    cos_buf = torch.empty(pool_experts * h * per_block * h, device=device)
     best_sim = torch.full((len(dropped), h), -2.0, device=device)
     for k0 in range(0, len(kept), per_block):
         block = kept[k0:k0 + per_block]
-        kept_n = F.normalize(experts.segments(block, components), dim=-1)
+        kept_n = experts.unit_segments_into(kept_buf[:len(block) * h], block, components)
         for p0 in range(0, len(dropped), pool_experts):
-            pool = F.normalize(experts.segments(dropped[p0:p0 + pool_experts], components), dim=-1)
-            cos = (pool @ kept_n.T).view(-1, len(block), h)
+            pool_ids = dropped[p0:p0 + pool_experts]
+            pool = experts.unit_segments_into(pool_buf[:len(pool_ids) * h], pool_ids, components)
+            cos = torch.mm(pool, kept_n.T, out=cos_buf[:pool.shape[0] * kept_n.shape[0]].view(pool.shape[0], -1))
+            cos = cos.view(-1, len(block), h)
             # Clamp: cosines of identical vectors can round to just above 1, and alpha = 1 must move nothing.
             sim, best = cos.amax(dim=-1).clamp_(-1.0, 1.0).max(dim=-1)
             sim, best = sim.view(-1, h), best.view(-1, h) + k0

@@ -1,0 +1,71 @@
+"""What identifies a rewrite: the key an interrupted run must match to be resumed, and the
+reproducibility facts recorded in dern_stream.json.
+
+The key covers everything that decides the output bytes: the options that set values, the shard
+size (it sets the layout), the device type (CPU and CUDA kernels round differently), the versions
+of this tool and torch, and the inputs. Inputs are identified by structure (config, tensor names,
+dtypes, shapes) and by each file's size and modification time, so a checkpoint or dump replaced in
+place (a new download, a rerun dump) is caught without reading hundreds of GB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import torch
+
+from . import __version__
+
+
+def versions() -> dict[str, str]:
+    return {"dern_stream": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "safetensors": safetensors.__version__}
+
+
+def files_stamp(paths: list[Path]) -> str:
+    """sha256 over each file's name, size and modification time (following symlinks, as the Hub cache uses)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        st = os.stat(path)
+        h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def tree_stamp(root: Path) -> str:
+    """files_stamp of every file under `root` (a zarr store is a directory of chunk files)."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def run_key(*, options_record: dict, max_shard_size: int, device_type: str, source_fingerprint: str,
+            source_files: str, calib_files: str | None) -> dict:
+    """The facts two runs must share for one to continue the other's partial output."""
+    v = versions()
+    return {
+        "dern_stream": v["dern_stream"], "torch": v["torch"], "device_type": device_type,
+        "options": options_record, "max_shard_size": max_shard_size,
+        "source": {"fingerprint": source_fingerprint, "files": source_files},
+        "calibration": calib_files,
+    }
+
+
+def key_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ, e.g. ['options.alpha: 0.4 -> 0.5', 'source.files']."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += key_differences(a, b, name + ".")
+        elif a != b:
+            short = all(isinstance(v, (int, float, bool, str, type(None))) and len(str(v)) <= 24 for v in (a, b))
+            out.append(f"{name}: {a} -> {b}" if short else name)
+    return out
