@@ -159,5 +159,21 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
     click.echo(str(report))
 
 
+@main.command(name="verify")
+@click.argument("out", metavar="OUT")
+@click.option("--against", metavar="IN", help="The input checkpoint: tensors the rewrite leaves unchanged must be "
+              "byte-identical to it.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify_(out, against, quiet) -> None:
+    """Check that checkpoint OUT is whole: config-implied tensors present with the right shapes, index and
+    shards in agreement, no NaN/Inf, dern_stream.json consistent; exit status 1 on any problem."""
+    from .verify import verify
+
+    report = verify(out, against=against, progress=not quiet)
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

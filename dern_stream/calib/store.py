@@ -143,6 +143,10 @@ class CalibWriter:
         self.group.attrs.update({"resume": None, "complete": True})
 
 
+def _positive_int(v) -> bool:
+    return type(v) is int and v > 0
+
+
 def _raw_dtype(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "int16"}.get(dtype, str(dtype).removeprefix("torch."))
 
@@ -172,8 +176,18 @@ class CalibDump:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise DernError(f"{self.path} has dump format version {attrs.get('format_version')}; "
                             f"this dern-stream reads version {FORMAT_VERSION}")
+        layers = attrs.get("moe_layers")
+        valid = (isinstance(attrs.get("model_type"), str) and _positive_int(attrs.get("hidden_size"))
+                 and _positive_int(attrs.get("num_experts")) and isinstance(layers, list)
+                 and all(type(i) is int and i >= 0 for i in layers))
+        if not valid:
+            raise DernError(f"{self.path} is a damaged calibration dump (its attributes are not what dern-stream "
+                            "writes: model_type, hidden_size, num_experts, moe_layers)")
         self.attrs = attrs
-        self.inputs = self.group.get("moe_inputs")
+        try:
+            self.inputs = self.group.get("moe_inputs")
+        except Exception:  # noqa: BLE001 - zarr raises many types for damaged metadata
+            self.inputs = None
         self._layers: dict[int, zarr.Array] = {}  # opened once: each open reads the store's metadata
 
     def check_matches(self, model_type: str, hidden_size: int, num_experts: int) -> None:
@@ -188,11 +202,18 @@ class CalibDump:
         if layer in self._layers:
             return self._layers[layer]
         key = str(layer)
-        if self.inputs is None or key not in self.inputs:
+        try:
+            arr = self.inputs[key] if self.inputs is not None and key in self.inputs else None
+            complete = arr is not None and arr.attrs.get("complete", False) is True
+        except Exception:  # noqa: BLE001 - zarr raises many types for damaged metadata
+            raise DernError(f"calibration dump {self.path}: layer {layer}'s metadata is damaged") from None
+        if arr is None:
             raise DernError(f"calibration dump {self.path} has no inputs for MoE layer {layer}")
-        arr = self.inputs[key]
-        if not arr.attrs.get("complete", False):
+        if not complete:
             raise DernError(f"calibration dump {self.path}: layer {layer} is incomplete (interrupted dump?)")
+        if not isinstance(arr, zarr.Array) or arr.ndim != 2 or arr.shape[1] != self.attrs["hidden_size"]:
+            raise DernError(f"calibration dump {self.path}: layer {layer} is not a [tokens, "
+                            f"{self.attrs['hidden_size']}] array")
         if arr.shape[0] == 0:
             raise DernError(f"calibration dump {self.path}: layer {layer} holds no tokens")
         self._layers[layer] = arr
@@ -211,7 +232,12 @@ class CalibDump:
         arr = self.layer(layer)
         step = arr.chunks[0] * max(1, _READ_BLOCK // (arr.chunks[0] * arr.shape[1] * 4))
         for i in range(math.ceil(arr.shape[0] / step)):
-            chunk = torch.from_numpy(np.asarray(arr[i * step:(i + 1) * step])).to(device=device, dtype=torch.float32)
+            try:
+                block = np.asarray(arr[i * step:(i + 1) * step])
+                chunk = torch.from_numpy(block).to(device=device, dtype=torch.float32)
+            except Exception as e:  # noqa: BLE001 - a damaged chunk file: zarr and its codecs raise many types
+                raise DernError(f"calibration dump {self.path}: layer {layer} cannot be read "
+                                f"({type(e).__name__}; damaged chunk files?)") from None
             # aminmax is one pass without a [T, d] mask (40x cheaper than isfinite().all()); NaN propagates.
             if not torch.isfinite(torch.stack(torch.aminmax(chunk))).all():
                 raise DernError(f"calibration dump {self.path}: layer {layer} holds NaN or Inf values")

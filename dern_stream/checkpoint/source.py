@@ -94,6 +94,12 @@ class Checkpoint:
                     raise TypeError
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 raise DernError(f"{index_path} is not a valid safetensors index (no weight_map)") from None
+            for name, fname in weight_map.items():
+                # Shard names are plain file names in this directory: never a path out of it.
+                if not isinstance(fname, str) or not fname.endswith(".safetensors") or "/" in fname \
+                        or fname.startswith("."):
+                    raise DernError(f"{INDEX_NAME} places tensor {name!r} in {fname!r}, which is not a "
+                                    ".safetensors file name in this directory")
             files = sorted(set(weight_map.values()))
         elif (self.root / SINGLE_NAME).is_file():
             weight_map, files = None, [SINGLE_NAME]

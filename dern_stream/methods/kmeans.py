@@ -96,12 +96,13 @@ def batched_spherical_kmeans(
         assignment = new
         _update(members, norms, safe_norms, weights, assignment, centroids, radius, active, k, work)
 
+    del work  # the buffers go before the results are formed: they are built in the centroids' memory
     results = []
     for j in range(b):
         n = int(counts[j])
         own = assignment[j, :n]
         sizes = torch.bincount(own, minlength=k)
-        segments = centroids[j] * radius[j, :, None]
+        segments = centroids[j].mul_(radius[j, :, None])
         single = (sizes == 1).nonzero().squeeze(-1)
         if single.numel():  # a singleton cluster gives back its member exactly
             owner = torch.full((k,), -1, dtype=torch.long, device=device)

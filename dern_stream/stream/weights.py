@@ -82,3 +82,30 @@ def _fill_fused(target: torch.Tensor, ckpt: Checkpoint, family: Family, layer: i
         offset += rows
     if offset != target.shape[1]:
         raise DernError(f"{name} {list(target.shape)} is not filled by the experts' {'+'.join(parts)} tensors")
+
+
+def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int | None) -> set[str]:
+    """The checkpoint tensors that would fill the in-memory tensor `name` of this shape, checked to
+    exist with fitting shapes (the same rules as materialise, without reading data); DernError if not."""
+    for suffix, parts in _FUSED.items():
+        if layer is not None and name.endswith(suffix):
+            names, rows = set(), 0
+            for part in parts:
+                for e in range(shape[0]):
+                    disk = family.expert_name(layer, e, part)
+                    entry = ckpt.entries.get(disk)
+                    if entry is None:
+                        raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
+                    if entry.shape[1:] != shape[2:]:
+                        raise DernError(f"{disk} has shape {list(entry.shape)}, which does not fit {name} "
+                                        f"{list(shape)}")
+                    names.add(disk)
+                rows += entry.shape[0]
+            if rows != shape[1]:
+                raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
+            return names
+    disk = _disk_name(name, ckpt, family, layer)
+    if ckpt.entries[disk].shape != shape:
+        raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
+                        f"expects {list(shape)}")
+    return {disk}

@@ -1,0 +1,236 @@
+"""`dern-stream verify OUT [--against IN]`: is a rewritten checkpoint whole and consistent?
+
+Checks, each reading one tensor at a time:
+  index     the index and the shards agree (every entry's shard holds it, no tensor outside the
+            index, no stray shard, total_size right)
+  config    every tensor the config implies is present with the right shape (the MoE layers by the
+            family's layout; the rest by the model transformers builds from config.json on the meta
+            device), the experts in one float dtype, and no tensor the config does not imply
+  finite    no NaN or Inf in any floating-point tensor
+  audit     dern_stream.json agrees with the config (expert count, width, model type, MoE layers)
+  against   with IN: every tensor the rewrite does not change is byte-identical to IN's (the
+            non-MoE tensors, the kept experts written unchanged, the score-correction bias rows), and
+            every tensor keeps IN's dtype
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, resolve_checkpoint
+from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
+from .checkpoint.source import INDEX_NAME, SINGLE_NAME
+from .errors import DernError
+from .families import PARTS, family_for
+from .layout import ModelShape, check_moe_layers, natural_key
+
+_COMPARE_CHUNK = 64 * 2**20
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    tensors: int = 0
+    bytes_checked: int = 0
+    identical: int = 0  # tensors found byte-identical to --against
+    problems: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        lines = [f"verify {self.path}: {self.tensors} tensors, {self.bytes_checked / 1e9:.3f} GB read; "
+                 f"checked: {', '.join(self.checks)}"]
+        if self.identical:
+            lines.append(f"{self.identical} tensors the rewrite does not change are byte-identical to the input")
+        lines += [f"problem: {p}" for p in self.problems]
+        lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+
+def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, progress: bool = True) -> VerifyReport:
+    """Check OUT (see the module doc). Problems are collected in the report; a checkpoint too broken
+    to open at all raises DernError."""
+    root = Path(out).expanduser().resolve()
+    if not root.is_dir():
+        raise DernError(f"{root} is not a directory")
+    report = VerifyReport(root)
+    ckpt = Checkpoint(root)  # index <-> shard names and offsets; a failure here is a DernError
+    report.tensors = len(ckpt.entries)
+    _check_index(ckpt, report)
+    family = family_for(ckpt.config)
+    shape = ModelShape(family.num_experts(ckpt.config), int(ckpt.config.get("hidden_size", 0)),
+                       family.intermediate_size(ckpt.config))
+    try:
+        layers = check_moe_layers(ckpt, family, shape)
+    except DernError as e:
+        report.problems.append(str(e))
+        layers = []
+    _check_skeleton(ckpt, family, report)
+    report.checks += ["index", "config"]
+    audit = _check_audit(ckpt, family, shape, family.moe_layers(ckpt.entries), report)
+    report.checks.append("audit")
+    source = Checkpoint(resolve_checkpoint(against)) if against is not None else None
+    _scan(ckpt, family, layers, audit, source, report, progress)
+    report.checks.append("finite")
+    if source is not None:
+        report.checks.append(f"against {source.root}")
+    ckpt.release()
+    return report
+
+
+def _check_index(ckpt: Checkpoint, report: VerifyReport) -> None:
+    shards = sorted(p.name for p in ckpt.root.glob("*.safetensors"))
+    stray = sorted(set(shards) - set(ckpt.shard_files))
+    if stray:
+        report.problems.append(f"shard files not named by the index: {', '.join(stray)}")
+    index_path = ckpt.root / INDEX_NAME
+    if not index_path.is_file():
+        return
+    if (ckpt.root / SINGLE_NAME).is_file() and SINGLE_NAME not in ckpt.shard_files:
+        report.problems.append(f"both {SINGLE_NAME} and {INDEX_NAME} exist; loaders may pick either")
+    for fname in ckpt.shard_files:
+        outside = sorted(set(read_header(str(ckpt.root / fname))[0]) - set(ckpt.entries), key=natural_key)
+        if outside:
+            report.problems.append(f"{fname} holds {len(outside)} tensors the index does not name, e.g. {outside[0]}")
+    total = (json.loads(index_path.read_text()).get("metadata") or {}).get("total_size")
+    actual = sum(e.nbytes for e in ckpt.entries.values())
+    if total is not None and total != actual:
+        report.problems.append(f"{INDEX_NAME} says total_size {total}, the tensors hold {actual} bytes")
+
+
+def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport) -> None:
+    """Every parameter of the model transformers builds from the config has its tensor(s), right shape."""
+    try:
+        from .stream.executor import StreamedModel
+        from .stream.weights import disk_tensors
+    except ImportError:  # transformers missing: the MoE layers were still checked
+        report.checks.append("(non-MoE tensors not checked: transformers is not installed)")
+        return
+    model = StreamedModel(ckpt, torch.device("cpu"))
+    used: set[str] = set()
+    for name, target in model.model.state_dict(keep_vars=True).items():
+        layer = _layer_of(name)
+        try:
+            used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer)
+        except DernError as e:
+            report.problems.append(str(e))
+    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    extra = sorted((n for n in set(ckpt.entries) - used if (_layer_of(n) or 0) < decoder_layers), key=natural_key)
+    if extra:
+        report.problems.append(f"{len(extra)} tensors the config does not imply, e.g. {extra[0]}")
+
+
+def _check_audit(ckpt: Checkpoint, family, shape: ModelShape, moe_layers: list[int], report: VerifyReport
+                 ) -> dict | None:
+    path = ckpt.root / "dern_stream.json"
+    if not path.is_file():
+        report.problems.append("no dern_stream.json: not written by dern-stream, or not completely")
+        return None
+    try:
+        audit = json.loads(path.read_text())
+        expect = {
+            "num_experts": (audit["num_experts"], shape.num_experts),
+            "intermediate_size": (audit["intermediate_size"], shape.intermediate),
+            "source.model_type": (audit["source"]["model_type"], family.model_type),
+            "MoE layers": (sorted(int(i) for i in audit["layers"]), sorted(moe_layers)),
+        }
+        for key, (recorded, actual) in expect.items():
+            if recorded != actual:
+                report.problems.append(f"dern_stream.json {key} is {recorded}, the checkpoint has {actual}")
+        for i, rec in audit["layers"].items():
+            if len(rec["kept"]) != shape.num_experts or not set(rec["rebuilt_experts"]) <= set(rec["kept"]):
+                report.problems.append(f"dern_stream.json layer {i}: kept experts do not match the config")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        report.problems.append(f"dern_stream.json is not a valid record ({type(e).__name__}: {e})")
+        return None
+    return audit
+
+
+def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, source: Checkpoint | None, report: VerifyReport,
+          progress: bool) -> None:
+    """Read every tensor once: finite values; with `source`, dtypes and the unchanged tensors' bytes."""
+    counterpart = _counterparts(ckpt, family, layers, audit, source) if source is not None else {}
+    names = sorted(ckpt.entries, key=natural_key)
+    for name in tqdm(names, desc="verify", unit="tensor", disable=not progress):
+        entry = ckpt.entries[name]
+        report.bytes_checked += entry.nbytes
+        if DTYPES[entry.dtype].is_floating_point:
+            t = ckpt.load(name)
+            if not bool(torch.isfinite(t).all()):
+                report.problems.append(f"{name} holds NaN or Inf")
+            del t
+        if source is None:
+            continue
+        src_name, mode = counterpart.get(name, (None, "changed"))
+        if src_name is None:
+            report.problems.append(f"{name} has no counterpart in {source.root}")
+            continue
+        src = source.entries[src_name]
+        if src.dtype != entry.dtype:
+            report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
+        elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
+            if torch.equal(ckpt.load(name), source.load(src_name)[mode]):
+                report.identical += 1
+            else:
+                report.problems.append(f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}")
+        elif mode == "same":
+            if _same_bytes(entry, src):
+                report.identical += 1
+            else:
+                report.problems.append(f"{name} differs from {source.root.name}'s {src_name}, "
+                                       "but the rewrite leaves it unchanged")
+    if source is not None:
+        source.release()
+
+
+def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | None, str | list[int]]]:
+    """OUT tensor -> (IN tensor it comes from, "same" (byte-identical), "changed", or the kept rows)."""
+    moe = {layer.index for layer in layers}
+    out: dict[str, tuple[str | None, str | list[int]]] = {}
+    for name in ckpt.entries:
+        if not any(family.is_layer_expert_tensor(i, name) or name in (family.router_name(i), family.bias_name(i))
+                   for i in moe):
+            out[name] = (name if name in source.entries else None, "same")
+    records = (audit or {}).get("layers", {})
+    for i in moe:
+        rec = records.get(str(i))
+        kept = rec["kept"] if rec else list(range(family.num_experts(ckpt.config)))
+        rebuilt = set(rec["rebuilt_experts"]) if rec else set(kept)
+        out[family.router_name(i)] = (family.router_name(i), "changed")  # the router update changes rows
+        bias = family.bias_name(i)
+        if bias in ckpt.entries:
+            out[bias] = (bias, kept)
+        for pos, expert in enumerate(kept):
+            for part in PARTS:
+                out[family.expert_name(i, pos, part)] = (family.expert_name(i, expert, part),
+                                                         "changed" if expert in rebuilt else "same")
+    return {k: (v if v[0] is None or v[0] in source.entries else (None, "changed")) for k, v in out.items()}
+
+
+def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        done = 0
+        while done < a.nbytes:
+            n = min(_COMPARE_CHUNK, a.nbytes - done)
+            if os.pread(fa.fileno(), n, a.start + done) != os.pread(fb.fileno(), n, b.start + done):
+                return False
+            done += n
+    return True
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        return int(parts[2])
+    return None
