@@ -145,9 +145,10 @@ def rewrite(
     copy_with = copies_by_layer(copied, list(by_index))
     with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
     clock = StageClock(compute)
+    fingerprint = ckpt.fingerprint()
     run = run_key(
         options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
-        source_fingerprint=ckpt.fingerprint(),
+        source_fingerprint=fingerprint,
         source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
         calib_files=tree_stamp(Path(calib)) if dump is not None else None,
     )
@@ -201,7 +202,7 @@ def rewrite(
                 log.warning("note: %s", notes[-1])
             records = {k: records[k] for k in sorted(records, key=int)}
             write_audit(stage.path, audit_record(
-                source=source, fingerprint=ckpt.fingerprint(), calib=Path(calib).resolve() if calib else None,
+                source=source, fingerprint=fingerprint, calib=Path(calib).resolve() if calib else None,
                 model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
                 options=options, config_notes=notes, layers=records, run=run, device=compute,
                 calib_provenance=dump.attrs.get("provenance") if dump is not None else None,

@@ -90,7 +90,7 @@ def plan_output(
     specs, copied = [], []
     for name in sorted(ckpt.entries, key=natural_key):
         entry = ckpt.entries[name]
-        layer_index = _layer_of(name)
+        layer_index = layer_of(name)
         if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
             continue
         if entry in by_router:
@@ -114,12 +114,13 @@ def copies_by_layer(names: list[str], moe_layers: list[int]) -> dict[int, list[s
     tensors with the first MoE layer at or after it (the last, past the end), others with the first."""
     groups: dict[int, list[str]] = {i: [] for i in moe_layers}
     for name in names:
-        layer = _layer_of(name)
+        layer = layer_of(name)
         later = [i for i in moe_layers if layer is not None and i >= layer]
         groups[later[0] if later else (moe_layers[-1] if layer is not None else moe_layers[0])].append(name)
     return groups
 
 
-def _layer_of(name: str) -> int | None:
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of `model.layers.N.` tensors, else None."""
     m = re.match(r"^model\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None

@@ -28,7 +28,7 @@ from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
 from .checkpoint.source import INDEX_NAME, SINGLE_NAME
 from .errors import DernError
 from .families import PARTS, family_for
-from .layout import ModelShape, check_moe_layers, natural_key
+from .layout import ModelShape, check_moe_layers, layer_of, natural_key
 
 _COMPARE_CHUNK = 64 * 2**20
 
@@ -118,13 +118,13 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport) -> None:
     model = StreamedModel(ckpt, torch.device("cpu"))
     used: set[str] = set()
     for name, target in model.model.state_dict(keep_vars=True).items():
-        layer = _layer_of(name)
+        layer = layer_of(name)
         try:
             used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer)
         except DernError as e:
             report.problems.append(str(e))
     decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
-    extra = sorted((n for n in set(ckpt.entries) - used if (_layer_of(n) or 0) < decoder_layers), key=natural_key)
+    extra = sorted((n for n in set(ckpt.entries) - used if (layer_of(n) or 0) < decoder_layers), key=natural_key)
     if extra:
         report.problems.append(f"{len(extra)} tensors the config does not imply, e.g. {extra[0]}")
 
@@ -228,9 +228,3 @@ def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:
             done += n
     return True
 
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        return int(parts[2])
-    return None

@@ -118,13 +118,7 @@ class ShardedWriter:
 
     def skip(self, name: str) -> None:
         """`name` is already in place (written by the interrupted run this one resumes)."""
-        self._pending.discard(name)
-        fd = self._slots[name][0]
-        left = self._pending_in.get(fd)
-        if left is not None:
-            left.discard(name)
-            if not left:
-                del self._pending_in[fd]
+        self._mark(name)
 
     def commit(self, then) -> None:
         """Flush every shard written since the last commit, then call `then()`, on the flush thread (in
@@ -148,15 +142,23 @@ class ShardedWriter:
 
     def _done(self, name: str) -> None:
         """A shard is flushed to disk as soon as its last tensor is in, while later layers are computed."""
-        self._pending.discard(name)
         fd = self._slots[name][0]
         self._touched.add(fd)
+        if self._mark(name):
+            self._flushes.append(self._flusher.submit(os.fsync, fd))
+
+    def _mark(self, name: str) -> bool:
+        """Count `name` as in place; True when it was its shard's last one."""
+        self._pending.discard(name)
+        fd = self._slots[name][0]
         left = self._pending_in.get(fd)
-        if left is not None:
-            left.discard(name)
-            if not left:
-                self._flushes.append(self._flusher.submit(os.fsync, fd))
-                del self._pending_in[fd]
+        if left is None:
+            return False
+        left.discard(name)
+        if left:
+            return False
+        del self._pending_in[fd]
+        return True
 
     def start_writeback(self) -> None:
         """Have the kernel start writing what is written so far, without waiting for it: then the final

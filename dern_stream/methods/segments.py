@@ -54,22 +54,24 @@ class ExpertStack:
         rows = torch.cat([parts[c]().float() for c in components], dim=-1)
         return rows.reshape(-1, rows.shape[-1])
 
+    def part_rows(self, part: str, expert: int) -> torch.Tensor:
+        """[h, d] view: one expert's `part` with a row per segment (down is stored transposed)."""
+        return self.down[expert].T if part == "down" else getattr(self, part)[expert]
+
     def unit_segments_into(self, out: torch.Tensor, experts: list[int], components: tuple[str, ...]) -> torch.Tensor:
         """Fill out [len(experts) * h, len(components) * d] with the experts' segments (their
         `components` part), scaled to unit length in place; returns out."""
         h, d = self.intermediate, self.gate.shape[2]
-        parts = {"gate": lambda e: self.gate[e], "up": lambda e: self.up[e], "down": lambda e: self.down[e].T}
         for i, e in enumerate(experts):
-            for c, name in enumerate(components):
-                out[i * h:(i + 1) * h, c * d:(c + 1) * d] = parts[name](e)
+            for c, part in enumerate(components):
+                out[i * h:(i + 1) * h, c * d:(c + 1) * d] = self.part_rows(part, e)
         return unit_rows(out)
 
     def segments_into(self, out: torch.Tensor, expert: int) -> None:
         """Fill out [h, 3d] with one expert's full segment vectors, converting without a temporary copy."""
         d = self.gate.shape[2]
-        out[:, :d] = self.gate[expert]
-        out[:, d:2 * d] = self.up[expert]
-        out[:, 2 * d:] = self.down[expert].T
+        for c, part in enumerate(PARTS):
+            out[:, c * d:(c + 1) * d] = self.part_rows(part, expert)
 
     def segment_rows_into(self, out: torch.Tensor, experts: torch.Tensor, segments: torch.Tensor) -> None:
         """Fill out [n, 3d] with the full vectors of the single segments (experts[j], segments[j])."""
