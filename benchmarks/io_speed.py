@@ -1,9 +1,10 @@
 """Rewrite speed against the floor: a plain copy of the checkpoint directory, in one run.
 
-    python benchmarks/io_speed.py [--size 2GB] [--layers 24] [--checkpoint DIR --calib DUMP] [--keep-files]
+    python benchmarks/io_speed.py [--size 2GB] [--layers 24] [--checkpoint DIR --calib DUMP] [--repeat N] [--skip-dern]
 
-Times, each in a fresh process and with the input's pages dropped from the page cache first
-(posix_fadvise DONTNEED, so every run reads from disk):
+Times, with the input's pages dropped from the page cache before each run (posix_fadvise
+DONTNEED, so every run reads from disk), the rewrites each in a fresh process, and the jobs taking
+turns so that the shared disk's slow spells fall on all of them alike:
   copy             shutil.copytree of the checkpoint directory
   copy + fsync     the same, then every file flushed to disk (the rewrite flushes its output too)
   pass-through     rewrite with K = N and alpha = 1 (nothing moves: every tensor is copied)
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +90,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--checkpoint", help="time this checkpoint instead (with --calib)")
     ap.add_argument("--calib", help="its calibration dump")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each job; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=2, help="turns of the copies and the pass-through; "
+                    "the fastest of each counts")
     ap.add_argument("--skip-dern", action="store_true", help="time only the copies and the pass-through")
     ap.add_argument("--workdir", default=".", help="where the synthetic checkpoint and outputs go")
     a = ap.parse_args()
@@ -105,20 +108,33 @@ def main() -> None:
         total = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
         print(f"checkpoint {src} ({total / 1e9:.2f} GB, {n} experts per layer), dump {dump}; "
               f"{os.cpu_count()} CPUs; fastest of {a.repeat} runs, input evicted from the page cache before each")
-        copy = min(timed_copy(src, tmp / "copy", sync=False) for _ in range(a.repeat))
-        copy_sync = min(timed_copy(src, tmp / "copy", sync=True) for _ in range(a.repeat))
-        print(f"copy:          {copy:7.2f} s  ({total / copy / 1e9:.2f} GB/s)")
-        print(f"copy + fsync:  {copy_sync:7.2f} s  ({total / copy_sync / 1e9:.2f} GB/s)")
+        # The jobs take turns, run after run, so a slow spell of the (shared) disk hits all of them alike
+        # rather than whichever happened to run then; the fastest run of each counts.
         jobs = [("pass-through", n, 1.0)] + ([] if a.skip_dern else [("dern 50%", n // 2, 0.4)])
-        for label, experts, alpha in jobs:
-            runs = [timed_rewrite(src, tmp / "out", dump, experts, alpha) for _ in range(a.repeat if alpha == 1 else 1)]
+        copies, syncs, rewrites = [], [], {label: [] for label, _, _ in jobs}
+        for turn in range(a.repeat):
+            copies.append(timed_copy(src, tmp / "copy", sync=False))
+            syncs.append(timed_copy(src, tmp / "copy", sync=True))
+            for label, experts, alpha in jobs:
+                if alpha == 1 or turn == 0:  # DERN is compute-bound: one run says enough
+                    rewrites[label].append(timed_rewrite(src, tmp / "out", dump, experts, alpha))
+        copy, copy_sync = min(copies), min(syncs)
+        median_sync = statistics.median(syncs)
+        print(f"copy:          {copy:7.2f} s  ({total / copy / 1e9:.2f} GB/s)   runs: {_runs(copies)}")
+        print(f"copy + fsync:  {copy_sync:7.2f} s  ({total / copy_sync / 1e9:.2f} GB/s)   runs: {_runs(syncs)}")
+        for label, runs in rewrites.items():
             r = min(runs, key=lambda r: r["seconds"])
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
             print(f"{label + ':':14} {r['seconds']:7.2f} s  = {r['seconds'] / copy:.2f}x copy, "
                   f"{r['seconds'] / copy_sync:.2f}x copy + fsync (import {r['import']:.1f} s on top); "
-                  f"segments moved {r['moved']}/{r['pooled']}")
+                  f"segments moved {r['moved']}/{r['pooled']}   runs: {_runs([r['seconds'] for r in runs])}")
+            print(f"{'':14} median of the runs: {statistics.median(r['seconds'] for r in runs) / median_sync:.2f}x "
+                  "the median copy + fsync")
             print(f"{'':14} busy s by stage: {stages}")
 
+
+def _runs(seconds: list[float]) -> str:
+    return " ".join(f"{s:.2f}" for s in seconds) + f" (median {statistics.median(seconds):.2f})"
 
 if __name__ == "__main__":
     main()

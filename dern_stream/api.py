@@ -23,7 +23,7 @@ from .checkpoint import (
 )
 from .device import resolve_device
 from .errors import DernError, describe
-from .families import family_for
+from .families import PARTS, family_for
 from .host_memory import map_large_blocks, return_freed_memory
 from .layer_rewrite import (
     LayerInputs,
@@ -144,6 +144,15 @@ def rewrite(
     by_index = {layer.index: layer for layer in layers}
     copy_with = copies_by_layer(copied, list(by_index))
     with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+
+    def read_ahead(layer) -> list[str]:
+        """What the rest of a layer's work reads from the input: its copied tensors, and its experts when
+        all of them will be read (by the computation, or copied when every expert is kept)."""
+        names = list(copy_with[layer.index])
+        if with_experts or options.experts == shape.num_experts:
+            names += [family.expert_name(layer.index, e, p) for e in range(shape.num_experts) for p in PARTS]
+        return names
+
     clock = StageClock(compute)
     fingerprint = ckpt.fingerprint()
     run = run_key(
@@ -169,7 +178,7 @@ def rewrite(
                           unit="layer", disable=not progress) as bar:
 
                     def read(layer) -> LayerInputs:
-                        return read_layer(ckpt, family, layer, shape, with_experts, clock)
+                        return read_layer(ckpt, family, layer, shape, with_experts, read_ahead(layer), clock)
 
                     def compute_layer(inputs: LayerInputs):
                         layer_dump = dump if inputs.layer.index in calibrated else None
@@ -181,7 +190,6 @@ def rewrite(
                             for name in copy_with[report.index]:
                                 writer.copy_raw(name, ckpt.entries[name])
                             write_layer(writer, ckpt, family, by_index[report.index], report)
-                            writer.start_writeback()
                             record = layer_record(report)
                             # Journaled once flushed: a resumed run trusts exactly what is on disk.
                             writer.commit(lambda: stage.progress.add(report.index, record))

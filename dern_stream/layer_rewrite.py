@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -57,27 +59,45 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
 
 @dataclass
 class LayerInputs:
-    """What the computation needs of one layer, read into host memory in the stored dtype."""
+    """What the computation needs of one layer: router (and bias) in host memory, the experts' bytes
+    prefetched into the page cache and read on the computing thread (`experts` loads them)."""
 
     layer: MoELayer
     router: torch.Tensor
     bias: torch.Tensor | None
-    experts: ExpertStack | None  # None when the options never look at expert weights (pruning, alpha = 1)
+    experts: Callable[[torch.device], ExpertStack] | None  # None when the options never look at expert weights
 
 
 def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
-               clock: StageClock = NO_CLOCK) -> LayerInputs:
-    """The layer's router (and bias), and its experts read straight into one preallocated stack."""
+               ahead: list[str], clock: StageClock = NO_CLOCK) -> LayerInputs:
+    """The layer's router (and bias); the bytes of the tensors `ahead` (what the rest of this layer's
+    work will read: its experts, the tensors copied with it) are brought into the page cache."""
     with clock("read"):
+        ckpt.prefetch(ahead)
         router = ckpt.load(family.router_name(layer.index))
         bias = ckpt.load(family.bias_name(layer.index)) if layer.bias is not None else None
-        experts = None
-        if with_experts:
-            experts = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden, DTYPES[layer.dtype])
-            for e in range(shape.num_experts):
-                for part in PARTS:
-                    ckpt.read_into(family.expert_name(layer.index, e, part), getattr(experts, part)[e])
+    experts = partial(read_experts, ckpt, family, layer, shape, clock=clock) if with_experts else None
     return LayerInputs(layer, router, bias, experts)
+
+
+def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
+                 clock: StageClock = NO_CLOCK) -> ExpertStack:
+    """The layer's routed experts as one stack on `device`, in the stored dtype. Host memory: the
+    stack itself on CPU; one tensor at a time (a staging buffer) for an accelerator."""
+    dtype = DTYPES[layer.dtype]
+    with clock("read"):
+        stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden, dtype, device)
+        staging = {}
+        for e in range(shape.num_experts):
+            for part in PARTS:
+                name, slot = family.expert_name(layer.index, e, part), getattr(stack, part)[e]
+                if slot.device.type == "cpu":
+                    ckpt.read_into(name, slot)
+                else:
+                    host = staging.setdefault(tuple(slot.shape), torch.empty(slot.shape, dtype=dtype))
+                    ckpt.read_into(name, host)
+                    slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
+    return stack
 
 
 def compress_layer(
@@ -107,7 +127,7 @@ def compress_layer(
             source = "routing"
         else:
             scores, tokens, source = router_norm_importance(router), 0, "router-norm"
-    experts = inputs.experts.to(device) if inputs.experts is not None else None
+    experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     x = target = None
     if sample is not None:

@@ -142,3 +142,19 @@ def test_two_identical_runs_give_identical_bytes(build, tmp_path):
     assert files == sorted(p.name for p in outs[1].iterdir()) and len(files) > 4
     for name in files:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_prefetch_reads_a_layer_in_spans_and_reports_a_shard_that_shrank(build, tmp_path):
+    """The read-ahead covers every byte asked for (at most the gaps between them on top); a shard
+    cut short under a running rewrite is a one-line error, not a short read."""
+    built = build("mixtral")
+    src = tmp_path / "src"
+    shutil.copytree(built.model_dir, src)
+    ckpt = Checkpoint(src)
+    names = [n for n in ckpt.entries if n.startswith("model.layers.1.")]
+    entries = [ckpt.entries[n] for n in names]
+    first, end = min(e.start for e in entries), max(e.start + e.nbytes for e in entries)
+    assert sum(e.nbytes for e in entries) <= ckpt.prefetch(names) <= end - first
+    os.truncate(src / "model.safetensors", first + 1)
+    with pytest.raises(DernError, match=r"^model.safetensors is truncated: it ends inside the tensors at bytes \d+-\d+$"):
+        ckpt.prefetch(names)

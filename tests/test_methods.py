@@ -17,7 +17,7 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.families import family_for
-from dern_stream.layer_rewrite import layer_routing, read_layer
+from dern_stream.layer_rewrite import layer_routing, read_experts
 from dern_stream.layout import ModelShape, check_moe_layers
 from dern_stream.methods.moe_forward import expert_stats, routed_output
 from dern_stream.stream.executor import moe_block_of
@@ -56,7 +56,7 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
         x = _layer_inputs(built, layer.index)
         router = ckpt.load(fam.router_name(layer.index))
         bias = ckpt.load(fam.bias_name(layer.index)) if layer.bias is not None else None
-        experts = read_layer(ckpt, fam, layer, shape, True).experts
+        experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
         ours = routed_output(x, router, bias, routing.before, experts)
         block = moe_block_of(model.model.layers[layer.index])
         with torch.no_grad():
@@ -75,7 +75,7 @@ def test_reap_saliency_matches_transformers_experts_and_router(family, build):
     layer = layers[0]
     x = _layer_inputs(built, layer.index)
     stats = expert_stats(x, ckpt.load(fam.router_name(layer.index)), None, routing.before,
-                         read_layer(ckpt, fam, layer, shape, True).experts)
+                         read_experts(ckpt, fam, layer, shape, torch.device("cpu")))
     block = moe_block_of(model.model.layers[layer.index])
     with torch.no_grad():
         _, weights, index = block.gate(x)

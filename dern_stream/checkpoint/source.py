@@ -15,6 +15,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight formats this tool neither reads nor copies (a Hub download skips them too).
 FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "original/*")
+# Prefetch reads in chunks of this size, and reads across gaps of up to _PREFETCH_GAP between tensors
+# (one longer read beats a seek on disks and network block devices alike).
+_PREFETCH_CHUNK = 8 * 2**20
+_PREFETCH_GAP = 2**20
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -141,15 +146,38 @@ class Checkpoint:
         if out.dtype != DTYPES[entry.dtype] or tuple(out.shape) != entry.shape or not out.is_contiguous():
             raise AssertionError(f"{name}: buffer {out.dtype} {tuple(out.shape)} for {entry.dtype} {entry.shape}")
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if entry.nbytes else memoryview(b"")
-        fd, offset = self._fd(entry.file), entry.start
+        self._pread_fully(entry.file, entry.start, view, f"tensor {name!r}")
+
+    def prefetch(self, names: Iterable[str]) -> int:
+        """Read the tensors' bytes from disk into the kernel's page cache, keeping none of them; returns
+        the bytes read. A later read_into or raw copy of them is then a memory copy.
+
+        This is how the rewrite reads ahead: the next layer's disk reads overlap this layer's work
+        without a second layer in the process's own memory (page cache is the kernel's to reclaim,
+        and counts toward no process's RSS). Nearby tensors are read as one span, in file order."""
+        spans: list[list] = []
+        for entry in sorted((self.entries[n] for n in names), key=lambda e: (e.file, e.start)):
+            if spans and spans[-1][0] == entry.file and entry.start <= spans[-1][2] + _PREFETCH_GAP:
+                spans[-1][2] = max(spans[-1][2], entry.start + entry.nbytes)
+            else:
+                spans.append([entry.file, entry.start, entry.start + entry.nbytes])
+        scratch = memoryview(bytearray(min(_PREFETCH_CHUNK, max((b - a for _, a, b in spans), default=1) or 1)))
+        for file, start, end in spans:
+            for offset in range(start, end, len(scratch)):
+                self._pread_fully(file, offset, scratch[:min(len(scratch), end - offset)],
+                                  f"the tensors at bytes {start}-{end}")
+        return sum(b - a for _, a, b in spans)
+
+    def _pread_fully(self, file: str, offset: int, view: memoryview, what: str) -> None:
+        fd = self._fd(file)
         try:
             while view:
                 n = os.preadv(fd, [view], offset)
                 if n == 0:
-                    raise DernError(f"{os.path.basename(entry.file)} is truncated: it ends inside tensor {name!r}")
+                    raise DernError(f"{os.path.basename(file)} is truncated: it ends inside {what}")
                 view, offset = view[n:], offset + n
         except OSError as e:
-            raise DernError(f"cannot read tensor {name!r} from {os.path.basename(entry.file)}: "
+            raise DernError(f"cannot read {what} from {os.path.basename(file)}: "
                             f"{e.strerror or e}") from None
 
     def _fd(self, path: str) -> int:

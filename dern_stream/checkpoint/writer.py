@@ -122,12 +122,15 @@ class ShardedWriter:
 
     def commit(self, then) -> None:
         """Flush every shard written since the last commit, then call `then()`, on the flush thread (in
-        order, without stalling the writer): what `then` records as done is on disk by then."""
+        order, without stalling the writer): what `then` records as done is on disk by then.
+        The flushed pages also leave the page cache: a whole model's output would otherwise push
+        out what is still to be read (the input read ahead, the dump)."""
         touched, self._touched = sorted(self._touched), set()
 
         def flush_and_record() -> None:
             for fd in touched:
                 os.fdatasync(fd)
+                _drop_cached(fd)
             then()
 
         self._flushes.append(self._flusher.submit(flush_and_record))
@@ -160,14 +163,6 @@ class ShardedWriter:
         del self._pending_in[fd]
         return True
 
-    def start_writeback(self) -> None:
-        """Have the kernel start writing what is written so far, without waiting for it: then the final
-        flush has little left to do, and the page cache does not fill with a whole model's output.
-        (POSIX_FADV_DONTNEED starts write-back of dirty pages and drops the clean ones.)"""
-        if hasattr(os, "posix_fadvise"):
-            for fd in self._fds:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
     def finish(self) -> None:
         """Check every planned tensor was written, flush to disk, write the index if sharded."""
         if self._pending:
@@ -198,6 +193,11 @@ def _reopen(path: Path, head: bytes, size: int) -> int:
         raise DernError(f"cannot resume: partial shard {path.name} is not laid out as this run plans; "
                         "pass --restart to start over")
     return fd
+
+
+def _drop_cached(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only; nothing is lost
 
 
 # copy_file_range is unsupported here (old kernel, cross-device, some filesystems): copy in user space.

@@ -14,7 +14,8 @@ from .segments import ExpertStack, component_columns, reassign_segments, transfe
 
 @dataclass
 class RebuiltExpert:
-    """A kept expert's new weights, in the checkpoint's dtype: gate and up [k, d], down [d, k]."""
+    """A kept expert's new weights, in the checkpoint's dtype: gate and up [k, d], down [d, k] (views,
+    possibly strided)."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -75,7 +76,8 @@ def dern_layer(
             for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, options),
                                               strict=True):
                 seg = result.segments.to(experts.gate.dtype)
-                rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T.contiguous())
+                # Views of one [k, 3d] block (down transposed): a contiguous down would be a 4th third.
+                rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T)
                 iterations[pos] = result.iterations
     return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations)
 
