@@ -144,10 +144,12 @@ def compress_layer(
         with clock("fit"):
             kept_bias = bias[result.kept] if bias is not None else None
             stack = kept_stack(experts, result)
-            error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), target)
+            output = routed_output(x, result.router, kept_bias, routing.after, stack)
+            error = relative_error(output, target)
             entry = {"candidate": label, "error": error}
             if options.refit:
-                refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge)
+                refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge,
+                                      current=output)
                 _take_refit(result, stack, refitted)
                 stack = refitted
                 entry["error_after_refit"] = error = relative_error(

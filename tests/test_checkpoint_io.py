@@ -156,5 +156,6 @@ def test_prefetch_reads_a_layer_in_spans_and_reports_a_shard_that_shrank(build, 
     first, end = min(e.start for e in entries), max(e.start + e.nbytes for e in entries)
     assert sum(e.nbytes for e in entries) <= ckpt.prefetch(names) <= end - first
     os.truncate(src / "model.safetensors", first + 1)
-    with pytest.raises(DernError, match=r"^model.safetensors is truncated: it ends inside the tensors at bytes \d+-\d+$"):
+    shrunk = r"^model.safetensors is truncated: it ends inside the tensors at bytes \d+-\d+$"
+    with pytest.raises(DernError, match=shrunk):
         ckpt.prefetch(names)

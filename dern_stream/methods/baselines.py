@@ -26,10 +26,12 @@ def prune_layer(router: torch.Tensor, kept: list[int], num_experts: int) -> Laye
     return LayerResult(kept, router[kept].clone(), [None] * len(kept), counts, dropped, [0] * len(kept))
 
 
-def _group_of(num_experts: int, groups: GroupPlan | None):
-    """Experts may only merge within a routing group when groups are kept (DeepSeek group-limited routing)."""
-    size = num_experts // groups.n_group if groups is not None and groups.balanced else num_experts
-    return lambda e: e // size
+def _routing_groups(num_experts: int, groups: GroupPlan | None) -> list[list[int]]:
+    """The experts that may merge with each other: each routing group when groups are kept (DeepSeek
+    group-limited routing), else all of them."""
+    count = groups.n_group if groups is not None and groups.balanced else 1
+    size = num_experts // count
+    return [list(range(g * size, (g + 1) * size)) for g in range(count)]
 
 
 def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, align_to: int | None) -> RebuiltExpert:
@@ -62,14 +64,14 @@ def msmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats, 
     to its dominant expert. The dominant experts keep their router rows."""
     n = router.shape[0]
     kept = select_experts(stats.frequency, keep, groups)
-    group = _group_of(n, groups)
     logits = torch.nn.functional.normalize(stats.router_logits.double(), dim=-1)
     sim = (logits @ logits.T).cpu()
     owner = {e: e for e in kept}
-    for e in range(n):
-        if e not in owner:
-            same_group = [k for k in kept if group(k) == group(e)]
-            owner[e] = max(same_group, key=lambda k: (float(sim[e, k]), -k))
+    for members in _routing_groups(n, groups):
+        dominant = [k for k in kept if k in members]
+        for e in members:
+            if e not in owner:
+                owner[e] = max(dominant, key=lambda k: (float(sim[e, k]), -k))
     return _assemble(experts, router, kept, owner, stats.frequency, align=True)
 
 
@@ -81,11 +83,10 @@ def hcsmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats,
     and maps every member to its merged expert, which a K-expert checkpoint cannot express; here each
     cluster takes the router row of its most frequently used member."""
     n = router.shape[0]
-    n_groups = groups.n_group if groups is not None and groups.balanced else 1
-    size, per_group = n // n_groups, keep // n_groups
+    member_groups = _routing_groups(n, groups)
+    per_group = keep // len(member_groups)
     owner: dict[int, int] = {}
-    for g in range(n_groups):
-        members = list(range(g * size, (g + 1) * size))
+    for members in member_groups:
         features = stats.mean_output[members].double().cpu().numpy()
         if per_group >= len(members):
             labels = np.arange(len(members))

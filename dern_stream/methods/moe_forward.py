@@ -69,6 +69,11 @@ def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) ->
     return act(x @ gate.float().T) * (x @ up.float().T)
 
 
+def expert_output(x: torch.Tensor, experts: ExpertStack, e: int, act) -> torch.Tensor:
+    """E_e(x) = W_d (act(W_g x) * (W_u x)) for inputs x [T, d]; float32 [T, d]."""
+    return expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].float().T
+
+
 def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
                   experts: ExpertStack) -> torch.Tensor:
     """sum over selected experts e of w_e(x) E_e(x), for x [T, d]; float32 [T, d]."""
@@ -78,8 +83,7 @@ def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tens
     for e in range(experts.gate.shape[0]):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if tok.numel():
-            y = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) @ experts.down[e].float().T
-            out.index_add_(0, tok, y * w[tok, slot, None])
+            out.index_add_(0, tok, expert_output(x[tok], experts, e, act) * w[tok, slot, None])
     return out
 
 
@@ -109,7 +113,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
     reap = torch.zeros(n, dtype=torch.float64, device=x.device)
     mean_out = torch.zeros(n, x.shape[1], dtype=torch.float64, device=x.device)
     for e in range(n):
-        y = expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].float().T  # every token
+        y = expert_output(x, experts, e, act)  # every token: HC-SMoE's feature averages over all of them
         mean_out[e] = y.double().mean(dim=0)
         tok, slot = (idx == e).nonzero(as_tuple=True)
         freq[e] = tok.numel() / x.shape[0]

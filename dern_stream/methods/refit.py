@@ -21,12 +21,16 @@ from .segments import ExpertStack
 
 
 def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None,
-               gating: Gating, experts: ExpertStack, ridge: float, sweeps: int = 2) -> ExpertStack:
-    """New stack with refitted down projections (gate and up are shared with `experts`)."""
+               gating: Gating, experts: ExpertStack, ridge: float, sweeps: int = 2,
+               current: torch.Tensor | None = None) -> ExpertStack:
+    """New stack with refitted down projections (gate and up are shared with `experts`). `current` is
+    the layer's routed output before the refit, when the caller has it already."""
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
     down = experts.down.to(torch.float32, copy=True)
-    residual = target - routed_output(x, router_weight, bias, gating, experts)
+    if current is None:
+        current = routed_output(x, router_weight, bias, gating, experts)
+    residual = target - current
     for _ in range(sweeps):
         for e in range(down.shape[0]):
             tok, slot = (idx == e).nonzero(as_tuple=True)
