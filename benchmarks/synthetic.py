@@ -2,7 +2,8 @@
 
     python benchmarks/synthetic.py OUT --size 2GB --layers 24 [--hidden 1024 --experts 8] [--dump DUMP]
     python benchmarks/synthetic.py OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8
-    python benchmarks/synthetic.py OUT --size 32GB --layers 32   # larger than this machine's 24 GB RAM
+    python benchmarks/synthetic.py OUT --size 30GB --layers 640 --upcycled 0.3 --dump DUMP --tokens 1024
+        # larger than this machine's 24.7 GB of RAM; small layers keep DERN's compute at 30 min (README)
 
 `--size` picks the experts' intermediate size (a multiple of 64) so the checkpoint comes out at about
 that size; the generator itself holds one layer at a time, so any size can be written.

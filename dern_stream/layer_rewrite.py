@@ -87,14 +87,16 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
     dtype = DTYPES[layer.dtype]
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden, dtype, device)
-        staging = {}
+        staging: dict[tuple[int, ...], torch.Tensor] = {}  # one host buffer per tensor shape
         for e in range(shape.num_experts):
             for part in PARTS:
                 name, slot = family.expert_name(layer.index, e, part), getattr(stack, part)[e]
                 if slot.device.type == "cpu":
                     ckpt.read_into(name, slot)
                 else:
-                    host = staging.setdefault(tuple(slot.shape), torch.empty(slot.shape, dtype=dtype))
+                    host = staging.get(tuple(slot.shape))
+                    if host is None:
+                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=dtype)
                     ckpt.read_into(name, host)
                     slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
