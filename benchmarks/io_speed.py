@@ -136,5 +136,6 @@ def main() -> None:
 def _runs(seconds: list[float]) -> str:
     return " ".join(f"{s:.2f}" for s in seconds) + f" (median {statistics.median(seconds):.2f})"
 
+
 if __name__ == "__main__":
     main()

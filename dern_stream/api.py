@@ -23,7 +23,7 @@ from .checkpoint import (
 )
 from .device import resolve_device
 from .errors import DernError, describe
-from .families import PARTS, family_for
+from .families import family_for
 from .host_memory import map_large_blocks, return_freed_memory
 from .layer_rewrite import (
     LayerInputs,
@@ -150,7 +150,7 @@ def rewrite(
         all of them will be read (by the computation, or copied when every expert is kept)."""
         names = list(copy_with[layer.index])
         if with_experts or options.experts == shape.num_experts:
-            names += [family.expert_name(layer.index, e, p) for e in range(shape.num_experts) for p in PARTS]
+            names += family.expert_names(layer.index, shape.num_experts)
         return names
 
     clock = StageClock(compute)

@@ -216,7 +216,7 @@ def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) ->
 def layer_output_names(family: Family, layer: MoELayer, experts: int) -> list[str]:
     """The output tensors write_layer writes for `layer`."""
     names = [family.router_name(layer.index)] + ([family.bias_name(layer.index)] if layer.bias is not None else [])
-    return names + [family.expert_name(layer.index, e, part) for e in range(experts) for part in PARTS]
+    return names + family.expert_names(layer.index, experts)
 
 
 def write_layer(

@@ -29,20 +29,21 @@ def versions() -> dict[str, str]:
 
 def files_stamp(paths: list[Path]) -> str:
     """sha256 over each file's name, size and modification time (following symlinks, as the Hub cache uses)."""
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        st = os.stat(path)
-        h.update(f"{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return _stamp(paths, lambda path: path.name)
 
 
 def tree_stamp(root: Path) -> str:
-    """files_stamp of every file under `root` (a zarr store is a directory of chunk files)."""
+    """files_stamp of every file under `root` (a zarr store is a directory of chunk files), each named by
+    its path inside `root`."""
     root = Path(root)
+    return _stamp([p for p in root.rglob("*") if p.is_file()], lambda path: path.relative_to(root))
+
+
+def _stamp(paths: list[Path], label) -> str:
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        st = path.stat()
-        h.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    for path in sorted(paths):
+        st = os.stat(path)
+        h.update(f"{label(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -161,7 +161,10 @@ class Checkpoint:
                 spans[-1][2] = max(spans[-1][2], entry.start + entry.nbytes)
             else:
                 spans.append([entry.file, entry.start, entry.start + entry.nbytes])
-        scratch = memoryview(bytearray(min(_PREFETCH_CHUNK, max((b - a for _, a, b in spans), default=1) or 1)))
+        longest = max((end - start for _, start, end in spans), default=0)
+        if not longest:
+            return 0
+        scratch = memoryview(bytearray(min(_PREFETCH_CHUNK, longest)))
         for file, start, end in spans:
             for offset in range(start, end, len(scratch)):
                 self._pread_fully(file, offset, scratch[:min(len(scratch), end - offset)],

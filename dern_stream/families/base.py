@@ -54,6 +54,10 @@ class Family:
     def expert_name(self, layer: int, expert: int, part: str) -> str:
         return f"model.layers.{layer}.{self.moe_module}.experts.{expert}.{self.proj_names[PARTS.index(part)]}.weight"
 
+    def expert_names(self, layer: int, experts: int) -> list[str]:
+        """Every routed-expert tensor of experts 0..experts-1 in `layer`: expert by expert, parts in PARTS order."""
+        return [self.expert_name(layer, e, part) for e in range(experts) for part in PARTS]
+
     def moe_layers(self, names: Iterable[str]) -> list[int]:
         """Layers holding routed experts, found by their router tensor (dense and MTP layers included)."""
         pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.gate\.weight$")
