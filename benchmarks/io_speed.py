@@ -2,9 +2,14 @@
 
     python benchmarks/io_speed.py [--size 2GB] [--layers 24] [--checkpoint DIR --calib DUMP] [--repeat N] [--skip-dern]
 
-Times, with the input's pages dropped from the page cache before each run (posix_fadvise
-DONTNEED, so every run reads from disk), the rewrites each in a fresh process, and the jobs taking
-turns so that the shared disk's slow spells fall on all of them alike:
+Every job starts from the same state: a fresh process that has imported torch and dern_stream, the
+input's pages dropped from the page cache (posix_fadvise DONTNEED, so every run reads from disk),
+and the previous job's output flushed to disk and deleted. The last matters on a virtual disk: a job
+that follows one whose output reached the disk runs slower than one that follows a copy whose output
+never did, and the pass-through used to follow the flushed copy every time (measured on the
+development machine, same code: 1.44x copy + fsync in that order, 1.24-1.25x in this one). The jobs
+take turns so that the shared disk's slow spells fall on all of them alike, and each rewrite's time is
+also given turn by turn against the copy + fsync just before it (the steadiest figure on a noisy disk):
   copy             shutil.copytree of the checkpoint directory
   copy + fsync     the same, then every file flushed to disk (the rewrite flushes its output too)
   pass-through     rewrite with K = N and alpha = 1 (nothing moves: every tensor is copied)
@@ -24,20 +29,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from synthetic import parse_size, write_synthetic, write_synthetic_dump
 
 _CHILD = r"""
-import json, sys, time
+import json, os, shutil, sys, time
+from pathlib import Path
 t0 = time.perf_counter()
 import dern_stream
 t1 = time.perf_counter()
-src, out, dump, experts, alpha = sys.argv[1:6]
-s = dern_stream.rewrite(src, out, experts=int(experts), alpha=float(alpha), calib=dump, progress=False)
-print(json.dumps({"import": t1 - t0, "seconds": time.perf_counter() - t1, "stages": s.stages,
-                  "moved": s.segments_reassigned, "pooled": s.segments_pooled}))
+job, src, out, dump, experts, alpha = sys.argv[1:7]
+if job == "rewrite":
+    s = dern_stream.rewrite(src, out, experts=int(experts), alpha=float(alpha), calib=dump, progress=False)
+    record = {"stages": s.stages, "moved": s.segments_reassigned, "pooled": s.segments_pooled}
+else:
+    shutil.copytree(src, out)
+    if job == "copy + fsync":
+        for f in Path(out).rglob("*"):
+            if f.is_file():
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+    record = {}
+print(json.dumps({"import": t1 - t0, "seconds": time.perf_counter() - t1, **record}))
 """
 
 
@@ -54,31 +69,17 @@ def drop_cache(*dirs: Path) -> None:
                     os.close(fd)
 
 
-def fsync_tree(d: Path) -> None:
-    for f in d.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-
-
-def timed_copy(src: Path, out: Path, sync: bool) -> float:
-    drop_cache(src)
-    t = time.perf_counter()
-    shutil.copytree(src, out)
-    if sync:
-        fsync_tree(out)
-    seconds = time.perf_counter() - t
-    shutil.rmtree(out)
-    return seconds
-
-
-def timed_rewrite(src: Path, out: Path, dump: Path, experts: int, alpha: float) -> dict:
+def timed(job: str, src: Path, out: Path, dump: Path, experts: int = 0, alpha: float = 1.0) -> dict:
+    """One job in a fresh process, from a cold page cache and a quiet disk; its output is deleted after."""
     drop_cache(src, dump)
-    run = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), str(dump), str(experts), str(alpha)],
+    os.sync()
+    run = subprocess.run([sys.executable, "-c", _CHILD, job, str(src), str(out), str(dump), str(experts), str(alpha)],
                          capture_output=True, text=True)
     if run.returncode:
-        sys.exit(f"rewrite failed:\n{run.stderr}")
+        sys.exit(f"{job} failed:\n{run.stderr}")
+    # Every output goes to disk before it is deleted, so every job follows the same work: the
+    # deletion of a flushed 2 GB output (the disk's discards) slows whatever the disk does next.
+    os.sync()
     shutil.rmtree(out)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -113,11 +114,11 @@ def main() -> None:
         jobs = [("pass-through", n, 1.0)] + ([] if a.skip_dern else [("dern 50%", n // 2, 0.4)])
         copies, syncs, rewrites = [], [], {label: [] for label, _, _ in jobs}
         for turn in range(a.repeat):
-            copies.append(timed_copy(src, tmp / "copy", sync=False))
-            syncs.append(timed_copy(src, tmp / "copy", sync=True))
+            copies.append(timed("copy", src, tmp / "copy", dump)["seconds"])
+            syncs.append(timed("copy + fsync", src, tmp / "copy", dump)["seconds"])
             for label, experts, alpha in jobs:
                 if alpha == 1 or turn == 0:  # DERN is compute-bound: one run says enough
-                    rewrites[label].append(timed_rewrite(src, tmp / "out", dump, experts, alpha))
+                    rewrites[label].append(timed("rewrite", src, tmp / "out", dump, experts, alpha))
         copy, copy_sync = min(copies), min(syncs)
         median_sync = statistics.median(syncs)
         print(f"copy:          {copy:7.2f} s  ({total / copy / 1e9:.2f} GB/s)   runs: {_runs(copies)}")
@@ -130,6 +131,10 @@ def main() -> None:
                   f"segments moved {r['moved']}/{r['pooled']}   runs: {_runs([r['seconds'] for r in runs])}")
             print(f"{'':14} median of the runs: {statistics.median(r['seconds'] for r in runs) / median_sync:.2f}x "
                   "the median copy + fsync")
+            if len(runs) == len(syncs):  # each turn's run against the copy + fsync just before it
+                paired = [r["seconds"] / c for r, c in zip(runs, syncs, strict=True)]
+                print(f"{'':14} turn by turn: {' '.join(f'{p:.2f}' for p in paired)}x copy + fsync "
+                      f"(median {statistics.median(paired):.2f}x)")
             print(f"{'':14} busy s by stage: {stages}")
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .host_memory import map_large_blocks, return_freed_memory
 from .layer_rewrite import (
     LayerInputs,
     compress_layer,
+    layer_importance,
     layer_output_names,
     layer_routing,
     read_layer,
@@ -154,6 +156,12 @@ def rewrite(
         return names
 
     clock = StageClock(compute)
+    # Routing statistics need only a layer's router and its cached inputs, so they are computed a
+    # layer ahead on a thread of their own: reading the dump then never holds up the layer being
+    # written (benchmarks/io_speed.py: pass-through 1.24x -> 1.05x copy + fsync). Not when the options
+    # also sample those inputs for fitting: the sample would be held a layer early.
+    scorer = ThreadPoolExecutor(1, thread_name_prefix="dern-score") \
+        if dump is not None and not options.uses_layer_outputs else None
     fingerprint = ckpt.fingerprint()
     run = run_key(
         options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
@@ -178,7 +186,14 @@ def rewrite(
                           unit="layer", disable=not progress) as bar:
 
                     def read(layer) -> LayerInputs:
-                        return read_layer(ckpt, family, layer, shape, with_experts, read_ahead(layer), clock)
+                        inputs = read_layer(ckpt, family, layer, shape, with_experts, clock)
+                        if scorer is not None and layer.index in calibrated:
+                            # Scored from the dump on a thread of its own while the bytes are read ahead.
+                            inputs.importance = scorer.submit(layer_importance, dump, inputs, routing.before,
+                                                              compute, clock=clock)
+                        with clock("read"):
+                            ckpt.prefetch(read_ahead(layer))
+                        return inputs
 
                     def compute_layer(inputs: LayerInputs):
                         layer_dump = dump if inputs.layer.index in calibrated else None
@@ -197,7 +212,11 @@ def rewrite(
                         bar.update()
                         bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
-                    run_pipeline(todo, read, compute_layer, write)
+                    try:
+                        run_pipeline(todo, read, compute_layer, write)
+                    finally:
+                        if scorer is not None:
+                            scorer.shutdown(cancel_futures=True)
                 with clock("write"):
                     writer.finish()
             finally:

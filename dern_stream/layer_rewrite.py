@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -60,24 +61,37 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
 @dataclass
 class LayerInputs:
     """What the computation needs of one layer: router (and bias) in host memory, the experts' bytes
-    prefetched into the page cache and read on the computing thread (`experts` loads them)."""
+    prefetched into the page cache and read on the computing thread (`experts` loads them), and the
+    routing statistics when they are computed ahead (`importance`)."""
 
     layer: MoELayer
     router: torch.Tensor
     bias: torch.Tensor | None
     experts: Callable[[torch.device], ExpertStack] | None  # None when the options never look at expert weights
+    importance: Future[tuple[torch.Tensor, int]] | None = None  # (scores, tokens), from layer_importance
 
 
 def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
-               ahead: list[str], clock: StageClock = NO_CLOCK) -> LayerInputs:
-    """The layer's router (and bias); the bytes of the tensors `ahead` (what the rest of this layer's
-    work will read: its experts, the tensors copied with it) are brought into the page cache."""
+               clock: StageClock = NO_CLOCK) -> LayerInputs:
+    """The layer's router (and bias); its experts are read later, by the computation (read_experts),
+    from the page cache once Checkpoint.prefetch has brought them in."""
     with clock("read"):
-        ckpt.prefetch(ahead)
         router = ckpt.load(family.router_name(layer.index))
         bias = ckpt.load(family.bias_name(layer.index)) if layer.bias is not None else None
     experts = partial(read_experts, ckpt, family, layer, shape, clock=clock) if with_experts else None
     return LayerInputs(layer, router, bias, experts)
+
+
+def layer_importance(dump: CalibDump, inputs: LayerInputs, gating: Gating, device: torch.device,
+                     sample: EvenSample | None = None, clock: StageClock = NO_CLOCK) -> tuple[torch.Tensor, int]:
+    """Routing statistics (Eq. 1) of one layer over all its cached inputs: (scores, tokens). `sample`
+    collects the fit sample from the same single pass over the dump."""
+    with clock("importance"):
+        chunks = dump.chunks(inputs.layer.index, device)
+        if sample is not None:
+            chunks = sample.watch(chunks)
+        bias = inputs.bias.to(device) if inputs.bias is not None else None
+        return routing_importance(chunks, inputs.router.to(device), gating.router, bias)
 
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
@@ -119,16 +133,15 @@ def compress_layer(
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
     sample = None
-    with clock("importance"):
-        if dump is not None:
-            chunks = dump.chunks(index, device)
-            if options.uses_layer_outputs:
-                sample = EvenSample(dump.layer(index).shape[0], options.fit_tokens)
-                chunks = sample.watch(chunks)
-            scores, tokens = routing_importance(chunks, router, routing.before.router, bias)
-            source = "routing"
-        else:
-            scores, tokens, source = router_norm_importance(router), 0, "router-norm"
+    source = "routing"
+    if inputs.importance is not None:
+        scores, tokens = inputs.importance.result()  # computed ahead, on a thread of its own (timed there)
+    elif dump is not None:
+        if options.uses_layer_outputs:
+            sample = EvenSample(dump.layer(index).shape[0], options.fit_tokens)
+        scores, tokens = layer_importance(dump, inputs, routing.before, device, sample, clock)
+    else:
+        scores, tokens, source = router_norm_importance(router), 0, "router-norm"
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     x = target = None

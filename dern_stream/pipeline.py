@@ -5,7 +5,8 @@ reader may start layer L+1 only once layer L-1's inputs are released, and the co
 hand over layer L's result only once layer L-1's has been written. Host memory therefore holds at
 most: what `read` returned for the next layer, the layer being computed, and the result being
 written. (The rewrite's `read` brings the layer's bytes into the page cache and returns only its
-router, so the process holds one layer of experts: layer_rewrite.read_layer.)
+router, with a future for its routing statistics, which a fourth thread computes from the dump;
+so the process holds one layer of experts: api.rewrite.)
 Reading (pread) and writing (pwrite, copy_file_range) release the GIL, and so do torch's kernels,
 so the three overlap in practice. The first failure on any thread stops the others and is
 raised on the calling thread, with its original type (a DernError stays a one-line message); after

@@ -19,12 +19,30 @@ from dern_stream.cli import main
 from dern_stream.families import family_for
 from dern_stream.layer_rewrite import layer_routing, read_experts
 from dern_stream.layout import ModelShape, check_moe_layers
-from dern_stream.methods.moe_forward import expert_stats, routed_output
+from dern_stream.methods.moe_forward import EvenSample, expert_stats, routed_output
 from dern_stream.stream.executor import moe_block_of
 
 
 def _layer_inputs(built, layer: int) -> torch.Tensor:
     return torch.cat(list(CalibDump(built.calib).chunks(layer)))
+
+
+def test_even_sample_is_every_stride_th_input_and_keeps_only_those_rows(build):
+    """The fit sample collected while the importance pass streams a layer's inputs: evenly spaced
+    across chunk boundaries, and holding only its own rows (a strided view would keep every chunk
+    it came from alive: the whole layer's inputs in memory)."""
+    built = build("mixtral")
+    dump = CalibDump(built.calib)
+    everything = _layer_inputs(built, 1)
+    for limit in (7, 10, everything.shape[0]):
+        sample = EvenSample(everything.shape[0], limit)
+        # pieces of 50 tokens: the dump reads this tiny layer in one block, and boundaries must not matter
+        for _ in sample.watch(piece for chunk in dump.chunks(1) for piece in chunk.split(50)):
+            pass
+        stride = -(-everything.shape[0] // limit)
+        assert torch.equal(sample.tensor(), everything[::stride][:limit])
+        if stride > 1:
+            assert all(part.untyped_storage().nbytes() == part.nbytes for part in sample.kept)
 
 
 def _shared_part(block, x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,8 @@ class EvenSample:
     def watch(self, chunks: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
         for chunk in chunks:
             first = (-self.seen) % self.stride  # first index in this chunk that is a multiple of stride overall
-            self.kept.append(chunk[first::self.stride])
+            part = chunk[first::self.stride]
+            self.kept.append(part.clone() if self.stride > 1 else part)  # a strided view keeps the whole chunk
             self.seen += chunk.shape[0]
             yield chunk
 
