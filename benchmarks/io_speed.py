@@ -7,7 +7,7 @@ input's pages dropped from the page cache (posix_fadvise DONTNEED, so every run 
 and the previous job's output flushed to disk and deleted. The last matters on a virtual disk: a job
 that follows one whose output reached the disk runs slower than one that follows a copy whose output
 never did, and the pass-through used to follow the flushed copy every time (measured on the
-development machine, same code: 1.44x copy + fsync in that order, 1.24-1.25x in this one). The jobs
+development machine, same code: 1.44-1.47x copy + fsync in that order, 1.24-1.25x in this one). The jobs
 take turns so that the shared disk's slow spells fall on all of them alike, and each rewrite's time is
 also given turn by turn against the copy + fsync just before it (the steadiest figure on a noisy disk):
   copy             shutil.copytree of the checkpoint directory
