@@ -77,8 +77,8 @@ def timed(job: str, src: Path, out: Path, dump: Path, experts: int = 0, alpha: f
                          capture_output=True, text=True)
     if run.returncode:
         sys.exit(f"{job} failed:\n{run.stderr}")
-    # Every output goes to disk before it is deleted, so every job follows the same work: the
-    # deletion of a flushed 2 GB output (the disk's discards) slows whatever the disk does next.
+    # Every output goes to disk before it is deleted, so every job follows the same disk work (the
+    # order of unflushed and flushed outputs changed the ratios: see the docstring).
     os.sync()
     shutil.rmtree(out)
     return json.loads(run.stdout.strip().splitlines()[-1])

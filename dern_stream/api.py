@@ -189,8 +189,8 @@ def rewrite(
                         inputs = read_layer(ckpt, family, layer, shape, with_experts, clock)
                         if scorer is not None and layer.index in calibrated:
                             # Scored from the dump on a thread of its own while the bytes are read ahead.
-                            inputs.importance = scorer.submit(layer_importance, dump, inputs, routing.before,
-                                                              compute, clock=clock)
+                            inputs.importance = scorer.submit(layer_importance, dump, layer.index, inputs.router,
+                                                              inputs.bias, routing.before, compute, clock=clock)
                         with clock("read"):
                             ckpt.prefetch(read_ahead(layer))
                         return inputs

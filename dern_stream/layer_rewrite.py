@@ -82,16 +82,18 @@ def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelSh
     return LayerInputs(layer, router, bias, experts)
 
 
-def layer_importance(dump: CalibDump, inputs: LayerInputs, gating: Gating, device: torch.device,
-                     sample: EvenSample | None = None, clock: StageClock = NO_CLOCK) -> tuple[torch.Tensor, int]:
-    """Routing statistics (Eq. 1) of one layer over all its cached inputs: (scores, tokens). `sample`
-    collects the fit sample from the same single pass over the dump."""
+def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
+                     device: torch.device, sample: EvenSample | None = None,
+                     clock: StageClock = NO_CLOCK) -> tuple[torch.Tensor, int]:
+    """Routing statistics (Eq. 1) of layer `index` over all its cached inputs: (scores, tokens). `sample`
+    collects the fit sample from the same single pass over the dump. The router (and bias) move to
+    `device` unless they are there already."""
     with clock("importance"):
-        chunks = dump.chunks(inputs.layer.index, device)
+        chunks = dump.chunks(index, device)
         if sample is not None:
             chunks = sample.watch(chunks)
-        bias = inputs.bias.to(device) if inputs.bias is not None else None
-        return routing_importance(chunks, inputs.router.to(device), gating.router, bias)
+        bias = bias.to(device) if bias is not None else None
+        return routing_importance(chunks, router.to(device), gating.router, bias)
 
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
@@ -139,7 +141,7 @@ def compress_layer(
     elif dump is not None:
         if options.uses_layer_outputs:
             sample = EvenSample(dump.layer(index).shape[0], options.fit_tokens)
-        scores, tokens = layer_importance(dump, inputs, routing.before, device, sample, clock)
+        scores, tokens = layer_importance(dump, index, router, bias, routing.before, device, sample, clock)
     else:
         scores, tokens, source = router_norm_importance(router), 0, "router-norm"
     experts = inputs.experts(device) if inputs.experts is not None else None
