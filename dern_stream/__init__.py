@@ -1,6 +1,6 @@
 """dern-stream: out-of-core DERN expert pruning and neuron recombination for MoE checkpoints."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .api import RewriteSummary, rewrite  # noqa: E402
 from .dump_pipeline import DumpSummary, dump  # noqa: E402

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +19,15 @@ from .checkpoint import (
     Checkpoint,
     ShardedWriter,
     StagedOutput,
+    check_free_space,
     check_output_location,
     copy_side_files,
     resolve_checkpoint,
+    side_files_size,
+    write_durably,
 )
+from .checkpoint.integrity import CHECKSUM, checksum
+from .checkpoint.source import INDEX_NAME
 from .device import resolve_device
 from .errors import DernError, describe
 from .families import family_for
@@ -35,7 +41,8 @@ from .layer_rewrite import (
     read_layer,
     write_layer,
 )
-from .layout import ModelShape, check_moe_layers, copies_by_layer, plan_output
+from .layout import ModelShape, check_moe_layers, check_plan_complete, copies_by_layer, plan_output
+from .locks import DirLock
 from .options import RewriteOptions
 from .pipeline import run_pipeline
 from .run_identity import files_stamp, run_key, tree_stamp
@@ -118,7 +125,7 @@ def rewrite(
     )
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
-    check_output_location(source, out_path, overwrite)
+    check_output_location(out_path, overwrite, {"the input checkpoint": source, "the calibration dump": calib})
 
     ckpt = Checkpoint(source)
     config = ckpt.config
@@ -133,121 +140,137 @@ def rewrite(
         raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
                         f"{shape.intermediate}; it can only shrink them")
     layers = check_moe_layers(ckpt, family, shape)
+    family.check_expressible(config, options.experts)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
-    groups = family.group_plan(config, options.experts)
-    routing = layer_routing(family, config, out_config)
 
-    dump, calibrated = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
-    for note in notes:
-        log.warning("note: %s", note)
-    compute = resolve_device(options.device)
-    specs, copied = plan_output(ckpt, family, layers, options.experts, options.intermediate_size or shape.intermediate)
+    with ExitStack() as held:
+        if calib is not None and Path(calib).is_dir():  # held while the dump is read: no `dump --overwrite` under it
+            held.enter_context(DirLock(Path(calib), f"calibration dump {calib} is being written by a dern-stream "
+                                                    "dump right now", shared=True))
+        groups = family.group_plan(config, options.experts)
+        routing = layer_routing(family, config, out_config)
+        dump, calibrated = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+        for note in notes:
+            log.warning("note: %s", note)
+        compute = resolve_device(options.device)
+        width = options.intermediate_size or shape.intermediate
+        specs, copied = plan_output(ckpt, family, layers, options.experts, width)
 
-    by_index = {layer.index: layer for layer in layers}
-    copy_with = copies_by_layer(copied, list(by_index))
-    with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+        by_index = {layer.index: layer for layer in layers}
+        copy_with = copies_by_layer(copied, list(by_index))
+        writes = {i: [*copy_with[i], *layer_output_names(family, layer, options.experts)]
+                  for i, layer in by_index.items()}
+        check_plan_complete(specs, writes)
+        with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
 
-    def read_ahead(layer) -> list[str]:
-        """What the rest of a layer's work reads from the input: its copied tensors, and its experts when
-        all of them will be read (by the computation, or copied when every expert is kept)."""
-        names = list(copy_with[layer.index])
-        if with_experts or options.experts == shape.num_experts:
-            names += family.expert_names(layer.index, shape.num_experts)
-        return names
+        def read_ahead(layer) -> list[str]:
+            """What the rest of a layer's work reads from the input: its copied tensors, and its experts when
+            all of them will be read (by the computation, or copied when every expert is kept)."""
+            names = list(copy_with[layer.index])
+            if with_experts or options.experts == shape.num_experts:
+                names += family.expert_names(layer.index, shape.num_experts)
+            return names
 
-    clock = StageClock(compute)
-    # Routing statistics need only a layer's router and its cached inputs, so they are computed a
-    # layer ahead on a thread of their own: reading the dump then never holds up the layer being
-    # written (benchmarks/io_speed.py: pass-through 1.24x -> 1.05x copy + fsync). Not when the options
-    # also sample those inputs for fitting: the sample would be held a layer early.
-    scorer = ThreadPoolExecutor(1, thread_name_prefix="dern-score") \
-        if dump is not None and not options.uses_layer_outputs else None
-    fingerprint = ckpt.fingerprint()
-    run = run_key(
-        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
-        source_fingerprint=fingerprint,
-        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
-        calib_files=tree_stamp(Path(calib)) if dump is not None else None,
-    )
-    stage = StagedOutput(out_path, run, restart)
-    try:
-        with stage:
-            records = stage.progress.layers  # per-layer audit entries (plain numbers), resumed ones first
-            if records:
-                log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(layers))
-            writer = ShardedWriter(stage.path, specs, options.max_shard_size, resume=stage.resumed)
-            try:
-                for index in records:
-                    for name in [*copy_with[int(index)], *layer_output_names(family, by_index[int(index)],
-                                                                                  options.experts)]:
-                        writer.skip(name)
-                todo = [layer for layer in layers if str(layer.index) not in records]
-                with tqdm(total=len(layers), initial=len(layers) - len(todo), desc="rewrite MoE layers",
-                          unit="layer", disable=not progress) as bar:
+        clock = StageClock(compute)
+        # Routing statistics need only a layer's router and its cached inputs, so they are computed a
+        # layer ahead on a thread of their own: reading the dump then never holds up the layer being
+        # written (benchmarks/io_speed.py: pass-through 1.24x -> 1.05x copy + fsync). Not when the options
+        # also sample those inputs for fitting: the sample would be held a layer early.
+        scorer = ThreadPoolExecutor(1, thread_name_prefix="dern-score") \
+            if dump is not None and not options.uses_layer_outputs else None
+        fingerprint = ckpt.fingerprint()
+        run = run_key(
+            options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
+            source_fingerprint=fingerprint,
+            source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
+            calib_files=tree_stamp(Path(calib)) if dump is not None else None,
+        )
+        stage = StagedOutput(out_path, run, restart)
+        try:
+            with stage:
+                records = stage.progress.layers  # per-layer audit entries (plain numbers), resumed ones first
+                if records:
+                    log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(layers))
+                check_free_space(stage.path, sum(spec.nbytes for spec in specs) + side_files_size(source))
+                writer = ShardedWriter(stage.path, specs, options.max_shard_size, resume=stage.resumed)
+                try:
+                    for index in records:
+                        for name in writes[int(index)]:
+                            writer.skip(name)
+                    todo = [layer for layer in layers if str(layer.index) not in records]
+                    with tqdm(total=len(layers), initial=len(layers) - len(todo), desc="rewrite MoE layers",
+                              unit="layer", disable=not progress) as bar:
 
-                    def read(layer) -> LayerInputs:
-                        inputs = read_layer(ckpt, family, layer, shape, with_experts, clock)
-                        if scorer is not None and layer.index in calibrated:
-                            # Scored from the dump on a thread of its own while the bytes are read ahead.
-                            inputs.importance = scorer.submit(layer_importance, dump, layer.index, inputs.router,
-                                                              inputs.bias, routing.before, compute, clock=clock)
-                        with clock("read"):
-                            ckpt.prefetch(read_ahead(layer))
-                        return inputs
+                        def read(layer) -> LayerInputs:
+                            inputs = read_layer(ckpt, family, layer, shape, with_experts, clock)
+                            if scorer is not None and layer.index in calibrated:
+                                # Scored from the dump on a thread of its own while the bytes are read ahead.
+                                inputs.importance = scorer.submit(layer_importance, dump, layer.index, inputs.router,
+                                                                  inputs.bias, routing.before, compute, clock=clock)
+                            with clock("read"):
+                                ckpt.prefetch(read_ahead(layer))
+                            return inputs
 
-                    def compute_layer(inputs: LayerInputs):
-                        layer_dump = dump if inputs.layer.index in calibrated else None
-                        return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing,
-                                              clock)
+                        def compute_layer(inputs: LayerInputs):
+                            layer_dump = dump if inputs.layer.index in calibrated else None
+                            return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing,
+                                                  clock)
 
-                    def write(report) -> None:
-                        with clock("write"):
-                            for name in copy_with[report.index]:
-                                writer.copy_raw(name, ckpt.entries[name])
-                            write_layer(writer, ckpt, family, by_index[report.index], report)
-                            record = layer_record(report)
-                            # Journaled once flushed: a resumed run trusts exactly what is on disk.
-                            writer.commit(lambda: stage.progress.add(report.index, record))
-                        return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
-                        bar.update()
-                        bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
+                        def write(report) -> None:
+                            with clock("write"):
+                                for name in copy_with[report.index]:
+                                    writer.copy_raw(name, ckpt.entries[name])
+                                write_layer(writer, ckpt, family, by_index[report.index], report)
+                                record = {**layer_record(report), "checksums": writer.take_checksums()}
+                                # Journaled once flushed: a resumed run trusts exactly what is on disk.
+                                writer.commit(lambda: stage.progress.add(report.index, record))
+                            return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
+                            bar.update()
+                            bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
-                    try:
-                        run_pipeline(todo, read, compute_layer, write)
-                    finally:
-                        if scorer is not None:
-                            scorer.shutdown(cancel_futures=True)
-                with clock("write"):
-                    writer.finish()
-            finally:
-                writer.close()
-                ckpt.release()
-            (stage.path / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-            _, skipped = copy_side_files(source, stage.path)
-            if skipped:
-                notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
-                log.warning("note: %s", notes[-1])
-            records = {k: records[k] for k in sorted(records, key=int)}
-            write_audit(stage.path, audit_record(
-                source=source, fingerprint=fingerprint, calib=Path(calib).resolve() if calib else None,
-                model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
-                options=options, config_notes=notes, layers=records, run=run, device=compute,
-                calib_provenance=dump.attrs.get("provenance") if dump is not None else None,
-            ))
-    except (DernError, OSError) as e:
-        if stage.path.exists():  # finished layers were kept
-            raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(layers)} MoE layers are done "
-                            f"and kept in {stage.path}: run the same command again to resume)") from e
-        raise
+                        try:
+                            run_pipeline(todo, read, compute_layer, write)
+                        finally:
+                            if scorer is not None:
+                                scorer.shutdown(cancel_futures=True)
+                    with clock("write"):
+                        writer.finish()
+                finally:
+                    writer.close()
+                    ckpt.release()
+                copied_files, skipped = copy_side_files(source, stage.path)
+                if skipped:
+                    notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
+                    log.warning("note: %s", notes[-1])
+                # config.json is written last: a directory without it never looks like a loadable checkpoint.
+                config_bytes = (json.dumps(out_config, indent=2) + "\n").encode()
+                written = [*copied_files, *([INDEX_NAME] if len(writer.files) > 1 else [])]
+                files = {name: checksum((stage.path / name).read_bytes()) for name in written}
+                files["config.json"] = checksum(config_bytes)
+                records = {k: records[k] for k in sorted(records, key=int)}
+                write_audit(stage.path, audit_record(
+                    source=source, fingerprint=fingerprint, calib=Path(calib).resolve() if calib else None,
+                    model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
+                    options=options, config_notes=notes, layers=records, run=run, device=compute,
+                    calib_provenance=dump.attrs.get("provenance") if dump is not None else None,
+                    checksums={"algorithm": CHECKSUM, "headers": writer.header_checksums,
+                               "files": dict(sorted(files.items()))},
+                ))
+                write_durably(stage.path / "config.json", config_bytes)
+        except (DernError, OSError) as e:
+            if stage.path.exists():  # finished layers were kept
+                raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(layers)} MoE layers are done "
+                                f"and kept in {stage.path}: run the same command again to resume)") from e
+            raise
 
-    return RewriteSummary(
-        output=out_path, model_type=family.model_type, layers=len(records),
-        experts_in=shape.num_experts, experts_out=options.experts,
-        segments_pooled=len(layers) * (shape.num_experts - options.experts) * shape.intermediate,
-        segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
-        output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
-        stages=dict(clock.seconds),
-    )
+        return RewriteSummary(
+            output=out_path, model_type=family.model_type, layers=len(records),
+            experts_in=shape.num_experts, experts_out=options.experts,
+            segments_pooled=len(layers) * (shape.num_experts - options.experts) * shape.intermediate,
+            segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
+            output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
+            stages=dict(clock.seconds),
+        )
 
 
 def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> tuple[CalibDump | None, set[int]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import write_durably
 from .layer_rewrite import LayerReport
 from .options import RewriteOptions
 from .run_identity import versions
@@ -28,9 +29,15 @@ def audit_record(
     run: dict | None = None,
     device: torch.device | None = None,
     calib_provenance: dict | None = None,
+    checksums: dict | None = None,
 ) -> dict:
-    """The whole record; `layers` maps layer index to `layer_record(...)`. Nothing in it varies between
-    two runs of the same command (no times, no process ids), so reruns stay byte-identical."""
+    """The whole record; `layers` maps layer index to `layer_record(...)` with the checksums of the
+    tensors that layer's write wrote under "checksums"; they are gathered into `checksums["tensors"]`
+    (`checksums` also holds the algorithm and the shard headers' and other files' checksums). Nothing in
+    it varies between two runs of the same command (no times, no process ids), so reruns stay
+    byte-identical."""
+    tensors = {name: value for record in layers.values() for name, value in record.get("checksums", {}).items()}
+    layers = {i: {k: v for k, v in record.items() if k != "checksums"} for i, record in layers.items()}
     return {
         "dern_stream_version": __version__,
         "versions": versions(),
@@ -53,6 +60,8 @@ def audit_record(
         "intermediate_size": options.intermediate_size or intermediate,
         "config_notes": config_notes,
         "layers": layers,
+        # What verify checks every byte of the output against (README, "verify").
+        "checksums": {**(checksums or {}), "tensors": dict(sorted(tensors.items()))},
     }
 
 
@@ -82,4 +91,4 @@ def layer_record(report: LayerReport) -> dict:
 
 
 def write_audit(directory: Path, record: dict) -> None:
-    (directory / "dern_stream.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_durably(directory / "dern_stream.json", (json.dumps(record, indent=2) + "\n").encode())

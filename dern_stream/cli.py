@@ -4,6 +4,7 @@ stderr and exit status 2."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -34,11 +35,18 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="dern-stream")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def main(debug: bool) -> None:
     """Shrink Mixture-of-Experts checkpoints out of core with DERN."""
+    # `kill` (SIGTERM, also what job schedulers and containers send) stops a run as Ctrl-C does: the
+    # finished layers are kept and the one-line message says how to resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("dern_stream").setLevel(logging.INFO)
 
@@ -81,7 +89,7 @@ def main(debug: bool) -> None:
                    "[default: 32768].")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
 @click.option("--restart", is_flag=True,
               help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
@@ -128,7 +136,8 @@ def _text_options(num_tokens: int, seq_len: int):
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="DUMP", type=click.Path())
 @_text_options(num_tokens=262144, seq_len=2048)
-@click.option("--overwrite", is_flag=True, help="Start DUMP again if it exists (else an interrupted dump resumes).")
+@click.option("--overwrite", is_flag=True, help="Start DUMP again if it is an earlier dump (else an interrupted dump "
+              "resumes).")
 def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, overwrite) -> None:
     """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
 
@@ -147,15 +156,16 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 @click.option("--reference", metavar="IN", help="Reference checkpoint for per-layer MoE output error (with --calib).")
 @click.option("--calib", type=click.Path(), help="Dump whose inputs the per-layer error is measured on.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier eval report.")
 def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, reference, calib,
-          json_path) -> None:
+          json_path, overwrite) -> None:
     """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens), and/or
     the per-MoE-layer output error against --reference on the inputs cached in --calib."""
     from .eval_pipeline import evaluate
 
     report = evaluate(src, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len,
                       batch_size=batch_size, reference=reference, calib=calib, device=device, dtype=dtype,
-                      json_path=json_path, progress=not quiet)
+                      json_path=json_path, overwrite=overwrite, progress=not quiet)
     click.echo(str(report))
 
 

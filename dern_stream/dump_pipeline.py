@@ -15,15 +15,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calib import CalibWriter, tensor_sha256
-from .calib.store import FORMAT
+from .calib.store import FORMAT, not_a_dump
 from .calib.text import check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
-from .errors import DernError
+from .errors import DernError, describe
 from .families import family_for
 from .layout import moe_layer_indices
+from .locks import LOCK_NAME, DirLock
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
+from .targets import check_apart
 
 log = logging.getLogger("dern_stream")
 
@@ -72,19 +74,26 @@ def dump(
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
     out_path = Path(out).expanduser().resolve()
-    if out_path == ckpt.root or ckpt.root in out_path.parents:
-        raise DernError(f"DUMP {out_path} is inside the checkpoint directory {ckpt.root}, which is never written to")
+    check_apart(out_path, "DUMP", {"the input checkpoint": ckpt.root, "the text": text,
+                                   "the tokenizer": tokenizer})
+    reason = not_a_dump(out_path) if os.path.lexists(out_path) else None
+    if reason is not None:
+        raise DernError(f"DUMP {out_path} {reason}; choose another path (--overwrite replaces only an earlier dump)")
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
     model = StreamedModel(ckpt, compute, compute_dtype)  # meta device: cheap, and checks config.json
     if model.moe_layers() != moe_layers:
         raise DernError(f"the checkpoint's routers (layers {moe_layers}) and the model transformers builds from "
                         f"config.json (MoE layers {model.moe_layers()}) disagree")
     request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
-    writer, ids, resumed = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
-    batches = batched(ids, batch_size)
-    hidden = int(ckpt.config["hidden_size"])
-    store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, compute, scratch_dir=out_path.parent)
+    writer, ids, resumed, lock = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
     last = moe_layers[-1]
+    try:
+        batches = batched(ids, batch_size)
+        hidden = int(ckpt.config["hidden_size"])
+        store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, compute, scratch_dir=out_path.parent)
+    except BaseException:
+        lock.release()
+        raise
     try:
         if resumed is None:
             model.embed(batches, store)
@@ -110,9 +119,13 @@ def dump(
     except KeyboardInterrupt:
         log.warning("interrupted: rerun the same command to continue %s after the last finished layer", out_path)
         raise
+    except (DernError, OSError) as e:  # a full disk, a missing tensor found at layer 20...
+        raise DernError(f"{describe(e)} (the layers finished so far are kept in {out_path}: run the same command "
+                        "again to resume)") from e
     finally:
         store.close()
         ckpt.release()
+        lock.release()
     return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], resumed,
                        time.perf_counter() - started, str(compute))
 
@@ -147,17 +160,51 @@ class _Request:
 
 
 def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int], request: _Request,
-                    overwrite: bool) -> tuple[CalibWriter, torch.Tensor, int | None]:
+                    overwrite: bool) -> tuple[CalibWriter, torch.Tensor, int | None, DirLock]:
     """A fresh writer with the token ids, or the interrupted dump at `path` when it was started by the
-    same command on the same checkpoint. Returns (writer, ids, resumed_after_layer or None)."""
+    same command on the same checkpoint; with the lock on `path`, held until the dump ends. Returns
+    (writer, ids, resumed_after_layer or None, lock). `path` is a dump or empty if it exists (checked)."""
     provenance = request.provenance(ckpt)
-    if path.exists() and not overwrite:
-        writer = _resumable(path, provenance)
-        after = writer.resume_point()
-        for key in list(writer.inputs.array_keys()):  # layers past the saved state are redone
-            if after is None or int(key) > after:
-                del writer.inputs[key]
-        return writer, writer.tokens(), after
+    resuming = not overwrite and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
+    ids = None if resuming else _request_tokens(ckpt, request)  # before anything is created or replaced
+    try:
+        path.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        raise DernError(f"cannot create DUMP {path}: {e.strerror}") from None
+    lock = DirLock(path, f"DUMP {path} is in use by another dern-stream process (a dump writing it, or a rewrite "
+                         "or eval reading it); wait for it to finish")
+    try:
+        reason = not_a_dump(path)  # again, under the lock: another dump may have been at work until now
+        if reason is not None:
+            raise DernError(f"DUMP {path} {reason}; choose another path")
+        if resuming or (ids is None and any(p.name != LOCK_NAME for p in path.iterdir())):
+            writer = _resumable(path, provenance)
+            after = writer.resume_point()
+            for key in list(writer.inputs.array_keys()):  # layers past the saved state are redone
+                if after is None or int(key) > after:
+                    del writer.inputs[key]
+            return writer, writer.tokens(), after, lock
+        if ids is None:  # the dump we meant to resume was removed meanwhile
+            ids = _request_tokens(ckpt, request)
+        writer = CalibWriter(
+            path, model_type=family.model_type, hidden_size=int(ckpt.config["hidden_size"]),
+            num_experts=family.num_experts(ckpt.config), moe_layers=moe_layers,
+            checkpoint_fingerprint=provenance["checkpoint_fingerprint"], provenance=provenance,
+            dtype=request.store_dtype, chunk_tokens=request.chunk_tokens, overwrite=True,
+        )
+        writer.write_tokens(ids)
+        return writer, ids, None, lock
+    except BaseException:
+        if created:  # nothing of anyone's is in it but the lock file
+            shutil.rmtree(path, ignore_errors=True)
+        lock.release()
+        raise
+
+
+def _request_tokens(ckpt: Checkpoint, request: _Request) -> torch.Tensor:
     if request.tokens is not None:
         ids = request.tokens.to(torch.int64)
         if ids.dim() != 2 or ids.shape[1] < 2:
@@ -166,16 +213,7 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
         ids = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
                           num_tokens=request.num_tokens, seq_len=request.seq_len)
     check_vocabulary(ids, ckpt.config)
-    if path.exists():  # --overwrite, and only once the new tokens are in hand
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    writer = CalibWriter(
-        path, model_type=family.model_type, hidden_size=int(ckpt.config["hidden_size"]),
-        num_experts=family.num_experts(ckpt.config), moe_layers=moe_layers,
-        checkpoint_fingerprint=provenance["checkpoint_fingerprint"], provenance=provenance,
-        dtype=request.store_dtype, chunk_tokens=request.chunk_tokens, overwrite=True,
-    )
-    writer.write_tokens(ids)
-    return writer, ids, None
+    return ids
 
 
 def _resumable(path: Path, provenance: dict) -> CalibWriter:
@@ -184,9 +222,9 @@ def _resumable(path: Path, provenance: dict) -> CalibWriter:
     try:
         attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     except Exception:  # zarr raises many types for a path that is not a store
-        raise DernError(f"{path} exists and is not a calibration dump; remove it or pass --overwrite") from None
+        raise DernError(f"{path} exists and is not a calibration dump; choose another path") from None
     if attrs.get("format") != FORMAT:
-        raise DernError(f"{path} exists and is not a calibration dump; remove it or pass --overwrite")
+        raise DernError(f"{path} exists and is not a calibration dump; choose another path")
     if attrs.get("complete"):
         raise DernError(f"dump {path} already exists and is complete; pass --overwrite to make it again")
     before = attrs.get("provenance") or {}

@@ -19,12 +19,16 @@ from tqdm.auto import tqdm
 
 from .calib import CalibDump
 from .calib.text import check_vocabulary, tokens_from
-from .checkpoint import Checkpoint, resolve_checkpoint
+from .checkpoint import Checkpoint, resolve_checkpoint, write_durably
 from .device import resolve_device
 from .errors import DernError
 from .families import family_for
+from .locks import DirLock
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
+from .targets import check_apart, check_replaceable
+
+EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
 
 
 @dataclass
@@ -50,7 +54,7 @@ class EvalReport:
         return sum(e.rel_l2 for e in self.layer_errors) / len(self.layer_errors) if self.layer_errors else None
 
     def to_json(self) -> dict:
-        return {**asdict(self), "mean_rel_l2": self.mean_rel_l2}
+        return {"format": EVAL_FORMAT, **asdict(self), "mean_rel_l2": self.mean_rel_l2}
 
     def __str__(self) -> str:
         lines = []
@@ -81,11 +85,20 @@ def evaluate(
     device: str = "auto",
     dtype: str = "auto",
     json_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`), and/or with `reference`
-    and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's inputs."""
+    and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's inputs.
+    With `json_path`, the report is also written there (replacing only an earlier report, with
+    `overwrite`)."""
     started = time.perf_counter()
+    if json_path is not None:
+        json_path = Path(json_path).expanduser().resolve()
+        check_apart(json_path, "--json file", {"the checkpoint": resolve_checkpoint(src), "the reference": reference,
+                                               "the calibration dump": calib, "the text": text,
+                                               "the tokenizer": tokenizer})
+        check_replaceable(json_path, "--json file", overwrite, _not_eval_json, directory=False)
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if not wants_ppl and reference is None:
         raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
@@ -105,11 +118,33 @@ def evaluate(
     if reference is not None:
         ref = Checkpoint(resolve_checkpoint(reference))
         report.reference = str(ref.root)
-        report.layer_errors = layer_errors(ref, ckpt, CalibDump(calib), compute, compute_dtype, progress)
+        dump = CalibDump(calib)
+        with DirLock(dump.path, f"calibration dump {calib} is being written by a dern-stream dump right now",
+                     shared=True):
+            report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        _write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report
+
+
+def _not_eval_json(path: Path) -> str | None:
+    """Why the existing `path` is not an earlier `eval --json` report (None when it is)."""
+    try:
+        is_report = json.loads(path.read_text()).get("format") == EVAL_FORMAT
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        is_report = False
+    return None if is_report else "is not a report that dern-stream eval wrote"
+
+
+def _write_replacing(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.dern-tmp-{os.getpid()}")
+    try:
+        write_durably(tmp, data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device: torch.device,

@@ -10,8 +10,10 @@ from functools import partial
 import torch
 
 from .calib import CalibDump
-from .checkpoint import Checkpoint, ShardedWriter
+from .checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
+from .checkpoint.integrity import all_finite
 from .checkpoint.safetensors_format import DTYPES
+from .errors import DernError
 from .families import PARTS, Family, GroupPlan
 from .layout import ModelShape, MoELayer
 from .methods import (
@@ -242,15 +244,32 @@ def write_layer(
     Experts that DERN left unchanged are copied as raw bytes, so they are bit-identical to the input.
     """
     result, i = report.result, layer.index
-    writer.write(family.router_name(i), result.router.cpu())
-    if layer.bias is not None:
-        # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
-        writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[result.kept])
-    dtype = DTYPES[layer.dtype]
-    for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
-        for part in PARTS:
-            name = family.expert_name(i, pos, part)
-            if rebuilt is None:
-                writer.copy_raw(name, ckpt.entries[family.expert_name(i, expert, part)])
-            else:
-                writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
+    try:
+        writer.write(family.router_name(i), result.router.cpu())
+        if layer.bias is not None:
+            # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
+            writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[result.kept])
+        dtype = DTYPES[layer.dtype]
+        for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
+            for part in PARTS:
+                name = family.expert_name(i, pos, part)
+                if rebuilt is None:
+                    writer.copy_raw(name, ckpt.entries[family.expert_name(i, expert, part)])
+                else:
+                    writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
+    except NonFiniteTensor as e:
+        if e.copied:
+            raise
+        raise DernError(f"{e}: {_non_finite_cause(ckpt, family, layer)}") from None
+
+
+def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:
+    """Why a rebuilt tensor of `layer` is not finite: the first input tensor of the layer that is not,
+    or else overflow of the stored dtype. Read only on this failure path."""
+    i = layer.index
+    names = [family.router_name(i), *([family.bias_name(i)] if layer.bias is not None else []),
+             *family.expert_names(i, family.num_experts(ckpt.config))]
+    for name in names:
+        if not all_finite(ckpt.load(name)):
+            return f"the input's {name} holds NaN or Inf (the input weights are not finite)"
+    return f"the input weights of layer {i} are finite, so the rebuilt values overflow {layer.dtype}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, TensorSpec
@@ -84,8 +85,8 @@ def plan_output(
 ) -> tuple[list[TensorSpec], list[str]]:
     """Output tensor specs in natural order (a layer's new experts where its router was),
     and the input tensors that are copied unchanged."""
-    by_router = {layer.router: layer for layer in layers}
-    biases = {layer.bias for layer in layers if layer.bias is not None}
+    by_router = {family.router_name(layer.index): layer for layer in layers}  # by name: entries may compare equal
+    biases = {family.bias_name(layer.index) for layer in layers if layer.bias is not None}
     moe_indices = [layer.index for layer in layers]
     specs, copied = [], []
     for name in sorted(ckpt.entries, key=natural_key):
@@ -93,20 +94,31 @@ def plan_output(
         layer_index = layer_of(name)
         if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
             continue
-        if entry in by_router:
-            layer = by_router[entry]
+        if name in by_router:
+            layer = by_router[name]
             specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
             d = entry.shape[1]
             for e in range(experts):
                 for part in PARTS:
                     shape = (d, intermediate) if part == "down" else (intermediate, d)
                     specs.append(TensorSpec(family.expert_name(layer.index, e, part), layer.dtype, shape))
-        elif entry in biases:
+        elif name in biases:
             specs.append(TensorSpec(name, entry.dtype, (experts,)))
         else:
             specs.append(TensorSpec(name, entry.dtype, entry.shape))
             copied.append(name)
     return specs, copied
+
+
+def check_plan_complete(specs: list[TensorSpec], writes: dict[int, list[str]]) -> None:
+    """Every planned output tensor is written by exactly one layer's write step, before any work starts
+    (a gap would otherwise show only at the end, as an output that cannot be finished)."""
+    planned = Counter(spec.name for spec in specs)
+    written = Counter(name for names in writes.values() for name in names)
+    if written != planned or max(planned.values(), default=1) > 1:
+        odd = sorted((planned - written) + (written - planned) + Counter(n for n, c in planned.items() if c > 1))
+        raise DernError(f"internal error: the output plan and the layer writes disagree (e.g. {odd[0]}); "
+                        "nothing was written")
 
 
 def copies_by_layer(names: list[str], moe_layers: list[int]) -> dict[int, list[str]]:

@@ -8,6 +8,9 @@ Checks, each reading one tensor at a time:
             device), the experts in one float dtype, and no tensor the config does not imply
   finite    no NaN or Inf in any floating-point tensor
   audit     dern_stream.json agrees with the config (expert count, width, model type, MoE layers)
+  routing   the config can route (top-k within the experts, groups that transformers and vLLM accept)
+  checksums every tensor's bytes, every shard header and every other file the rewrite wrote match the
+            checksums it recorded in dern_stream.json (any change to the output since is found)
   against   with IN: every tensor the rewrite does not change is byte-identical to IN's (the
             non-MoE tensors, the kept experts written unchanged, the score-correction bias rows), and
             every tensor keeps IN's dtype
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, resolve_checkpoint
-from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
-from .checkpoint.source import INDEX_NAME, SINGLE_NAME
+from .checkpoint.integrity import CHECKSUM, bytes_finite, checksum, new_hasher
+from .checkpoint.safetensors_format import TensorEntry, read_header
+from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from .errors import DernError
 from .families import PARTS, family_for
 from .layout import ModelShape, check_moe_layers, layer_of, natural_key
@@ -76,11 +81,20 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
         layers = []
     _check_skeleton(ckpt, family, report)
     report.checks += ["index", "config"]
+    problem = family.routing_problem(ckpt.config)
+    if problem is not None:
+        report.problems.append(f"config.json cannot route: {problem}")
+    report.checks.append("routing")
     audit = _check_audit(ckpt, family, shape, family.moe_layers(ckpt.entries), report)
     report.checks.append("audit")
+    sums = _recorded_checksums(audit, report)
+    if sums is not None:
+        _check_files(ckpt, sums, report)
     source = Checkpoint(resolve_checkpoint(against)) if against is not None else None
-    _scan(ckpt, family, layers, audit, source, report, progress)
+    _scan(ckpt, family, layers, audit, sums, source, report, progress)
     report.checks.append("finite")
+    if sums is not None:
+        report.checks.append("checksums")
     if source is not None:
         report.checks.append(f"against {source.root}")
     ckpt.release()
@@ -101,7 +115,10 @@ def _check_index(ckpt: Checkpoint, report: VerifyReport) -> None:
         outside = sorted(set(read_header(str(ckpt.root / fname))[0]) - set(ckpt.entries), key=natural_key)
         if outside:
             report.problems.append(f"{fname} holds {len(outside)} tensors the index does not name, e.g. {outside[0]}")
-    total = (json.loads(index_path.read_text()).get("metadata") or {}).get("total_size")
+    metadata = json.loads(index_path.read_text()).get("metadata")  # a JSON object: Checkpoint read it
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if metadata is not None and not isinstance(metadata, dict):
+        report.problems.append(f"{INDEX_NAME} metadata is not a JSON object")
     actual = sum(e.nbytes for e in ckpt.entries.values())
     if total is not None and total != actual:
         report.problems.append(f"{INDEX_NAME} says total_size {total}, the tensors hold {actual} bytes")
@@ -131,43 +148,109 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport) -> None:
 
 def _check_audit(ckpt: Checkpoint, family, shape: ModelShape, moe_layers: list[int], report: VerifyReport
                  ) -> dict | None:
+    """dern_stream.json, checked against the config; None (with problems reported) when it is missing or
+    not a record this tool writes. Its layer records are checked to be usable (kept experts: distinct
+    indices of the input's experts), so that the later checks can rely on them."""
     path = ckpt.root / "dern_stream.json"
     if not path.is_file():
         report.problems.append("no dern_stream.json: not written by dern-stream, or not completely")
         return None
     try:
         audit = json.loads(path.read_text())
+        source_experts = audit["source"]["num_experts"]
         expect = {
             "num_experts": (audit["num_experts"], shape.num_experts),
             "intermediate_size": (audit["intermediate_size"], shape.intermediate),
             "source.model_type": (audit["source"]["model_type"], family.model_type),
-            "MoE layers": (sorted(int(i) for i in audit["layers"]), sorted(moe_layers)),
+            "MoE layers": (sorted(str(i) for i in audit["layers"]), sorted(str(i) for i in moe_layers)),
         }
         for key, (recorded, actual) in expect.items():
             if recorded != actual:
                 report.problems.append(f"dern_stream.json {key} is {recorded}, the checkpoint has {actual}")
-        for i, rec in audit["layers"].items():
-            if len(rec["kept"]) != shape.num_experts or not set(rec["rebuilt_experts"]) <= set(rec["kept"]):
-                report.problems.append(f"dern_stream.json layer {i}: kept experts do not match the config")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        bad = [i for i, rec in audit["layers"].items() if not _usable_layer(rec, shape.num_experts, source_experts)]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         report.problems.append(f"dern_stream.json is not a valid record ({type(e).__name__}: {e})")
+        return None
+    if bad:
+        report.problems.append(f"dern_stream.json layer {bad[0]}: kept experts do not match the config")
         return None
     return audit
 
 
-def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, source: Checkpoint | None, report: VerifyReport,
-          progress: bool) -> None:
-    """Read every tensor once: finite values; with `source`, dtypes and the unchanged tensors' bytes."""
+def _usable_layer(rec, experts: int, source_experts) -> bool:
+    if not isinstance(rec, dict) or type(source_experts) is not int:
+        return False
+    kept, rebuilt = rec.get("kept"), rec.get("rebuilt_experts")
+    indices = (kept, rebuilt) if isinstance(kept, list) and isinstance(rebuilt, list) else ([None], [])
+    in_range = all(type(e) is int and 0 <= e < source_experts for e in indices[0] + indices[1])
+    return in_range and len(kept) == experts == len(set(kept)) and set(rebuilt) <= set(kept)
+
+
+def _recorded_checksums(audit: dict | None, report: VerifyReport) -> dict | None:
+    """The checksums dern_stream.json records, if usable: {"tensors", "headers", "files"} each name -> hex."""
+    if audit is None:
+        return None
+    sums = audit.get("checksums")
+    if sums is None and str(audit.get("dern_stream_version", "")).startswith("0.1."):
+        report.checks.append("(no checksums: written by dern-stream 0.1, which did not record them)")
+        return None
+    ok = isinstance(sums, dict) and sums.get("algorithm") == CHECKSUM and all(
+        isinstance(sums.get(k), dict) and all(isinstance(v, str) for v in sums[k].values())
+        for k in ("tensors", "headers", "files"))
+    if not ok:
+        report.problems.append(f"dern_stream.json holds no usable checksums ({CHECKSUM} of tensors, headers, files)")
+        return None
+    return sums
+
+
+def _check_files(ckpt: Checkpoint, sums: dict, report: VerifyReport) -> None:
+    """Shard headers and the other files the rewrite wrote, against their recorded checksums."""
+    for fname in sorted(set(ckpt.shard_files) | set(sums["headers"])):
+        path = ckpt.root / fname
+        if fname not in sums["headers"] or not path.is_file():
+            what = "was not written by the rewrite" if path.is_file() else "is missing"
+            report.problems.append(f"shard {fname} {what}")
+            continue
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = struct.pack("<Q", n) + f.read(n)
+        if checksum(head) != sums["headers"][fname]:
+            report.problems.append(f"{fname}'s header differs from the one the rewrite wrote")
+    others = {p.name for p in ckpt.root.iterdir() if p.is_file() and not p.name.startswith(".")
+              and not p.name.endswith(".safetensors") and p.name != "dern_stream.json"}
+    for name in sorted(others | set(sums["files"])):
+        path = ckpt.root / name
+        if name not in sums["files"]:
+            report.problems.append(f"{name} was not written by the rewrite (dern_stream.json has no checksum of it)")
+        elif not path.is_file():
+            report.problems.append(f"{name}, written by the rewrite, is missing")
+        elif checksum(path.read_bytes()) != sums["files"][name]:
+            report.problems.append(f"{name} differs from the file the rewrite wrote")
+
+
+def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | None, source: Checkpoint | None,
+          report: VerifyReport, progress: bool) -> None:
+    """Read every tensor once, in chunks: finite values, checksums; with `source`, dtypes and the
+    unchanged tensors' bytes."""
     counterpart = _counterparts(ckpt, family, layers, audit, source) if source is not None else {}
+    recorded = dict(sums["tensors"]) if sums is not None else None
     names = sorted(ckpt.entries, key=natural_key)
+    buffer = memoryview(bytearray(_COMPARE_CHUNK))
     for name in tqdm(names, desc="verify", unit="tensor", disable=not progress):
         entry = ckpt.entries[name]
         report.bytes_checked += entry.nbytes
-        if DTYPES[entry.dtype].is_floating_point:
-            t = ckpt.load(name)
-            if not bool(torch.isfinite(t).all()):
-                report.problems.append(f"{name} holds NaN or Inf")
-            del t
+        hasher, finite = new_hasher(), True
+        for view in _chunks(entry, buffer):
+            finite = finite and bytes_finite(view, entry.dtype)
+            hasher.update(view)
+        if not finite:
+            report.problems.append(f"{name} holds NaN or Inf")
+        if recorded is not None:
+            expected = recorded.pop(name, None)
+            if expected is None:
+                report.problems.append(f"{name} was not written by the rewrite (no checksum of it is recorded)")
+            elif hasher.hexdigest() != expected:
+                report.problems.append(f"{name}'s bytes differ from what the rewrite wrote (checksum mismatch)")
         if source is None:
             continue
         src_name, mode = counterpart.get(name, (None, "changed"))
@@ -188,6 +271,8 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, source: Checkpoi
             else:
                 report.problems.append(f"{name} differs from {source.root.name}'s {src_name}, "
                                        "but the rewrite leaves it unchanged")
+    if recorded:
+        report.problems.append(f"{len(recorded)} tensors the rewrite wrote are missing, e.g. {min(recorded)}")
     if source is not None:
         source.release()
 
@@ -214,6 +299,15 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
                 out[family.expert_name(i, pos, part)] = (family.expert_name(i, expert, part),
                                                          "changed" if expert in rebuilt else "same")
     return {k: (v if v[0] is None or v[0] in source.entries else (None, "changed")) for k, v in out.items()}
+
+
+def _chunks(entry: TensorEntry, buffer: memoryview):
+    """A tensor's stored bytes, a buffer-full at a time (the buffer is reused)."""
+    with open(entry.file, "rb", buffering=0) as f:
+        for start in range(0, entry.nbytes, len(buffer)):
+            view = buffer[:min(len(buffer), entry.nbytes - start)]
+            pread_fully(f.fileno(), view, entry.start + start, entry.file, "a tensor")
+            yield view
 
 
 def _same_bytes(a: TensorEntry, b: TensorEntry) -> bool:

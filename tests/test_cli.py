@@ -3,6 +3,7 @@ table is test_bad_input.py)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -65,9 +66,9 @@ def test_output_location_rules(build, tmp_path):
     before = raw_bytes(src)
     inside = src / "out"
     result = run("rewrite", src, inside, "--experts", 4, "--calib", built.calib)
-    assert result.exit_code == 2 and "inside it" in result.stderr and not inside.exists()
+    assert result.exit_code == 2 and "lies inside the input checkpoint" in result.stderr and not inside.exists()
     result = run("rewrite", src, tmp_path, "--experts", 4, "--calib", built.calib, "--overwrite")
-    assert result.exit_code == 2 and "contains the input" in result.stderr
+    assert result.exit_code == 2 and "contains the input checkpoint" in result.stderr
 
     out = tmp_path / "out"
     out.mkdir()
@@ -75,7 +76,15 @@ def test_output_location_rules(build, tmp_path):
     result = run("rewrite", src, out, "--experts", 4, "--calib", built.calib)
     assert result.exit_code == 2 and "pass --overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "user data"
+    # --overwrite replaces only an earlier rewrite's output, never a folder of the user's
     result = run("rewrite", src, out, "--experts", 4, "--calib", built.calib, "--overwrite", "-q")
+    assert result.exit_code == 2 and "holds no readable dern_stream.json" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    assert run("rewrite", src, out, "--experts", 4, "--calib", built.calib, "-q").exit_code == 0
+    first = raw_bytes(out)
+    result = run("rewrite", src, out, "--experts", 5, "--calib", built.calib, "--overwrite", "-q")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert raw_bytes(out) != first and json.loads((out / "config.json").read_text())["num_local_experts"] == 5
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing moved aside is left
     assert raw_bytes(src) == before

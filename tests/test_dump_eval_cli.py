@@ -121,7 +121,7 @@ def test_dump_inside_the_checkpoint_is_refused(build):
     built = build("mixtral")
     out = built.model_dir / "calib.zarr"
     assert_error(run("dump", built.model_dir, out, "--text", built.model_dir.parent / "corpus.txt"),
-                 "is inside the checkpoint directory")
+                 "lies inside the input checkpoint")
     assert not out.exists()
 
 

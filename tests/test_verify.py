@@ -77,7 +77,8 @@ def wrong_total_size(d):
 
 def config_disagrees(d):
     config = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**config, "num_experts": 6}))
+    key = "num_local_experts" if "num_local_experts" in config else "num_experts"
+    (d / "config.json").write_text(json.dumps({**config, key: 6}))
 
 
 def audit_disagrees(d):

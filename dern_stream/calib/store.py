@@ -19,7 +19,9 @@ dump made from another model without reading anything but tensors it loads anywa
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 import zarr
 
 from ..errors import DernError
+from ..locks import LOCK_NAME
 
 FORMAT = "dern-stream-calib"
 FORMAT_VERSION = 1
@@ -57,10 +60,15 @@ class CalibWriter:
         overwrite: bool = False,
     ):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise DernError(f"dump {self.path} already exists; remove it or pass overwrite")
+        if self.path.exists():
+            reason = not_a_dump(self.path)
+            if reason is not None:
+                raise DernError(f"dump {self.path} {reason}; choose another path")
+            if not overwrite and any(self.path.iterdir()):
+                raise DernError(f"dump {self.path} already exists; remove it or pass overwrite")
+            clear_dump(self.path)
         self.hidden_size, self.dtype, self.chunk_tokens = hidden_size, np.dtype(dtype), chunk_tokens
-        self.group = zarr.open_group(str(self.path), mode="w")
+        self.group = zarr.open_group(str(self.path), mode="a")  # (zarr's "w" would delete the lock file)
         self.group.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": model_type,
             "hidden_size": hidden_size, "num_experts": num_experts, "moe_layers": list(moe_layers),
@@ -125,13 +133,22 @@ class CalibWriter:
     def resume_point(self) -> int | None:
         """The last decoder layer whose output is saved, or None."""
         state = self.group.attrs.get("resume")
-        return state["after_layer"] if state else None
+        if state is None:
+            return None
+        if not isinstance(state, dict) or type(state.get("after_layer")) is not int:
+            raise DernError(f"dump {self.path}: its saved state for resuming is damaged; pass --overwrite to start "
+                            "it again")
+        return state["after_layer"]
 
     def load_residual(self, batch_rows: list[int]) -> Iterator[torch.Tensor]:
         """The saved residual stream, one batch of `batch_rows[i]` sequences at a time."""
-        state = self.group.attrs["resume"]
-        arr = self.group["resume"][f"residual_{state['slot']}"]
-        dtype = getattr(torch, state["dtype"].removeprefix("torch."))
+        try:
+            state = self.group.attrs["resume"]
+            arr = self.group["resume"][f"residual_{state['slot']}"]
+            dtype = getattr(torch, state["dtype"].removeprefix("torch."))
+        except (KeyError, TypeError, AttributeError):
+            raise DernError(f"dump {self.path}: its saved state for resuming is damaged; "
+                            "pass --overwrite to start it again") from None
         row = 0
         for rows in batch_rows:
             yield torch.from_numpy(np.asarray(arr[row:row + rows])).view(dtype)
@@ -141,6 +158,36 @@ class CalibWriter:
         if "resume" in self.group:
             del self.group["resume"]
         self.group.attrs.update({"resume": None, "complete": True})
+
+
+# What a dump directory holds: zarr's metadata, its three groups and the writer's lock file.
+_DUMP_ENTRIES = {"zarr.json", "moe_inputs", "tokens", "resume", LOCK_NAME}
+
+
+def not_a_dump(path: Path) -> str | None:
+    """Why the existing `path` is not a calibration dump that dern-stream wrote (None when it is, or when
+    it is an empty directory): only such a dump may be replaced or resumed."""
+    if not path.is_dir():
+        return "exists and is not a directory"
+    entries = {p.name for p in path.iterdir()} - {LOCK_NAME}
+    if not entries:  # (a dump killed between taking its lock and starting leaves only the lock file)
+        return None
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+        is_dump = isinstance(attrs, dict) and attrs.get("format") == FORMAT
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        is_dump = False
+    if not is_dump:
+        return "exists and is not a calibration dump"
+    foreign = sorted(e for e in entries - _DUMP_ENTRIES if not e.endswith(".partial"))  # zarr's own temp files
+    return f"holds {foreign[0]}, which a dump never writes" if foreign else None
+
+
+def clear_dump(path: Path) -> None:
+    """Empty the dump directory `path` in place, keeping its lock file (held by the caller)."""
+    for item in path.iterdir():
+        if item.name != LOCK_NAME:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def _positive_int(v) -> bool:

@@ -7,14 +7,16 @@ failure only while it holds finished layers to resume from.
 
 from __future__ import annotations
 
-import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
 
 from ..errors import DernError
+from ..locks import LOCK_NAME, DirLock
 from ..run_identity import key_differences
-from .progress import Progress
+from ..targets import check_apart, check_replaceable, is_mount_point
+from .progress import PROGRESS_NAME, Progress
 from .source import FOREIGN_WEIGHTS, INDEX_NAME
 
 _NOT_COPIED_SUFFIXES = tuple(p[1:] for p in FOREIGN_WEIGHTS if p.startswith("*"))
@@ -22,18 +24,38 @@ _NOT_COPIED_SUFFIXES = tuple(p[1:] for p in FOREIGN_WEIGHTS if p.startswith("*")
 _REGENERATED = {INDEX_NAME, "config.json", "dern_stream.json"}  # (and dot-files: staging state)
 
 
-def check_output_location(src: Path, out: Path, overwrite: bool) -> None:
-    """Refuse OUT inside IN (or equal), IN inside OUT, and a non-empty OUT without overwrite."""
-    src, out = src.resolve(), out.resolve()
-    if out == src or src in out.parents:
-        raise DernError(f"output {out} is the input directory or inside it; choose a directory outside {src}")
-    if out in src.parents:
-        raise DernError(f"output {out} contains the input {src}; choose another output directory")
-    if out.exists():
-        if not out.is_dir():
-            raise DernError(f"output {out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise DernError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+AUDIT_NAME = "dern_stream.json"  # the marker of a rewrite's output (and its record)
+
+
+def check_output_location(out: Path, overwrite: bool, reads: dict[str, Path | None]) -> None:
+    """Refuse an OUT that is, contains or lies inside what the rewrite reads (`reads`: {"the input
+    checkpoint": IN, "the calibration dump": DUMP}), a non-empty OUT without overwrite, an OUT that is
+    not an earlier rewrite's output even with it, and an OUT the final rename cannot replace."""
+    out = out.resolve()
+    check_apart(out, "output", reads)
+    check_replaceable(out, "output", overwrite, not_rewrite_output)
+    if is_mount_point(out):
+        raise DernError(f"output {out} is a mount point: the finished output is moved into place by a rename, "
+                        "which cannot replace a mount point; give a new directory inside it")
+
+
+def not_rewrite_output(directory: Path) -> str | None:
+    """Why `directory` is not the output of an earlier rewrite (None when it is): that output holds its
+    record, dern_stream.json, and only the files it lists (older records: no folders)."""
+    try:
+        sums = json.loads((directory / AUDIT_NAME).read_text()).get("checksums")
+        written = {*sums["files"], *sums["headers"]} if sums is not None else None  # (older records: none)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        return f"holds no readable {AUDIT_NAME}, so it is not the output of an earlier rewrite"
+    ours = {AUDIT_NAME, PROGRESS_NAME, LOCK_NAME}
+    for item in sorted(directory.iterdir()):
+        if item.name in ours:
+            continue
+        if written is not None and item.name not in written:
+            return f"holds {item.name}, which the earlier rewrite did not write"
+        if item.is_dir() and not item.is_symlink():
+            return f"holds the folder {item.name}, which a rewrite never writes"
+    return None
 
 
 class StagedOutput:
@@ -52,11 +74,15 @@ class StagedOutput:
         except OSError as e:
             raise DernError(f"cannot create {self.out.parent}: {e.strerror}") from None
         self.path = self.out.parent / f".{self.out.name}.dern-partial"
-        self.path.mkdir(exist_ok=True)
-        self._lock = _lock(self.path / _LOCK_NAME, self.out)
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as e:
+            raise DernError(f"cannot create {self.path}: {e.strerror}") from None
+        self._lock = DirLock(self.path, f"another dern-stream rewrite is writing {self.out} right now "
+                                        f"(it holds {self.path / LOCK_NAME})")
         previous = Progress.read(self.path)
         if previous is not None and previous.run != run and not restart:
-            self._release()
+            self._lock.release()
             changed = key_differences(previous.run, run)
             raise DernError(
                 f"{self.path} holds an interrupted rewrite with {len(previous.layers)} layers done, started with "
@@ -66,7 +92,7 @@ class StagedOutput:
             self.progress, self.resumed = previous, True
         else:  # nothing to resume (or --restart): start clean, keeping only the lock file
             for item in self.path.iterdir():
-                if item.name != _LOCK_NAME:
+                if item.name != LOCK_NAME:
                     shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
             self.progress, self.resumed = Progress(self.path, run), False
             self.progress.save()
@@ -79,57 +105,71 @@ class StagedOutput:
             self._commit()
         elif not self.progress.layers:  # nothing worth resuming
             shutil.rmtree(self.path, ignore_errors=True)
-            self._release()
-        else:
-            self._release()
+        self._lock.release()
 
     def _commit(self) -> None:
-        self.progress.remove()
-        (self.path / _LOCK_NAME).unlink(missing_ok=True)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}"
-            os.rename(self.out, old)
+        """Move the finished output into place. The journal stays until OUT is in place: killed before
+        the rename, the same command finds every layer done and only finishes again."""
+        _fsync_dir(self.path)
+        if self.out.exists():  # an earlier output (check_output_location allowed it): moved aside, then deleted
+            os.rename(self.out, self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}")
         os.rename(self.path, self.out)
         _fsync_dir(self.out.parent)
-        self._release()
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        (self.out / PROGRESS_NAME).unlink(missing_ok=True)
+        (self.out / LOCK_NAME).unlink(missing_ok=True)
+        # Earlier outputs moved aside: this run's, and any that a run killed at this point left behind.
+        for item in self.out.parent.iterdir():
+            if item.name.startswith(f".{self.out.name}.dern-old-"):
+                shutil.rmtree(item, ignore_errors=True)
 
 
-_LOCK_NAME = ".dern-lock"
+def side_files(src: Path) -> tuple[list[Path], list[str]]:
+    """The input's files the output gets a copy of (tokenizer, generation config, chat template,
+    README...), and the names of those it does not (weights in other formats, folders)."""
+    copied, skipped = [], []
+    for item in sorted(src.iterdir()):
+        if item.name in _REGENERATED or item.name.startswith(".") or item.name.endswith(".safetensors"):
+            continue  # the rewrite writes its own weights, config, index and record
+        if item.is_dir() or item.name.endswith(_NOT_COPIED_SUFFIXES):
+            skipped.append(item.name)
+        else:
+            copied.append(item)
+    return copied, skipped
 
 
-def _lock(path: Path, out: Path) -> int:
-    """An exclusive advisory lock held while the process runs (the kernel drops it if the process dies)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise DernError(f"another dern-stream rewrite is writing {out} right now (it holds {path})") from None
-    return fd
+def side_files_size(src: Path) -> int:
+    return sum(item.stat().st_size for item in side_files(src)[0])
 
 
 def copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
-    """Copy tokenizer, generation config, chat template, README... Returns (copied, skipped)."""
-    copied, skipped = [], []
-    for item in sorted(src.iterdir()):
-        if item.name in _REGENERATED or item.name.startswith("."):
-            continue
-        if item.name.endswith(".safetensors"):
-            continue  # weight shards: the rewrite writes its own
-        if item.is_dir() or item.name.endswith(_NOT_COPIED_SUFFIXES):
-            skipped.append(item.name)
-            continue
-        shutil.copy2(item, dst / item.name)
-        copied.append(item.name)
-    return copied, skipped
+    """Copy side_files(src) into `dst`, each flushed to disk. Returns (copied, skipped) names."""
+    copied, skipped = side_files(src)
+    for item in copied:
+        target = dst / item.name
+        try:
+            shutil.copy2(item, target)
+            _fsync_file(target)
+        except OSError as e:  # name the file being written: a full disk is the output's, not the input's
+            raise OSError(e.errno, e.strerror, str(target)) from None
+    return [item.name for item in copied], skipped
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse to start when the disk holding `directory` has less room than the output still needs
+    (`needed` bytes, less what the files already in `directory` occupy: a resumed run's)."""
+    present = sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file() and not p.is_symlink())
+    free = shutil.disk_usage(directory).free
+    if needed - present > free:
+        raise DernError(f"not enough disk space: the output needs {(needed - present) / 1e9:.2f} GB more and the "
+                        f"disk holding {directory.parent} has {free / 1e9:.2f} GB free")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

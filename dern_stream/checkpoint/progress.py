@@ -45,6 +45,3 @@ class Progress:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

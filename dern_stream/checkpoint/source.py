@@ -68,6 +68,19 @@ def open_sequential(path: str) -> int:
     return fd
 
 
+def pread_fully(fd: int, view: memoryview, offset: int, file: str, what: str) -> None:
+    """Fill `view` from `file` (open as `fd`) at `offset`; a short file or a read error is a DernError
+    naming the file and `what` was being read."""
+    try:
+        while view:
+            n = os.preadv(fd, [view], offset)
+            if n == 0:
+                raise DernError(f"{os.path.basename(file)} is truncated: it ends inside {what}")
+            view, offset = view[n:], offset + n
+    except OSError as e:
+        raise DernError(f"cannot read {what} from {os.path.basename(file)}: {e.strerror or e}") from None
+
+
 class Checkpoint:
     """A safetensors checkpoint directory: config, tensor index, and lazy tensor reads."""
 
@@ -172,16 +185,7 @@ class Checkpoint:
         return sum(b - a for _, a, b in spans)
 
     def _pread_fully(self, file: str, offset: int, view: memoryview, what: str) -> None:
-        fd = self._fd(file)
-        try:
-            while view:
-                n = os.preadv(fd, [view], offset)
-                if n == 0:
-                    raise DernError(f"{os.path.basename(file)} is truncated: it ends inside {what}")
-                view, offset = view[n:], offset + n
-        except OSError as e:
-            raise DernError(f"cannot read {what} from {os.path.basename(file)}: "
-                            f"{e.strerror or e}") from None
+        pread_fully(self._fd(file), view, offset, file, what)
 
     def _fd(self, path: str) -> int:
         with self._lock:

@@ -8,9 +8,9 @@ buffer: host memory stays at one layer, whatever --max-shard-size is.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError
+from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
-from .source import INDEX_NAME, SINGLE_NAME, open_sequential
+from .source import INDEX_NAME, SINGLE_NAME, open_sequential, pread_fully
 
-_COPY_CHUNK = 64 * 2**20
+_COPY_CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor (one reused buffer)
+_MAX_OPEN = 64  # output shards (and source shards) open at once
 
 
 @dataclass(frozen=True)
@@ -57,166 +59,262 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+class NonFiniteTensor(DernError):
+    """A tensor about to be written holds NaN or Inf: computed (write) or copied from the input (copy_raw)."""
+
+    def __init__(self, message: str, copied: bool):
+        super().__init__(message)
+        self.copied = copied
+
+
 class ShardedWriter:
-    """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once."""
+    """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once.
+
+    Every byte written passes through here once: its checksum is taken (`take_checksums`) and float
+    tensors are checked to be finite, so nothing with NaN or Inf is ever reported as written. At most
+    _MAX_OPEN shard files are open at a time (a small --max-shard-size on a large model makes
+    thousands of shards): the least recently written is flushed and closed to make room."""
 
     def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_size: int, resume: bool = False):
         """With `resume`, the shards must already exist exactly as planned (an interrupted run's): they
         are reopened as they are, and `skip()` marks the tensors they already hold."""
         self.directory = Path(directory)
         self.specs = {s.name: s for s in specs}
-        self._slots: dict[str, tuple[int, int]] = {}  # name -> (fd, absolute offset)
-        self._fds: list[int] = []
+        self._slots: dict[str, tuple[int, int]] = {}  # name -> (shard number, absolute offset)
         self._pending = set(self.specs)
-        self._pending_in: dict[int, set[str]] = {}  # per shard fd: tensors not yet written
+        self._pending_in: dict[int, set[str]] = {}  # per shard: tensors not yet written
+        self._open: OrderedDict[int, int] = OrderedDict()  # shard number -> fd, least recently used first
         # Finished shards are flushed on a thread of their own, so the disk writes back one shard while
         # the next is filled (a flush in line would stall the writer for the whole write-back).
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dern-fsync")
         self._flushes: list[Future] = []
-        self._sources: dict[str, int] = {}
-        self._touched: set[int] = set()  # shard fds written since the last commit()
+        self._flush_error: OSError | None = None  # the first flush that failed: nothing is recorded after it
+        self._sources: OrderedDict[str, int] = OrderedDict()
+        self._touched: set[int] = set()  # shards written since the last commit()
+        self._checksums: dict[str, str] = {}  # since the last take_checksums()
+        self._buffer: memoryview | None = None
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(s.nbytes for s in specs)
         shards = plan_shards(specs, max_shard_size)
-        for fname, shard in zip(shard_names(len(shards)), shards, strict=True):
+        self.files = shard_names(len(shards))
+        self.header_checksums: dict[str, str] = {}
+        for number, (fname, shard) in enumerate(zip(self.files, shards, strict=True)):
             head, offsets = build_header([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
             size = len(head) + sum(s.nbytes for s in shard)
+            self.header_checksums[fname] = checksum(head)
             if resume:
-                self._fds.append(_reopen(self.directory / fname, head, size))
+                _check_partial(self.directory / fname, head, size)
             else:
-                fd = os.open(self.directory / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds.append(fd)
-                os.pwrite(fd, head, 0)
-                os.ftruncate(fd, size)
-            fd = self._fds[-1]
-            self._pending_in[fd] = {spec.name for spec in shard}
+                _create(self.directory / fname, head, size)
+            self._pending_in[number] = {spec.name for spec in shard}
             for spec, off in zip(shard, offsets, strict=True):
-                self._slots[spec.name] = (fd, off)
+                self._slots[spec.name] = (number, off)
                 self.weight_map[spec.name] = fname
-        self.files = shard_names(len(shards))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[name]
         if DTYPE_NAMES.get(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise AssertionError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, planned {spec.dtype} {spec.shape}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        fd, off = self._slots[name]
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, off)
-            view, off = view[n:], off + n
+        tensor = tensor.detach().to("cpu").contiguous()
+        if not all_finite(tensor):
+            raise NonFiniteTensor(f"tensor {name} came out with NaN or Inf values", copied=False)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._checksums[name] = checksum(view)
+        self._pwrite(name, view, self._slots[name][1])
         self._done(name)
 
     def copy_raw(self, name: str, src: TensorEntry) -> None:
-        """Copy a tensor's bytes file to file (in the kernel where it can), never decoding them."""
+        """Copy a tensor's bytes file to file, never decoding them, through one reused buffer (where
+        their checksum is taken and their values checked to be finite)."""
         spec = self.specs[name]
         if (src.dtype, src.shape) != (spec.dtype, spec.shape):
             raise AssertionError(f"{name}: source {src.dtype} {src.shape} differs from plan {spec.dtype} {spec.shape}")
-        fd, off = self._slots[name]
-        _copy_range(self._source(src.file), src.start, fd, off, src.nbytes)
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(_COPY_CHUNK))
+        source, hasher = self._source(src.file), new_hasher()
+        offset = self._slots[name][1]
+        for start in range(0, src.nbytes, _COPY_CHUNK):
+            view = self._buffer[:min(_COPY_CHUNK, src.nbytes - start)]
+            pread_fully(source, view, src.start + start, src.file, f"tensor {name!r}")
+            if not bytes_finite(view, src.dtype):
+                raise NonFiniteTensor(f"tensor {name} holds NaN or Inf values in the input "
+                                      f"({os.path.basename(src.file)}); the input weights are not finite", copied=True)
+            hasher.update(view)
+            self._pwrite(name, view, offset + start)
+        self._checksums[name] = hasher.hexdigest()
         self._done(name)
 
     def skip(self, name: str) -> None:
         """`name` is already in place (written by the interrupted run this one resumes)."""
         self._mark(name)
 
+    def take_checksums(self) -> dict[str, str]:
+        """Checksums of the tensors written since the last call, by name."""
+        taken, self._checksums = self._checksums, {}
+        return taken
+
     def commit(self, then) -> None:
         """Flush every shard written since the last commit, then call `then()`, on the flush thread (in
         order, without stalling the writer): what `then` records as done is on disk by then.
         The flushed pages also leave the page cache: a whole model's output would otherwise push
-        out what is still to be read (the input read ahead, the dump)."""
-        touched, self._touched = sorted(self._touched), set()
+        out what is still to be read (the input read ahead, the dump). Shards closed since the last
+        commit were flushed when they were closed, earlier on the same thread."""
+        if self._flush_error is not None:
+            raise self._flush_error
+        touched = [(n, self._open[n]) for n in sorted(self._touched) if n in self._open]
+        self._touched = set()
 
         def flush_and_record() -> None:
-            for fd in touched:
-                os.fdatasync(fd)
-                _drop_cached(fd)
-            then()
+            for number, fd in touched:
+                self._flush(number, fd, os.fdatasync)
+            if self._flush_error is None:
+                then()
 
         self._flushes.append(self._flusher.submit(flush_and_record))
 
+    def _pwrite(self, name: str, view: memoryview, offset: int) -> None:
+        number = self._slots[name][0]
+        fd = self._shard(number)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:  # name the file being written (a full disk is the output's, not the input's)
+            raise OSError(e.errno, e.strerror, str(self.directory / self.files[number])) from None
+        self._touched.add(number)
+
+    def _shard(self, number: int) -> int:
+        """The shard's descriptor, opened (and another closed) if need be."""
+        fd = self._open.get(number)
+        if fd is not None:
+            self._open.move_to_end(number)
+            return fd
+        if len(self._open) >= _MAX_OPEN:
+            self._close(*self._open.popitem(last=False))
+        path = self.directory / self.files[number]
+        try:
+            fd = self._open[number] = os.open(path, os.O_RDWR)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        return fd
+
+    def _close(self, number: int, fd: int) -> None:
+        """Flush and close a shard on the flush thread, after every flush queued before it."""
+        self._touched.discard(number)
+
+        def flush_and_close() -> None:
+            try:
+                self._flush(number, fd, os.fsync)
+            finally:
+                os.close(fd)
+
+        self._flushes.append(self._flusher.submit(flush_and_close))
+
+    def _flush(self, number: int, fd: int, sync) -> None:
+        """On the flush thread. After a failure no later journal entry is written: a layer whose bytes
+        may not be on disk must never be recorded as done."""
+        try:
+            sync(fd)
+        except OSError as e:
+            error = OSError(e.errno, e.strerror, str(self.directory / self.files[number]))
+            self._flush_error = self._flush_error or error
+            raise error from None
+        _drop_cached(fd)
+
     def _source(self, path: str) -> int:
-        """One descriptor per source shard, kept open (measured: reopening per tensor made cold copies
-        run well under the disk's speed)."""
+        """Descriptors of the source shards, kept open (measured: reopening per tensor made cold copies
+        run well under the disk's speed), at most _MAX_OPEN of them."""
         fd = self._sources.get(path)
-        if fd is None:
-            fd = self._sources[path] = open_sequential(path)
+        if fd is not None:
+            self._sources.move_to_end(path)
+            return fd
+        if len(self._sources) >= _MAX_OPEN:
+            os.close(self._sources.popitem(last=False)[1])
+        fd = self._sources[path] = open_sequential(path)
         return fd
 
     def _done(self, name: str) -> None:
-        """A shard is flushed to disk as soon as its last tensor is in, while later layers are computed."""
-        fd = self._slots[name][0]
-        self._touched.add(fd)
-        if self._mark(name):
-            self._flushes.append(self._flusher.submit(os.fsync, fd))
+        """A shard is flushed to disk and closed as soon as its last tensor is in, while later layers
+        are computed."""
+        number = self._slots[name][0]
+        if self._mark(name) and number in self._open:
+            self._close(number, self._open.pop(number))
 
     def _mark(self, name: str) -> bool:
         """Count `name` as in place; True when it was its shard's last one."""
         self._pending.discard(name)
-        fd = self._slots[name][0]
-        left = self._pending_in.get(fd)
+        number = self._slots[name][0]
+        left = self._pending_in.get(number)
         if left is None:
             return False
         left.discard(name)
         if left:
             return False
-        del self._pending_in[fd]
+        del self._pending_in[number]
         return True
 
     def finish(self) -> None:
         """Check every planned tensor was written, flush to disk, write the index if sharded."""
         if self._pending:
-            raise AssertionError(f"{len(self._pending)} planned tensors were never written, e.g. {min(self._pending)}")
-        for flush in self._flushes:
-            flush.result()  # raises the flush's error (a full disk shows here at the latest)
+            raise DernError(f"internal error: {len(self._pending)} planned output tensors were never written, "
+                            f"e.g. {min(self._pending)}; the output is incomplete and was not finished")
         self.close()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            write_durably(self.directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
     def close(self) -> None:
+        """Flush and close every file; raises the first flush error (a full disk shows here at the latest)."""
+        while self._open:
+            self._close(*self._open.popitem(last=False))
         self._flusher.shutdown(wait=True)  # no flush may outlive its file descriptor
-        for fd in [*self._fds, *self._sources.values()]:
+        for fd in self._sources.values():
             os.close(fd)
-        self._fds, self._sources = [], {}
+        self._sources = OrderedDict()
+        flushes, self._flushes = self._flushes, []
+        for flush in flushes:
+            flush.result()
 
 
-def _reopen(path: Path, head: bytes, size: int) -> int:
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a small file and flush it to disk (it joins the output only once it is there)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _create(path: Path, head: bytes, size: int) -> None:
+    """A shard with its header written and its data area reserved (sparse until written)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _check_partial(path: Path, head: bytes, size: int) -> None:
     """An interrupted run's shard, checked to be the one this run plans (same header, same size)."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise DernError(f"cannot resume: partial shard {path.name} cannot be opened ({e.strerror}); "
                         "pass --restart to start over") from None
-    if os.fstat(fd).st_size != size or os.pread(fd, len(head), 0) != head:
+    try:
+        if os.fstat(fd).st_size != size or os.pread(fd, len(head), 0) != head:
+            raise DernError(f"cannot resume: partial shard {path.name} is not laid out as this run plans; "
+                            "pass --restart to start over")
+    finally:
         os.close(fd)
-        raise DernError(f"cannot resume: partial shard {path.name} is not laid out as this run plans; "
-                        "pass --restart to start over")
-    return fd
 
 
 def _drop_cached(fd: int) -> None:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages only; nothing is lost
-
-
-# copy_file_range is unsupported here (old kernel, cross-device, some filesystems): copy in user space.
-_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
-
-
-def _copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, count: int) -> None:
-    try:
-        while count:
-            n = os.copy_file_range(src_fd, dst_fd, min(count, 2**30), src_off, dst_off)
-            if n == 0:
-                raise OSError(errno.EIO, f"source ended {count} bytes early")
-            src_off, dst_off, count = src_off + n, dst_off + n, count - n
-    except OSError as e:
-        if e.errno not in _UNSUPPORTED:
-            raise  # a full disk or an I/O error is the user's to see, not a reason to retry
-        while count:
-            buf = os.pread(src_fd, min(count, _COPY_CHUNK), src_off)
-            if not buf:
-                raise
-            os.pwrite(dst_fd, buf, dst_off)
-            src_off, dst_off, count = src_off + len(buf), dst_off + len(buf), count - len(buf)

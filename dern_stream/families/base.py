@@ -42,6 +42,10 @@ class Family:
     # scores renormalised over A(x)? then times what? (moe-layouts.md, "Routing")
     renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
     routed_scale: Callable[[dict], float] = lambda config: 1.0
+    # Experts every routing group must hold (n_group groups, or one): DeepSeek-V3 scores a group by the
+    # sum of its top two experts, so a group of one cannot be routed (transformers: "selected index k
+    # out of range").
+    min_group_experts: int = 1
 
     # --- tensor names -------------------------------------------------------------------------
     def router_name(self, layer: int) -> str:
@@ -97,6 +101,39 @@ class Family:
             return GroupPlan(n_group, topk_group, True)
         return GroupPlan(1, 1, False)
 
+    def routing_problem(self, config: dict) -> str | None:
+        """Why a model with this config cannot route (in transformers or vLLM), or None when it can."""
+        n, k = self.num_experts(config), self.top_k(config)
+        if k > n:
+            return f"num_experts_per_tok {k} exceeds the {n} experts"
+        n_group = config.get("n_group") if self.grouped_routing(config) else None
+        n_group = n_group if isinstance(n_group, int) and n_group > 0 else 1
+        if n % n_group:
+            return f"{n} experts do not split into n_group={n_group} equal groups"
+        if n // n_group < self.min_group_experts:
+            return (f"{self.model_type} scores each routing group by its top {self.min_group_experts} experts, "
+                    f"and {n} experts in {n_group} group(s) leave {n // n_group} per group")
+        topk_group = config.get("topk_group") if n_group > 1 else 1
+        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+            return f"topk_group={topk_group} is not between 1 and n_group={n_group}"
+        if topk_group * (n // n_group) < k:
+            return (f"the topk_group={topk_group} groups a token may use hold {topk_group * (n // n_group)} experts, "
+                    f"fewer than num_experts_per_tok={k}")
+        return None
+
+    def check_expressible(self, config: dict, experts: int) -> None:
+        """Refuse, before any work, a K whose output config could not route; name the K values that can."""
+        problem = self.routing_problem(config)
+        if problem is not None:
+            raise DernError(f"config.json cannot route: {problem}")
+        problem = self.routing_problem(self.output_config(config, experts, None)[0])
+        if problem is None:
+            return
+        n = self.num_experts(config)
+        works = [k for k in range(1, n + 1) if self.routing_problem(self.output_config(config, k, None)[0]) is None]
+        raise DernError(f"--experts {experts} gives a {self.model_type} model that cannot route ({problem}); "
+                        f"K values that work for this model: {_ranges(works) or 'none'}")
+
     def output_config(self, config: dict, experts: int, intermediate_size: int | None) -> tuple[dict, list[str]]:
         """config.json for the output, and notes for the user about each non-obvious change."""
         out, notes = dict(config), []
@@ -126,6 +163,17 @@ class Family:
                 f"at least 2 kept experts per group at K={experts})"
             )
         return out, notes
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def grouped_if(config: dict) -> bool:

@@ -42,5 +42,6 @@ DEEPSEEK_V3 = Family(
     has_score_correction_bias=True,
     shared_size_follows_moe_size=True,
     grouped_routing=grouped_if,
+    min_group_experts=2,
     routed_scale=lambda c: float(c.get("routed_scaling_factor") or 1.0),
 )

@@ -1,0 +1,61 @@
+"""Where a command may write. Never onto, into or around what it was given to read (the checkpoint,
+the dump, the text, the tokenizer), and `--overwrite` replaces only the command's own earlier output,
+which each command recognises by its own marker (`own_output` below)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import DernError
+
+
+def check_apart(target: Path, what: str, reads: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse `target` (described as `what`, e.g. "output") when it is, contains, or lies inside any of
+    the paths the command reads, `reads` = {"the input checkpoint": path, ...} (None entries skipped)."""
+    target = Path(target).resolve()
+    for label, given in reads.items():
+        if given is None:
+            continue
+        path = Path(given).expanduser().resolve()
+        if target == path:
+            raise DernError(f"{what} {target} is {label}; choose another path")
+        if target in path.parents:
+            raise DernError(f"{what} {target} contains {label} {path}, which is never written to or deleted; "
+                            "choose another path")
+        if path in target.parents:
+            raise DernError(f"{what} {target} lies inside {label} {path}, which is never written to; "
+                            "choose a path outside it")
+
+
+def check_replaceable(target: Path, what: str, overwrite: bool, not_own: Callable[[Path], str | None],
+                      directory: bool = True) -> bool:
+    """May `target` be written? Returns whether something is there to replace. A missing target (or an
+    empty directory) is fine; anything else needs `overwrite`, and even then only an earlier output of
+    the same command: `not_own(target)` says why it is not one (None when it is)."""
+    target = Path(target)
+    if not os.path.lexists(target):
+        return False
+    if target.is_symlink() and not target.exists():
+        raise DernError(f"{what} {target} is a broken symbolic link; choose another path")
+    if directory and not target.is_dir():
+        raise DernError(f"{what} {target} exists and is not a directory")
+    if not directory and not target.is_file():
+        raise DernError(f"{what} {target} exists and is not a regular file")
+    if directory and not any(target.iterdir()):
+        return False
+    if not overwrite:
+        raise DernError(f"{what} {target} exists{' and is not empty' if directory else ''}; "
+                        "pass --overwrite to replace it")
+    reason = not_own(target)
+    if reason is not None:
+        raise DernError(f"{what} {target} {reason}; --overwrite replaces only dern-stream's own earlier output: "
+                        "choose another path, or move it away yourself")
+    return True
+
+
+def is_mount_point(path: Path) -> bool:
+    """A mount point cannot be renamed or replaced by a rename."""
+    path = Path(path)
+    return path.is_dir() and (os.path.ismount(path) or os.stat(path).st_dev != os.stat(path.parent).st_dev)
