@@ -8,6 +8,8 @@ from .errors import DernError
 
 
 def resolve_device(name: str) -> torch.device:
+    if not isinstance(name, str):
+        raise DernError(f"--device must be a device name (auto, cpu, cuda or cuda:N), got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -23,6 +23,7 @@ from .errors import DernError, describe
 from .families import family_for
 from .layout import moe_layer_indices
 from .locks import LOCK_NAME, DirLock
+from .options import check_text_options, choice, whole
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import check_apart
@@ -67,8 +68,9 @@ def dump(
     """Write the calibration dump `out` for checkpoint `src` from `text` (plain or .jsonl), a `datasets`
     `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call."""
     started = time.perf_counter()
-    if batch_size < 1:
-        raise DernError(f"--batch-size {batch_size} must be at least 1")
+    check_text_options(num_tokens, seq_len, batch_size)
+    whole("chunk_tokens", chunk_tokens)
+    choice("store_dtype", store_dtype, ("float16", "float32"))
     ckpt = Checkpoint(resolve_checkpoint(src))
     family = family_for(ckpt.config)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.

@@ -24,6 +24,7 @@ from .device import resolve_device
 from .errors import DernError
 from .families import family_for
 from .locks import DirLock
+from .options import check_text_options
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import check_apart, check_replaceable
@@ -93,6 +94,7 @@ def evaluate(
     With `json_path`, the report is also written there (replacing only an earlier report, with
     `overwrite`)."""
     started = time.perf_counter()
+    check_text_options(num_tokens, seq_len, batch_size)
     if json_path is not None:
         json_path = Path(json_path).expanduser().resolve()
         check_apart(json_path, "--json file", {"the checkpoint": resolve_checkpoint(src), "the reference": reference,
@@ -107,6 +109,7 @@ def evaluate(
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
     ckpt = Checkpoint(resolve_checkpoint(src))
+    family_for(ckpt.config)  # a bad config.json is one line, before the tokenizer (which reads it too) loads
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
     if wants_ppl:
         if tokens is None:

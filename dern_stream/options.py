@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -23,8 +24,39 @@ _SIZE_UNITS = {
 }
 
 
+def whole(name: str, value, minimum: int = 1) -> int:
+    """`value` if it is an integer (not a bool) of at least `minimum`, else a one-line DernError."""
+    if type(value) is not int or value < minimum:
+        raise DernError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def number(name: str, value, low: float = -math.inf, high: float = math.inf) -> float:
+    """`value` as a float if it is a finite real number (not a bool) in [low, high], else a DernError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value <= high:
+        bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f"of at least {low:g}"
+        raise DernError(f"{name} must be a finite number {bounds}, got {value!r}")
+    return float(value)
+
+
+def choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise DernError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_text_options(num_tokens, seq_len, batch_size) -> None:
+    """The token budget options of dump and eval."""
+    whole("--num-tokens", num_tokens)
+    whole("--seq-len", seq_len, 2)
+    whole("--batch-size", batch_size)
+
+
 def parse_size(value: str | int) -> int:
     """'5GB' -> 5_000_000_000 (decimal units as Hugging Face uses them; KiB/MiB/GiB are binary)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DernError(f"cannot read size {value!r}: use a number with a unit such as 500MB, 2GB or 5GiB")
     if isinstance(value, int):
         size = value
     else:
@@ -39,6 +71,8 @@ def parse_size(value: str | int) -> int:
 
 def parse_components(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'up,down' -> ('up', 'down') in canonical gate/up/down order."""
+    if not isinstance(value, (str, tuple, list)):
+        raise DernError(f"--sim-components must be a non-empty subset of gate,up,down; got {value!r}")
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p) for p in value]
     parts = [p for p in parts if p]
     unknown = sorted(set(parts) - set(SIM_COMPONENTS))
@@ -51,12 +85,12 @@ def parse_components(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...
 
 def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
     """'1,0.6,0.4' -> (1.0, 0.6, 0.4); each must lie in [0, 1]."""
-    parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
     try:
-        out = tuple(float(p) for p in parts)
-    except ValueError:
+        parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
+        out = tuple(float(p) for p in parts if not isinstance(p, bool))
+    except (ValueError, TypeError):
         raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}") from None
-    if not out or any(not 0.0 <= a <= 1.0 for a in out):
+    if not out or len(out) != len(parts) or any(not 0.0 <= a <= 1.0 for a in out):
         raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}")
     return out
 
@@ -88,18 +122,24 @@ class RewriteOptions:
     similarity_block_bytes: int = field(default=16 * 2**20, repr=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experts, int) or self.experts < 1:
+        """Every value checked, whatever its type (the Python API passes values unconverted)."""
+        if type(self.experts) is not int or self.experts < 1:
             raise DernError(f"--experts must be a positive integer, got {self.experts!r}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise DernError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.kmeans_iters < 1:
-            raise DernError(f"--kmeans-iters must be at least 1, got {self.kmeans_iters}")
-        if self.intermediate_size is not None and self.intermediate_size < 1:
-            raise DernError(f"--intermediate-size must be a positive integer, got {self.intermediate_size}")
-        if self.method not in METHODS:
-            raise DernError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.kmeans_init not in KMEANS_INITS:
-            raise DernError(f"--kmeans-init must be one of {', '.join(KMEANS_INITS)}, got {self.kmeans_init!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise DernError(f"--alpha must lie in [0, 1], got {self.alpha!r}")  # (NaN fails the comparison too)
+        whole("--kmeans-iters", self.kmeans_iters)
+        if self.intermediate_size is not None:
+            whole("--intermediate-size", self.intermediate_size)
+        choice("--method", self.method, METHODS)
+        choice("--kmeans-init", self.kmeans_init, KMEANS_INITS)
+        choice("--importance", self.importance, IMPORTANCE_METHODS)
+        number("--refit-ridge", self.refit_ridge, 0.0)
+        whole("--fit-tokens", self.fit_tokens)
+        for name, flag in (("--router-transfer", self.router_transfer), ("--refit", self.refit)):
+            if not isinstance(flag, bool):
+                raise DernError(f"{name} must be true or false, got {flag!r}")
+        if not isinstance(self.device, str):
+            raise DernError(f"--device must be a device name such as auto, cpu or cuda:0, got {self.device!r}")
         if self.alpha_candidates is not None:
             cands = parse_floats(self.alpha_candidates, "--alpha-candidates")
             if self.method != "dern":
@@ -107,18 +147,14 @@ class RewriteOptions:
             object.__setattr__(self, "alpha_candidates", cands)
         if self.intermediate_size is not None and self.method != "dern":
             raise DernError(f"--intermediate-size needs --method dern ({self.method} keeps whole experts)")
-        if self.refit_ridge < 0 or self.fit_tokens < 1:
-            raise DernError("--refit-ridge must be >= 0 and --fit-tokens >= 1")
-        if self.importance not in IMPORTANCE_METHODS:
-            raise DernError(f"--importance must be one of {', '.join(IMPORTANCE_METHODS)}, got {self.importance!r}")
         object.__setattr__(self, "sim_components", parse_components(self.sim_components))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
     @classmethod
     def build(cls, experts: int, recipe: str | None = None, **given) -> RewriteOptions:
         """Options from a recipe (or the paper's defaults), with the non-None `given` values on top."""
-        if recipe is not None and recipe not in RECIPES:
-            raise DernError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        if recipe is not None:
+            choice("--recipe", recipe, tuple(RECIPES))
         values = {**RECIPES.get(recipe or "paper", {}), **{k: v for k, v in given.items() if v is not None}}
         return cls(experts=experts, recipe=recipe, **values)
 

@@ -3,6 +3,7 @@
 from ..errors import DernError
 from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import PARTS, Family, GroupPlan
+from .config_check import check_config, check_model_type
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -16,6 +17,7 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "m
 
 
 def family_for(config: dict) -> Family:
+    check_model_type(config)
     model_type = config.get("model_type")
     if model_type not in FAMILIES and not any(k in config for k in _EXPERT_COUNT_KEYS):
         raise DernError(f"model_type {model_type!r} is not a Mixture-of-Experts model (config.json has no expert "
@@ -24,7 +26,9 @@ def family_for(config: dict) -> Family:
         raise DernError(
             f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
         )
-    return FAMILIES[model_type]
+    family = FAMILIES[model_type]
+    check_config(config, family)  # value types and ranges, before any command does any work
+    return family
 
 
 __all__ = ["FAMILIES", "PARTS", "Family", "GroupPlan", "family_for"]

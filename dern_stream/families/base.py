@@ -37,7 +37,8 @@ class Family:
     has_score_correction_bias: bool = False
     # DeepSeek: shared experts are n_shared_experts * moe_intermediate_size wide, derived, not stored.
     shared_size_follows_moe_size: bool = False
-    grouped_routing: Callable[[dict], bool] = lambda config: False
+    grouped_routing: Callable[[dict], bool] = lambda config: False  # more than one routing group in use
+    uses_groups: Callable[[dict], bool] = lambda config: False  # the router reads n_group / topk_group
     # How the model combines the selected experts' outputs (only the output-error options need it):
     # scores renormalised over A(x)? then times what? (moe-layouts.md, "Routing")
     renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
@@ -106,15 +107,15 @@ class Family:
         n, k = self.num_experts(config), self.top_k(config)
         if k > n:
             return f"num_experts_per_tok {k} exceeds the {n} experts"
-        n_group = config.get("n_group") if self.grouped_routing(config) else None
-        n_group = n_group if isinstance(n_group, int) and n_group > 0 else 1
+        n_group, topk_group = (config.get("n_group"), config.get("topk_group")) if self.uses_groups(config) else (1, 1)
+        if not all(type(v) is int and v >= 1 for v in (n_group, topk_group)):
+            return f"group-limited routing needs positive integers n_group and topk_group, not {n_group}, {topk_group}"
         if n % n_group:
             return f"{n} experts do not split into n_group={n_group} equal groups"
         if n // n_group < self.min_group_experts:
             return (f"{self.model_type} scores each routing group by its top {self.min_group_experts} experts, "
                     f"and {n} experts in {n_group} group(s) leave {n // n_group} per group")
-        topk_group = config.get("topk_group") if n_group > 1 else 1
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        if topk_group > n_group:
             return f"topk_group={topk_group} is not between 1 and n_group={n_group}"
         if topk_group * (n // n_group) < k:
             return (f"the topk_group={topk_group} groups a token may use hold {topk_group * (n // n_group)} experts, "
@@ -122,10 +123,8 @@ class Family:
         return None
 
     def check_expressible(self, config: dict, experts: int) -> None:
-        """Refuse, before any work, a K whose output config could not route; name the K values that can."""
-        problem = self.routing_problem(config)
-        if problem is not None:
-            raise DernError(f"config.json cannot route: {problem}")
+        """Refuse, before any work, a K whose output config could not route; name the K values that can.
+        (The input config's own routing is checked with its other values: config_check.py.)"""
         problem = self.routing_problem(self.output_config(config, experts, None)[0])
         if problem is None:
             return

@@ -28,6 +28,7 @@ DEEPSEEK_V2 = Family(
     make_router=_v2_router,
     shared_size_follows_moe_size=True,
     grouped_routing=lambda c: c.get("topk_method") == "group_limited_greedy" and grouped_if(c),
+    uses_groups=lambda c: c.get("topk_method") == "group_limited_greedy",
     renormalises=lambda c: False,  # transformers' DeepSeek-V2 ignores norm_topk_prob
     routed_scale=lambda c: float(c.get("routed_scaling_factor") or 1.0),
 )
@@ -42,6 +43,7 @@ DEEPSEEK_V3 = Family(
     has_score_correction_bias=True,
     shared_size_follows_moe_size=True,
     grouped_routing=grouped_if,
+    uses_groups=lambda c: True,
     min_group_experts=2,
     routed_scale=lambda c: float(c.get("routed_scaling_factor") or 1.0),
 )

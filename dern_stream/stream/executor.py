@@ -43,6 +43,16 @@ class _Recorder(torch.nn.Module):
         return hidden_states
 
 
+def _cannot_build(model_type: str, e: BaseException) -> DernError:
+    """One line for an exception transformers raised while building the model from config.json."""
+    message = " ".join(str(e).split())
+    if not type(e).__name__.startswith("StrictDataclass"):  # those name the field and the type themselves
+        message = f"{type(e).__name__}: {message}" if message else type(e).__name__
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return DernError(f"config.json cannot build a {model_type} model in transformers: {message}")
+
+
 class StreamedModel:
     """A causal LM whose weights stay on disk until a layer is run. See the module doc."""
 
@@ -51,19 +61,26 @@ class StreamedModel:
         AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM  # noqa: N806
 
         self.ckpt, self.device = ckpt, device
-        self.family = family_for(ckpt.config)
+        self.family = family_for(ckpt.config)  # checks config.json's value types (families/config_check.py)
         try:
             config = AutoConfig.from_pretrained(ckpt.root)
-        except (ValueError, KeyError, OSError) as e:
+        except OSError as e:
             raise DernError(f"transformers cannot read {ckpt.root / 'config.json'}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # the config class's own validation: strict dataclass errors, ValueError...
+            raise _cannot_build(self.family.model_type, e) from None
         self.dtype = dtype or _stored_dtype(ckpt)
-        config.dtype = self.dtype
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config)
-        self.model.eval().requires_grad_(False)
-        self.base = getattr(self.model, self.model.base_model_prefix)
-        self.layers = self.base.layers
-        self.num_layers = int(config.num_hidden_layers)
+        try:
+            config.dtype = self.dtype
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config)
+            self.model.eval().requires_grad_(False)
+            self.base = getattr(self.model, self.model.base_model_prefix)
+            self.layers = self.base.layers
+            self.num_layers = int(config.num_hidden_layers)
+        except DernError:
+            raise
+        except Exception as e:  # whatever the modelling code trips over: TypeError, ZeroDivisionError, ...
+            raise _cannot_build(self.family.model_type, e) from None
         self._real_buffers()
         self.materialised = 0  # parameter elements currently off the meta device (tests count them)
         self._contexts: dict[tuple[int, ...], dict[int, dict]] = {}
@@ -208,6 +225,8 @@ def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def parse_dtype(name: str) -> torch.dtype | None:
     """None for "auto" (the stored dtype), else one of float32, bfloat16, float16."""
+    if not isinstance(name, str):
+        raise DernError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
     if name == "auto":
         return None
     dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
