@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .checkpoint import write_durably
+from .checkpoint.integrity import checksum
 from .layer_rewrite import LayerReport
 from .options import RewriteOptions
 from .run_identity import versions
@@ -91,4 +92,11 @@ def layer_record(report: LayerReport) -> dict:
 
 
 def write_audit(directory: Path, record: dict) -> None:
+    """dern_stream.json, with the checksum of its own content (`record_checksum`, see record_checksum)."""
+    record = {**record, "record_checksum": record_checksum(record)}
     write_durably(directory / "dern_stream.json", (json.dumps(record, indent=2) + "\n").encode())
+
+
+def record_checksum(record: dict) -> str:
+    """Checksum of a record as written, less its own `record_checksum` field: any change of a value found."""
+    return checksum(json.dumps({k: v for k, v in record.items() if k != "record_checksum"}, indent=2).encode())

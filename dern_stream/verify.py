@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .audit import record_checksum
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .checkpoint.integrity import CHECKSUM, bytes_finite, checksum, new_hasher
 from .checkpoint.safetensors_format import TensorEntry, read_header
@@ -188,8 +189,11 @@ def _recorded_checksums(audit: dict | None, report: VerifyReport) -> dict | None
     """The checksums dern_stream.json records, if usable: {"tensors", "headers", "files"} each name -> hex."""
     if audit is None:
         return None
+    legacy = str(audit.get("dern_stream_version", "")).startswith("0.1.")  # before checksums were recorded
+    if not legacy and audit.get("record_checksum") != record_checksum(audit):
+        report.problems.append("dern_stream.json was changed after the rewrite wrote it (its record_checksum differs)")
     sums = audit.get("checksums")
-    if sums is None and str(audit.get("dern_stream_version", "")).startswith("0.1."):
+    if sums is None and legacy:
         report.checks.append("(no checksums: written by dern-stream 0.1, which did not record them)")
         return None
     ok = isinstance(sums, dict) and sums.get("algorithm") == CHECKSUM and all(

@@ -8,6 +8,8 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
@@ -81,6 +83,50 @@ def config_disagrees(d):
     (d / "config.json").write_text(json.dumps({**config, key: 6}))
 
 
+def flip_byte(d, name) -> None:
+    """XOR the lowest bit of a tensor's first byte (a mantissa bit: the value stays finite)."""
+    entry = Checkpoint(d).entries[name]
+    with open(entry.file, "r+b") as f:
+        f.seek(entry.start)
+        byte = f.read(1)[0]
+        f.seek(entry.start)
+        f.write(bytes([byte ^ 1]))
+
+
+def rebuilt_expert(d) -> str:
+    layer, record = next((i, r) for i, r in json.loads((d / "dern_stream.json").read_text())["layers"].items()
+                         if r["rebuilt_experts"])
+    return f"model.layers.{layer}.mlp.experts.{record['kept'].index(record['rebuilt_experts'][0])}.down_proj.weight"
+
+
+def flip_in_rebuilt_expert(d):
+    flip_byte(d, rebuilt_expert(d))
+
+
+def flip_in_router(d):
+    flip_byte(d, "model.layers.1.mlp.gate.weight")
+
+
+def shard_header_changed(d):
+    shard = sorted(d.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    assert data.count(b'"format":"pt"') == 1
+    shard.write_bytes(data.replace(b'"format":"pt"', b'"format":"PT"'))  # same length, still a valid file
+
+
+def config_reformatted(d):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(config))  # same values, other bytes
+
+
+def file_added(d):
+    (d / "notes.txt").write_text("mine")
+
+
+def side_file_removed(d):
+    (d / "tokenizer.json").unlink()
+
+
 def audit_disagrees(d):
     audit = json.loads((d / "dern_stream.json").read_text())
     (d / "dern_stream.json").write_text(json.dumps({**audit, "intermediate_size": 7}))
@@ -100,6 +146,17 @@ DAMAGE = {
     "config disagrees": (config_disagrees, False, "problem: layer 0 router has shape [5, 64], config implies [6, 64]"),
     "audit disagrees": (audit_disagrees, False, "problem: dern_stream.json intermediate_size is 7, the checkpoint has"),
     "no audit": (no_audit, False, "problem: no dern_stream.json"),
+    # Checksums recorded when the bytes were written: any later change is found, with or without IN.
+    "flipped bit in a rebuilt expert": (flip_in_rebuilt_expert, False, "bytes differ from what the rewrite wrote"),
+    "flipped bit in a rebuilt expert, against IN": (flip_in_rebuilt_expert, True,
+                                                    "bytes differ from what the rewrite wrote"),
+    "flipped bit in a router": (flip_in_router, True, "problem: model.layers.1.mlp.gate.weight's bytes differ from "
+                                                      "what the rewrite wrote (checksum mismatch)"),
+    "shard header changed": (shard_header_changed, False, "'s header differs from the one the rewrite wrote"),
+    "config.json reformatted": (config_reformatted, False, "problem: config.json differs from the file the rewrite "
+                                                           "wrote"),
+    "file added": (file_added, False, "problem: notes.txt was not written by the rewrite"),
+    "side file removed": (side_file_removed, False, "problem: tokenizer.json, written by the rewrite, is missing"),
 }
 
 
@@ -123,3 +180,63 @@ def test_unreadable_checkpoint_is_one_line(rewritten, tmp_path):
     sorted(copy.glob("model-*.safetensors"))[-1].unlink()
     result = verify(copy)
     assert result.exit_code == 2 and result.stderr.startswith("error: shard model-") and "is missing" in result.stderr
+
+
+def _linked_copy(out, tmp):
+    """OUT's files as symbolic links, but for `dern_stream.json` and the index, which are copied."""
+    tmp.mkdir()
+    for f in out.iterdir():
+        if f.name in ("dern_stream.json", "model.safetensors.index.json"):
+            shutil.copy(f, tmp / f.name)
+        else:
+            (tmp / f.name).symlink_to(f)
+    return tmp
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _paths(value, prefix=()):
+    """Every path into a JSON value (dict keys and list positions)."""
+    yield prefix
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _paths(v, (*prefix, i))
+
+
+def _replace(value, path, new):
+    if not path:
+        return new
+    value[path[0]] = _replace(value[path[0]], path[1:], new)
+    return value
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tampered_record_or_index_gives_problem_lines(rewritten, tmp_path_factory, data):
+    """Any field of dern_stream.json or of the index replaced by any JSON value: verify reports problems
+    (or, for a field it does not read, passes), never a traceback."""
+    built, out = rewritten
+    copy = _linked_copy(out, tmp_path_factory.mktemp("tamper") / "out")
+    name = data.draw(st.sampled_from(["dern_stream.json", "model.safetensors.index.json"]))
+    original = json.loads((copy / name).read_text())
+    record = json.loads((copy / name).read_text())
+    path = data.draw(st.sampled_from(sorted(_paths(record), key=str)))
+    record = _replace(record, path, data.draw(_JSON))
+    (copy / name).write_text(json.dumps(record))
+    result = verify(copy, *(["--against", built.model_dir] if data.draw(st.booleans()) else []))
+    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
+    if result.exit_code == 2:  # an index too broken to open the checkpoint: one line, as for any bad input
+        assert name != "dern_stream.json" and result.stderr.startswith("error: ")
+        assert len(result.stderr.splitlines()) == 1
+    else:
+        last = result.stdout.strip().splitlines()[-1]
+        assert (result.exit_code, last == "OK") in ((0, True), (1, False)) and (last == "OK" or "FAILED" in last)
+        assert result.exit_code == 1 or record == original  # every change of either file is found
