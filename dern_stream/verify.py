@@ -190,7 +190,8 @@ def _recorded_checksums(audit: dict | None, report: VerifyReport) -> dict | None
     if audit is None:
         return None
     legacy = str(audit.get("dern_stream_version", "")).startswith("0.1.")  # before checksums were recorded
-    if not legacy and audit.get("record_checksum") != record_checksum(audit):
+    recorded = audit.get("record_checksum")
+    if (recorded is not None or not legacy) and recorded != record_checksum(audit):
         report.problems.append("dern_stream.json was changed after the rewrite wrote it (its record_checksum differs)")
     sums = audit.get("checksums")
     if sums is None and legacy:
