@@ -167,8 +167,7 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
     same command on the same checkpoint; with the lock on `path`, held until the dump ends. Returns
     (writer, ids, resumed_after_layer or None, lock). `path` is a dump or empty if it exists (checked)."""
     provenance = request.provenance(ckpt)
-    resuming = not overwrite and path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
-    ids = None if resuming else _request_tokens(ckpt, request)  # before anything is created or replaced
+    ids = None if not overwrite and _holds_data(path) else _request_tokens(ckpt, request)  # before anything is made
     try:
         path.mkdir(parents=True)
         created = True
@@ -179,10 +178,11 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
     lock = DirLock(path, f"DUMP {path} is in use by another dern-stream process (a dump writing it, or a rewrite "
                          "or eval reading it); wait for it to finish")
     try:
-        reason = not_a_dump(path)  # again, under the lock: another dump may have been at work until now
+        # Look again, under the lock: another dump may have been at work until now.
+        reason = not_a_dump(path)
         if reason is not None:
             raise DernError(f"DUMP {path} {reason}; choose another path")
-        if resuming or (ids is None and any(p.name != LOCK_NAME for p in path.iterdir())):
+        if not overwrite and _holds_data(path):  # resumed if it is this command's (a complete one is refused)
             writer = _resumable(path, provenance)
             after = writer.resume_point()
             for key in list(writer.inputs.array_keys()):  # layers past the saved state are redone
@@ -200,10 +200,14 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
         writer.write_tokens(ids)
         return writer, ids, None, lock
     except BaseException:
-        if created:  # nothing of anyone's is in it but the lock file
+        if created:  # made by this run a moment ago: nothing of anyone's is in it
             shutil.rmtree(path, ignore_errors=True)
         lock.release()
         raise
+
+
+def _holds_data(path: Path) -> bool:
+    return path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
 
 
 def _request_tokens(ckpt: Checkpoint, request: _Request) -> torch.Tensor:

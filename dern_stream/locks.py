@@ -1,46 +1,56 @@
 """Advisory locks on the directories dern-stream writes (and the dumps it reads).
 
-A writer holds an exclusive lock on a `.dern-lock` file inside the directory for as long as it
-writes; a reader of a dump holds a shared one, so `dump --overwrite` cannot replace a dump that a
-rewrite is reading. The kernel drops a lock when its process dies, so a killed run never leaves a
-stale lock behind. Lock files are never deleted while a run may still hold them: a lock on an
-unlinked file would no longer exclude a second run that creates a new one.
+A writer holds an exclusive lock on the directory itself (flock on a descriptor of the directory) for
+as long as it writes; a reader of a dump holds a shared one, so `dump --overwrite` cannot replace a
+dump that a rewrite is reading. Locking the directory rather than a file in it adds nothing to the
+user's directories (a dump made by any version can be locked, even on a read-only disk), and the
+lock follows the directory when it is renamed. The kernel drops a lock when its process dies, so a
+killed run never leaves a stale lock behind. A writer never deletes a directory it locks, only
+empties it, so that a second run cannot lock a new directory of the same name meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
 
 from .errors import DernError
 
+# The lock file of dern-stream 0.2.0 development builds; tolerated where found, never written now.
 LOCK_NAME = ".dern-lock"
+_BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
 
 
 class DirLock:
-    """`with DirLock(directory, busy_message):` holds `directory/.dern-lock` exclusively (shared=False)
-    or shared; raises DernError(busy_message) at once, without waiting, when another process holds it."""
+    """`with DirLock(directory, busy_message):` holds `directory` exclusively (shared=False) or shared;
+    raises DernError(busy_message) at once, without waiting, when another process holds it. Where the
+    filesystem cannot lock a directory (some network filesystems), nothing is locked."""
 
     def __init__(self, directory: Path, busy: str, shared: bool = False):
-        self.path = Path(directory) / LOCK_NAME
+        self.path = Path(directory)
         self.fd: int | None = None
         try:
-            # A shared lock needs no write access: a dump on a read-only disk can still be read.
-            self.fd = os.open(self.path, os.O_RDONLY if shared else os.O_RDWR | os.O_CREAT, 0o644)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            if shared:  # no lock file (a dump made before locks) or no way to read it: nothing to share
-                return
-            raise DernError(f"cannot create the lock file {self.path}: {e.strerror}") from None
+            raise DernError(f"cannot open {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            # The holder may have removed or moved the file just before letting go (a finished rewrite
-            # renames its directory): a lock on a file no longer at `path` excludes nobody.
-            if os.stat(self.path).st_ino != os.fstat(self.fd).st_ino:
-                raise OSError
-        except OSError:
+        except OSError as e:
             self.release()
-            raise DernError(busy) from None
+            if e.errno in _BUSY:
+                raise DernError(busy) from None
+            return  # the filesystem does not lock directories: run unlocked, as before locks existed
+        # Renamed or replaced between the open and the lock (a finished rewrite renames its directory):
+        # a lock on a directory no longer at `path` excludes nobody.
+        try:
+            moved = os.stat(self.path).st_ino != os.fstat(self.fd).st_ino
+        except OSError:
+            moved = True
+        if moved:
+            self.release()
+            raise DernError(busy)
 
     def release(self) -> None:
         if self.fd is not None:

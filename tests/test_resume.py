@@ -131,9 +131,12 @@ def test_second_run_into_the_same_output_is_locked_out(reference, tmp_path):
     out = tmp_path / "out"
     partial = tmp_path / ".out.dern-partial"
     partial.mkdir()
-    with open(partial / ".dern-lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # what a running rewrite holds
+    held = os.open(partial, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running rewrite holds: a lock on the directory itself
         result = run("rewrite", built.model_dir, out, *args)
+    finally:
+        os.close(held)
     assert result.exit_code == 2 and "another dern-stream rewrite is writing" in result.stderr
     assert not out.exists()
 

@@ -79,7 +79,7 @@ class StagedOutput:
         except OSError as e:
             raise DernError(f"cannot create {self.path}: {e.strerror}") from None
         self._lock = DirLock(self.path, f"another dern-stream rewrite is writing {self.out} right now "
-                                        f"(it holds {self.path / LOCK_NAME})")
+                                        f"(it holds a lock on {self.path})")
         previous = Progress.read(self.path)
         if previous is not None and previous.run != run and not restart:
             self._lock.release()
@@ -90,10 +90,9 @@ class StagedOutput:
                 f"or pass --restart to discard it")
         if previous is not None and previous.run == run and not restart:
             self.progress, self.resumed = previous, True
-        else:  # nothing to resume (or --restart): start clean, keeping only the lock file
+        else:  # nothing to resume (or --restart): start clean (the directory itself stays: it is locked)
             for item in self.path.iterdir():
-                if item.name != LOCK_NAME:
-                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
             self.progress, self.resumed = Progress(self.path, run), False
             self.progress.save()
 
@@ -116,7 +115,6 @@ class StagedOutput:
         os.rename(self.path, self.out)
         _fsync_dir(self.out.parent)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
-        (self.out / LOCK_NAME).unlink(missing_ok=True)
         # Earlier outputs moved aside: this run's, and any that a run killed at this point left behind.
         for item in self.out.parent.iterdir():
             if item.name.startswith(f".{self.out.name}.dern-old-"):

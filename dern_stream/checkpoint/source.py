@@ -14,13 +14,13 @@ import hashlib
 import json
 import os
 import re
-import threading
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from ..errors import DernError
+from .descriptors import DescriptorCache, descriptor_budget
 from .safetensors_format import DTYPES, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -88,8 +88,7 @@ class Checkpoint:
         self.root = Path(root)
         self.config = self._read_config()
         self.entries, self.shard_files = self._index_tensors()
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._files = DescriptorCache(self._open, descriptor_budget(1 / 3))
 
     def _read_config(self) -> dict:
         path = self.root / "config.json"
@@ -185,21 +184,16 @@ class Checkpoint:
         return sum(b - a for _, a, b in spans)
 
     def _pread_fully(self, file: str, offset: int, view: memoryview, what: str) -> None:
-        pread_fully(self._fd(file), view, offset, file, what)
+        with self._files.use(file) as fd:
+            pread_fully(fd, view, offset, file, what)
 
-    def _fd(self, path: str) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = self._fds[path] = open_sequential(path)
-                except OSError as e:
-                    raise DernError(f"cannot open {os.path.basename(path)}: {e.strerror or e}") from None
-            return fd
+    @staticmethod
+    def _open(path: str) -> int:
+        try:
+            return open_sequential(path)
+        except OSError as e:
+            raise DernError(f"cannot open {os.path.basename(path)}: {e.strerror or e}") from None
 
     def release(self) -> None:
         """Close the shard files (reopened on the next read)."""
-        with self._lock:
-            fds, self._fds = list(self._fds.values()), {}
-        for fd in fds:
-            os.close(fd)
+        self._files.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError
+from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
 from .source import INDEX_NAME, SINGLE_NAME, open_sequential, pread_fully
 
 _COPY_CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor (one reused buffer)
-_MAX_OPEN = 64  # output shards (and source shards) open at once
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,10 @@ class ShardedWriter:
     """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once.
 
     Every byte written passes through here once: its checksum is taken (`take_checksums`) and float
-    tensors are checked to be finite, so nothing with NaN or Inf is ever reported as written. At most
-    _MAX_OPEN shard files are open at a time (a small --max-shard-size on a large model makes
-    thousands of shards): the least recently written is flushed and closed to make room."""
+    tensors are checked to be finite, so nothing with NaN or Inf is ever reported as written. A bounded
+    number of shard files is open at a time, those waiting for their flush included (a small
+    --max-shard-size on a large model makes thousands of shards): the least recently written is
+    flushed and closed to make room. Source shards are read through a bounded DescriptorCache."""
 
     def __init__(self, directory: Path, specs: list[TensorSpec], max_shard_size: int, resume: bool = False):
         """With `resume`, the shards must already exist exactly as planned (an interrupted run's): they
@@ -89,7 +90,9 @@ class ShardedWriter:
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="dern-fsync")
         self._flushes: list[Future] = []
         self._flush_error: OSError | None = None  # the first flush that failed: nothing is recorded after it
-        self._sources: OrderedDict[str, int] = OrderedDict()
+        self._sources = DescriptorCache(open_sequential, descriptor_budget(1 / 6))
+        self._max_open = descriptor_budget(1 / 3)  # output shards open or waiting to be flushed and closed
+        self._closing: deque[Future] = deque()
         self._touched: set[int] = set()  # shards written since the last commit()
         self._checksums: dict[str, str] = {}  # since the last take_checksums()
         self._buffer: memoryview | None = None
@@ -131,11 +134,11 @@ class ShardedWriter:
             raise AssertionError(f"{name}: source {src.dtype} {src.shape} differs from plan {spec.dtype} {spec.shape}")
         if self._buffer is None:
             self._buffer = memoryview(bytearray(_COPY_CHUNK))
-        source, hasher = self._source(src.file), new_hasher()
-        offset = self._slots[name][1]
+        hasher, offset = new_hasher(), self._slots[name][1]
         for start in range(0, src.nbytes, _COPY_CHUNK):
             view = self._buffer[:min(_COPY_CHUNK, src.nbytes - start)]
-            pread_fully(source, view, src.start + start, src.file, f"tensor {name!r}")
+            with self._sources.use(src.file) as source:
+                pread_fully(source, view, src.start + start, src.file, f"tensor {name!r}")
             if not bytes_finite(view, src.dtype):
                 raise NonFiniteTensor(f"tensor {name} holds NaN or Inf values in the input "
                                       f"({os.path.basename(src.file)}); the input weights are not finite", copied=True)
@@ -189,8 +192,12 @@ class ShardedWriter:
         if fd is not None:
             self._open.move_to_end(number)
             return fd
-        if len(self._open) >= _MAX_OPEN:
+        while self._closing and self._closing[0].done():
+            self._closing.popleft().result()  # (a flush error shows here, at the latest)
+        if len(self._open) + len(self._closing) >= self._max_open and self._open:
             self._close(*self._open.popitem(last=False))
+        while len(self._open) + len(self._closing) >= self._max_open:
+            self._closing.popleft().result()  # wait for a closing shard's flush: its descriptor is then free
         path = self.directory / self.files[number]
         try:
             fd = self._open[number] = os.open(path, os.O_RDWR)
@@ -208,7 +215,9 @@ class ShardedWriter:
             finally:
                 os.close(fd)
 
-        self._flushes.append(self._flusher.submit(flush_and_close))
+        closed = self._flusher.submit(flush_and_close)
+        self._flushes.append(closed)
+        self._closing.append(closed)
 
     def _flush(self, number: int, fd: int, sync) -> None:
         """On the flush thread. After a failure no later journal entry is written: a layer whose bytes
@@ -220,18 +229,6 @@ class ShardedWriter:
             self._flush_error = self._flush_error or error
             raise error from None
         _drop_cached(fd)
-
-    def _source(self, path: str) -> int:
-        """Descriptors of the source shards, kept open (measured: reopening per tensor made cold copies
-        run well under the disk's speed), at most _MAX_OPEN of them."""
-        fd = self._sources.get(path)
-        if fd is not None:
-            self._sources.move_to_end(path)
-            return fd
-        if len(self._sources) >= _MAX_OPEN:
-            os.close(self._sources.popitem(last=False)[1])
-        fd = self._sources[path] = open_sequential(path)
-        return fd
 
     def _done(self, name: str) -> None:
         """A shard is flushed to disk and closed as soon as its last tensor is in, while later layers
@@ -268,9 +265,8 @@ class ShardedWriter:
         while self._open:
             self._close(*self._open.popitem(last=False))
         self._flusher.shutdown(wait=True)  # no flush may outlive its file descriptor
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources = OrderedDict()
+        self._sources.close()
+        self._closing.clear()
         flushes, self._flushes = self._flushes, []
         for flush in flushes:
             flush.result()
