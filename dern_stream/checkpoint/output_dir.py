@@ -109,11 +109,11 @@ class StagedOutput:
     def _commit(self) -> None:
         """Move the finished output into place. The journal stays until OUT is in place: killed before
         the rename, the same command finds every layer done and only finishes again."""
-        _fsync_dir(self.path)
+        _fsync(self.path)
         if self.out.exists():  # an earlier output (check_output_location allowed it): moved aside, then deleted
             os.rename(self.out, self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}")
         os.rename(self.path, self.out)
-        _fsync_dir(self.out.parent)
+        _fsync(self.out.parent)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
         # Earlier outputs moved aside: this run's, and any that a run killed at this point left behind.
         for item in self.out.parent.iterdir():
@@ -146,7 +146,7 @@ def copy_side_files(src: Path, dst: Path) -> tuple[list[str], list[str]]:
         target = dst / item.name
         try:
             shutil.copy2(item, target)
-            _fsync_file(target)
+            _fsync(target)
         except OSError as e:  # name the file being written: a full disk is the output's, not the input's
             raise OSError(e.errno, e.strerror, str(target)) from None
     return [item.name for item in copied], skipped
@@ -162,15 +162,8 @@ def check_free_space(directory: Path, needed: int) -> None:
                         f"disk holding {directory.parent} has {free / 1e9:.2f} GB free")
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
