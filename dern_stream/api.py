@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -17,6 +18,7 @@ from .audit import audit_record, layer_record, write_audit
 from .calib import CalibDump
 from .checkpoint import (
     Checkpoint,
+    NonFiniteTensor,
     ShardedWriter,
     StagedOutput,
     check_free_space,
@@ -41,12 +43,20 @@ from .layer_rewrite import (
     read_layer,
     write_layer,
 )
-from .layout import ModelShape, check_moe_layers, check_plan_complete, copies_by_layer, plan_output
+from .layout import (
+    ModelShape,
+    check_decoder_layers,
+    check_moe_layers,
+    check_plan_complete,
+    copies_by_layer,
+    plan_output,
+)
 from .locks import DirLock
 from .options import RewriteOptions
 from .pipeline import run_pipeline
 from .run_identity import files_stamp, run_key, tree_stamp
 from .stage_clock import StageClock
+from .targets import read_paths
 
 log = logging.getLogger("dern_stream")
 
@@ -125,7 +135,9 @@ def rewrite(
     )
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
-    check_output_location(out_path, overwrite, {"the input checkpoint": source, "the calibration dump": calib})
+    calib = Path(calib).expanduser() if calib is not None else None
+    check_output_location(out_path, overwrite, {**read_paths("the input checkpoint", source),
+                                                "the calibration dump": calib})
 
     ckpt = Checkpoint(source)
     config = ckpt.config
@@ -139,6 +151,7 @@ def rewrite(
     if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
         raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
                         f"{shape.intermediate}; it can only shrink them")
+    check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape)
     family.check_expressible(config, options.experts)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
@@ -185,7 +198,7 @@ def rewrite(
             source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
             calib_files=tree_stamp(Path(calib)) if dump is not None else None,
         )
-        stage = StagedOutput(out_path, run, restart)
+        stage = StagedOutput(out_path, run, restart, overwrite)
         try:
             with stage:
                 records = stage.progress.layers  # per-layer audit entries (plain numbers), resumed ones first
@@ -257,6 +270,11 @@ def rewrite(
                                "files": dict(sorted(files.items()))},
                 ))
                 write_durably(stage.path / "config.json", config_bytes)
+        except NonFiniteTensor:
+            # Resuming would meet the same values: the input must change first (and a changed input
+            # starts over), so the finished layers are of no use.
+            shutil.rmtree(stage.path, ignore_errors=True)
+            raise
         except (DernError, OSError) as e:
             if stage.path.exists():  # finished layers were kept
                 raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(layers)} MoE layers are done "

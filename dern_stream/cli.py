@@ -20,6 +20,12 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a bad or missing option: one line too, naming the command's --help
+            if ctx.params.get("debug"):
+                raise
+            where = f" (see: dern-stream {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(2)
         except (DernError, OSError) as e:
             if ctx.params.get("debug"):
                 raise

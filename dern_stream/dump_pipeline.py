@@ -19,14 +19,14 @@ from .calib.store import FORMAT, not_a_dump
 from .calib.text import check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
-from .errors import DernError, describe
+from .errors import DernError, NonFinite, describe
 from .families import family_for
-from .layout import moe_layer_indices
+from .layout import check_decoder_layers, moe_layer_indices
 from .locks import LOCK_NAME, DirLock
 from .options import check_text_options, choice, whole
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
-from .targets import check_apart
+from .targets import check_apart, expand_user, read_paths
 
 log = logging.getLogger("dern_stream")
 
@@ -69,14 +69,16 @@ def dump(
     `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
+    text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
     ckpt = Checkpoint(resolve_checkpoint(src))
     family = family_for(ckpt.config)
+    check_decoder_layers(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
     out_path = Path(out).expanduser().resolve()
-    check_apart(out_path, "DUMP", {"the input checkpoint": ckpt.root, "the text": text,
+    check_apart(out_path, "DUMP", {**read_paths("the input checkpoint", ckpt.root), "the text": text,
                                    "the tokenizer": tokenizer})
     reason = not_a_dump(out_path) if os.path.lexists(out_path) else None
     if reason is not None:
@@ -120,6 +122,8 @@ def dump(
         writer.finish()
     except KeyboardInterrupt:
         log.warning("interrupted: rerun the same command to continue %s after the last finished layer", out_path)
+        raise
+    except NonFinite:
         raise
     except (DernError, OSError) as e:  # a full disk, a missing tensor found at layer 20...
         raise DernError(f"{describe(e)} (the layers finished so far are kept in {out_path}: run the same command "

@@ -23,11 +23,12 @@ from .checkpoint import Checkpoint, resolve_checkpoint, write_durably
 from .device import resolve_device
 from .errors import DernError
 from .families import family_for
+from .layout import check_decoder_layers
 from .locks import DirLock
 from .options import check_text_options
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
-from .targets import check_apart, check_replaceable
+from .targets import check_apart, check_replaceable, expand_user, read_paths
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
 
@@ -55,7 +56,9 @@ class EvalReport:
         return sum(e.rel_l2 for e in self.layer_errors) / len(self.layer_errors) if self.layer_errors else None
 
     def to_json(self) -> dict:
-        return {"format": EVAL_FORMAT, **asdict(self), "mean_rel_l2": self.mean_rel_l2}
+        """Plain JSON: a value too large for a float (an infinite perplexity) is null."""
+        record = {"format": EVAL_FORMAT, **asdict(self), "mean_rel_l2": self.mean_rel_l2}
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
     def __str__(self) -> str:
         lines = []
@@ -95,12 +98,15 @@ def evaluate(
     `overwrite`)."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
+    text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
     if json_path is not None:
         json_path = Path(json_path).expanduser().resolve()
-        check_apart(json_path, "--json file", {"the checkpoint": resolve_checkpoint(src), "the reference": reference,
-                                               "the calibration dump": calib, "the text": text,
-                                               "the tokenizer": tokenizer})
+        check_apart(json_path, "--json file", {**read_paths("the checkpoint", resolve_checkpoint(src)),
+                                               "the reference": reference, "the calibration dump": calib,
+                                               "the text": text, "the tokenizer": tokenizer})
         check_replaceable(json_path, "--json file", overwrite, _not_eval_json, directory=False)
+        if not json_path.parent.is_dir():
+            raise DernError(f"--json file {json_path}: the folder {json_path.parent} does not exist")
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if not wants_ppl and reference is None:
         raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
@@ -110,16 +116,21 @@ def evaluate(
     compute_dtype = parse_dtype(dtype)
     ckpt = Checkpoint(resolve_checkpoint(src))
     family_for(ckpt.config)  # a bad config.json is one line, before the tokenizer (which reads it too) loads
+    check_decoder_layers(ckpt)
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
     if wants_ppl:
         if tokens is None:
             tokens = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
                                  num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
         nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
+        if not math.isfinite(nll):
+            raise DernError(f"{ckpt.root}'s next-token loss is not finite (NaN or Inf): its weights, or the forward "
+                            "in this dtype, give non-finite logits")
         report.nll_per_token, report.tokens = nll / count, count
-        report.perplexity = math.exp(nll / count)
+        report.perplexity = math.exp(nll / count) if nll / count < 700 else math.inf  # (JSON: null)
     if reference is not None:
         ref = Checkpoint(resolve_checkpoint(reference))
+        check_decoder_layers(ref)
         report.reference = str(ref.root)
         dump = CalibDump(calib)
         with DirLock(dump.path, f"calibration dump {calib} is being written by a dern-stream dump right now",
@@ -127,6 +138,8 @@ def evaluate(
             report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
     if json_path is not None:
+        # Checked again: a file may have appeared there during the evaluation.
+        check_replaceable(json_path, "--json file", overwrite, _not_eval_json, directory=False)
         _write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report
 
@@ -146,6 +159,8 @@ def _write_replacing(path: Path, data: bytes) -> None:
     try:
         write_durably(tmp, data)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -196,6 +211,8 @@ def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torc
                 diff_sq += float((ya - yb).pow(2).sum())
                 ref_sq += float(ya.pow(2).sum())
                 count += x.shape[1]
+        if not math.isfinite(diff_sq + ref_sq):
+            raise DernError(f"MoE layer {i}: the block outputs are not finite (NaN or Inf) on the dump's inputs")
         out.append(LayerError(i, math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else math.sqrt(diff_sq), count))
     return out
 

@@ -13,7 +13,6 @@ from .calib import CalibDump
 from .checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
 from .checkpoint.integrity import all_finite
 from .checkpoint.safetensors_format import DTYPES
-from .errors import DernError
 from .families import PARTS, Family, GroupPlan
 from .layout import ModelShape, MoELayer
 from .methods import (
@@ -260,7 +259,7 @@ def write_layer(
     except NonFiniteTensor as e:
         if e.copied:
             raise
-        raise DernError(f"{e}: {_non_finite_cause(ckpt, family, layer)}") from None
+        raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
 
 
 def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:

@@ -45,6 +45,32 @@ def moe_layer_indices(ckpt: Checkpoint, family: Family, below: int | None = None
     return indices
 
 
+def check_decoder_layers(ckpt: Checkpoint) -> None:
+    """config.json's layer count and vocabulary against the tensors the shards hold, before any model is
+    built from it (a count of 10**9 would otherwise build, and a wrong one drop or invent layers).
+    Layers past num_hidden_layers are accepted only as multi-token-prediction layers the config
+    declares (DeepSeek-V3's num_nextn_predict_layers)."""
+    config = ckpt.config
+    n = config["num_hidden_layers"]  # a positive integer: config_check.py
+    present = sorted({i for i in map(layer_of, ckpt.entries) if i is not None})
+    below = [i for i in present if i < n]
+    if len(below) < n:
+        missing = next(i for i in range(n) if i >= len(below) or below[i] != i)
+        raise DernError(f"config.json says num_hidden_layers {n}, but the shards hold no tensor of layer {missing} "
+                        f"(they hold {len(below)} decoder layers)")
+    extra = [i for i in present if i >= n]
+    predicts = config.get("num_nextn_predict_layers")
+    predicts = predicts if type(predicts) is int and predicts >= 0 else 0
+    if extra and extra[-1] >= n + predicts:
+        raise DernError(f"the shards hold layer {extra[-1]}, past config.json's num_hidden_layers {n}"
+                        + (f" and its {predicts} prediction layer(s)" if predicts else ""))
+    embed = ckpt.entries.get("model.embed_tokens.weight")
+    expected = (config.get("vocab_size"), config.get("hidden_size"))
+    if embed is not None and None not in expected and embed.shape != expected:
+        raise DernError(f"model.embed_tokens.weight has shape {list(embed.shape)}, config.json implies "
+                        f"[vocab_size {expected[0]}, hidden_size {expected[1]}]")
+
+
 def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> list[MoELayer]:
     """Every routed-expert tensor present, with the shapes the config implies and one float dtype."""
     indices = moe_layer_indices(ckpt, family)

@@ -11,6 +11,11 @@ from pathlib import Path
 from .errors import DernError
 
 
+def expand_user(path: str | os.PathLike | None) -> Path | None:
+    """A path as given, with `~` expanded (a shell expands it only where it is not quoted)."""
+    return None if path is None else Path(path).expanduser()
+
+
 def check_apart(target: Path, what: str, reads: dict[str, str | os.PathLike | None]) -> None:
     """Refuse `target` (described as `what`, e.g. "output") when it is, contains, or lies inside any of
     the paths the command reads, `reads` = {"the input checkpoint": path, ...} (None entries skipped)."""
@@ -29,11 +34,22 @@ def check_apart(target: Path, what: str, reads: dict[str, str | os.PathLike | No
                             "choose a path outside it")
 
 
+def read_paths(label: str, directory: Path) -> dict[str, Path]:
+    """`directory` and, for each of its files that is a symbolic link (a Hub cache snapshot, a checkpoint
+    assembled from links), the file it points to: writing there would change the input too."""
+    paths = {label: Path(directory)}
+    for item in sorted(Path(directory).iterdir()):
+        if item.is_symlink():
+            paths[f"{label}'s {item.name} (a link to it)"] = item.resolve()
+    return paths
+
+
 def check_replaceable(target: Path, what: str, overwrite: bool, not_own: Callable[[Path], str | None],
                       directory: bool = True) -> bool:
     """May `target` be written? Returns whether something is there to replace. A missing target (or an
     empty directory) is fine; anything else needs `overwrite`, and even then only an earlier output of
-    the same command: `not_own(target)` says why it is not one (None when it is)."""
+    the same command: `not_own(target)` says why it is not one (None when it is). Commands check at the
+    start and again just before they replace it (it may change meanwhile)."""
     target = Path(target)
     if not os.path.lexists(target):
         return False

@@ -35,7 +35,7 @@ from .checkpoint.safetensors_format import TensorEntry, read_header
 from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from .errors import DernError
 from .families import PARTS, family_for
-from .layout import ModelShape, check_moe_layers, layer_of, natural_key
+from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
 
 _COMPARE_CHUNK = 64 * 2**20
 
@@ -81,12 +81,17 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     except DernError as e:
         report.problems.append(str(e))
         layers = []
-    _check_skeleton(ckpt, family, report)
+    try:
+        check_decoder_layers(ckpt)
+    except DernError as e:
+        report.problems.append(str(e))
+    else:  # (the skeleton is built from the config: not from one that disagrees with the tensors)
+        _check_skeleton(ckpt, family, report)
     report.checks += ["index", "config"]
     report.checks.append("routing")  # (family_for refused a config that cannot route: config_check.py)
     audit = _check_audit(ckpt, family, shape, family.moe_layers(ckpt.entries), report)
     report.checks.append("audit")
-    sums = _recorded_checksums(audit, report)
+    sums = _recorded_checksums(audit, ckpt.root / "dern_stream.json", report)
     if sums is not None:
         _check_files(ckpt, sums, report)
     source = Checkpoint(resolve_checkpoint(against)) if against is not None else None
@@ -185,14 +190,18 @@ def _usable_layer(rec, experts: int, source_experts) -> bool:
     return in_range and len(kept) == experts == len(set(kept)) and set(rebuilt) <= set(kept)
 
 
-def _recorded_checksums(audit: dict | None, report: VerifyReport) -> dict | None:
-    """The checksums dern_stream.json records, if usable: {"tensors", "headers", "files"} each name -> hex."""
+def _recorded_checksums(audit: dict | None, path: Path, report: VerifyReport) -> dict | None:
+    """The checksums dern_stream.json records, if usable: {"tensors", "headers", "files"} each name -> hex.
+    The record itself: its values must match its `record_checksum`, and its bytes the way the rewrite
+    writes them (so that no byte of it can change unseen either)."""
     if audit is None:
         return None
     legacy = str(audit.get("dern_stream_version", "")).startswith("0.1.")  # before checksums were recorded
     recorded = audit.get("record_checksum")
     if (recorded is not None or not legacy) and recorded != record_checksum(audit):
         report.problems.append("dern_stream.json was changed after the rewrite wrote it (its record_checksum differs)")
+    elif not legacy and path.read_bytes() != (json.dumps(audit, indent=2) + "\n").encode():
+        report.problems.append("dern_stream.json's bytes differ from what the rewrite wrote (same values, other text)")
     sums = audit.get("checksums")
     if sums is None and legacy:
         report.checks.append("(no checksums: written by dern-stream 0.1, which did not record them)")

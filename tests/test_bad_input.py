@@ -18,7 +18,6 @@ from click.testing import CliRunner
 from conftest import assert_clean_failure, file_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dern_stream.calib import CalibDump, CalibWriter
 from dern_stream.cli import main
 
 
@@ -72,18 +71,11 @@ def no_config(src, _calib, _tmp):
 
 def dump_with(value):
     def poison(_src, calib, _tmp):
-        """Rewrite the dump with one bad value in layer 1 (found after layer 0 is written)."""
-        original = CalibDump(calib)
-        layers = {i: (np.asarray(original.layer(i)[:]).copy(), original.layer(i).attrs["router_sha256"])
-                  for i in (0, 1, 2)}
-        shutil.rmtree(calib)
-        writer = CalibWriter(calib, model_type="mixtral", hidden_size=64, num_experts=8, moe_layers=[0, 1, 2],
-                             chunk_tokens=64)
-        for i, (data, sha) in layers.items():
-            if i == 1:
-                data[100, 3] = value
-            writer.append(i, data, router_sha256=sha)
-            writer.finish_layer(i)
+        """Damage the dump on disk: one bad value in layer 1 (found after layer 0 is written). The
+        writer refuses non-finite inputs, so the value goes straight into the stored array."""
+        import zarr
+
+        zarr.open_array(str(calib / "moe_inputs" / "1"), mode="r+")[100, 3] = value
     return poison
 
 
@@ -110,6 +102,18 @@ CASES = {
         "which does not hold it"),
     "config and shapes disagree": (wrong_config_shape, [], "out",
                                    "has shape [32, 64], config implies [48, 64]"),
+    "more layers in config than in the shards": (
+        lambda src, _c, _t: edit_json(src / "config.json", num_hidden_layers=5), [], "out",
+        "config.json says num_hidden_layers 5, but the shards hold no tensor of layer 3"),
+    "a billion layers in config": (
+        lambda src, _c, _t: edit_json(src / "config.json", num_hidden_layers=10**9), [], "out",
+        "config.json says num_hidden_layers 1000000000, but the shards hold no tensor of layer 3"),
+    "fewer layers in config than in the shards": (
+        lambda src, _c, _t: edit_json(src / "config.json", num_hidden_layers=2), [], "out",
+        "the shards hold layer 2, past config.json's num_hidden_layers 2"),
+    "vocab_size disagrees with the embedding": (
+        lambda src, _c, _t: edit_json(src / "config.json", vocab_size=10**9), [], "out",
+        "model.embed_tokens.weight has shape [256, 64], config.json implies [vocab_size 1000000000"),
     "no config.json": (no_config, [], "out", "has no config.json; is it a Hugging Face checkpoint directory?"),
     "unsupported model_type": (unsupported_family, [], "out",
                                "model_type 'phimoe' is not supported; supported families: deepseek_v2, deepseek_v3, "

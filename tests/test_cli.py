@@ -78,7 +78,7 @@ def test_output_location_rules(build, tmp_path):
     assert (out / "keep.txt").read_text() == "user data"
     # --overwrite replaces only an earlier rewrite's output, never a folder of the user's
     result = run("rewrite", src, out, "--experts", 4, "--calib", built.calib, "--overwrite", "-q")
-    assert result.exit_code == 2 and "holds no readable dern_stream.json" in result.stderr
+    assert result.exit_code == 2 and "holds no dern_stream.json that lists the files a rewrite wrote" in result.stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
     (out / "keep.txt").unlink()
     assert run("rewrite", src, out, "--experts", 4, "--calib", built.calib, "-q").exit_code == 0

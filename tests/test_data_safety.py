@@ -159,6 +159,42 @@ def rewrite_onto_output_with_a_user_file(w: World) -> list:
     return w.rewrite(out, "--overwrite")
 
 
+def folder_with_a_foreign_record(w: World) -> list:
+    """A model folder of the user's that happens to hold a dern_stream.json of its own."""
+    mine = w.root / "finetune"
+    shutil.copytree(w.model, mine)
+    (mine / "dern_stream.json").write_text('{"experiment": "mine"}')
+    (mine / "train_log.txt").write_text("loss 0.1")
+    return w.rewrite(mine, "--overwrite")
+
+
+def dump_with_a_user_file_inside(w: World) -> list:
+    dump = w.root / "d.zarr"
+    w.made(w.dump(dump))
+    (dump / "moe_inputs" / "notes.txt").write_text("mine")
+    return w.dump(dump, "--overwrite")
+
+
+def staging_path_is_a_link_to_in(w: World) -> list:
+    (w.root / ".out.dern-partial").symlink_to(w.model)
+    return w.rewrite(w.root / "out")
+
+
+def staging_path_holds_user_files(w: World) -> list:
+    user_folder(w.root / ".out.dern-partial")
+    return w.rewrite(w.root / "out")
+
+
+def in_links_into_the_output(w: World) -> list:
+    """IN assembled from links into an earlier output: replacing that output would change IN."""
+    out, linked = w.root / "out", w.root / "linked"
+    w.made(w.rewrite(out, "--experts", 8))
+    linked.mkdir()
+    for f in out.iterdir():
+        (linked / f.name).symlink_to(f)
+    return ["rewrite", linked, out, "--experts", 4, "--importance", "router-norm", "-q", "--overwrite"]
+
+
 def eval_onto_an_earlier_report(w: World) -> list:
     w.made(w.eval(w.root / "eval.json"))
     return w.eval(w.root / "eval.json")
@@ -176,6 +212,16 @@ CASES = {
     "dump onto a regular file": (lambda w: w.dump(user_file(w.root / "d.zarr"), "--overwrite"),
                                  "exists and is not a directory"),
     "dump onto a dump holding a user file": (dump_with_a_user_file, "holds notes.txt, which a dump never writes"),
+    "dump onto a dump with a user file in a subfolder": (dump_with_a_user_file_inside,
+                                                          "holds moe_inputs/notes.txt, which a dump never writes"),
+    "rewrite onto a folder holding a foreign dern_stream.json": (
+        folder_with_a_foreign_record, "holds no dern_stream.json that lists the files a rewrite wrote"),
+    "rewrite with the staging path a link to IN": (staging_path_is_a_link_to_in,
+                                                   "exists and is not a folder of its own"),
+    "rewrite with user files at the staging path": (staging_path_holds_user_files,
+                                                    "holds files but no dern-stream journal"),
+    "rewrite --overwrite of an output that IN links into": (in_links_into_the_output,
+                                                            "contains the input checkpoint's"),
     "dump onto a complete dump": (complete_dump, "already exists and is complete; pass --overwrite"),
     "dump onto a dump without a lock file": (lambda w: w.dump(w.calib), "pass --overwrite to start again"),
     "rewrite into an earlier output holding the dump": (rewrite_into_output_holding_the_dump,
@@ -184,7 +230,7 @@ CASES = {
     "rewrite inside the dump": (lambda w: w.rewrite(w.calib / "out", "--overwrite"),
                                 "lies inside the calibration dump"),
     "rewrite onto a user folder": (lambda w: w.rewrite(user_folder(w.root / "mine"), "--overwrite"),
-                                   "holds no readable dern_stream.json"),
+                                   "holds no dern_stream.json that lists the files a rewrite wrote"),
     "rewrite onto an earlier output with a user file": (
         rewrite_onto_output_with_a_user_file, "holds notes.txt, which the earlier rewrite did not write"),
     "eval --json onto the text": (lambda w: w.eval(w.text), "is the text; choose another path"),
@@ -465,21 +511,22 @@ def test_nan_in_a_copied_tensor_is_never_written(world):
     assert_clean_failure(result, out, f"tensor {name} holds NaN or Inf values in the input")
     assert "the input weights are not finite" in result.stderr
     assert not outputs_config_files(world)
-    assert without(digest(world.root), ".out.dern-partial") == before
+    assert digest(world.root) == before
 
 
-def test_inf_in_an_input_expert_stops_at_that_layer_and_keeps_the_ones_before(world):
+def test_inf_in_an_input_expert_stops_at_that_layer_and_keeps_nothing(world):
+    """Found at layer 1, after layer 0 was written: nothing is kept, since resuming would meet the same
+    values (the input must change, and a changed input starts over), and the message does not offer it."""
     for e in range(8):
         poke(world.model, f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight", float("inf"))
     before, out = digest(world.root), world.root / "out"
     result = run(*world.rewrite(out))
-    assert_clean_failure(result, out, "run the same command again to resume")
+    assert_clean_failure(result, out, "NaN or Inf")
     line = result.stderr.strip().splitlines()[-1]
-    assert "tensor model.layers.1." in line and "NaN or Inf" in line and "input" in line, line
-    assert "1 of 3 MoE layers are done" in line
-    assert journaled_layers(world.root / ".out.dern-partial") == 1
+    assert "tensor model.layers.1." in line and "input" in line and "resume" not in line, line
+    assert not (world.root / ".out.dern-partial").exists()
     assert not outputs_config_files(world)
-    assert without(digest(world.root), ".out.dern-partial") == before
+    assert digest(world.root) == before
 
 
 def empty_writable_mount_point() -> Path | None:
@@ -538,3 +585,47 @@ def test_full_disk_in_dump_then_the_same_command_resumes(world, monkeypatch, cap
     world.made(world.dump(alone, "--batch-size", 4))
     assert file_bytes(dump) == file_bytes(alone)
     assert without(digest(world.root), "d.zarr", "alone.zarr") == before
+
+
+def test_a_folder_named_like_a_moved_aside_output_is_left_alone(world):
+    mine = user_folder(world.root / ".out.dern-old-backup")
+    before = digest(mine)
+    world.made(world.rewrite(world.root / "out"))
+    assert digest(mine) == before
+
+
+def test_a_file_written_into_out_during_the_rewrite_is_not_replaced(world, monkeypatch):
+    """OUT is checked again just before the finished output replaces it."""
+    from dern_stream.checkpoint import output_dir
+
+    out = world.root / "out"
+    out.mkdir()
+    real = output_dir.side_files
+
+    def user_writes_meanwhile(src):
+        (out / "thesis.txt").write_text("my thesis")
+        return real(src)
+
+    monkeypatch.setattr(output_dir, "side_files", user_writes_meanwhile)
+    result = run(*world.rewrite(out))
+    assert result.exit_code == 2 and "changed while the rewrite ran" in result.stderr, result.output
+    assert (out / "thesis.txt").read_text() == "my thesis" and [p.name for p in out.iterdir()] == ["thesis.txt"]
+
+
+def test_dump_of_a_model_with_non_finite_weights_is_refused(world):
+    poke(world.model, "model.layers.0.self_attn.q_proj.weight", float("nan"))
+    dump = world.root / "d.zarr"
+    before = digest(world.root)
+    result = run(*world.dump(dump))
+    line = error_line(result.exit_code, result.stderr, result.output, "inputs came out NaN or Inf")
+    assert "MoE layer 0" in line and "resume" not in line  # running it again would meet the same values
+    assert without(digest(world.root), "d.zarr") == before
+
+
+def test_eval_of_a_model_with_non_finite_weights_is_one_line(world):
+    poke(world.model, "model.layers.0.self_attn.q_proj.weight", float("nan"))
+    report = world.root / "eval.json"
+    before = digest(world.root)
+    result = run(*world.eval(report))
+    error_line(result.exit_code, result.stderr, result.output, "next-token loss is not finite")
+    assert digest(world.root) == before

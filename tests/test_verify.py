@@ -127,6 +127,10 @@ def side_file_removed(d):
     (d / "tokenizer.json").unlink()
 
 
+def record_newline_dropped(d):
+    (d / "dern_stream.json").write_bytes((d / "dern_stream.json").read_bytes().rstrip(b"\n"))
+
+
 def audit_disagrees(d):
     audit = json.loads((d / "dern_stream.json").read_text())
     (d / "dern_stream.json").write_text(json.dumps({**audit, "intermediate_size": 7}))
@@ -156,6 +160,8 @@ DAMAGE = {
     "config.json reformatted": (config_reformatted, False, "problem: config.json differs from the file the rewrite "
                                                            "wrote"),
     "file added": (file_added, False, "problem: notes.txt was not written by the rewrite"),
+    "record's last byte removed": (record_newline_dropped, False, "problem: dern_stream.json's bytes differ from "
+                                                                  "what the rewrite wrote"),
     "side file removed": (side_file_removed, False, "problem: tokenizer.json, written by the rewrite, is missing"),
 }
 

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import zarr
 
-from ..errors import DernError
+from ..checkpoint.integrity import all_finite
+from ..errors import DernError, NonFinite
 from ..locks import LOCK_NAME
 
 FORMAT = "dern-stream-calib"
@@ -95,6 +96,9 @@ class CalibWriter:
     def append(self, layer: int, hidden: torch.Tensor | np.ndarray, router_sha256: str | None = None) -> None:
         data = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden)
         data = data.reshape(-1, self.hidden_size).astype(self.dtype)
+        if not all_finite(torch.from_numpy(data)):  # (float16 storage overflows past 65504 too)
+            raise NonFinite(f"MoE layer {layer}'s inputs came out NaN or Inf (non-finite weights in the layers "
+                            f"before it, or values beyond {self.dtype.name}); nothing of that layer is saved")
         key = str(layer)
         if key not in self.inputs:
             arr = self.inputs.create_array(
@@ -180,7 +184,19 @@ def not_a_dump(path: Path) -> str | None:
     if not is_dump:
         return "exists and is not a calibration dump"
     foreign = sorted(e for e in entries - _DUMP_ENTRIES if not e.endswith(".partial"))  # zarr's own temp files
+    foreign += [str(p.relative_to(path)) for group in sorted(entries & _DUMP_ENTRIES - {"zarr.json", LOCK_NAME})
+                for p in sorted((path / group).rglob("*")) if not _zarr_entry(p.relative_to(path).parts, p.is_dir())]
     return f"holds {foreign[0]}, which a dump never writes" if foreign else None
+
+
+def _zarr_entry(parts: tuple[str, ...], is_dir: bool) -> bool:
+    """A path inside a dump's group that zarr writes: folders of groups and arrays, their metadata,
+    chunk files under `c/` (named by chunk index), and zarr's temporary files."""
+    if "c" in parts[1:]:
+        return all(p.isdigit() for p in parts[parts.index("c", 1) + 1:]) or parts[-1].endswith(".partial")
+    if is_dir:
+        return len(parts) <= 3 and not parts[-1].startswith(".")
+    return parts[-1] == "zarr.json" or parts[-1].endswith(".partial")
 
 
 def clear_dump(path: Path) -> None:

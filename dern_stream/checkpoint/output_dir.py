@@ -41,20 +41,22 @@ def check_output_location(out: Path, overwrite: bool, reads: dict[str, Path | No
 
 def not_rewrite_output(directory: Path) -> str | None:
     """Why `directory` is not the output of an earlier rewrite (None when it is): that output holds its
-    record, dern_stream.json, and only the files it lists (older records: no folders)."""
+    record, dern_stream.json, which lists every file it wrote, and nothing else."""
     try:
-        sums = json.loads((directory / AUDIT_NAME).read_text()).get("checksums")
-        written = {*sums["files"], *sums["headers"]} if sums is not None else None  # (older records: none)
+        record = json.loads((directory / AUDIT_NAME).read_text())
+        sums = record["checksums"]
+        written = {*sums["files"], *sums["headers"]}
+        is_record = isinstance(record.get("layers"), dict) and isinstance(record.get("source"), dict)
     except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-        return f"holds no readable {AUDIT_NAME}, so it is not the output of an earlier rewrite"
-    ours = {AUDIT_NAME, PROGRESS_NAME, LOCK_NAME}
+        is_record = False
+    if not is_record:
+        return (f"holds no {AUDIT_NAME} that lists the files a rewrite wrote (a folder of yours, or the output of "
+                "dern-stream 0.1, which did not list them)")
     for item in sorted(directory.iterdir()):
-        if item.name in ours:
-            continue
-        if written is not None and item.name not in written:
+        if item.name not in {AUDIT_NAME, PROGRESS_NAME, LOCK_NAME} and item.name not in written:
             return f"holds {item.name}, which the earlier rewrite did not write"
-        if item.is_dir() and not item.is_symlink():
-            return f"holds the folder {item.name}, which a rewrite never writes"
+        if item.is_dir() or item.is_symlink():
+            return f"holds {item.name}, which is not a plain file as a rewrite writes them"
     return None
 
 
@@ -67,13 +69,16 @@ class StagedOutput:
     refused, or discarded with `restart`. A lock keeps two runs from writing the same OUT at once.
     """
 
-    def __init__(self, out: Path, run: dict, restart: bool = False):
-        self.out = Path(out).resolve()
+    def __init__(self, out: Path, run: dict, restart: bool = False, overwrite: bool = False):
+        self.out, self.overwrite = Path(out).resolve(), overwrite
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DernError(f"cannot create {self.out.parent}: {e.strerror}") from None
         self.path = self.out.parent / f".{self.out.name}.dern-partial"
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise DernError(f"{self.path}, where the rewrite assembles OUT, exists and is not a folder of its own; "
+                            "move it away")
         try:
             self.path.mkdir(exist_ok=True)
         except OSError as e:
@@ -81,6 +86,10 @@ class StagedOutput:
         self._lock = DirLock(self.path, f"another dern-stream rewrite is writing {self.out} right now "
                                         f"(it holds a lock on {self.path})")
         previous = Progress.read(self.path)
+        if previous is None and any(self.path.iterdir()):
+            self._lock.release()
+            raise DernError(f"{self.path}, where the rewrite assembles OUT, holds files but no dern-stream journal: "
+                            "it is not a partial output of dern-stream; move it away")
         if previous is not None and previous.run != run and not restart:
             self._lock.release()
             changed = key_differences(previous.run, run)
@@ -110,15 +119,19 @@ class StagedOutput:
         """Move the finished output into place. The journal stays until OUT is in place: killed before
         the rename, the same command finds every layer done and only finishes again."""
         _fsync(self.path)
-        if self.out.exists():  # an earlier output (check_output_location allowed it): moved aside, then deleted
-            os.rename(self.out, self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}")
+        # Checked again: OUT may have changed since the start (a file of the user's written into it).
+        try:
+            replacing = check_replaceable(self.out, "output", self.overwrite, not_rewrite_output)
+        except DernError as e:
+            raise DernError(f"{e} (it changed while the rewrite ran)") from None
+        old = self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}"
+        if replacing or os.path.lexists(self.out):  # an earlier output, or an empty folder: moved aside, then deleted
+            os.rename(self.out, old)
         os.rename(self.path, self.out)
         _fsync(self.out.parent)
         (self.out / PROGRESS_NAME).unlink(missing_ok=True)
-        # Earlier outputs moved aside: this run's, and any that a run killed at this point left behind.
-        for item in self.out.parent.iterdir():
-            if item.name.startswith(f".{self.out.name}.dern-old-"):
-                shutil.rmtree(item, ignore_errors=True)
+        if os.path.lexists(old):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def side_files(src: Path) -> tuple[list[Path], list[str]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DernError
+from ..errors import DernError, NonFinite
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
@@ -59,7 +59,7 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-class NonFiniteTensor(DernError):
+class NonFiniteTensor(NonFinite):
     """A tensor about to be written holds NaN or Inf: computed (write) or copied from the input (copy_raw)."""
 
     def __init__(self, message: str, copied: bool):
