@@ -51,7 +51,7 @@ from .layout import (
     copies_by_layer,
     plan_output,
 )
-from .locks import DirLock
+from .locks import reading_dump
 from .options import RewriteOptions
 from .pipeline import run_pipeline
 from .run_identity import files_stamp, run_key, tree_stamp
@@ -157,9 +157,8 @@ def rewrite(
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
 
     with ExitStack() as held:
-        if calib is not None and Path(calib).is_dir():  # held while the dump is read: no `dump --overwrite` under it
-            held.enter_context(DirLock(Path(calib), f"calibration dump {calib} is being written by a dern-stream "
-                                                    "dump right now", shared=True))
+        if calib is not None and calib.is_dir():  # held while the dump is read: no `dump --overwrite` under it
+            held.enter_context(reading_dump(calib))
         groups = family.group_plan(config, options.experts)
         routing = layer_routing(family, config, out_config)
         dump, calibrated = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
@@ -196,7 +195,7 @@ def rewrite(
             options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=compute.type,
             source_fingerprint=fingerprint,
             source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
-            calib_files=tree_stamp(Path(calib)) if dump is not None else None,
+            calib_files=tree_stamp(calib) if dump is not None else None,
         )
         stage = StagedOutput(out_path, run, restart, overwrite)
         try:
@@ -262,7 +261,7 @@ def rewrite(
                 files["config.json"] = checksum(config_bytes)
                 records = {k: records[k] for k in sorted(records, key=int)}
                 write_audit(stage.path, audit_record(
-                    source=source, fingerprint=fingerprint, calib=Path(calib).resolve() if calib else None,
+                    source=source, fingerprint=fingerprint, calib=calib.resolve() if calib else None,
                     model_type=family.model_type, num_experts=shape.num_experts, intermediate=shape.intermediate,
                     options=options, config_notes=notes, layers=records, run=run, device=compute,
                     calib_provenance=dump.attrs.get("provenance") if dump is not None else None,

@@ -22,7 +22,7 @@ from .device import resolve_device
 from .errors import DernError, NonFinite, describe
 from .families import family_for
 from .layout import check_decoder_layers, moe_layer_indices
-from .locks import LOCK_NAME, DirLock
+from .locks import DirLock
 from .options import check_text_options, choice, whole
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
@@ -211,7 +211,7 @@ def _open_or_resume(path: Path, ckpt: Checkpoint, family, moe_layers: list[int],
 
 
 def _holds_data(path: Path) -> bool:
-    return path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir())
+    return path.is_dir() and any(path.iterdir())
 
 
 def _request_tokens(ckpt: Checkpoint, request: _Request) -> torch.Tensor:

@@ -21,10 +21,10 @@ from .calib import CalibDump
 from .calib.text import check_vocabulary, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint, write_durably
 from .device import resolve_device
-from .errors import DernError
+from .errors import DernError, writing
 from .families import family_for
 from .layout import check_decoder_layers
-from .locks import DirLock
+from .locks import reading_dump
 from .options import check_text_options
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
@@ -133,8 +133,7 @@ def evaluate(
         check_decoder_layers(ref)
         report.reference = str(ref.root)
         dump = CalibDump(calib)
-        with DirLock(dump.path, f"calibration dump {calib} is being written by a dern-stream dump right now",
-                     shared=True):
+        with reading_dump(dump.path):
             report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
     if json_path is not None:
@@ -157,10 +156,9 @@ def _write_replacing(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
     tmp = path.with_name(f".{path.name}.dern-tmp-{os.getpid()}")
     try:
-        write_durably(tmp, data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        with writing(path):
+            write_durably(tmp, data)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -14,13 +14,18 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 from .errors import DernError
 
-# The lock file of dern-stream 0.2.0 development builds; tolerated where found, never written now.
-LOCK_NAME = ".dern-lock"
 _BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+
+
+def empty_in_place(directory: Path) -> None:
+    """Delete everything in a directory this process has locked, but not the directory (see above)."""
+    for item in Path(directory).iterdir():
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 class DirLock:
@@ -62,3 +67,8 @@ class DirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def reading_dump(dump: Path) -> DirLock:
+    """The shared lock a rewrite or an eval holds on the dump it reads."""
+    return DirLock(dump, f"calibration dump {dump} is being written by a dern-stream dump right now", shared=True)

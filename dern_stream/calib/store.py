@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import zarr
 
 from ..checkpoint.integrity import all_finite
 from ..errors import DernError, NonFinite
-from ..locks import LOCK_NAME
+from ..locks import empty_in_place
 
 FORMAT = "dern-stream-calib"
 FORMAT_VERSION = 1
@@ -67,7 +66,7 @@ class CalibWriter:
                 raise DernError(f"dump {self.path} {reason}; choose another path")
             if not overwrite and any(self.path.iterdir()):
                 raise DernError(f"dump {self.path} already exists; remove it or pass overwrite")
-            clear_dump(self.path)
+            empty_in_place(self.path)
         self.hidden_size, self.dtype, self.chunk_tokens = hidden_size, np.dtype(dtype), chunk_tokens
         self.group = zarr.open_group(str(self.path), mode="a")  # (zarr's "w" would delete the lock file)
         self.group.attrs.update({
@@ -164,8 +163,8 @@ class CalibWriter:
         self.group.attrs.update({"resume": None, "complete": True})
 
 
-# What a dump directory holds: zarr's metadata, its three groups and the writer's lock file.
-_DUMP_ENTRIES = {"zarr.json", "moe_inputs", "tokens", "resume", LOCK_NAME}
+# What a dump directory holds: zarr's metadata and its three groups.
+_DUMP_ENTRIES = {"zarr.json", "moe_inputs", "tokens", "resume"}
 
 
 def not_a_dump(path: Path) -> str | None:
@@ -173,8 +172,8 @@ def not_a_dump(path: Path) -> str | None:
     it is an empty directory): only such a dump may be replaced or resumed."""
     if not path.is_dir():
         return "exists and is not a directory"
-    entries = {p.name for p in path.iterdir()} - {LOCK_NAME}
-    if not entries:  # (a dump killed between taking its lock and starting leaves only the lock file)
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
         return None
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
@@ -184,7 +183,7 @@ def not_a_dump(path: Path) -> str | None:
     if not is_dump:
         return "exists and is not a calibration dump"
     foreign = sorted(e for e in entries - _DUMP_ENTRIES if not e.endswith(".partial"))  # zarr's own temp files
-    foreign += [str(p.relative_to(path)) for group in sorted(entries & _DUMP_ENTRIES - {"zarr.json", LOCK_NAME})
+    foreign += [str(p.relative_to(path)) for group in sorted(entries & _DUMP_ENTRIES - {"zarr.json"})
                 for p in sorted((path / group).rglob("*")) if not _zarr_entry(p.relative_to(path).parts, p.is_dir())]
     return f"holds {foreign[0]}, which a dump never writes" if foreign else None
 
@@ -197,13 +196,6 @@ def _zarr_entry(parts: tuple[str, ...], is_dir: bool) -> bool:
     if is_dir:
         return len(parts) <= 3 and not parts[-1].startswith(".")
     return parts[-1] == "zarr.json" or parts[-1].endswith(".partial")
-
-
-def clear_dump(path: Path) -> None:
-    """Empty the dump directory `path` in place, keeping its lock file (held by the caller)."""
-    for item in path.iterdir():
-        if item.name != LOCK_NAME:
-            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def _positive_int(v) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DernError, NonFinite
+from ..errors import DernError, NonFinite, writing
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
@@ -178,12 +178,10 @@ class ShardedWriter:
     def _pwrite(self, name: str, view: memoryview, offset: int) -> None:
         number = self._slots[name][0]
         fd = self._shard(number)
-        try:
+        with writing(self.directory / self.files[number]):
             while view:
                 n = os.pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
-        except OSError as e:  # name the file being written (a full disk is the output's, not the input's)
-            raise OSError(e.errno, e.strerror, str(self.directory / self.files[number])) from None
         self._touched.add(number)
 
     def _shard(self, number: int) -> int:
@@ -198,11 +196,8 @@ class ShardedWriter:
             self._close(*self._open.popitem(last=False))
         while len(self._open) + len(self._closing) >= self._max_open:
             self._closing.popleft().result()  # wait for a closing shard's flush: its descriptor is then free
-        path = self.directory / self.files[number]
-        try:
-            fd = self._open[number] = os.open(path, os.O_RDWR)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path)) from None
+        with writing(self.directory / self.files[number]):
+            fd = self._open[number] = os.open(self.directory / self.files[number], os.O_RDWR)
         return fd
 
     def _close(self, number: int, fd: int) -> None:
@@ -274,26 +269,21 @@ class ShardedWriter:
 
 def write_durably(path: Path, data: bytes) -> None:
     """Write a small file and flush it to disk (it joins the output only once it is there)."""
-    try:
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
+    with writing(path), open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _create(path: Path, head: bytes, size: int) -> None:
     """A shard with its header written and its data area reserved (sparse until written)."""
-    try:
+    with writing(path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.pwrite(fd, head, 0)
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _check_partial(path: Path, head: bytes, size: int) -> None:
