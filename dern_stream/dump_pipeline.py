@@ -20,7 +20,7 @@ from .calib.text import check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .errors import DernError, NonFinite, describe
-from .families import family_for
+from .families import family_for, require_forward
 from .layout import check_decoder_layers, moe_layer_indices
 from .locks import DirLock
 from .options import check_text_options, choice, whole
@@ -74,6 +74,7 @@ def dump(
     choice("store_dtype", store_dtype, ("float16", "float32"))
     ckpt = Checkpoint(resolve_checkpoint(src))
     family = family_for(ckpt.config)
+    require_forward(family)
     check_decoder_layers(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))

@@ -22,7 +22,7 @@ from .calib.text import check_vocabulary, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint, write_durably
 from .device import resolve_device
 from .errors import DernError, writing
-from .families import family_for
+from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
 from .options import check_text_options
@@ -115,7 +115,8 @@ def evaluate(
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
     ckpt = Checkpoint(resolve_checkpoint(src))
-    family_for(ckpt.config)  # a bad config.json is one line, before the tokenizer (which reads it too) loads
+    # a bad config.json is one line, before the tokenizer (which reads it too) loads
+    require_forward(family_for(ckpt.config))
     check_decoder_layers(ckpt)
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
     if wants_ppl:

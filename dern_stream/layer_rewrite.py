@@ -78,7 +78,8 @@ def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelSh
     from the page cache once Checkpoint.prefetch has brought them in."""
     with clock("read"):
         router = ckpt.load(family.router_name(layer.index))
-        bias = ckpt.load(family.bias_name(layer.index)) if layer.bias is not None else None
+        # [N], whether stored as [N] or [1, N] (ERNIE)
+        bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
     experts = partial(read_experts, ckpt, family, layer, shape, clock=clock) if with_experts else None
     return LayerInputs(layer, router, bias, experts)
 
@@ -247,7 +248,7 @@ def write_layer(
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
-            writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[result.kept])
+            writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[..., result.kept])
         dtype = DTYPES[layer.dtype]
         for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
             for part in PARTS:

@@ -100,8 +100,8 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> lis
             raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; supported: one of {FLOAT_DTYPES}")
         bias_name = family.bias_name(i)
         bias = ckpt.entries.get(bias_name) if bias_name else None
-        if bias is not None and bias.shape != (n,):
-            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]}")
+        if bias is not None and bias.shape not in ((n,), (1, n)):
+            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
         layers.append(MoELayer(i, router, bias, dtypes.pop()))
     return layers
 
@@ -129,7 +129,7 @@ def plan_output(
                     shape = (d, intermediate) if part == "down" else (intermediate, d)
                     specs.append(TensorSpec(family.expert_name(layer.index, e, part), layer.dtype, shape))
         elif name in biases:
-            specs.append(TensorSpec(name, entry.dtype, (experts,)))
+            specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
         else:
             specs.append(TensorSpec(name, entry.dtype, entry.shape))
             copied.append(name)

@@ -8,6 +8,7 @@ Needs the `dump` or `test` extra (transformers); the rewrite itself never import
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -27,6 +28,26 @@ FAMILY_CONFIGS: dict[str, dict] = {
                         topk_method="greedy"),
     "deepseek_v3": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24,
                         n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5),
+    "deepseek_v32": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24, n_group=2,
+                         topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, index_n_heads=2,
+                         index_head_dim=16, index_topk=64, num_key_value_heads=4),
+    "glm4_moe": dict(moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2,
+                     n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16,
+                     routed_scaling_factor=1.5, pad_token_id=1, bos_token_id=1, eos_token_id=2),
+    "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                       bos_token_id=1, eos_token_id=2),
+    "phimoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_next": dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=32,
+                       num_experts=8, num_experts_per_tok=2, head_dim=16, linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                       layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "qwen3_5_moe_text": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                             num_experts_per_tok=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+                             linear_key_head_dim=16, linear_value_head_dim=16,
+                             layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "hunyuan_v1_moe": dict(intermediate_size=32, num_experts=8, moe_topk=2, head_dim=16),
+    "ernie4_5_moe": dict(moe_intermediate_size=32, intermediate_size=96, moe_num_experts=8, moe_k=2,
+                         moe_layer_start_index=1, moe_num_shared_experts=1),
 }
 # vLLM reads these from config.json although DeepseekV3Config does not carry them (moe-layouts.md).
 _EXTRA_CONFIG_KEYS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
@@ -39,20 +60,21 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     config = AutoConfig.for_model(family, **{**_COMMON, **FAMILY_CONFIGS[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    from .stream.executor import moe_block_of, router_weight
+
     with torch.no_grad():
         # Random inits leave routers near-uniform; widen them so experts differ in importance.
-        for name, param in model.named_parameters():
-            if name.endswith(".gate.weight") and param.dim() == 2 and param.shape[0] > 1:
-                param.normal_(0.0, 0.5)
-        for name, buf in model.named_buffers():
+        for layer in model.model.layers:
+            block = moe_block_of(layer)
+            if block is not None:
+                router_weight(block).normal_(0.0, 0.5)
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith("e_score_correction_bias"):
-                buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     return model
 
 
 def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Path:
-    import json
-
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
@@ -61,6 +83,61 @@ def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Pa
         cfg = json.loads((path / "config.json").read_text())
         cfg.update(extra)
         (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return path
+
+
+# DeepSeek-MoE-16B's published config.json (deepseek-ai/deepseek-moe-16b-base), with the sizes scaled down.
+DEEPSEEK_MOE_16B_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                 "AutoModel": "modeling_deepseek.DeepseekModel",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 1, "eos_token_id": 2, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+    "max_position_embeddings": 128, "model_type": "deepseek", "moe_intermediate_size": 32, "moe_layer_freq": 1,
+    "n_routed_experts": 8, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 4,
+    "num_experts_per_tok": 3, "num_hidden_layers": 3, "num_key_value_heads": 4, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
+    "vocab_size": 256,
+}
+
+
+def save_deepseek_moe_16b(path: str | Path, *, seed: int = 0) -> Path:
+    """A random checkpoint with DeepSeek-MoE-16B's on-disk layout (tensor names of its remote
+    modeling_deepseek.py: Llama attention, a dense first layer, 64 routed experts + shared experts),
+    scaled down. transformers has no class for it, so it is written tensor by tensor."""
+    from safetensors.torch import save_file
+
+    c = DEEPSEEK_MOE_16B_CONFIG
+    d, h, dense, n = c["hidden_size"], c["moe_intermediate_size"], c["intermediate_size"], c["n_routed_experts"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen) * scale).to(torch.bfloat16)
+
+    def mlp(prefix: str, width: int) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.gate_proj.weight": rand(width, d), f"{prefix}.up_proj.weight": rand(width, d),
+                f"{prefix}.down_proj.weight": rand(d, width)}
+
+    tensors = {"model.embed_tokens.weight": rand(c["vocab_size"], d), "model.norm.weight": rand(d, scale=1.0),
+               "lm_head.weight": rand(c["vocab_size"], d)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        tensors.update({f"{p}.input_layernorm.weight": rand(d, scale=1.0),
+                        f"{p}.post_attention_layernorm.weight": rand(d, scale=1.0),
+                        **{f"{p}.self_attn.{x}_proj.weight": rand(d, d) for x in "qkvo"}})
+        if i < c["first_k_dense_replace"]:
+            tensors.update(mlp(f"{p}.mlp", dense))
+            continue
+        tensors[f"{p}.mlp.gate.weight"] = rand(n, d, scale=0.5)
+        tensors.update(mlp(f"{p}.mlp.shared_experts", h * c["n_shared_experts"]))
+        for e in range(n):
+            tensors.update(mlp(f"{p}.mlp.experts.{e}", h))
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(c, indent=2) + "\n")
     return path
 
 

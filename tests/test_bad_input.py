@@ -56,7 +56,7 @@ def wrong_config_shape(src, _calib, _tmp):
 
 
 def unsupported_family(src, _calib, _tmp):
-    edit_json(src / "config.json", model_type="phimoe")
+    edit_json(src / "config.json", model_type="dbrx")
 
 
 def dense_model(src, _calib, _tmp):
@@ -116,8 +116,7 @@ CASES = {
         "model.embed_tokens.weight has shape [256, 64], config.json implies [vocab_size 1000000000"),
     "no config.json": (no_config, [], "out", "has no config.json; is it a Hugging Face checkpoint directory?"),
     "unsupported model_type": (unsupported_family, [], "out",
-                               "model_type 'phimoe' is not supported; supported families: deepseek_v2, deepseek_v3, "
-                               "mixtral, olmoe, qwen2_moe, qwen3_moe"),
+                               "model_type 'dbrx' is not supported; supported families: deepseek, deepseek_v2, "),
     "not an MoE model": (dense_model, ["--importance", "router-norm"], "out",
                          "model_type 'llama' is not a Mixture-of-Experts model (config.json has no expert count)"),
     "K < 1": (None, ["--experts", 0], "out", "--experts must be a positive integer, got 0"),

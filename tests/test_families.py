@@ -15,7 +15,6 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.families import family_for
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -31,14 +30,14 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     assert torch.isfinite(logits).all()
 
     src_cfg, out_cfg = built.config, json.loads((out / "config.json").read_text())
-    present = [k for k in EXPERT_COUNT_KEYS if k in src_cfg]
+    fam = family_for(src_cfg)
+    present = [k for k in fam.expert_count_keys if k in src_cfg]
     assert present and all(out_cfg[k] == 4 for k in present)
     assert set(out_cfg) == set(src_cfg)  # no second, conflicting expert-count key added
-    assert out_cfg["num_experts_per_tok"] == src_cfg["num_experts_per_tok"]
-    assert model.config.num_experts_per_tok == 2
+    assert out_cfg[fam.top_k_key(src_cfg)] == src_cfg[fam.top_k_key(src_cfg)] == 2
+    assert model.config.num_experts_per_tok == 2  # (attribute_map: moe_k, moe_topk)
 
     audit = json.loads((out / "dern_stream.json").read_text())
-    fam = family_for(src_cfg)
     moe_layers = fam.moe_layers(Checkpoint(built.model_dir).entries)
     assert moe_layers == CalibDump(built.calib).attrs["moe_layers"]
     assert sorted(map(int, audit["layers"])) == moe_layers

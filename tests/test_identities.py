@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import dern_stream
 from dern_stream.families import family_for
+from dern_stream.stream.executor import moe_block_of, router_weight
 from dern_stream.methods import (
     ExpertStack,
     gate_linf_init,
@@ -36,12 +37,17 @@ def test_keep_all_experts_with_alpha_one_is_the_identity(family, build, tmp_path
 def _reference_importance(model, calib, layer: int) -> torch.Tensor:
     """Eq. 1 with transformers' own router module on the dumped inputs (independent of dern_stream)."""
     x = torch.from_numpy(np.asarray(zarr.open_group(str(calib), mode="r")["moe_inputs"][str(layer)][:])).float()
-    gate = model.model.layers[layer].mlp.gate
+    block = moe_block_of(model.model.layers[layer])
     with torch.no_grad():
-        _, weights, idx = gate(x)
+        if hasattr(block, "router"):  # PhiMoE
+            _, weights, idx = block.router(x)
+        elif hasattr(block, "e_score_correction_bias"):  # MiniMax-M2 hands its bias to the router
+            _, weights, idx = block.gate(x, block.e_score_correction_bias)
+        else:
+            _, weights, idx = block.gate(x)
     share = weights.double() / weights.double().sum(-1, keepdim=True)
-    return torch.zeros(gate.weight.shape[0], dtype=torch.float64).index_add_(0, idx.reshape(-1),
-                                                                             share.reshape(-1)) / x.shape[0]
+    n = router_weight(block).shape[0]
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), share.reshape(-1)) / x.shape[0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -56,13 +62,13 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
     src, dst = read_tensors(built.model_dir), read_tensors(out)
     for layer in fam.moe_layers(src):
         scores = _reference_importance(model, built.calib, layer)
-        if family == "deepseek_v3":  # documented rule: K / n_group best experts of each group
+        if fam.grouped_routing(built.config):  # documented rule: K / n_group best experts of each group
             kept = [g * 4 + int(i) for g in range(2) for i in sorted(torch.topk(scores[g * 4:(g + 1) * 4], 2).indices)]
         else:
             kept = sorted(torch.topk(scores, keep).indices.tolist())
         assert dst[fam.router_name(layer)].equal(src[fam.router_name(layer)][kept])
         if fam.bias_name(layer):
-            assert dst[fam.bias_name(layer)].equal(src[fam.bias_name(layer)][kept])
+            assert dst[fam.bias_name(layer)].equal(src[fam.bias_name(layer)][..., kept])  # [N] or [1, N]
         for new, old in enumerate(kept):
             for part in ("gate", "up", "down"):
                 assert dst[fam.expert_name(layer, new, part)].equal(src[fam.expert_name(layer, old, part)])

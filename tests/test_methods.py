@@ -49,8 +49,10 @@ def _shared_part(block, x: torch.Tensor) -> torch.Tensor:
     """What the family's untouched shared experts add (transformers' own modules)."""
     if hasattr(block, "shared_expert"):
         return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-    if hasattr(block, "shared_experts"):
+    if getattr(block, "shared_experts", None) is not None:
         return block.shared_experts(x)
+    if hasattr(block, "shared_mlp"):  # HunYuan
+        return block.shared_mlp(x)
     return torch.zeros_like(x)
 
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 import dern_stream
 from dern_stream.cli import main
 from dern_stream.errors import DernError
+from dern_stream.families import family_for
 
 
 def _listed(message: str) -> set[int]:
@@ -33,7 +34,7 @@ def _listed(message: str) -> set[int]:
 def test_every_k_runs_in_transformers_or_is_refused_up_front(family, build, tmp_path):
     built = build(family)
     experts = json.loads((built.model_dir / "config.json").read_text())
-    experts = next(experts[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in experts)
+    experts = family_for(experts).num_experts(experts)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     worked, refused = set(), {}
     for k in range(1, experts + 1):

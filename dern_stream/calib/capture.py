@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..families import family_for
-from ..stream.executor import moe_block_of
+from ..stream.executor import moe_block_of, router_weight
 from .store import CalibWriter, tensor_sha256
 
 
@@ -61,4 +61,4 @@ def dump_from_model(
 def moe_routers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block."""
     blocks = {i: moe_block_of(layer) for i, layer in enumerate(model.model.layers)}
-    return {i: block.gate.weight for i, block in blocks.items() if block is not None}
+    return {i: router_weight(block) for i, block in blocks.items() if block is not None}

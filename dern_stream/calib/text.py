@@ -27,7 +27,7 @@ def load_tokenizer(src: Path, tokenizer: str | Path | None = None):
 
     where = tokenizer or src
     try:
-        return AutoTokenizer.from_pretrained(str(where))
+        return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)  # never a prompt, never their code
     except Exception as e:  # noqa: BLE001 - tokenizer loading raises many types (strict config validation too)
         if tokenizer is None:
             raise DernError(f"{src} has no tokenizer that transformers can load ({str(e).splitlines()[0][:120]}); "

@@ -1,17 +1,11 @@
-"""Model families, chosen by config.json's `model_type`."""
+"""Model families, chosen by config.json's `model_type` (catalog.py lists them, and says how to add one)."""
 
 from ..errors import DernError
-from . import deepseek, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .base import PARTS, Family, GroupPlan
+from .catalog import ALL
 from .config_check import check_config, check_model_type
 
-FAMILIES: dict[str, Family] = {
-    f.model_type: f
-    for f in (
-        mixtral.FAMILY, qwen2_moe.FAMILY, qwen3_moe.FAMILY, olmoe.FAMILY,
-        deepseek.DEEPSEEK_V2, deepseek.DEEPSEEK_V3,
-    )
-}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in ALL}
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -31,4 +25,12 @@ def family_for(config: dict) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "PARTS", "Family", "GroupPlan", "family_for"]
+def require_forward(family: Family) -> None:
+    """dump and eval run the model's forward in transformers: refuse families it has no class for."""
+    if family.remote_code:
+        raise DernError(f"{family.model_type} models have no transformers class (they run as remote code), so dump "
+                        "and eval cannot run their forward; make the dump in Python with "
+                        "dern_stream.calib.dump_from_model on the model loaded with trust_remote_code=True")
+
+
+__all__ = ["FAMILIES", "PARTS", "Family", "GroupPlan", "family_for", "require_forward"]

@@ -28,15 +28,28 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class Family:
+    """One MoE family as data (see catalog.py for every entry and how to add one).
+
+    Tensor names are templates under the decoder layer `model.layers.{i}.`: `router` and `bias` as they
+    are, `experts` with `{e}` (the expert) and `{proj}` (one of `proj_names`, in PARTS order)."""
+
     model_type: str
     expert_count_keys: tuple[str, ...]  # any that config.json holds is rewritten; the first found is read
     intermediate_key: str
-    moe_module: str  # "mlp" or "block_sparse_moe"
-    proj_names: tuple[str, str, str]  # file names of the gate, up and down projections
     make_router: Callable[[dict], Router]
-    has_score_correction_bias: bool = False
-    # DeepSeek: shared experts are n_shared_experts * moe_intermediate_size wide, derived, not stored.
-    shared_size_follows_moe_size: bool = False
+    router: str = "mlp.gate.weight"
+    experts: str = "mlp.experts.{e}.{proj}.weight"
+    proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
+    bias: str | None = None  # score-correction bias [N] (or [1, N]) added to the scores for the choice only
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
+    # In-memory names (under the layer) that transformers 5 loads from other on-disk names: (memory, disk)
+    # prefixes, for the streamed forward of dump and eval. Fused in-memory experts need no entry.
+    memory_names: tuple[tuple[str, str], ...] = ()
+    # Shared experts whose width is <this key> x the routed experts' width (DeepSeek): kept as they are by
+    # rescaling the key when --intermediate-size changes the routed width.
+    shared_count_key: str | None = None
+    # Why --intermediate-size cannot change the experts' width, when another module reads the same key.
+    fixed_width: str | None = None
     grouped_routing: Callable[[dict], bool] = lambda config: False  # more than one routing group in use
     uses_groups: Callable[[dict], bool] = lambda config: False  # the router reads n_group / topk_group
     # How the model combines the selected experts' outputs (only the output-error options need it):
@@ -47,17 +60,20 @@ class Family:
     # sum of its top two experts, so a group of one cannot be routed (transformers: "selected index k
     # out of range").
     min_group_experts: int = 1
+    # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
+    fixed_top_k: int | None = None
+    remote_code: bool = False  # no transformers class: rewrite and verify only
 
     # --- tensor names -------------------------------------------------------------------------
     def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.moe_module}.gate.weight"
+        return f"model.layers.{layer}.{self.router}"
 
     def bias_name(self, layer: int) -> str | None:
-        return f"model.layers.{layer}.{self.moe_module}.gate.e_score_correction_bias" \
-            if self.has_score_correction_bias else None
+        return f"model.layers.{layer}.{self.bias}" if self.bias else None
 
     def expert_name(self, layer: int, expert: int, part: str) -> str:
-        return f"model.layers.{layer}.{self.moe_module}.experts.{expert}.{self.proj_names[PARTS.index(part)]}.weight"
+        proj = self.proj_names[PARTS.index(part)]
+        return f"model.layers.{layer}.{self.experts.format(e=expert, proj=proj)}"
 
     def expert_names(self, layer: int, experts: int) -> list[str]:
         """Every routed-expert tensor of experts 0..experts-1 in `layer`: expert by expert, parts in PARTS order."""
@@ -65,11 +81,21 @@ class Family:
 
     def moe_layers(self, names: Iterable[str]) -> list[int]:
         """Layers holding routed experts, found by their router tensor (dense and MTP layers included)."""
-        pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.gate\.weight$")
+        pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.router)}$")
         return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
-        return name.startswith(f"model.layers.{layer}.{self.moe_module}.experts.")
+        return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
+
+    def disk_name(self, memory_name: str, layer: int) -> str:
+        """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_names applied)."""
+        prefix = f"model.layers.{layer}."
+        if memory_name.startswith(prefix):
+            rest = memory_name[len(prefix):]
+            for memory, disk in self.memory_names:
+                if rest.startswith(memory):
+                    return prefix + disk + rest[len(memory):]
+        return memory_name
 
     # --- config -------------------------------------------------------------------------------
     def num_experts(self, config: dict) -> int:
@@ -78,10 +104,16 @@ class Family:
                 return config[key]
         raise DernError(f"config.json has no expert count ({' or '.join(self.expert_count_keys)})")
 
+    def top_k_key(self, config: dict) -> str:
+        return next((k for k in self.top_k_keys if k in config), self.top_k_keys[0])
+
     def top_k(self, config: dict) -> int:
-        k = config.get("num_experts_per_tok")
+        """Experts each token is routed to."""
+        if self.fixed_top_k is not None:
+            return self.fixed_top_k
+        k = config.get(self.top_k_key(config))
         if not isinstance(k, int) or k < 1:
-            raise DernError("config.json has no valid num_experts_per_tok")
+            raise DernError(f"config.json has no valid {' or '.join(self.top_k_keys)}")
         return k
 
     def intermediate_size(self, config: dict) -> int:
@@ -112,6 +144,8 @@ class Family:
             return f"group-limited routing needs positive integers n_group and topk_group, not {n_group}, {topk_group}"
         if n % n_group:
             return f"{n} experts do not split into n_group={n_group} equal groups"
+        if self.fixed_top_k is not None and n < self.fixed_top_k:
+            return f"{self.model_type} routes every token to {self.fixed_top_k} experts, and there are {n}"
         if n // n_group < self.min_group_experts:
             return (f"{self.model_type} scores each routing group by its top {self.min_group_experts} experts, "
                     f"and {n} experts in {n_group} group(s) leave {n // n_group} per group")
@@ -139,21 +173,24 @@ class Family:
         present = [k for k in self.expert_count_keys if k in config]
         for key in present or self.expert_count_keys[:1]:
             out[key] = experts
-        top_k = self.top_k(config)
-        if top_k > experts:
-            out["num_experts_per_tok"] = experts
-            notes.append(f"num_experts_per_tok clipped from {top_k} to {experts} (K is below it)")
+        top_k, top_k_key = config.get(self.top_k_key(config)), self.top_k_key(config)
+        if isinstance(top_k, int) and top_k > experts:
+            out[top_k_key] = experts
+            notes.append(f"{top_k_key} clipped from {top_k} to {experts} (K is below it)")
         if intermediate_size is not None:
+            if self.fixed_width is not None and intermediate_size != self.intermediate_size(config):
+                raise DernError(f"--intermediate-size cannot change {self.model_type} experts: {self.fixed_width}")
             out[self.intermediate_key] = intermediate_size
-            if self.shared_size_follows_moe_size and config.get("n_shared_experts"):
-                shared = self.intermediate_size(config) * int(config["n_shared_experts"])
+            count_key = self.shared_count_key
+            if count_key and config.get(count_key):
+                shared = self.intermediate_size(config) * int(config[count_key])
                 if shared % intermediate_size:
                     raise DernError(
                         f"--intermediate-size {intermediate_size} must divide the shared experts' width {shared}: "
-                        f"{self.model_type} derives it as n_shared_experts * {self.intermediate_key}"
+                        f"{self.model_type} derives it as {count_key} * {self.intermediate_key}"
                     )
-                out["n_shared_experts"] = shared // intermediate_size
-                notes.append(f"n_shared_experts set to {out['n_shared_experts']} so shared experts keep width {shared}")
+                out[count_key] = shared // intermediate_size
+                notes.append(f"{count_key} set to {out[count_key]} so shared experts keep width {shared}")
         plan = self.group_plan(config, experts)
         if plan is not None and not plan.balanced:
             out["n_group"], out["topk_group"] = 1, 1

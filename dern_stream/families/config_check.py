@@ -34,6 +34,8 @@ POS_INT = Kind("a positive integer", lambda v: _is_int(v) and v >= 1)
 NONNEG_INT = Kind("a non-negative integer", lambda v: _is_int(v) and v >= 0)
 POS_FLOAT = Kind("a positive number",
                  lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
+NONNEG_FLOAT = Kind("a non-negative number",
+                    lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
 BOOL = Kind("true or false", lambda v: isinstance(v, bool))
 STR = Kind("a string", lambda v: isinstance(v, str))
 OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
@@ -59,11 +61,10 @@ def opt(kind: Kind, nullable: bool = False, choices: tuple[str, ...] = ()) -> Ru
     return Rule(kind, nullable=nullable, choices=choices)
 
 
-# The expert count key(s) and the experts' width key come from the Family (required positive integers).
+# The expert count and top-k key(s) and the experts' width key come from the Family (positive integers).
 COMMON: dict[str, Rule] = {
     "hidden_size": req(POS_INT),
     "num_hidden_layers": req(POS_INT),
-    "num_experts_per_tok": req(POS_INT),
     "vocab_size": opt(POS_INT),
     "num_attention_heads": opt(POS_INT),
     "max_position_embeddings": opt(POS_INT),
@@ -123,11 +124,75 @@ PER_FAMILY: dict[str, dict[str, Rule]] = {
         "n_group": req(POS_INT),
         "topk_group": req(POS_INT),
     },
+    "deepseek_v32": {
+        **_DEEPSEEK,
+        "n_group": req(POS_INT),  # as deepseek_v3
+        "topk_group": req(POS_INT),
+        "index_topk": opt(POS_INT),
+        "index_n_heads": opt(POS_INT),
+        "index_head_dim": opt(POS_INT),
+    },
+    "glm4_moe": {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT, nullable=True),
+        "intermediate_size": opt(POS_INT),
+        "n_shared_experts": opt(NONNEG_INT),
+        "first_k_dense_replace": opt(NONNEG_INT),
+        "routed_scaling_factor": opt(POS_FLOAT),
+        "norm_topk_prob": opt(BOOL),
+        "n_group": opt(POS_INT),  # absent: 1 (Glm4MoeConfig's default)
+        "topk_group": opt(POS_INT),
+        "num_nextn_predict_layers": opt(NONNEG_INT),
+    },
+    "minimax_m2": {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT, nullable=True),
+    },
+    "phimoe": {
+        "num_key_value_heads": opt(POS_INT),
+        "router_jitter_noise": opt(NONNEG_FLOAT),
+    },
+    "qwen3_next": {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT),
+        "intermediate_size": opt(POS_INT),
+        "shared_expert_intermediate_size": opt(POS_INT),
+        "decoder_sparse_step": opt(POS_INT),
+        "norm_topk_prob": opt(BOOL),
+    },
+    "qwen3_5_moe_text": {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT),
+        "shared_expert_intermediate_size": opt(POS_INT),
+    },
+    "hunyuan_v1_moe": {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT, nullable=True),
+        "num_shared_expert": opt(NONNEG_INT),
+    },
+    "ernie4_5_moe": {
+        "num_key_value_heads": opt(POS_INT),
+        "intermediate_size": opt(POS_INT),
+        "moe_num_shared_experts": opt(NONNEG_INT),
+        "moe_layer_start_index": opt(NONNEG_INT),
+        "moe_layer_end_index": opt(NONNEG_INT),
+        "moe_layer_interval": opt(POS_INT),
+        "moe_norm_min": opt(POS_FLOAT),
+    },
+    "deepseek": {
+        "num_key_value_heads": opt(POS_INT),
+        "intermediate_size": opt(POS_INT),
+        "n_shared_experts": opt(NONNEG_INT, nullable=True),
+        "first_k_dense_replace": opt(NONNEG_INT),
+        "moe_layer_freq": opt(POS_INT),
+        "norm_topk_prob": opt(BOOL),
+        "scoring_func": opt(STR, choices=("softmax",)),
+    },
 }
 
 def rules_for(family: Family) -> dict[str, Rule]:
     """The table for `family`: common keys, its expert count and width keys, its own keys."""
-    return {**COMMON, **{k: opt(POS_INT) for k in family.expert_count_keys},
+    return {**COMMON, **{k: opt(POS_INT) for k in (*family.expert_count_keys, *family.top_k_keys)},
             family.intermediate_key: req(POS_INT), **PER_FAMILY.get(family.model_type, {})}
 
 
@@ -165,6 +230,9 @@ def check_config(config: dict, family: Family) -> None:
             continue
         if not rule.kind.accepts(value) or (rule.choices and value not in rule.choices):
             raise _bad(key, value, rule.expected())
+    if not any(k in config for k in family.top_k_keys):
+        raise DernError(f"config.json: {' or '.join(family.top_k_keys)} is missing; expected a positive integer "
+                        "(the experts each token is routed to)")
     present = [k for k in family.expert_count_keys if k in config]
     if not present:
         raise DernError(f"config.json: {' or '.join(family.expert_count_keys)} is missing; expected a positive "

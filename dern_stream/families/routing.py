@@ -59,6 +59,39 @@ class SigmoidGroupLimited:
         return idx, scores.gather(1, idx)
 
 
+@dataclass(frozen=True)
+class SoftmaxBiasedChoice:
+    """ERNIE-4.5: p = softmax(z); A = top-k of p + correction bias; the scores are p (not the biased values)."""
+
+    top_k: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = torch.softmax(logits.float(), dim=-1)
+        choice = probs if bias is None else probs + bias.float()
+        idx = torch.topk(choice, self.top_k, dim=-1).indices
+        return idx, probs.gather(1, idx)
+
+
+@dataclass(frozen=True)
+class SparseMixer:
+    """PhiMoE's sparsemixer at inference, always two experts: the first is argmax z, weighted by the softmax
+    over the logits within a relative `2 * jitter` of the max; the second the same with the first masked."""
+
+    jitter: float
+    top_k: int = 2
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = logits.float()
+        picks, weights, masked = [], [], z
+        for _ in range(2):
+            top, idx = masked.max(dim=-1, keepdim=True)
+            far = (top - z) / z.abs().clamp(min=top) > 2 * self.jitter
+            weights.append(torch.softmax(masked.masked_fill(far, float("-inf")), dim=-1).gather(1, idx))
+            picks.append(idx)
+            masked = z.scatter(1, idx, float("-inf"))
+        return torch.cat(picks, dim=-1), torch.cat(weights, dim=-1)
+
+
 def softmax_top_k(config: dict) -> SoftmaxTopK:
     """The common router: softmax over all experts, top num_experts_per_tok."""
     return SoftmaxTopK(config["num_experts_per_tok"])

@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
-from ..families import family_for
+from ..families import family_for, require_forward
 from ..host_memory import return_freed_memory
 from ..optional import require_transformers
 from .hidden_store import HiddenStore
@@ -62,6 +62,7 @@ class StreamedModel:
 
         self.ckpt, self.device = ckpt, device
         self.family = family_for(ckpt.config)  # checks config.json's value types (families/config_check.py)
+        require_forward(self.family)
         try:
             config = AutoConfig.from_pretrained(ckpt.root)
         except OSError as e:
@@ -204,13 +205,25 @@ class StreamedModel:
         return [i for i in range(self.num_layers) if moe_block_of(self.layers[i]) is not None]
 
 
+_ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight")
+
+
 def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """A decoder layer's routed MoE block (experts beside a router `gate`), or None for a dense layer.
+    """A decoder layer's routed MoE block (experts beside a router), or None for a dense layer.
 
     Found by structure: in memory transformers 5 renames some blocks (Mixtral's block_sparse_moe
     becomes mlp) and fuses the experts."""
-    block = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-    return block if hasattr(block, "experts") and hasattr(block, "gate") else None
+    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+        block = getattr(layer, name, None)
+        if hasattr(block, "experts") and router_weight(block) is not None:
+            return block
+    return None
+
+
+def router_weight(block: torch.nn.Module) -> torch.Tensor | None:
+    """The router's weight [N, d] of an MoE block, whatever the family calls the router."""
+    params = dict(block.named_parameters())
+    return next((params[n] for n in _ROUTER_WEIGHTS if n in params), None)
 
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:

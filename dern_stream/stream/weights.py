@@ -56,8 +56,8 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
 def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
     if name in ckpt.entries:
         return name
-    renamed = name.replace(f"layers.{layer}.mlp.", f"layers.{layer}.{family.moe_module}.", 1)
-    if layer is not None and renamed in ckpt.entries:
+    renamed = family.disk_name(name, layer) if layer is not None else name
+    if renamed in ckpt.entries:
         return renamed
     if name == "lm_head.weight" and "model.embed_tokens.weight" in ckpt.entries:
         return "model.embed_tokens.weight"  # tied embeddings: no lm_head stored

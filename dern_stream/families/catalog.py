@@ -1,0 +1,174 @@
+"""Every supported family, as data.
+
+Adding a family is one entry here and one config table in config_check.py:
+1. Build a tiny model with the family's transformers config class, `save_pretrained` it and list the keys:
+   the router, the experts (`{e}` and `{proj}` in the template), a score-correction bias if any.
+2. Read the family's router in transformers' modeling file and pick (or add, in routing.py) the rule that
+   reproduces its choice of experts and their scores; say whether the scores are renormalised and scaled.
+3. Where transformers keeps the MoE block under another in-memory name than the file's (Mixtral's
+   `block_sparse_moe` is `mlp` in memory), list the prefixes in `memory_names`.
+4. Add the tiny config to tiny_models.FAMILY_CONFIGS: the family-wide tests then cover it.
+Everything not named here (attention, norms, shared experts and their gates, dense layers) is copied as is.
+"""
+
+from __future__ import annotations
+
+from .base import Family, grouped_if
+from .routing import (
+    SigmoidGroupLimited,
+    SoftmaxBiasedChoice,
+    SoftmaxGroupLimited,
+    SparseMixer,
+    softmax_top_k,
+)
+
+_DEEPSEEK_EXPERT_KEYS = ("n_routed_experts", "num_local_experts")
+_W123 = ("w1", "w3", "w2")  # Mixtral's names: gate, up, down
+_TO_BLOCK_SPARSE_MOE = (("mlp.", "block_sparse_moe."),)
+
+
+def _deepseek_v2_router(c: dict):
+    if c.get("topk_method", "greedy") == "group_limited_greedy":
+        return SoftmaxGroupLimited(c["num_experts_per_tok"], c["n_group"], c["topk_group"])
+    return softmax_top_k(c)
+
+
+def _sigmoid_grouped_router(c: dict):
+    """DeepSeek-V3 `noaux_tc`: sigmoid scores, the choice on scores + bias within the best groups."""
+    return SigmoidGroupLimited(c["num_experts_per_tok"], c.get("n_group") or 1, c.get("topk_group") or 1)
+
+
+def _routed_scale(c: dict) -> float:
+    return float(c.get("routed_scaling_factor") or 1.0)
+
+
+def _deepseek_v3_like(model_type: str) -> Family:
+    """DeepSeek-V3 and the families built on its MoE block (V3.2, GLM-4.5/4.6)."""
+    return Family(
+        model_type=model_type,
+        expert_count_keys=_DEEPSEEK_EXPERT_KEYS,
+        intermediate_key="moe_intermediate_size",
+        make_router=_sigmoid_grouped_router,
+        bias="mlp.gate.e_score_correction_bias",
+        shared_count_key="n_shared_experts",
+        grouped_routing=grouped_if,
+        uses_groups=lambda c: True,
+        min_group_experts=2,
+        routed_scale=_routed_scale,
+    )
+
+
+ALL: tuple[Family, ...] = (
+    Family(
+        model_type="mixtral",
+        expert_count_keys=("num_local_experts",),
+        intermediate_key="intermediate_size",
+        make_router=softmax_top_k,
+        router="block_sparse_moe.gate.weight",
+        experts="block_sparse_moe.experts.{e}.{proj}.weight",
+        proj_names=_W123,
+        memory_names=_TO_BLOCK_SPARSE_MOE,
+        renormalises=lambda c: True,
+    ),
+    Family(
+        model_type="phimoe",
+        expert_count_keys=("num_local_experts",),
+        intermediate_key="intermediate_size",
+        make_router=lambda c: SparseMixer(float(c.get("router_jitter_noise", 0.01))),
+        router="block_sparse_moe.gate.weight",
+        experts="block_sparse_moe.experts.{e}.{proj}.weight",
+        proj_names=_W123,
+        memory_names=(("mlp.router.", "block_sparse_moe.gate."), *_TO_BLOCK_SPARSE_MOE),
+        renormalises=lambda c: False,  # the sparsemixer's multipliers are used as they are
+        fixed_top_k=2,
+    ),
+    Family(
+        model_type="minimax_m2",
+        expert_count_keys=("num_local_experts", "num_experts"),
+        intermediate_key="intermediate_size",
+        make_router=lambda c: SigmoidGroupLimited(c["num_experts_per_tok"], 1, 1),
+        router="block_sparse_moe.gate.weight",
+        experts="block_sparse_moe.experts.{e}.{proj}.weight",
+        proj_names=_W123,
+        bias="block_sparse_moe.e_score_correction_bias",
+        memory_names=_TO_BLOCK_SPARSE_MOE,
+        renormalises=lambda c: True,
+    ),
+    Family(
+        model_type="qwen2_moe",
+        expert_count_keys=("num_experts",),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+    ),
+    # transformers 5 writes `num_local_experts` where Hub checkpoints say `num_experts`: either is read.
+    Family(
+        model_type="qwen3_moe",
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+    ),
+    Family(  # hybrid: linear-attention layers are copied like any attention
+        model_type="qwen3_next",
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+    ),
+    Family(  # the text model of Qwen3.5-MoE, as transformers builds it
+        model_type="qwen3_5_moe_text",
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        renormalises=lambda c: True,
+    ),
+    Family(
+        model_type="olmoe",
+        expert_count_keys=("num_experts",),
+        intermediate_key="intermediate_size",
+        make_router=softmax_top_k,
+    ),
+    Family(
+        model_type="hunyuan_v1_moe",
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="intermediate_size",
+        make_router=lambda c: softmax_top_k({"num_experts_per_tok": c.get("moe_topk", c.get("num_experts_per_tok"))}),
+        router="mlp.gate.wg.weight",
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+        renormalises=lambda c: True,
+        fixed_width="its shared MLP and every dense MLP read the same intermediate_size",
+    ),
+    Family(
+        model_type="ernie4_5_moe",
+        expert_count_keys=("moe_num_experts", "num_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=lambda c: SoftmaxBiasedChoice(c.get("moe_k", c.get("num_experts_per_tok"))),
+        bias="mlp.moe_statics.e_score_correction_bias",
+        top_k_keys=("moe_k", "num_experts_per_tok"),
+        memory_names=(("mlp.gate.moe_statics.", "mlp.moe_statics."),),
+        shared_count_key="moe_num_shared_experts",
+        renormalises=lambda c: True,
+    ),
+    Family(
+        model_type="deepseek_v2",
+        expert_count_keys=_DEEPSEEK_EXPERT_KEYS,
+        intermediate_key="moe_intermediate_size",
+        make_router=_deepseek_v2_router,
+        shared_count_key="n_shared_experts",
+        grouped_routing=lambda c: c.get("topk_method") == "group_limited_greedy" and grouped_if(c),
+        uses_groups=lambda c: c.get("topk_method") == "group_limited_greedy",
+        renormalises=lambda c: False,  # transformers' DeepSeek-V2 ignores norm_topk_prob
+        routed_scale=_routed_scale,
+    ),
+    _deepseek_v3_like("deepseek_v3"),
+    _deepseek_v3_like("deepseek_v32"),
+    _deepseek_v3_like("glm4_moe"),
+    # DeepSeek-MoE-16B (the DERN paper's third model): remote code only, so its on-disk layout is all there
+    # is to go by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.
+    Family(
+        model_type="deepseek",
+        expert_count_keys=("n_routed_experts",),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        shared_count_key="n_shared_experts",
+        remote_code=True,
+    ),
+)
