@@ -37,6 +37,7 @@ from .host_memory import map_large_blocks, return_freed_memory
 from .layer_rewrite import (
     LayerInputs,
     compress_layer,
+    expert_tensor_names,
     layer_importance,
     layer_output_names,
     layer_routing,
@@ -56,6 +57,7 @@ from .options import RewriteOptions
 from .pipeline import run_pipeline
 from .run_identity import files_stamp, run_key, tree_stamp
 from .stage_clock import StageClock
+from .storage import expert_storage
 from .targets import read_paths
 
 log = logging.getLogger("dern_stream")
@@ -142,9 +144,7 @@ def rewrite(
     ckpt = Checkpoint(source)
     config = ckpt.config
     family = family_for(config)
-    if config.get("quantization_config"):
-        raise DernError(f"quantized checkpoints ({config['quantization_config'].get('quant_method', '?')}) "
-                        "are not supported yet; rewrite the unquantized weights")
+    storage = expert_storage(config)
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     if options.experts > shape.num_experts:
         raise DernError(f"--experts {options.experts} exceeds the model's {shape.num_experts} experts per layer")
@@ -152,7 +152,7 @@ def rewrite(
         raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
                         f"{shape.intermediate}; it can only shrink them")
     check_decoder_layers(ckpt)
-    layers = check_moe_layers(ckpt, family, shape)
+    layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
 
@@ -180,7 +180,7 @@ def rewrite(
             all of them will be read (by the computation, or copied when every expert is kept)."""
             names = list(copy_with[layer.index])
             if with_experts or options.experts == shape.num_experts:
-                names += family.expert_names(layer.index, shape.num_experts)
+                names += expert_tensor_names(family, layer, shape.num_experts)
             return names
 
         clock = StageClock(compute)

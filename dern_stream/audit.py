@@ -88,6 +88,7 @@ def layer_record(report: LayerReport) -> dict:
         "rebuilt_experts": [k for k, e in zip(res.kept, res.experts, strict=True) if e is not None],
         "kmeans_iterations": res.kmeans_iterations,
         **({"output_error": report.fit} if report.fit else {}),
+        **({"requantization_error": report.requantization_error} if report.requantization_error is not None else {}),
     }
 
 

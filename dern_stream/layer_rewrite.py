@@ -29,6 +29,8 @@ from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_erro
 from .methods.refit import refit_down
 from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
+from .storage import dequantize, quantize
+from .storage.formats import SCALE_SUFFIX
 
 
 @dataclass
@@ -40,6 +42,7 @@ class LayerReport:
     result: LayerResult
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
     fit: dict = field(default_factory=dict)
+    requantization_error: float | None = None  # FP8: ||deq(q(W)) - W|| / ||W|| over the rebuilt experts
 
 
 @dataclass(frozen=True)
@@ -100,21 +103,30 @@ def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: to
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
                  clock: StageClock = NO_CLOCK) -> ExpertStack:
-    """The layer's routed experts as one stack on `device`, in the stored dtype. Host memory: the
-    stack itself on CPU; one tensor at a time (a staging buffer) for an accelerator."""
-    dtype = DTYPES[layer.dtype]
+    """The layer's routed experts as one stack on `device`, in the stored dtype (bf16 for FP8, dequantized
+    on `device`). Host memory: the stack itself on CPU; one tensor at a time (a staging buffer) for an
+    accelerator."""
+    stored, storage = DTYPES[layer.dtype], layer.storage
     with clock("read"):
-        stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden, dtype, device)
+        stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
+                                  storage.compute_dtype(stored), device)
         staging: dict[tuple[int, ...], torch.Tensor] = {}  # one host buffer per tensor shape
         for e in range(shape.num_experts):
             for part in PARTS:
                 name, slot = family.expert_name(layer.index, e, part), getattr(stack, part)[e]
-                if slot.device.type == "cpu":
+                if storage.fp8:
+                    host = staging.get(tuple(slot.shape))
+                    if host is None:
+                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
+                    ckpt.read_into(name, host)
+                    scale = ckpt.load(name + SCALE_SUFFIX).to(device)
+                    slot.copy_(dequantize(host.to(device), scale, storage.block))
+                elif slot.device.type == "cpu":
                     ckpt.read_into(name, slot)
                 else:
                     host = staging.get(tuple(slot.shape))
                     if host is None:
-                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=dtype)
+                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
                     ckpt.read_into(name, host)
                     slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
@@ -230,10 +242,15 @@ def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) ->
             rebuilt.down = down
 
 
+def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[str]:
+    """Every stored tensor of experts 0..experts-1 of `layer`: weights, and their scales when FP8."""
+    return [t for name in family.expert_names(layer.index, experts) for t in layer.storage.tensor_names(name)]
+
+
 def layer_output_names(family: Family, layer: MoELayer, experts: int) -> list[str]:
     """The output tensors write_layer writes for `layer`."""
     names = [family.router_name(layer.index)] + ([family.bias_name(layer.index)] if layer.bias is not None else [])
-    return names + family.expert_names(layer.index, experts)
+    return names + expert_tensor_names(family, layer, experts)
 
 
 def write_layer(
@@ -241,9 +258,12 @@ def write_layer(
 ) -> None:
     """Router rows, score-correction bias and experts renumbered 0..K-1 in kept order.
 
-    Experts that DERN left unchanged are copied as raw bytes, so they are bit-identical to the input.
+    Experts that DERN left unchanged are copied as raw bytes (with their FP8 scales), so they are
+    bit-identical to the input. Rebuilt FP8 experts are quantized again with the input's block scheme;
+    the relative error that adds is recorded in the report (`requantization_error`).
     """
-    result, i = report.result, layer.index
+    result, i, storage = report.result, layer.index, layer.storage
+    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
@@ -254,13 +274,24 @@ def write_layer(
             for part in PARTS:
                 name = family.expert_name(i, pos, part)
                 if rebuilt is None:
-                    writer.copy_raw(name, ckpt.entries[family.expert_name(i, expert, part)])
+                    for out, src in zip(storage.tensor_names(name),
+                                        storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
+                        writer.copy_raw(out, ckpt.entries[src])
+                elif storage.fp8:
+                    weight = getattr(rebuilt, part).float()
+                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype])
+                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
+                    error[1] += float(weight.double().square().sum())
+                    writer.write(name, q.cpu())
+                    writer.write(name + SCALE_SUFFIX, scale.cpu())
                 else:
                     writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
+    if error[1] > 0:
+        report.requantization_error = (error[0] / error[1]) ** 0.5
 
 
 def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:
@@ -268,7 +299,7 @@ def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:
     or else overflow of the stored dtype. Read only on this failure path."""
     i = layer.index
     names = [family.router_name(i), *([family.bias_name(i)] if layer.bias is not None else []),
-             *family.expert_names(i, family.num_experts(ckpt.config))]
+             *expert_tensor_names(family, layer, family.num_experts(ckpt.config))]
     for name in names:
         if not all_finite(ckpt.load(name)):
             return f"the input's {name} holds NaN or Inf (the input weights are not finite)"

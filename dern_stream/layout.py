@@ -10,6 +10,8 @@ from .checkpoint import Checkpoint, TensorSpec
 from .checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
 from .errors import DernError
 from .families import PARTS, Family
+from .storage import ExpertStorage
+from .storage.fp8_blocks import scale_shape
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class MoELayer:
     router: TensorEntry
     bias: TensorEntry | None
     dtype: str  # experts' stored dtype
+    storage: ExpertStorage = ExpertStorage()
+    scale_dtype: str | None = None  # FP8: the block scales' stored dtype
 
     def expert_entry(self, ckpt: Checkpoint, family: Family, expert: int, part: str) -> TensorEntry:
         return ckpt.entries[family.expert_name(self.index, expert, part)]
@@ -71,8 +75,11 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
                         f"[vocab_size {expected[0]}, hidden_size {expected[1]}]")
 
 
-def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> list[MoELayer]:
-    """Every routed-expert tensor present, with the shapes the config implies and one float dtype."""
+def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
+                     storage: ExpertStorage | None = None) -> list[MoELayer]:
+    """Every routed-expert tensor present, with the shapes the config implies and one dtype of `storage`
+    (FP8: each weight with its block scales)."""
+    storage = storage or ExpertStorage()
     indices = moe_layer_indices(ckpt, family)
     n, d, h = shape.num_experts, shape.hidden, shape.intermediate
     expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
@@ -82,27 +89,41 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape) -> lis
         if router.shape != (n, d):
             raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
         expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
+        scales = {name + "_scale_inv": p for name, p in expected.items()} if storage.fp8 else {}
         present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
-        if present - set(expected):
-            extra = min(present - set(expected), key=natural_key)
-            raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra} "
-                            "(quantized or fused experts are not supported yet)")
-        if set(expected) - present:
-            missing = min(set(expected) - present, key=natural_key)
-            raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts)")
-        dtypes = set()
+        if present - set(expected) - set(scales):
+            extra = min(present - set(expected) - set(scales), key=natural_key)
+            raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
+                            + ("" if storage.fp8 else " (config.json declares no quantization_config)"))
+        if (set(expected) | set(scales)) - present:
+            missing = min((set(expected) | set(scales)) - present, key=natural_key)
+            raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
+                            + (f", FP8 with {list(storage.block)} block scales)" if storage.fp8 else ")"))
+        dtypes, scale_dtypes = set(), set()
         for name, p in expected.items():
             entry = ckpt.entries[name]
             if entry.shape != expected_shape[p]:
                 raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")
             dtypes.add(entry.dtype)
-        if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
-            raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; supported: one of {FLOAT_DTYPES}")
+        for name, p in scales.items():
+            entry, grid = ckpt.entries[name], scale_shape(expected_shape[p], storage.block)
+            if entry.shape != grid:
+                raise DernError(f"{name} has shape {list(entry.shape)}; {list(storage.block)} blocks of "
+                                f"{list(expected_shape[p])} need {list(grid)}")
+            scale_dtypes.add(entry.dtype)
+        allowed = storage.weight_dtypes()
+        if len(dtypes) != 1 or not dtypes <= set(allowed):
+            raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; "
+                            + (f"config.json's quantization_config needs {allowed[0]}" if storage.fp8
+                               else f"supported: one of {FLOAT_DTYPES}"))
+        if len(scale_dtypes) > 1 or not scale_dtypes <= {"F32", "BF16"}:
+            raise DernError(f"layer {i} expert scales are stored as {sorted(scale_dtypes)}; "
+                            "supported: one of F32, BF16")
         bias_name = family.bias_name(i)
         bias = ckpt.entries.get(bias_name) if bias_name else None
         if bias is not None and bias.shape not in ((n,), (1, n)):
             raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
-        layers.append(MoELayer(i, router, bias, dtypes.pop()))
+        layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None))
     return layers
 
 
@@ -127,7 +148,11 @@ def plan_output(
             for e in range(experts):
                 for part in PARTS:
                     shape = (d, intermediate) if part == "down" else (intermediate, d)
-                    specs.append(TensorSpec(family.expert_name(layer.index, e, part), layer.dtype, shape))
+                    name = family.expert_name(layer.index, e, part)
+                    specs.append(TensorSpec(name, layer.dtype, shape))
+                    if layer.storage.fp8:
+                        specs.append(TensorSpec(name + "_scale_inv", layer.scale_dtype,
+                                                scale_shape(shape, layer.storage.block)))
         elif name in biases:
             specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
         else:

@@ -141,6 +141,39 @@ def save_deepseek_moe_16b(path: str | Path, *, seed: int = 0) -> Path:
     return path
 
 
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [128, 128]}
+
+
+def save_fp8_copy(src: str | Path, dst: str | Path) -> Path:
+    """`src` with its linear projections stored as DeepSeek-V3's FP8 release stores them: float8_e4m3fn weights
+    and float32 `weight_scale_inv` per 128x128 block, declared in quantization_config. Embeddings, norms,
+    routers, biases and lm_head stay as they were (which is what those releases leave unquantized)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import Checkpoint
+    from .storage import quantize
+
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    block = tuple(FP8_QUANTIZATION_CONFIG["weight_block_size"])
+    tensors = {}
+    for name in ckpt.entries:
+        tensor = ckpt.load(name)
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")) and tensor.dim() == 2:
+            tensors[name], tensors[name + "_scale_inv"] = quantize(tensor, block)
+        else:
+            tensors[name] = tensor
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
 _SYLLABLES = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "he", "ji", "vo", "ze", "xu")
 
 

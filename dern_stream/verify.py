@@ -36,6 +36,8 @@ from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from .errors import DernError
 from .families import PARTS, family_for
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
+from .storage import expert_storage
+from .storage.formats import SCALE_SUFFIX
 
 _COMPARE_CHUNK = 64 * 2**20
 
@@ -77,7 +79,7 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     shape = ModelShape(family.num_experts(ckpt.config), int(ckpt.config.get("hidden_size", 0)),
                        family.intermediate_size(ckpt.config))
     try:
-        layers = check_moe_layers(ckpt, family, shape)
+        layers = check_moe_layers(ckpt, family, shape, expert_storage(ckpt.config))
     except DernError as e:
         report.problems.append(str(e))
         layers = []
@@ -311,8 +313,9 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
             out[bias] = (bias, kept)
         for pos, expert in enumerate(kept):
             for part in PARTS:
-                out[family.expert_name(i, pos, part)] = (family.expert_name(i, expert, part),
-                                                         "changed" if expert in rebuilt else "same")
+                for suffix in ("", SCALE_SUFFIX):  # an FP8 weight's scales go with it
+                    out[family.expert_name(i, pos, part) + suffix] = (family.expert_name(i, expert, part) + suffix,
+                                                                      "changed" if expert in rebuilt else "same")
     return {k: (v if v[0] is None or v[0] in source.entries else (None, "changed")) for k, v in out.items()}
 
 

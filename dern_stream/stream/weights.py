@@ -13,6 +13,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..families import Family
+from ..storage import dequantize, expert_storage
+from ..storage.formats import SCALE_SUFFIX
 
 _FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
 
@@ -46,11 +48,26 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
             _fill_fused(target, ckpt, family, layer, parts, prefix + key)
             return
     name = _disk_name(prefix + key, ckpt, family, layer)
-    source = ckpt.load(name)
+    source = load_weight(ckpt, name)
     if tuple(source.shape) != tuple(target.shape):
         raise DernError(f"{name} has shape {list(source.shape)}, the model built from config.json expects "
                         f"{list(target.shape)}")
     target.copy_(source)
+
+
+def load_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """A tensor as the model uses it: FP8 weights with block scales dequantized (float32), others as stored."""
+    scale = name + SCALE_SUFFIX
+    if scale in ckpt.entries and ckpt.entries[name].dtype == "F8_E4M3":
+        block = expert_storage(ckpt.config).block
+        if block is None:
+            raise DernError(f"{name} is FP8 with block scales, but config.json has no FP8 quantization_config")
+        return dequantize(ckpt.load(name), ckpt.load(scale), block)
+    return ckpt.load(name)
+
+
+def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
+    return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in ckpt.entries}
 
 
 def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
@@ -73,7 +90,7 @@ def _fill_fused(target: torch.Tensor, ckpt: Checkpoint, family: Family, layer: i
             disk = family.expert_name(layer, e, part)
             if disk not in ckpt.entries:
                 raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
-            source = ckpt.load(disk)
+            source = load_weight(ckpt, disk)
             rows = source.shape[0]
             if tuple(source.shape[1:]) != tuple(target.shape[2:]) or offset + rows > target.shape[1]:
                 raise DernError(f"{disk} has shape {list(source.shape)}, which does not fit {name} "
@@ -103,9 +120,9 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
                 rows += entry.shape[0]
             if rows != shape[1]:
                 raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
-            return names
+            return _with_scales(names, ckpt)
     disk = _disk_name(name, ckpt, family, layer)
     if ckpt.entries[disk].shape != shape:
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
-    return {disk}
+    return _with_scales({disk}, ckpt)

@@ -1,0 +1,53 @@
+"""Which storage a checkpoint's config.json declares for its weights, and the tensors that go with it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint.safetensors_format import FLOAT_DTYPES
+from ..errors import DernError
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class ExpertStorage:
+    """`block` is None for plain float weights, else the FP8 scale block (rows, cols)."""
+
+    block: tuple[int, int] | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.block is not None
+
+    def weight_dtypes(self) -> tuple[str, ...]:
+        return ("F8_E4M3",) if self.fp8 else FLOAT_DTYPES
+
+    def tensor_names(self, weight_name: str) -> list[str]:
+        """The stored tensors of one weight: itself, and its block scales when FP8."""
+        return [weight_name, weight_name + SCALE_SUFFIX] if self.fp8 else [weight_name]
+
+    def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
+        """The dtype a layer's experts are held in on the compute device: the stored one, or bf16 for FP8
+        (twice the stored bytes; every method still computes in float32, block by block)."""
+        return torch.bfloat16 if self.fp8 else stored
+
+
+def expert_storage(config: dict) -> ExpertStorage:
+    """The storage config.json's quantization_config declares; a format this tool cannot rewrite is one line."""
+    q = config.get("quantization_config")
+    if not q:
+        return ExpertStorage()
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise DernError(f"quantization_config quant_method {method!r} is not supported; supported: fp8 with "
+                        "block scales (weight_block_size), or unquantized weights")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+        raise DernError(f"quantization_config weight_block_size is {block!r}; dern-stream rewrites FP8 with "
+                        "block scales, e.g. [128, 128] (per-tensor FP8 is not supported)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise DernError(f"quantization_config fmt {q.get('fmt')!r} is not supported; FP8 weights must be e4m3")
+    return ExpertStorage((block[0], block[1]))

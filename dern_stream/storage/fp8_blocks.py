@@ -1,0 +1,47 @@
+"""FP8 E4M3 weights with one scale per block of rows x cols (DeepSeek-V3 style `weight_scale_inv`).
+
+W = W_fp8 * scale, the scale broadcast over its block (despite its name, the `_inv` scale multiplies).
+Edge blocks may be partial. Math only: no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+
+
+def _spread(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """The per-block scale as one value per weight, [rows, cols], float32."""
+    full = scale.float().repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    return full[:shape[0], :shape[1]]
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 [rows, cols] from the FP8 weight and its block scales (on the weight's device)."""
+    if tuple(scale.shape) != scale_shape(tuple(weight.shape), block):
+        raise ValueError(f"scale shape {list(scale.shape)} does not fit weight {list(weight.shape)} in {block} blocks")
+    return weight.float() * _spread(scale, tuple(weight.shape), block)
+
+
+def quantize(weight: torch.Tensor, block: tuple[int, int],
+             scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, block scales in `scale_dtype`) with each block's largest magnitude mapped to 448, as
+    DeepSeek's own `weight_quant` does. A UE8M0 scale (float8_e8m0fnu) is rounded up to a power of two."""
+    w = weight.float()
+    rows, cols = w.shape
+    grid = scale_shape((rows, cols), block)
+    padded = torch.zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float32, device=w.device)
+    padded[:rows, :cols] = w.abs()
+    amax = padded.view(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero block: any scale, use 1
+    if scale_dtype != torch.float32:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # powers of two are exact in E8M0
+    scale = scale.to(scale_dtype)
+    q = (w / _spread(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale

@@ -1,0 +1,136 @@
+"""FP8 checkpoints with 128x128 block scales (DeepSeek-V3/R1, Kimi-K2, MiniMax-M2, the "-FP8" releases):
+rewritten in FP8, loaded back by transformers' own FP8 integration, and streamed by dump and eval."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import raw_bytes
+from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+import dern_stream
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.cli import main
+from dern_stream.families import family_for
+from dern_stream.storage import dequantize
+from dern_stream.tiny_models import calibration_tokens, save_fp8_copy
+from dern_stream.verify import verify
+
+FAMILIES = ["deepseek_v3", "qwen3_moe"]
+BLOCK = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def fp8(build, tmp_path_factory):
+    """family -> (FP8 checkpoint, its dump); hidden_size 256 spans two scale blocks."""
+    made = {}
+
+    def _make(family):
+        if family not in made:
+            built = build(family, dtype=torch.bfloat16, hidden_size=256)
+            made[family] = (save_fp8_copy(built.model_dir, tmp_path_factory.mktemp("fp8") / "model"), built.calib)
+        return made[family]
+
+    return _make
+
+
+def _load(path):
+    model, info = AutoModelForCausalLM.from_pretrained(path, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_experts_with_alpha_one_is_byte_identical(family, fp8, tmp_path):
+    model, calib = fp8(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=8, calib=calib, alpha=1.0, progress=False)
+    assert raw_bytes(out) == raw_bytes(model)
+    assert json.loads((out / "config.json").read_text()) == json.loads((model / "config.json").read_text())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_the_experts_requantized_and_loaded_by_transformers(family, fp8, tmp_path):
+    model, calib = fp8(family)
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=0.02, progress=False)
+    assert summary.segments_reassigned > 0
+    with torch.no_grad():
+        assert torch.isfinite(_load(out)(torch.randint(3, 250, (2, 12))).logits).all()
+
+    src, dst = Checkpoint(model), Checkpoint(out)
+    src_bytes, dst_bytes = raw_bytes(model), raw_bytes(out)
+    fam = family_for(src.config)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == src.config["quantization_config"]
+    for layer, rec in audit["layers"].items():
+        i = int(layer)
+        rebuilt = set(rec["rebuilt_experts"])
+        assert rebuilt and 0 < rec["requantization_error"] < 0.05
+        for new, old in enumerate(rec["kept"]):
+            for part in ("gate", "up", "down"):
+                name, was = fam.expert_name(i, new, part), fam.expert_name(i, old, part)
+                assert dst.entries[name].dtype == "F8_E4M3" and dst.entries[name + "_scale_inv"].dtype == "F32"
+                if old not in rebuilt:  # kept as it was: weight and scales byte for byte
+                    assert dst_bytes[name] == src_bytes[was] and dst_bytes[name + "_scale_inv"] == src_bytes[
+                        was + "_scale_inv"]
+                else:  # every block's largest magnitude maps to the top of the FP8 range
+                    w = dst.load(name).float()
+                    assert w.abs().max() == 448.0
+                    assert torch.isfinite(dequantize(dst.load(name), dst.load(name + "_scale_inv"), BLOCK)).all()
+    untouched = [n for n in src.entries if not any(fam.is_layer_expert_tensor(int(i), n) or
+                                                     n in (fam.router_name(int(i)), fam.bias_name(int(i)))
+                                                     for i in audit["layers"])]
+    assert any(n.endswith("o_proj.weight_scale_inv") for n in untouched)  # FP8 attention, copied with its scales
+    for name in untouched:
+        assert dst_bytes[name] == src_bytes[name], name
+    report = verify(out, model, progress=False)
+    assert not report.problems, report.problems
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_dump_and_eval_of_an_fp8_checkpoint(family, fp8, tmp_path):
+    """The streamed forward dequantizes each FP8 weight as transformers' FP8 integration does."""
+    model, _ = fp8(family)
+    ids = calibration_tokens(sequences=4, length=16, seed=3)
+    reference = _load(model)
+    with torch.no_grad():
+        expected = math.exp(reference(input_ids=ids, labels=ids).loss.item())
+    report = dern_stream.evaluate(model, tokens=ids, batch_size=2, progress=False)
+    assert report.perplexity == pytest.approx(expected, rel=1e-3)
+    dump = tmp_path / "d.zarr"
+    dern_stream.dump(model, dump, tokens=ids, progress=False)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=dump, progress=False)
+    assert Checkpoint(out).config["quantization_config"]["quant_method"] == "fp8"
+
+
+def _edit_config(model, tmp_path, **changes):
+    import shutil
+
+    copy = tmp_path / "in"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(changes)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq' is not supported"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "per-tensor FP8 is not supported"),
+    ({"quantization_config": None}, "config.json declares no quantization_config"),
+])
+def test_storage_the_tool_cannot_rewrite_is_one_line(changes, message, fp8, tmp_path):
+    model, _ = fp8("qwen3_moe")
+    src = _edit_config(model, tmp_path, **changes)
+    result = CliRunner().invoke(main, ["rewrite", str(src), str(tmp_path / "out"), "--experts", "4",
+                                       "--importance", "router-norm"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert message in result.output.strip().splitlines()[-1], result.output
+    assert not (tmp_path / "out").exists()
