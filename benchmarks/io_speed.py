@@ -95,6 +95,7 @@ def main() -> None:
                     "the fastest of each counts")
     ap.add_argument("--skip-dern", action="store_true", help="time only the copies and the pass-through")
     ap.add_argument("--workdir", default=".", help="where the synthetic checkpoint and outputs go")
+    ap.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16", help="fp8: block-scaled FP8 projections")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         tmp = Path(tmp)
@@ -102,7 +103,7 @@ def main() -> None:
             src, dump = Path(a.checkpoint), Path(a.calib)
         else:
             src = write_synthetic(tmp / "in", size=parse_size(a.size), layers=a.layers, experts=a.experts,
-                                  upcycled=0.3)
+                                  upcycled=0.3, dtype=a.dtype)
             dump = write_synthetic_dump(src, tmp / "calib.zarr")
         config = json.loads((src / "config.json").read_text())
         n = config.get("num_local_experts") or config.get("num_experts") or config["n_routed_experts"]

@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--skip-load-all", action="store_true")
     ap.add_argument("--workdir", default=".", help="where the synthetic checkpoints and outputs go")
     ap.add_argument("--job", choices=["rewrite", "dump"], default="rewrite")
+    ap.add_argument("--dtype", choices=["bf16", "fp8"], default="bf16",
+                    help="fp8: block-scaled FP8 projections (load-everything is then skipped)")
     ap.add_argument("--dump-tokens", type=int, default=8192, help="--job dump: tokens (sequences of 512)")
     a = ap.parse_args()
     keep = a.experts // 2
@@ -108,13 +110,16 @@ def main() -> None:
         print(f"baseline: python + torch + dern_stream imported, peak RSS {gb(base['hwm'])}")
         for layers in a.layers:
             src = write_synthetic(Path(tmp) / f"ck{layers}", layers=layers, hidden=a.hidden,
-                                  intermediate=a.intermediate, experts=a.experts, upcycled=0.3)
+                                  intermediate=a.intermediate, experts=a.experts, upcycled=0.3, dtype=a.dtype)
             if a.job == "dump":
                 measure_dump(a, src, Path(tmp), layers, base)
                 continue
             dump = write_synthetic_dump(src, Path(tmp) / f"calib{layers}.zarr", tokens=4096)
             total = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-            layer_bytes = 3 * a.experts * a.hidden * a.intermediate * 2  # bf16 routed experts of one layer
+            # one layer's routed experts as stored: bf16, or FP8 bytes + float32 scales per 128x128 block
+            layer_bytes = 3 * a.experts * a.hidden * a.intermediate * (1 if a.dtype == "fp8" else 2)
+            if a.dtype == "fp8":
+                layer_bytes += 3 * a.experts * -(-a.hidden // 128) * -(-a.intermediate // 128) * 4
             dern = measure("dern", src, Path(tmp) / f"out{layers}", dump, keep, a.kmeans_iters)
             audit = json.loads((Path(tmp) / f"out{layers}" / "dern_stream.json").read_text())
             moved = sum(r["segments_reassigned"] for r in audit["layers"].values())
@@ -128,7 +133,7 @@ def main() -> None:
             print(f"    peak RSS - baseline = {gb(dern['hwm'] - base['hwm'])} = "
                   f"{(dern['hwm'] - base['hwm']) / layer_bytes:.2f} x one layer; "
                   f"peak RSS / checkpoint = {dern['hwm'] / total:.2f}")
-            if not a.skip_load_all:
+            if not a.skip_load_all and a.dtype == "bf16":
                 full = measure("load-all", src, Path(tmp) / f"full{layers}", dump, keep, 0)
                 print(f"  load-everything (from_pretrained + drop + save_pretrained): peak RSS {gb(full['hwm'])}, "
                       f"{full['seconds']:.1f} s; ratio load-everything / dern = {full['hwm'] / dern['hwm']:.2f}x "

@@ -23,8 +23,12 @@ from safetensors.torch import save_file
 
 from dern_stream.calib import CalibWriter, tensor_sha256
 from dern_stream.options import parse_size
+from dern_stream.storage import quantize
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# fp8: projections stored as DeepSeek-V3's FP8 release stores them (float8_e4m3fn + float32 scales per 128x128
+# block, declared in quantization_config); embeddings, norms and routers in bf16.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+_FP8_BLOCK = (128, 128)
 
 
 def intermediate_for(size: int, *, layers: int, hidden: int, experts: int, vocab: int = 32000,
@@ -47,7 +51,8 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
         intermediate = intermediate_for(size, layers=layers, hidden=hidden, experts=experts, vocab=vocab, dtype=dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
-    dt = DTYPES[dtype]
+    fp8 = dtype == "fp8"
+    dt = torch.bfloat16 if fp8 else DTYPES[dtype]
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.02):
@@ -57,6 +62,9 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
     weight_map: dict[str, str] = {}
 
     def flush(index: int, tensors: dict[str, torch.Tensor]) -> None:
+        if fp8:
+            for key in [k for k in tensors if k.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))]:
+                tensors[key], tensors[key + "_scale_inv"] = quantize(tensors[key], _FP8_BLOCK)
         name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
         save_file(tensors, str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
@@ -87,7 +95,9 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
         "num_key_value_heads": 4, "head_dim": hidden // 16, "num_local_experts": experts,
         "num_experts_per_tok": top_k, "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
         "hidden_act": "silu", "tie_word_embeddings": False,
-        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+        "dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "bfloat16"}[dtype],
+        **({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                    "weight_block_size": list(_FP8_BLOCK)}} if fp8 else {}),
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))
     size = sum((path / f).stat().st_size for f in set(weight_map.values()))

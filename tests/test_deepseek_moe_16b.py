@@ -14,8 +14,8 @@ from conftest import raw_bytes, read_tensors
 import dern_stream
 from dern_stream.calib.store import CalibWriter, tensor_sha256
 from dern_stream.cli import main
-from dern_stream.verify import verify
 from dern_stream.tiny_models import DEEPSEEK_MOE_16B_CONFIG, save_deepseek_moe_16b
+from dern_stream.verify import verify
 
 N, TOP_K, LAYERS = 8, 3, (1, 2)
 
@@ -88,7 +88,8 @@ def test_dern_merges_and_keeps_the_shared_experts_width(model_and_dump, tmp_path
     assert (config["moe_intermediate_size"], config["n_shared_experts"]) == (16, 4)  # 2 * 32 = 4 * 16
     dst = read_tensors(out)
     assert dst["model.layers.1.mlp.experts.3.down_proj.weight"].shape == (64, 16)
-    assert dst["model.layers.1.mlp.shared_experts.up_proj.weight"].equal(src["model.layers.1.mlp.shared_experts.up_proj.weight"])
+    shared = "model.layers.1.mlp.shared_experts.up_proj.weight"
+    assert dst[shared].equal(src[shared])
 
 
 def test_dump_and_eval_say_why_they_cannot_run_remote_code(model_and_dump, tmp_path):

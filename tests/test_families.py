@@ -16,7 +16,6 @@ from dern_stream.checkpoint import Checkpoint
 from dern_stream.families import family_for
 
 
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rewrite_loads_with_transformers(family, build, tmp_path):
     built = build(family)
@@ -173,3 +172,26 @@ def test_deepseek_v3_mtp_layer_is_rewritten_and_ranked_by_router_norm(build, tmp
     assert entries[f"model.layers.{mtp}.mlp.gate.weight"].shape == (4, 64)
     assert f"model.layers.{mtp}.mlp.experts.3.up_proj.weight" in entries
     assert f"model.layers.{mtp}.mlp.experts.4.up_proj.weight" not in entries
+
+
+def test_ernie_shared_experts_keep_their_width(build, tmp_path):
+    built = build("ernie4_5_moe")
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, intermediate_size=16, progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["moe_intermediate_size"], cfg["moe_num_shared_experts"], cfg["moe_num_experts"]) == (16, 2, 4)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+
+
+def test_hunyuan_width_change_is_refused_in_one_line(build, tmp_path):
+    from click.testing import CliRunner
+
+    from dern_stream.cli import main
+
+    built = build("hunyuan_v1_moe")
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "out"), "--experts", "4",
+                                       "--calib", str(built.calib), "--intermediate-size", "16"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "shared MLP" in result.output.strip().splitlines()[-1] and not (tmp_path / "out").exists()

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 import dern_stream
 from dern_stream.families import family_for
-from dern_stream.stream.executor import moe_block_of, router_weight
 from dern_stream.methods import (
     ExpertStack,
     gate_linf_init,
@@ -23,6 +22,7 @@ from dern_stream.methods import (
     transfer_counts,
     transfer_router,
 )
+from dern_stream.stream.executor import moe_block_of, router_weight
 
 
 @pytest.mark.parametrize("family", FAMILIES)
