@@ -37,11 +37,13 @@ from .host_memory import map_large_blocks, return_freed_memory
 from .layer_rewrite import (
     LayerInputs,
     compress_layer,
+    copy_tensor,
     expert_tensor_names,
     layer_importance,
     layer_output_names,
     layer_routing,
     read_layer,
+    requantize,
     write_layer,
 )
 from .layout import (
@@ -50,6 +52,7 @@ from .layout import (
     check_moe_layers,
     check_plan_complete,
     copies_by_layer,
+    output_layers,
     plan_output,
 )
 from .locks import reading_dump
@@ -111,6 +114,7 @@ def rewrite(
     refit: bool | None = None,
     refit_ridge: float | None = None,
     fit_tokens: int | None = None,
+    output_dtype: str | None = None,
     device: str = "auto",
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
@@ -133,7 +137,7 @@ def rewrite(
         experts, recipe, method=method, alpha=alpha, sim_components=sim_components, kmeans_iters=kmeans_iters,
         intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
         kmeans_init=kmeans_init, alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge,
-        fit_tokens=fit_tokens, device=device, max_shard_size=max_shard_size,
+        fit_tokens=fit_tokens, output_dtype=output_dtype, device=device, max_shard_size=max_shard_size,
     )
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
@@ -145,6 +149,10 @@ def rewrite(
     config = ckpt.config
     family = family_for(config)
     storage = expert_storage(config)
+    dequantized = options.output_dtype is not None
+    if dequantized and not storage.fp8:
+        raise DernError(f"--output-dtype {options.output_dtype} writes a quantized checkpoint dequantized; "
+                        f"{source} is not quantized (config.json has no quantization_config): leave it out")
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     if options.experts > shape.num_experts:
         raise DernError(f"--experts {options.experts} exceeds the model's {shape.num_experts} experts per layer")
@@ -155,6 +163,9 @@ def rewrite(
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
+    if dequantized:
+        del out_config["quantization_config"]
+        notes.append(f"FP8 weights written as {options.output_dtype}, without their scales and quantization_config")
 
     with ExitStack() as held:
         if calib is not None and calib.is_dir():  # held while the dump is read: no `dump --overwrite` under it
@@ -166,12 +177,13 @@ def rewrite(
             log.warning("note: %s", note)
         compute = resolve_device(options.device)
         width = options.intermediate_size or shape.intermediate
-        specs, copied = plan_output(ckpt, family, layers, options.experts, width)
+        out_layers = output_layers(layers, dequantized)
+        specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
 
         by_index = {layer.index: layer for layer in layers}
         copy_with = copies_by_layer(copied, list(by_index))
-        writes = {i: [*copy_with[i], *layer_output_names(family, layer, options.experts)]
-                  for i, layer in by_index.items()}
+        writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
+                  for layer in out_layers}
         check_plan_complete(specs, writes)
         with_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
 
@@ -225,14 +237,18 @@ def rewrite(
 
                         def compute_layer(inputs: LayerInputs):
                             layer_dump = dump if inputs.layer.index in calibrated else None
-                            return compress_layer(inputs, family, shape, layer_dump, groups, options, compute, routing,
-                                                  clock)
+                            report = compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
+                                                    routing, clock)
+                            if storage.fp8 and not dequantized:
+                                with clock("write"):
+                                    requantize(report, inputs.layer)
+                            return report
 
                         def write(report) -> None:
                             with clock("write"):
                                 for name in copy_with[report.index]:
-                                    writer.copy_raw(name, ckpt.entries[name])
-                                write_layer(writer, ckpt, family, by_index[report.index], report)
+                                    copy_tensor(writer, ckpt, name)
+                                write_layer(writer, ckpt, family, by_index[report.index], report, dequantized)
                                 record = {**layer_record(report), "checksums": writer.take_checksums()}
                                 # Journaled once flushed: a resumed run trusts exactly what is on disk.
                                 writer.commit(lambda: stage.progress.add(report.index, record))

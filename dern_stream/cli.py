@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .errors import DernError, describe
-from .options import IMPORTANCE_METHODS, KMEANS_INITS, METHODS, RECIPES
+from .options import IMPORTANCE_METHODS, KMEANS_INITS, METHODS, OUTPUT_DTYPES, RECIPES
 
 
 class _Group(click.Group):
@@ -93,6 +93,9 @@ def main(debug: bool) -> None:
 @click.option("--fit-tokens", type=int, default=None,
               help="Cached inputs per layer used by the baselines, --alpha-candidates and --refit "
                    "[default: 32768].")
+@click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES), default=None,
+              help="Write a quantized (FP8) checkpoint dequantized, in this dtype, without quantization_config "
+                   "[default: as stored].")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
@@ -100,8 +103,8 @@ def main(debug: bool) -> None:
               help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kmeans_iters, kmeans_init,
-            intermediate_size, importance, router_transfer, alpha_candidates, refit, refit_ridge, fit_tokens, device,
-            max_shard_size, overwrite, restart, quiet) -> None:
+            intermediate_size, importance, router_transfer, alpha_candidates, refit, refit_ridge, fit_tokens,
+            output_dtype, device, max_shard_size, overwrite, restart, quiet) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
@@ -112,7 +115,8 @@ def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kme
         sim_components=sim_components, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init,
         intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
         alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge, fit_tokens=fit_tokens,
-        device=device, max_shard_size=max_shard_size, overwrite=overwrite, restart=restart, progress=not quiet,
+        output_dtype=output_dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
+        restart=restart, progress=not quiet,
     )
     click.echo(str(summary))
 

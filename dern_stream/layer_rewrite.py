@@ -31,6 +31,7 @@ from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
 from .storage import dequantize, quantize
 from .storage.formats import SCALE_SUFFIX
+from .storage.reading import load_weight
 
 
 @dataclass
@@ -43,6 +44,9 @@ class LayerReport:
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
     fit: dict = field(default_factory=dict)
     requantization_error: float | None = None  # FP8: ||deq(q(W)) - W|| / ||W|| over the rebuilt experts
+    # FP8: each rebuilt expert's parts quantized again, {position: {part: (FP8 weight, scales)}} on the host
+    # (requantize); their float tensors are then released.
+    quantized: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
     act = str(config.get("hidden_act", "silu"))
 
     def gating(c: dict) -> Gating:
-        return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act)
+        return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act,
+                      family.scales_expert_input)
 
     return LayerRouting(gating(config), gating(out_config))
 
@@ -110,6 +115,9 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
                                   storage.compute_dtype(stored), device)
+        if family.fused is not None:
+            _read_fused(ckpt, family, layer, shape, stack)
+            return stack
         staging: dict[tuple[int, ...], torch.Tensor] = {}  # one host buffer per tensor shape
         for e in range(shape.num_experts):
             for part in PARTS:
@@ -130,6 +138,18 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
                     ckpt.read_into(name, host)
                     slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
+
+
+def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, stack: ExpertStack) -> None:
+    """Fill `stack` from a fused layout: one pread per expert and tensor, through a host buffer of one slice."""
+    names = family.fused_names(layer.index)
+    slices = [torch.empty(1, *s, dtype=DTYPES[layer.dtype]) for s in family.fused.shapes(shape.hidden,
+                                                                                          shape.intermediate)]
+    for e in range(shape.num_experts):
+        for name, buffer in zip(names, slices, strict=True):
+            ckpt.read_rows_into(name, e, buffer)
+        for part, tensor in zip(PARTS, family.fused.split(slices[0][0], slices[1][0]), strict=True):
+            getattr(stack, part)[e].copy_(tensor)
 
 
 def compress_layer(
@@ -220,6 +240,28 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
     yield options.method, result
 
 
+def requantize(report: LayerReport, layer: MoELayer) -> None:
+    """Quantize the rebuilt experts again with the input's FP8 block scheme, on the device that built them,
+    as soon as they are final: the write stage then holds one byte per weight instead of two, and only
+    the FP8 bytes cross to the host. Records the relative error this adds (`requantization_error`)."""
+    storage, scale_dtype = layer.storage, DTYPES[layer.scale_dtype]
+    error = [0.0, 0.0]  # squared requantization error, squared weights (float64 sums)
+    for pos, rebuilt in enumerate(report.result.experts):
+        if rebuilt is None:
+            continue
+        parts = {}
+        for part in PARTS:
+            weight = getattr(rebuilt, part).float()
+            q, scale = quantize(weight, storage.block, scale_dtype)
+            error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
+            error[1] += float(weight.double().square().sum())
+            parts[part] = (q.cpu(), scale.cpu())
+            setattr(rebuilt, part, None)
+        report.quantized[pos] = parts
+    if error[1] > 0:
+        report.requantization_error = (error[0] / error[1]) ** 0.5
+
+
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
     """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
     parts = {p: [] for p in PARTS}
@@ -243,7 +285,10 @@ def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) ->
 
 
 def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[str]:
-    """Every stored tensor of experts 0..experts-1 of `layer`: weights, and their scales when FP8."""
+    """Every stored tensor of experts 0..experts-1 of `layer`: weights, and their scales when FP8 (a
+    fused layout: its two tensors, whatever `experts` is)."""
+    if family.fused is not None:
+        return list(family.fused_names(layer.index))
     return [t for name in family.expert_names(layer.index, experts) for t in layer.storage.tensor_names(name)]
 
 
@@ -253,45 +298,71 @@ def layer_output_names(family: Family, layer: MoELayer, experts: int) -> list[st
     return names + expert_tensor_names(family, layer, experts)
 
 
+def copy_tensor(writer: ShardedWriter, ckpt: Checkpoint, name: str) -> None:
+    """An input tensor into the output unchanged (raw bytes), or dequantized where the plan says bf16."""
+    if writer.specs[name].dtype == ckpt.entries[name].dtype:
+        writer.copy_raw(name, ckpt.entries[name])
+    else:
+        writer.write(name, load_weight(ckpt, name).to(DTYPES[writer.specs[name].dtype]))
+
+
 def write_layer(
-    writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, report: LayerReport
+    writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, report: LayerReport,
+    dequantized: bool = False,
 ) -> None:
     """Router rows, score-correction bias and experts renumbered 0..K-1 in kept order.
 
     Experts that DERN left unchanged are copied as raw bytes (with their FP8 scales), so they are
-    bit-identical to the input. Rebuilt FP8 experts are quantized again with the input's block scheme;
-    the relative error that adds is recorded in the report (`requantization_error`).
+    bit-identical to the input. Rebuilt FP8 experts come quantized again (requantize). `dequantized`:
+    every expert is written in bf16 instead, without scales.
     """
     result, i, storage = report.result, layer.index, layer.storage
-    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
             writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[..., result.kept])
-        dtype = DTYPES[layer.dtype]
+        dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
+        if family.fused is not None:
+            _write_fused(writer, ckpt, family, layer, result)
+            return
         for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
             for part in PARTS:
                 name = family.expert_name(i, pos, part)
-                if rebuilt is None:
+                if rebuilt is None and dequantized:
+                    writer.write(name, load_weight(ckpt, family.expert_name(i, expert, part)).to(dtype))
+                elif rebuilt is None:
                     for out, src in zip(storage.tensor_names(name),
                                         storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
                         writer.copy_raw(out, ckpt.entries[src])
-                elif storage.fp8:
-                    weight = getattr(rebuilt, part).float()
-                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype])
-                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-                    error[1] += float(weight.double().square().sum())
-                    writer.write(name, q.cpu())
-                    writer.write(name + SCALE_SUFFIX, scale.cpu())
+                elif storage.fp8 and not dequantized:
+                    q, scale = report.quantized[pos][part]
+                    writer.write(name, q)
+                    writer.write(name + SCALE_SUFFIX, scale)
                 else:
                     writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
-    if error[1] > 0:
-        report.requantization_error = (error[0] / error[1]) ** 0.5
+
+
+def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result) -> None:
+    """The K experts in the input's fused layout: a kept expert nothing changed is its input slice's bytes,
+    read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept)."""
+    names = family.fused_names(layer.index)
+    dtype = DTYPES[layer.dtype]
+    outputs = [torch.empty(writer.specs[name].shape, dtype=dtype) for name in names]
+    for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
+        if rebuilt is None:
+            for name, out in zip(names, outputs, strict=True):
+                ckpt.read_rows_into(name, expert, out[pos:pos + 1])
+        else:
+            parts = family.fused.join(*(getattr(rebuilt, p).to(dtype).cpu() for p in PARTS))
+            for out, part in zip(outputs, parts, strict=True):
+                out[pos].copy_(part)
+    for name, out in zip(names, outputs, strict=True):
+        writer.write(name, out)
 
 
 def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .checkpoint import Checkpoint, TensorSpec
 from .checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
@@ -12,6 +12,7 @@ from .errors import DernError
 from .families import PARTS, Family
 from .storage import ExpertStorage
 from .storage.fp8_blocks import scale_shape
+from .storage.reading import is_fp8_scale, is_scaled_fp8
 
 
 @dataclass(frozen=True)
@@ -80,37 +81,19 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
     """Every routed-expert tensor present, with the shapes the config implies and one dtype of `storage`
     (FP8: each weight with its block scales)."""
     storage = storage or ExpertStorage()
+    if family.fused is not None and storage.fp8:
+        raise DernError(f"FP8 {family.model_type} checkpoints (fused experts) are not supported yet")
     indices = moe_layer_indices(ckpt, family)
-    n, d, h = shape.num_experts, shape.hidden, shape.intermediate
-    expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
+    n, d = shape.num_experts, shape.hidden
     layers = []
     for i in indices:
         router = ckpt.entries[family.router_name(i)]
         if router.shape != (n, d):
             raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
-        expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
-        scales = {name + "_scale_inv": p for name, p in expected.items()} if storage.fp8 else {}
-        present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
-        if present - set(expected) - set(scales):
-            extra = min(present - set(expected) - set(scales), key=natural_key)
-            raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
-                            + ("" if storage.fp8 else " (config.json declares no quantization_config)"))
-        if (set(expected) | set(scales)) - present:
-            missing = min((set(expected) | set(scales)) - present, key=natural_key)
-            raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
-                            + (f", FP8 with {list(storage.block)} block scales)" if storage.fp8 else ")"))
-        dtypes, scale_dtypes = set(), set()
-        for name, p in expected.items():
-            entry = ckpt.entries[name]
-            if entry.shape != expected_shape[p]:
-                raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")
-            dtypes.add(entry.dtype)
-        for name, p in scales.items():
-            entry, grid = ckpt.entries[name], scale_shape(expected_shape[p], storage.block)
-            if entry.shape != grid:
-                raise DernError(f"{name} has shape {list(entry.shape)}; {list(storage.block)} blocks of "
-                                f"{list(expected_shape[p])} need {list(grid)}")
-            scale_dtypes.add(entry.dtype)
+        if family.fused is not None:
+            dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape), set()
+        else:
+            dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage)
         allowed = storage.weight_dtypes()
         if len(dtypes) != 1 or not dtypes <= set(allowed):
             raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; "
@@ -127,11 +110,60 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
     return layers
 
 
+def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape,
+                      storage: ExpertStorage) -> tuple[set[str], set[str]]:
+    """A layer's per-expert tensors (and FP8 scales): all there, nothing else, shapes as the config implies.
+    Returns the weights' and the scales' dtypes."""
+    n, d, h = shape.num_experts, shape.hidden, shape.intermediate
+    expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
+    expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
+    scales = {name + "_scale_inv": p for name, p in expected.items()} if storage.fp8 else {}
+    present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
+    if present - set(expected) - set(scales):
+        extra = min(present - set(expected) - set(scales), key=natural_key)
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
+                        + ("" if storage.fp8 else " (config.json declares no quantization_config)"))
+    if (set(expected) | set(scales)) - present:
+        missing = min((set(expected) | set(scales)) - present, key=natural_key)
+        raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
+                        + (f", FP8 with {list(storage.block)} block scales)" if storage.fp8 else ")"))
+    dtypes, scale_dtypes = set(), set()
+    for name, p in expected.items():
+        entry = ckpt.entries[name]
+        if entry.shape != expected_shape[p]:
+            raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")
+        dtypes.add(entry.dtype)
+    for name, p in scales.items():
+        entry, grid = ckpt.entries[name], scale_shape(expected_shape[p], storage.block)
+        if entry.shape != grid:
+            raise DernError(f"{name} has shape {list(entry.shape)}; {list(storage.block)} blocks of "
+                            f"{list(expected_shape[p])} need {list(grid)}")
+        scale_dtypes.add(entry.dtype)
+    return dtypes, scale_dtypes
+
+
+def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape) -> set[str]:
+    """A fused layer's two expert tensors: present, [N, ...] with the slice shapes the config implies, float."""
+    dtypes = set()
+    for name, slice_shape in zip(family.fused_names(i), family.fused.shapes(shape.hidden, shape.intermediate),
+                                 strict=True):
+        entry = ckpt.entries.get(name)
+        if entry is None:
+            raise DernError(f"layer {i} is missing expert tensor {name}")
+        if entry.shape != (shape.num_experts, *slice_shape):
+            raise DernError(f"{name} has shape {list(entry.shape)}, config implies "
+                            f"{[shape.num_experts, *slice_shape]}")
+        dtypes.add(entry.dtype)
+    return dtypes
+
+
 def plan_output(
-    ckpt: Checkpoint, family: Family, layers: list[MoELayer], experts: int, intermediate: int
+    ckpt: Checkpoint, family: Family, layers: list[MoELayer], experts: int, intermediate: int,
+    dequantized: bool = False,
 ) -> tuple[list[TensorSpec], list[str]]:
-    """Output tensor specs in natural order (a layer's new experts where its router was),
-    and the input tensors that are copied unchanged."""
+    """Output tensor specs in natural order (a layer's new experts where its router was), and the input
+    tensors that are copied (unchanged, or dequantized to bf16 where `dequantized`: their FP8 scales are
+    then dropped). `layers` describe the output's experts (output_layers)."""
     by_router = {family.router_name(layer.index): layer for layer in layers}  # by name: entries may compare equal
     biases = {family.bias_name(layer.index) for layer in layers if layer.bias is not None}
     moe_indices = [layer.index for layer in layers]
@@ -141,10 +173,17 @@ def plan_output(
         layer_index = layer_of(name)
         if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
             continue
+        if dequantized and is_fp8_scale(ckpt, name):
+            continue
         if name in by_router:
             layer = by_router[name]
             specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
             d = entry.shape[1]
+            if family.fused is not None:
+                for fused, slice_shape in zip(family.fused_names(layer.index),
+                                              family.fused.shapes(d, intermediate), strict=True):
+                    specs.append(TensorSpec(fused, layer.dtype, (experts, *slice_shape)))
+                continue
             for e in range(experts):
                 for part in PARTS:
                     shape = (d, intermediate) if part == "down" else (intermediate, d)
@@ -156,9 +195,16 @@ def plan_output(
         elif name in biases:
             specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
         else:
-            specs.append(TensorSpec(name, entry.dtype, entry.shape))
+            dtype = "BF16" if dequantized and is_scaled_fp8(ckpt, name) else entry.dtype
+            specs.append(TensorSpec(name, dtype, entry.shape))
             copied.append(name)
     return specs, copied
+
+
+def output_layers(layers: list[MoELayer], dequantized: bool) -> list[MoELayer]:
+    """How the output stores each layer's experts: as the input, or dequantized to bf16."""
+    return [replace(layer, dtype="BF16", storage=ExpertStorage(), scale_dtype=None) if dequantized else layer
+            for layer in layers]
 
 
 def check_plan_complete(specs: list[TensorSpec], writes: dict[int, list[str]]) -> None:

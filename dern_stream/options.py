@@ -95,6 +95,9 @@ def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
     return out
 
 
+OUTPUT_DTYPES = ("bf16",)
+
+
 @dataclass(frozen=True)
 class RewriteOptions:
     """Everything that changes the output of a rewrite (recorded in dern_stream.json)."""
@@ -115,6 +118,7 @@ class RewriteOptions:
     refit: bool = False
     refit_ridge: float = 1.0
     fit_tokens: int = 32768
+    output_dtype: str | None = None  # "bf16": a quantized checkpoint written dequantized (None: as stored)
     # Not recorded as a method choice: they change speed and layout, not values.
     device: str = "auto"
     max_shard_size: int = 5 * 10**9
@@ -135,6 +139,8 @@ class RewriteOptions:
         choice("--importance", self.importance, IMPORTANCE_METHODS)
         number("--refit-ridge", self.refit_ridge, 0.0)
         whole("--fit-tokens", self.fit_tokens)
+        if self.output_dtype is not None:
+            choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
         for name, flag in (("--router-transfer", self.router_transfer), ("--refit", self.refit)):
             if not isinstance(flag, bool):
                 raise DernError(f"{name} must be true or false, got {flag!r}")

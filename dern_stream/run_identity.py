@@ -63,7 +63,11 @@ def key_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted names of the entries that differ, e.g. ['options.alpha: 0.4 -> 0.5', 'source.files']."""
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b, name = old.get(k), new.get(k), f"{prefix}{k}"
+        name = f"{prefix}{k}"
+        if (k in old) != (k in new):  # (a key one run lacks: a null value must not hide it)
+            out.append(f"{name} (only in the {'earlier' if k in old else 'new'} run)")
+            continue
+        a, b = old[k], new[k]
         if isinstance(a, dict) and isinstance(b, dict):
             out += key_differences(a, b, name + ".")
         elif a != b:

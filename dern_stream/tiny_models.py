@@ -46,6 +46,10 @@ FAMILY_CONFIGS: dict[str, dict] = {
                              linear_key_head_dim=16, linear_value_head_dim=16,
                              layer_types=["linear_attention", "full_attention", "linear_attention"]),
     "hunyuan_v1_moe": dict(intermediate_size=32, num_experts=8, moe_topk=2, head_dim=16),
+    "granitemoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
+                        head_dim=16, interleave_moe_layer_step=2, num_hidden_layers=4, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0),
     "ernie4_5_moe": dict(moe_intermediate_size=32, intermediate_size=96, moe_num_experts=8, moe_k=2,
                          moe_layer_start_index=1, moe_num_shared_experts=1),
 }

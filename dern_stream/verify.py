@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from .audit import record_checksum
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .checkpoint.integrity import CHECKSUM, bytes_finite, checksum, new_hasher
-from .checkpoint.safetensors_format import TensorEntry, read_header
+from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
 from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from .errors import DernError
 from .families import PARTS, family_for
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
 from .storage import expert_storage
 from .storage.formats import SCALE_SUFFIX
+from .storage.reading import is_scaled_fp8, load_weight
 
 _COMPARE_CHUNK = 64 * 2**20
 
@@ -275,7 +276,13 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
             report.problems.append(f"{name} has no counterpart in {source.root}")
             continue
         src = source.entries[src_name]
-        if src.dtype != entry.dtype:
+        dequantized = src.dtype != entry.dtype and entry.dtype == "BF16" and is_scaled_fp8(source, src_name)
+        if dequantized and mode == "same":  # --output-dtype: the input's FP8 weight, dequantized
+            if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
+                report.identical += 1
+            else:
+                report.problems.append(f"{name} is not {source.root.name}'s FP8 {src_name} dequantized")
+        elif src.dtype != entry.dtype and not dequantized:
             report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
         elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
             if torch.equal(ckpt.load(name), source.load(src_name)[..., mode]):
@@ -311,6 +318,9 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
         bias = family.bias_name(i)
         if bias in ckpt.entries:
             out[bias] = (bias, kept)
+        if family.fused is not None:  # K experts in each tensor: checked as written (checksums), not by slice
+            out.update({name: (name, "changed") for name in family.fused_names(i)})
+            continue
         for pos, expert in enumerate(kept):
             for part in PARTS:
                 for suffix in ("", SCALE_SUFFIX):  # an FP8 weight's scales go with it

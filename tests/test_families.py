@@ -33,8 +33,9 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     present = [k for k in fam.expert_count_keys if k in src_cfg]
     assert present and all(out_cfg[k] == 4 for k in present)
     assert set(out_cfg) == set(src_cfg)  # no second, conflicting expert-count key added
-    assert out_cfg[fam.top_k_key(src_cfg)] == src_cfg[fam.top_k_key(src_cfg)] == 2
-    assert model.config.num_experts_per_tok == 2  # (attribute_map: moe_k, moe_topk)
+    top_k = src_cfg[fam.top_k_key(src_cfg)]
+    assert out_cfg[fam.top_k_key(src_cfg)] == top_k and top_k <= 4
+    assert model.config.num_experts_per_tok == top_k  # (attribute_map: moe_k, moe_topk)
 
     audit = json.loads((out / "dern_stream.json").read_text())
     moe_layers = fam.moe_layers(Checkpoint(built.model_dir).entries)
@@ -127,7 +128,9 @@ def test_half_precision_checkpoints(family, dtype, build, tmp_path):
     src, dst = Checkpoint(built.model_dir), Checkpoint(out)
     fam = family_for(built.config)
     layer = fam.moe_layers(src.entries)[-1]
-    assert dst.entries[fam.expert_name(layer, 3, "down")].dtype == src.entries[fam.expert_name(layer, 0, "down")].dtype
+    new, old = (fam.fused_names(layer)[1],) * 2 if fam.fused else (fam.expert_name(layer, 3, "down"),
+                                                                    fam.expert_name(layer, 0, "down"))
+    assert dst.entries[new].dtype == src.entries[old].dtype
     assert {e.dtype for e in dst.entries.values()} == {e.dtype for e in src.entries.values()}
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]

@@ -134,3 +134,38 @@ def test_storage_the_tool_cannot_rewrite_is_one_line(changes, message, fp8, tmp_
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert message in result.output.strip().splitlines()[-1], result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_dtype_bf16_writes_a_dequantized_checkpoint(family, fp8, tmp_path):
+    model, calib = fp8(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=0.02, output_dtype="bf16", progress=False)
+    src, dst = Checkpoint(model), Checkpoint(out)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert {e.dtype for e in dst.entries.values()} <= {"BF16", "F32"} and not any(
+        n.endswith("_scale_inv") for n in dst.entries)
+    o_proj = next(n for n in dst.entries if n.endswith("o_proj.weight"))  # an FP8 tensor the method never touches
+    assert dst.load(o_proj).equal(dequantize(src.load(o_proj), src.load(o_proj + "_scale_inv"), BLOCK).bfloat16())
+    model_out, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    reference = _load(model)  # transformers' own dequantization of the input
+    ids = torch.randint(3, 250, (2, 12))
+    with torch.no_grad():
+        assert torch.isfinite(model_out(ids).logits).all()
+    report = verify(out, model, progress=False)
+    assert not report.problems, report.problems
+    # K = N, alpha = 1: the dequantized model itself, as transformers dequantizes it
+    same = tmp_path / "same"
+    dern_stream.rewrite(model, same, experts=8, calib=calib, alpha=1.0, output_dtype="bf16", progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(same)(ids).logits, reference(ids).logits)
+
+
+def test_output_dtype_on_an_unquantized_checkpoint_is_one_line(build, tmp_path):
+    built = build("mixtral")
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "out"), "--experts", "4",
+                                       "--calib", str(built.calib), "--output-dtype", "bf16"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "is not quantized" in result.output.strip().splitlines()[-1] and not (tmp_path / "out").exists()

@@ -34,13 +34,19 @@ def test_keep_all_experts_with_alpha_one_is_the_identity(family, build, tmp_path
     assert json.loads((out / "config.json").read_text()) == built.config
 
 
-def _reference_importance(model, calib, layer: int) -> torch.Tensor:
+def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
     """Eq. 1 with transformers' own router module on the dumped inputs (independent of dern_stream)."""
     x = torch.from_numpy(np.asarray(zarr.open_group(str(calib), mode="r")["moe_inputs"][str(layer)][:])).float()
     block = moe_block_of(model.model.layers[layer])
     with torch.no_grad():
-        if hasattr(block, "router"):  # PhiMoE
-            _, weights, idx = block.router(x)
+        if hasattr(block, "router"):  # PhiMoE, Granite, Llama-4
+            routed = block.router(x)
+            if len(routed) == 2:  # Llama-4: sigmoid scores of every expert (0 where not selected), logits
+                scores, logits = routed
+                idx = torch.topk(logits, fam.top_k(model.config.to_dict()), dim=-1).indices
+                weights = scores.gather(1, idx)
+            else:
+                _, weights, idx = routed
         elif hasattr(block, "e_score_correction_bias"):  # MiniMax-M2 hands its bias to the router
             _, weights, idx = block.gate(x, block.e_score_correction_bias)
         else:
@@ -61,7 +67,7 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
     fam = family_for(built.config)
     src, dst = read_tensors(built.model_dir), read_tensors(out)
     for layer in fam.moe_layers(src):
-        scores = _reference_importance(model, built.calib, layer)
+        scores = _reference_importance(model, built.calib, layer, fam)
         if fam.grouped_routing(built.config):  # documented rule: K / n_group best experts of each group
             kept = [g * 4 + int(i) for g in range(2) for i in sorted(torch.topk(scores[g * 4:(g + 1) * 4], 2).indices)]
         else:
@@ -69,10 +75,15 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
         assert dst[fam.router_name(layer)].equal(src[fam.router_name(layer)][kept])
         if fam.bias_name(layer):
             assert dst[fam.bias_name(layer)].equal(src[fam.bias_name(layer)][..., kept])  # [N] or [1, N]
+        if fam.fused is not None:  # expert e is slice e of each fused tensor
+            for name in fam.fused_names(layer):
+                assert dst[name].equal(src[name][kept])
+            continue
         for new, old in enumerate(kept):
             for part in ("gate", "up", "down"):
                 assert dst[fam.expert_name(layer, new, part)].equal(src[fam.expert_name(layer, old, part)])
-    assert len(dst) == len(src) - sum(3 * (8 - keep) for _ in fam.moe_layers(src))
+    if fam.fused is None:
+        assert len(dst) == len(src) - sum(3 * (8 - keep) for _ in fam.moe_layers(src))
 
 
 def test_deepseek_v2_group_limited_routing_matches_transformers(build, tmp_path):
@@ -83,7 +94,7 @@ def test_deepseek_v2_group_limited_routing_matches_transformers(build, tmp_path)
     model = AutoModelForCausalLM.from_pretrained(built.model_dir)
     audit = json.loads((out / "dern_stream.json").read_text())
     for layer, rec in audit["layers"].items():
-        scores = _reference_importance(model, built.calib, int(layer))
+        scores = _reference_importance(model, built.calib, int(layer), family_for(built.config))
         torch.testing.assert_close(torch.tensor(rec["importance"], dtype=torch.float64), scores, rtol=0, atol=1e-6)
         kept = [g * 4 + int(i) for g in range(2) for i in sorted(torch.topk(scores[g * 4:(g + 1) * 4], 2).indices)]
         assert rec["kept"] == kept

@@ -47,8 +47,10 @@ def test_even_sample_is_every_stride_th_input_and_keeps_only_those_rows(build):
 
 def _shared_part(block, x: torch.Tensor) -> torch.Tensor:
     """What the family's untouched shared experts add (transformers' own modules)."""
-    if hasattr(block, "shared_expert"):
+    if hasattr(block, "shared_expert_gate"):
         return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    if hasattr(block, "shared_expert"):  # Llama-4
+        return block.shared_expert(x)
     if getattr(block, "shared_experts", None) is not None:
         return block.shared_experts(x)
     if hasattr(block, "shared_mlp"):  # HunYuan
@@ -80,7 +82,9 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
         ours = routed_output(x, router, bias, routing.before, experts)
         block = moe_block_of(model.model.layers[layer.index])
         with torch.no_grad():
-            reference = block(x[None])[0] - _shared_part(block, x)
+            out = block(x[None])
+            out = out[0] if isinstance(out, tuple) else out  # Llama-4 also returns its router logits
+            reference = out.reshape(x.shape) - _shared_part(block, x)
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 
 

@@ -160,6 +160,19 @@ class Checkpoint:
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if entry.nbytes else memoryview(b"")
         self._pread_fully(entry.file, entry.start, view, f"tensor {name!r}")
 
+    def read_rows_into(self, name: str, first: int, out: torch.Tensor) -> None:
+        """Read `out.shape[0]` entries of a tensor's leading dimension, from `first` on, straight into `out`:
+        one pread of their byte range (a fused tensor's expert, without reading the others)."""
+        entry = self.entries[name]
+        rows = out.shape[0]
+        if (out.dtype != DTYPES[entry.dtype] or tuple(out.shape[1:]) != entry.shape[1:] or not out.is_contiguous()
+                or not 0 <= first <= first + rows <= entry.shape[0]):
+            raise AssertionError(f"{name}: rows {first}+{rows} into {out.dtype} {tuple(out.shape)} for "
+                                 f"{entry.dtype} {entry.shape}")
+        row_bytes = entry.nbytes // entry.shape[0]
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        self._pread_fully(entry.file, entry.start + first * row_bytes, view, f"tensor {name!r}")
+
     def prefetch(self, names: Iterable[str]) -> int:
         """Read the tensors' bytes from disk into the kernel's page cache, keeping none of them; returns
         the bytes read. A later read_into or raw copy of them is then a memory copy.

@@ -6,6 +6,8 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import DernError
 from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
 
@@ -24,6 +26,38 @@ class GroupPlan:
     n_group: int
     topk_group: int
     balanced: bool
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """All routed experts of a layer in two tensors, expert e a contiguous slice of the leading dimension
+    (names are templates under the layer, as Family's). The 2h axis holds gate and up: gate | up, or
+    alternating (`interleaved`, gpt-oss)."""
+
+    gate_up: str
+    down: str
+    gate_up_cols: bool  # [N, d, 2h] (Llama-4, gpt-oss) rather than [N, 2h, d] (Granite)
+    down_cols: bool  # [N, h, d] (Llama-4, gpt-oss) rather than [N, d, h] (Granite)
+    interleaved: bool = False
+
+    def shapes(self, hidden: int, intermediate: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """One expert's slice of gate_up and of down."""
+        gate_up = (hidden, 2 * intermediate) if self.gate_up_cols else (2 * intermediate, hidden)
+        down = (intermediate, hidden) if self.down_cols else (hidden, intermediate)
+        return gate_up, down
+
+    def split(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One expert's slices -> (gate [h, d], up [h, d], down [d, h]), views where the layout allows."""
+        rows = gate_up.T if self.gate_up_cols else gate_up  # [2h, d]
+        h = rows.shape[0] // 2
+        gate, up = (rows[0::2], rows[1::2]) if self.interleaved else (rows[:h], rows[h:])
+        return gate, up, (down.T if self.down_cols else down)
+
+    def join(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """split's inverse: (gate_up slice, down slice), contiguous."""
+        rows = torch.stack((gate, up), dim=1).flatten(0, 1) if self.interleaved else torch.cat((gate, up))
+        gate_up = rows.T if self.gate_up_cols else rows
+        return gate_up.contiguous(), (down.T if self.down_cols else down).contiguous()
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,8 @@ class Family:
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
     fixed_top_k: int | None = None
     remote_code: bool = False  # no transformers class: rewrite and verify only
+    fused: FusedExperts | None = None  # the experts' layout on disk when not one tensor per expert and part
+    scales_expert_input: bool = False  # the router's score scales the expert's input, not its output (Llama-4)
 
     # --- tensor names -------------------------------------------------------------------------
     def router_name(self, layer: int) -> str:
@@ -84,7 +120,13 @@ class Family:
         pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.router)}$")
         return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
+    def fused_names(self, layer: int) -> tuple[str, str]:
+        """A fused family's gate_up and down tensors of `layer`."""
+        return f"model.layers.{layer}.{self.fused.gate_up}", f"model.layers.{layer}.{self.fused.down}"
+
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
+        if self.fused is not None:
+            return name in self.fused_names(layer)
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int) -> str:

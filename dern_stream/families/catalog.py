@@ -13,9 +13,10 @@ Everything not named here (attention, norms, shared experts and their gates, den
 
 from __future__ import annotations
 
-from .base import Family, grouped_if
+from .base import Family, FusedExperts, grouped_if
 from .routing import (
     SigmoidGroupLimited,
+    SigmoidTopK,
     SoftmaxBiasedChoice,
     SoftmaxGroupLimited,
     SparseMixer,
@@ -161,6 +162,32 @@ ALL: tuple[Family, ...] = (
     _deepseek_v3_like("deepseek_v3"),
     _deepseek_v3_like("deepseek_v32"),
     _deepseek_v3_like("glm4_moe"),
+    # Experts fused into two tensors per layer (expert e = slice e of the leading dimension).
+    Family(
+        model_type="granitemoe",
+        expert_count_keys=("num_local_experts",),
+        intermediate_key="intermediate_size",
+        make_router=softmax_top_k,  # softmax over the top-k logits: softmax, top-k, renormalised
+        router="block_sparse_moe.router.layer.weight",
+        fused=FusedExperts("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight",
+                           gate_up_cols=False, down_cols=False),
+        memory_names=(("block_sparse_moe.router.", "block_sparse_moe.router.layer."),
+                      ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
+                      ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")),
+        renormalises=lambda c: True,
+    ),
+    Family(  # MoE layers every interleave_moe_layer_step (found by their router); a shared expert in each
+        model_type="llama4_text",
+        expert_count_keys=("num_local_experts",),
+        intermediate_key="intermediate_size",
+        make_router=lambda c: SigmoidTopK(c["num_experts_per_tok"]),
+        router="feed_forward.router.weight",
+        fused=FusedExperts("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj",
+                           gate_up_cols=True, down_cols=True),
+        renormalises=lambda c: False,
+        scales_expert_input=True,
+        fixed_width="its shared expert reads the same intermediate_size as the routed experts",
+    ),
     # DeepSeek-MoE-16B (the DERN paper's third model): remote code only, so its on-disk layout is all there
     # is to go by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.
     Family(

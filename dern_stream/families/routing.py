@@ -60,6 +60,17 @@ class SigmoidGroupLimited:
 
 
 @dataclass(frozen=True)
+class SigmoidTopK:
+    """Llama-4: A = top-k of z, scores sigmoid(z_A) (which scale the experts' inputs)."""
+
+    top_k: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values, idx = torch.topk(logits.float(), self.top_k, dim=-1)
+        return idx, torch.sigmoid(values)
+
+
+@dataclass(frozen=True)
 class SoftmaxBiasedChoice:
     """ERNIE-4.5: p = softmax(z); A = top-k of p + correction bias; the scores are p (not the biased values)."""
 

@@ -29,6 +29,7 @@ class Gating:
     renormalise: bool
     scale: float
     act: str = "silu"
+    input_scaled: bool = False  # the weight scales the expert's input (Llama-4), not its output
 
     def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
         """(selected experts [T, k], combine weights [T, k]) for inputs x [T, d]."""
@@ -75,6 +76,15 @@ def expert_output(x: torch.Tensor, experts: ExpertStack, e: int, act) -> torch.T
     return expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].float().T
 
 
+def routed_features(x: torch.Tensor, w: torch.Tensor, experts: ExpertStack, e: int, gating: Gating,
+                    act) -> torch.Tensor:
+    """What expert e's down projection turns into its weighted contribution, for the tokens x [T, d]
+    routed to it with weights w [T]: w a_e(x), or a_e(w x) when the weight scales the input. [T, h] float32."""
+    if gating.input_scaled:
+        return expert_hidden(x * w[:, None], experts.gate[e], experts.up[e], act)
+    return expert_hidden(x, experts.gate[e], experts.up[e], act) * w[:, None]
+
+
 def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
                   experts: ExpertStack) -> torch.Tensor:
     """sum over selected experts e of w_e(x) E_e(x), for x [T, d]; float32 [T, d]."""
@@ -84,7 +94,8 @@ def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tens
     for e in range(experts.gate.shape[0]):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if tok.numel():
-            out.index_add_(0, tok, expert_output(x[tok], experts, e, act) * w[tok, slot, None])
+            feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
+            out.index_add_(0, tok, feats @ experts.down[e].float().T)
     return out
 
 
@@ -100,7 +111,7 @@ class ExpertStats:
     """Per-expert statistics of the original layer on the calibration inputs."""
 
     frequency: torch.Tensor  # [N] fraction of tokens that select the expert
-    reap: torch.Tensor  # [N] REAP saliency: mean over routed tokens of w_e(x) ||E_e(x)||
+    reap: torch.Tensor  # [N] REAP saliency: mean over routed tokens of ||w_e(x) E_e(x)|| (of E_e(w_e x) for Llama-4)
     mean_output: torch.Tensor  # [N, d] mean of E_e(x) over all tokens (HC-SMoE's clustering feature)
     router_logits: torch.Tensor  # [N, T] router logits (M-SMoE's similarity feature)
 
@@ -119,6 +130,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
         tok, slot = (idx == e).nonzero(as_tuple=True)
         freq[e] = tok.numel() / x.shape[0]
         if tok.numel():
-            reap[e] = (w[tok, slot].double() * torch.linalg.vector_norm(y[tok].double(), dim=-1)).mean()
+            routed = routed_features(x[tok], w[tok, slot], experts, e, gating, act) @ experts.down[e].float().T
+            reap[e] = torch.linalg.vector_norm(routed.double(), dim=-1).mean()
     logits = (x @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)

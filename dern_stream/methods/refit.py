@@ -2,7 +2,8 @@
 
 The compressed layer's routed output is fitted to the original layer's on the cached inputs:
     min over W_d,e of  sum_x || sum_{e in A'(x)} w_e(x) W_d,e a_e(x) - y(x) ||^2 + lambda_e ||W_d,e - W_d,e^0||^2
-with the compressed routing A', w fixed and a_e(x) = act(W_g,e x) * (W_u,e x). The problem is
+with the compressed routing A', w fixed and a_e(x) = act(W_g,e x) * (W_u,e x) (Llama-4, whose weights scale
+the input: a_e(w_e x) in place of w_e a_e(x)). The problem is
 joint over experts (a token's output sums several); it is solved by block Gauss-Seidel, one expert
 at a time against the current residual, so only one expert's h x h Gram matrix exists at once.
 The ridge pulls towards the current weights, scaled by the Gram matrix's mean diagonal, so an
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .moe_forward import Gating, expert_hidden, routed_output
+from .moe_forward import Gating, routed_features, routed_output
 from .segments import ExpertStack
 
 
@@ -36,7 +37,7 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
             tok, slot = (idx == e).nonzero(as_tuple=True)
             if tok.numel() == 0:
                 continue
-            feats = expert_hidden(x[tok], experts.gate[e], experts.up[e], act) * w[tok, slot, None]
+            feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
             goal = residual[tok] + feats @ down[e].T  # what this expert should produce, others fixed
             gram = (feats.T @ feats).double()
             lam = ridge * float(gram.diagonal().mean()) + 1e-12

@@ -75,7 +75,10 @@ class StreamedModel:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config)
             self.model.eval().requires_grad_(False)
-            self.base = getattr(self.model, self.model.base_model_prefix)
+            # The decoder stack: `model` in every causal LM supported (Llama-4's base_model_prefix says
+            # "language_model", the attribute of its multimodal parent, not of Llama4ForCausalLM).
+            self.prefix = "model" if hasattr(self.model, "model") else self.model.base_model_prefix
+            self.base = getattr(self.model, self.prefix)
             self.layers = self.base.layers
             self.num_layers = int(config.num_hidden_layers)
         except DernError:
@@ -113,7 +116,7 @@ class StreamedModel:
             return_freed_memory()
 
     def decoder_prefix(self, i: int) -> str:
-        return f"{self.model.base_model_prefix}.layers.{i}."
+        return f"{self.prefix}.layers.{i}."
 
     def moe_block(self, i: int) -> torch.nn.Module:
         block = moe_block_of(self.layers[i])
@@ -132,7 +135,7 @@ class StreamedModel:
     @torch.no_grad()
     def embed(self, batches: list[torch.Tensor], store: HiddenStore) -> None:
         """Layer 0's input for every batch into `store` (and each layer's call arguments per batch shape)."""
-        with self.loaded(self.base.embed_tokens, f"{self.model.base_model_prefix}.embed_tokens."):
+        with self.loaded(self.base.embed_tokens, f"{self.prefix}.embed_tokens."):
             for b, ids in enumerate(batches):
                 store[b] = self._record(input_ids=ids.to(self.device))
 
@@ -189,7 +192,7 @@ class StreamedModel:
         head = self.model.get_output_embeddings()
         vocab = head.weight.shape[0]
         rows = max(1, _LOGIT_BLOCK_BYTES // (vocab * 4))
-        with self.loaded(self.base.norm, f"{self.model.base_model_prefix}.norm."), self.loaded(head, "lm_head."):
+        with self.loaded(self.base.norm, f"{self.prefix}.norm."), self.loaded(head, "lm_head."):
             for b, ids in enumerate(batches):
                 normed = self.base.norm(store[b])[:, :-1]
                 hidden = normed.reshape(-1, normed.shape[-1])

@@ -13,8 +13,8 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..families import Family
-from ..storage import dequantize, expert_storage
 from ..storage.formats import SCALE_SUFFIX
+from ..storage.reading import load_weight
 
 _FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
 
@@ -44,7 +44,7 @@ def release(module: torch.nn.Module) -> None:
 
 def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None) -> None:
     for suffix, parts in _FUSED.items():
-        if layer is not None and key.endswith(suffix):
+        if layer is not None and key.endswith(suffix) and family.fused is None:
             _fill_fused(target, ckpt, family, layer, parts, prefix + key)
             return
     name = _disk_name(prefix + key, ckpt, family, layer)
@@ -53,17 +53,6 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
         raise DernError(f"{name} has shape {list(source.shape)}, the model built from config.json expects "
                         f"{list(target.shape)}")
     target.copy_(source)
-
-
-def load_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
-    """A tensor as the model uses it: FP8 weights with block scales dequantized (float32), others as stored."""
-    scale = name + SCALE_SUFFIX
-    if scale in ckpt.entries and ckpt.entries[name].dtype == "F8_E4M3":
-        block = expert_storage(ckpt.config).block
-        if block is None:
-            raise DernError(f"{name} is FP8 with block scales, but config.json has no FP8 quantization_config")
-        return dequantize(ckpt.load(name), ckpt.load(scale), block)
-    return ckpt.load(name)
 
 
 def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
@@ -105,7 +94,7 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
     """The checkpoint tensors that would fill the in-memory tensor `name` of this shape, checked to
     exist with fitting shapes (the same rules as materialise, without reading data); DernError if not."""
     for suffix, parts in _FUSED.items():
-        if layer is not None and name.endswith(suffix):
+        if layer is not None and name.endswith(suffix) and family.fused is None:
             names, rows = set(), 0
             for part in parts:
                 for e in range(shape[0]):
