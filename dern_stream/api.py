@@ -61,6 +61,7 @@ from .pipeline import run_pipeline
 from .run_identity import files_stamp, run_key, tree_stamp
 from .stage_clock import StageClock
 from .storage import expert_storage
+from .storage.reading import check_fp8_tensors
 from .targets import read_paths
 
 log = logging.getLogger("dern_stream")
@@ -149,6 +150,7 @@ def rewrite(
     config = ckpt.config
     family = family_for(config)
     storage = expert_storage(config)
+    check_fp8_tensors(ckpt)
     dequantized = options.output_dtype is not None
     if dequantized and not storage.fp8:
         raise DernError(f"--output-dtype {options.output_dtype} writes a quantized checkpoint dequantized; "
@@ -159,10 +161,19 @@ def rewrite(
     if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
         raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
                         f"{shape.intermediate}; it can only shrink them")
+    width = options.intermediate_size
+    if storage.fp8 and not dequantized and width is not None and any(width > b and width % b for b in storage.block):
+        # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
+        raise DernError(f"--intermediate-size {width} splits the FP8 scale blocks {list(storage.block)}: use a "
+                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or --output-dtype bf16")
     check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
+    dropped = [name for name in ckpt.entries if family.is_dropped(name)]
+    if dropped:
+        notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
+                     f"load) are not carried over: their routed experts would disagree with K")
     if dequantized:
         del out_config["quantization_config"]
         notes.append(f"FP8 weights written as {options.output_dtype}, without their scales and quantization_config")

@@ -24,6 +24,7 @@ from .families import family_for, require_forward
 from .layout import check_decoder_layers, moe_layer_indices
 from .locks import DirLock
 from .options import check_text_options, choice, whole
+from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import check_apart, expand_user, read_paths
@@ -75,6 +76,7 @@ def dump(
     ckpt = Checkpoint(resolve_checkpoint(src))
     family = family_for(ckpt.config)
     require_forward(family)
+    check_fp8_tensors(ckpt)
     check_decoder_layers(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))

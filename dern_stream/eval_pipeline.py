@@ -26,6 +26,7 @@ from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
 from .options import check_text_options
+from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import check_apart, check_replaceable, expand_user, read_paths
@@ -117,6 +118,7 @@ def evaluate(
     ckpt = Checkpoint(resolve_checkpoint(src))
     # a bad config.json is one line, before the tokenizer (which reads it too) loads
     require_forward(family_for(ckpt.config))
+    check_fp8_tensors(ckpt)
     check_decoder_layers(ckpt)
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
     if wants_ppl:

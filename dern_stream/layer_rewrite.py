@@ -252,7 +252,7 @@ def requantize(report: LayerReport, layer: MoELayer) -> None:
         parts = {}
         for part in PARTS:
             weight = getattr(rebuilt, part).float()
-            q, scale = quantize(weight, storage.block, scale_dtype)
+            q, scale = quantize(weight, storage.block, scale_dtype, storage.pow2_scales)
             error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
             error[1] += float(weight.double().square().sum())
             parts[part] = (q.cpu(), scale.cpu())

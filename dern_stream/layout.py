@@ -143,7 +143,13 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
 
 
 def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape) -> set[str]:
-    """A fused layer's two expert tensors: present, [N, ...] with the slice shapes the config implies, float."""
+    """A fused layer's two expert tensors: present, [N, ...] with the slice shapes the config implies, float;
+    nothing else beside them and the router (an expert bias or scale would be copied with N rows)."""
+    known = {*family.fused_names(i), family.router_name(i), family.bias_name(i)}
+    module = f"model.layers.{i}.{family.fused.module}"
+    extra = sorted((n for n in ckpt.entries if n.startswith(module) and n not in known), key=natural_key)
+    if extra:
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}")
     dtypes = set()
     for name, slice_shape in zip(family.fused_names(i), family.fused.shapes(shape.hidden, shape.intermediate),
                                  strict=True):
@@ -173,7 +179,7 @@ def plan_output(
         layer_index = layer_of(name)
         if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
             continue
-        if dequantized and is_fp8_scale(ckpt, name):
+        if (dequantized and is_fp8_scale(ckpt, name)) or family.is_dropped(name):
             continue
         if name in by_router:
             layer = by_router[name]

@@ -149,10 +149,12 @@ FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_sch
                            "weight_block_size": [128, 128]}
 
 
-def save_fp8_copy(src: str | Path, dst: str | Path) -> Path:
+def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128),
+                  **quantization) -> Path:
     """`src` with its linear projections stored as DeepSeek-V3's FP8 release stores them: float8_e4m3fn weights
     and float32 `weight_scale_inv` per 128x128 block, declared in quantization_config. Embeddings, norms,
-    routers, biases and lm_head stay as they were (which is what those releases leave unquantized)."""
+    routers, biases and lm_head stay as they were (which is what those releases leave unquantized). `block`
+    and `quantization` (e.g. scale_fmt="ue8m0") change the quantization_config written."""
     import shutil
 
     from safetensors.torch import save_file
@@ -162,18 +164,19 @@ def save_fp8_copy(src: str | Path, dst: str | Path) -> Path:
 
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
-    block = tuple(FP8_QUANTIZATION_CONFIG["weight_block_size"])
+    config_entry = {**FP8_QUANTIZATION_CONFIG, "weight_block_size": list(block), **quantization}
+    pow2 = quantization.get("scale_fmt") == "ue8m0"
     tensors = {}
     for name in ckpt.entries:
         tensor = ckpt.load(name)
         if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")) and tensor.dim() == 2:
-            tensors[name], tensors[name + "_scale_inv"] = quantize(tensor, block)
+            tensors[name], tensors[name + "_scale_inv"] = quantize(tensor, block, pow2_scales=pow2)
         else:
             tensors[name] = tensor
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = FP8_QUANTIZATION_CONFIG
+    config["quantization_config"] = config_entry
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
 

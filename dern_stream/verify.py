@@ -38,7 +38,7 @@ from .families import PARTS, family_for
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
 from .storage import expert_storage
 from .storage.formats import SCALE_SUFFIX
-from .storage.reading import is_scaled_fp8, load_weight
+from .storage.reading import check_fp8_tensors, is_scaled_fp8, load_weight
 
 _COMPARE_CHUNK = 64 * 2**20
 
@@ -80,6 +80,7 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     shape = ModelShape(family.num_experts(ckpt.config), int(ckpt.config.get("hidden_size", 0)),
                        family.intermediate_size(ckpt.config))
     try:
+        check_fp8_tensors(ckpt)
         layers = check_moe_layers(ckpt, family, shape, expert_storage(ckpt.config))
     except DernError as e:
         report.problems.append(str(e))

@@ -169,3 +169,55 @@ def test_output_dtype_on_an_unquantized_checkpoint_is_one_line(build, tmp_path):
                                        "--calib", str(built.calib), "--output-dtype", "bf16"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "is not quantized" in result.output.strip().splitlines()[-1] and not (tmp_path / "out").exists()
+
+
+def test_ue8m0_scales_stay_powers_of_two(build, tmp_path):
+    """DeepSeek-V3.1/V3.2 declare scale_fmt ue8m0: loaders round every scale to a power of two, so the
+    rebuilt experts' scales must be powers of two already."""
+    built = build("qwen3_moe", dtype=torch.bfloat16, hidden_size=256)
+    model = save_fp8_copy(built.model_dir, tmp_path / "in", scale_fmt="ue8m0", fmt="float8_e4m3fn")
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=built.calib, alpha=0.02, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    dst, fam = Checkpoint(out), family_for(Checkpoint(model).config)
+    checked = 0
+    for layer, rec in audit["layers"].items():
+        for pos, expert in enumerate(rec["kept"]):
+            if expert in rec["rebuilt_experts"]:
+                scale = dst.load(fam.expert_name(int(layer), pos, "up") + "_scale_inv")
+                assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+                checked += 1
+    assert checked and 0 < max(r["requantization_error"] for r in audit["layers"].values()) < 0.06
+    _load(out)
+
+
+def test_intermediate_size_must_keep_whole_scale_blocks(build, tmp_path):
+    built = build("qwen3_moe", dtype=torch.bfloat16)  # experts 32 wide
+    model = save_fp8_copy(built.model_dir, tmp_path / "in", block=(16, 16))
+    result = CliRunner().invoke(main, ["rewrite", str(model), str(tmp_path / "out"), "--experts", "4",
+                                       "--calib", str(built.calib), "--intermediate-size", "24"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "splits the FP8 scale blocks" in result.output.strip().splitlines()[-1]
+    dern_stream.rewrite(model, tmp_path / "ok", experts=4, calib=built.calib, intermediate_size=16, progress=False)
+    scales = Checkpoint(tmp_path / "ok").entries["model.layers.1.mlp.experts.0.down_proj.weight_scale_inv"]
+    assert scales.shape == (4, 1)
+
+
+def test_fp8_tensor_without_its_scales_is_one_line(fp8, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, _ = fp8("qwen3_moe")
+    src = tmp_path / "in"
+    shutil.copytree(model, src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    text = tmp_path / "t.txt"
+    text.write_text("ka lo mi ne su ta\n" * 50)
+    for args in (["rewrite", str(src), str(tmp_path / "out"), "--experts", "4", "--importance", "router-norm"],
+                 ["eval", str(src), "--text", str(text)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "o_proj.weight is stored as F8_E4M3 without its block scales" in result.output.strip().splitlines()[-1]

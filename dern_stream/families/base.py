@@ -34,6 +34,7 @@ class FusedExperts:
     (names are templates under the layer, as Family's). The 2h axis holds gate and up: gate | up, or
     alternating (`interleaved`, gpt-oss)."""
 
+    module: str  # every tensor under it is the router's or the experts' (anything else is refused)
     gate_up: str
     down: str
     gate_up_cols: bool  # [N, d, 2h] (Llama-4, gpt-oss) rather than [N, 2h, d] (Granite)
@@ -86,6 +87,7 @@ class Family:
     fixed_width: str | None = None
     grouped_routing: Callable[[dict], bool] = lambda config: False  # more than one routing group in use
     uses_groups: Callable[[dict], bool] = lambda config: False  # the router reads n_group / topk_group
+    group_defaults: tuple[int, int] | None = None  # n_group, topk_group when config.json leaves them out
     # How the model combines the selected experts' outputs (only the output-error options need it):
     # scores renormalised over A(x)? then times what? (moe-layouts.md, "Routing")
     renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
@@ -97,6 +99,9 @@ class Family:
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
     fixed_top_k: int | None = None
     remote_code: bool = False  # no transformers class: rewrite and verify only
+    # The checkpoint may hold a multi-token-prediction block under `mtp.` (Qwen3-Next, Qwen3.5, ERNIE), which
+    # transformers does not load: not carried over, since its experts would disagree with K.
+    drops_mtp: bool = False
     fused: FusedExperts | None = None  # the experts' layout on disk when not one tensor per expert and part
     scales_expert_input: bool = False  # the router's score scales the expert's input, not its output (Llama-4)
 
@@ -119,6 +124,10 @@ class Family:
         """Layers holding routed experts, found by their router tensor (dense and MTP layers included)."""
         pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.router)}$")
         return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+    def is_dropped(self, name: str) -> bool:
+        """A tensor the output leaves out (a multi-token-prediction block transformers does not load)."""
+        return self.drops_mtp and name.startswith("mtp.")
 
     def fused_names(self, layer: int) -> tuple[str, str]:
         """A fused family's gate_up and down tensors of `layer`."""
@@ -181,7 +190,9 @@ class Family:
         n, k = self.num_experts(config), self.top_k(config)
         if k > n:
             return f"num_experts_per_tok {k} exceeds the {n} experts"
-        n_group, topk_group = (config.get("n_group"), config.get("topk_group")) if self.uses_groups(config) else (1, 1)
+        defaults = self.group_defaults or (None, None)
+        n_group, topk_group = (config.get("n_group", defaults[0]), config.get("topk_group", defaults[1])) \
+            if self.uses_groups(config) else (1, 1)
         if not all(type(v) is int and v >= 1 for v in (n_group, topk_group)):
             return f"group-limited routing needs positive integers n_group and topk_group, not {n_group}, {topk_group}"
         if n % n_group:
@@ -215,10 +226,11 @@ class Family:
         present = [k for k in self.expert_count_keys if k in config]
         for key in present or self.expert_count_keys[:1]:
             out[key] = experts
-        top_k, top_k_key = config.get(self.top_k_key(config)), self.top_k_key(config)
-        if isinstance(top_k, int) and top_k > experts:
-            out[top_k_key] = experts
-            notes.append(f"{top_k_key} clipped from {top_k} to {experts} (K is below it)")
+        for top_k_key in [k for k in self.top_k_keys if k in config]:
+            top_k = config[top_k_key]
+            if isinstance(top_k, int) and top_k > experts:
+                out[top_k_key] = experts
+                notes.append(f"{top_k_key} clipped from {top_k} to {experts} (K is below it)")
         if intermediate_size is not None:
             if self.fixed_width is not None and intermediate_size != self.intermediate_size(config):
                 raise DernError(f"--intermediate-size cannot change {self.model_type} experts: {self.fixed_width}")

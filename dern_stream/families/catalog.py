@@ -39,12 +39,19 @@ def _sigmoid_grouped_router(c: dict):
     return SigmoidGroupLimited(c["num_experts_per_tok"], c.get("n_group") or 1, c.get("topk_group") or 1)
 
 
-def _routed_scale(c: dict) -> float:
-    return float(c.get("routed_scaling_factor") or 1.0)
+def _routed_scale(c: dict, default: float = 1.0) -> float:
+    value = c.get("routed_scaling_factor", default)
+    return float(default if value is None else value)
 
 
-def _deepseek_v3_like(model_type: str) -> Family:
-    """DeepSeek-V3 and the families built on its MoE block (V3.2, GLM-4.5/4.6)."""
+def _norm_topk(default: bool):
+    """Whether the scores are renormalised over A(x): config.json's norm_topk_prob, else the config class's default."""
+    return lambda c: bool(c.get("norm_topk_prob", default))
+
+
+def _deepseek_v3_like(model_type: str, scale: float, groups: tuple[int, int] | None = None) -> Family:
+    """DeepSeek-V3 and the families built on its MoE block (V3.2, GLM-4.5/4.6). `scale`: the config class's
+    default routed_scaling_factor; `groups`: its default n_group, topk_group where it may leave them out."""
     return Family(
         model_type=model_type,
         expert_count_keys=_DEEPSEEK_EXPERT_KEYS,
@@ -54,8 +61,10 @@ def _deepseek_v3_like(model_type: str) -> Family:
         shared_count_key="n_shared_experts",
         grouped_routing=grouped_if,
         uses_groups=lambda c: True,
+        group_defaults=groups,
         min_group_experts=2,
-        routed_scale=_routed_scale,
+        renormalises=_norm_topk(True),
+        routed_scale=lambda c: _routed_scale(c, scale),
     )
 
 
@@ -113,6 +122,8 @@ ALL: tuple[Family, ...] = (
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
+        renormalises=_norm_topk(True),
+        drops_mtp=True,
     ),
     Family(  # the text model of Qwen3.5-MoE, as transformers builds it
         model_type="qwen3_5_moe_text",
@@ -120,6 +131,7 @@ ALL: tuple[Family, ...] = (
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
         renormalises=lambda c: True,
+        drops_mtp=True,
     ),
     Family(
         model_type="olmoe",
@@ -147,6 +159,7 @@ ALL: tuple[Family, ...] = (
         memory_names=(("mlp.gate.moe_statics.", "mlp.moe_statics."),),
         shared_count_key="moe_num_shared_experts",
         renormalises=lambda c: True,
+        drops_mtp=True,
     ),
     Family(
         model_type="deepseek_v2",
@@ -157,11 +170,11 @@ ALL: tuple[Family, ...] = (
         grouped_routing=lambda c: c.get("topk_method") == "group_limited_greedy" and grouped_if(c),
         uses_groups=lambda c: c.get("topk_method") == "group_limited_greedy",
         renormalises=lambda c: False,  # transformers' DeepSeek-V2 ignores norm_topk_prob
-        routed_scale=_routed_scale,
+        routed_scale=lambda c: _routed_scale(c),
     ),
-    _deepseek_v3_like("deepseek_v3"),
-    _deepseek_v3_like("deepseek_v32"),
-    _deepseek_v3_like("glm4_moe"),
+    _deepseek_v3_like("deepseek_v3", 2.5),
+    _deepseek_v3_like("deepseek_v32", 2.5),
+    _deepseek_v3_like("glm4_moe", 1.0, groups=(1, 1)),
     # Experts fused into two tensors per layer (expert e = slice e of the leading dimension).
     Family(
         model_type="granitemoe",
@@ -169,8 +182,8 @@ ALL: tuple[Family, ...] = (
         intermediate_key="intermediate_size",
         make_router=softmax_top_k,  # softmax over the top-k logits: softmax, top-k, renormalised
         router="block_sparse_moe.router.layer.weight",
-        fused=FusedExperts("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight",
-                           gate_up_cols=False, down_cols=False),
+        fused=FusedExperts("block_sparse_moe.", "block_sparse_moe.input_linear.weight",
+                           "block_sparse_moe.output_linear.weight", gate_up_cols=False, down_cols=False),
         memory_names=(("block_sparse_moe.router.", "block_sparse_moe.router.layer."),
                       ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight"),
                       ("block_sparse_moe.experts.down_proj", "block_sparse_moe.output_linear.weight")),
@@ -182,8 +195,8 @@ ALL: tuple[Family, ...] = (
         intermediate_key="intermediate_size",
         make_router=lambda c: SigmoidTopK(c["num_experts_per_tok"]),
         router="feed_forward.router.weight",
-        fused=FusedExperts("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj",
-                           gate_up_cols=True, down_cols=True),
+        fused=FusedExperts("feed_forward.experts.", "feed_forward.experts.gate_up_proj",
+                           "feed_forward.experts.down_proj", gate_up_cols=True, down_cols=True),
         renormalises=lambda c: False,
         scales_expert_input=True,
         fixed_width="its shared expert reads the same intermediate_size as the routed experts",

@@ -175,7 +175,8 @@ PER_FAMILY: dict[str, dict[str, Rule]] = {
         "intermediate_size": opt(POS_INT),
         "moe_num_shared_experts": opt(NONNEG_INT),
         "moe_layer_start_index": opt(NONNEG_INT),
-        "moe_layer_end_index": opt(NONNEG_INT),
+        "moe_layer_end_index": opt(Kind("an integer from -1 (the last layer) up",
+                                        lambda v: _is_int(v) and v >= -1)),
         "moe_layer_interval": opt(POS_INT),
         "moe_norm_min": opt(POS_FLOAT),
     },
@@ -230,9 +231,13 @@ def check_config(config: dict, family: Family) -> None:
             continue
         if not rule.kind.accepts(value) or (rule.choices and value not in rule.choices):
             raise _bad(key, value, rule.expected())
-    if not any(k in config for k in family.top_k_keys):
+    top_ks = [k for k in family.top_k_keys if k in config]
+    if not top_ks:
         raise DernError(f"config.json: {' or '.join(family.top_k_keys)} is missing; expected a positive integer "
                         "(the experts each token is routed to)")
+    if any(config[k] != config[top_ks[0]] for k in top_ks):
+        raise DernError(f"config.json: {top_ks[0]} is {config[top_ks[0]]} but {top_ks[1]} is {config[top_ks[1]]}; "
+                        "both give the experts each token is routed to")
     present = [k for k in family.expert_count_keys if k in config]
     if not present:
         raise DernError(f"config.json: {' or '.join(family.expert_count_keys)} is missing; expected a positive "

@@ -17,6 +17,7 @@ class ExpertStorage:
     """`block` is None for plain float weights, else the FP8 scale block (rows, cols)."""
 
     block: tuple[int, int] | None = None
+    pow2_scales: bool = False  # `scale_fmt: ue8m0` (DeepSeek-V3.1/V3.2): every scale a power of two
 
     @property
     def fp8(self) -> bool:
@@ -48,6 +49,8 @@ def expert_storage(config: dict) -> ExpertStorage:
     if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise DernError(f"quantization_config weight_block_size is {block!r}; dern-stream rewrites FP8 with "
                         "block scales, e.g. [128, 128] (per-tensor FP8 is not supported)")
-    if q.get("fmt", "e4m3") != "e4m3":
+    if q.get("fmt", "e4m3") not in ("e4m3", "float8_e4m3fn"):
         raise DernError(f"quantization_config fmt {q.get('fmt')!r} is not supported; FP8 weights must be e4m3")
-    return ExpertStorage((block[0], block[1]))
+    if q.get("scale_fmt") not in (None, "ue8m0"):
+        raise DernError(f"quantization_config scale_fmt {q.get('scale_fmt')!r} is not supported (ue8m0, or none)")
+    return ExpertStorage((block[0], block[1]), q.get("scale_fmt") == "ue8m0")

@@ -29,10 +29,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
     return weight.float() * _spread(scale, tuple(weight.shape), block)
 
 
-def quantize(weight: torch.Tensor, block: tuple[int, int],
-             scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32,
+             pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 weight, block scales in `scale_dtype`) with each block's largest magnitude mapped to 448, as
-    DeepSeek's own `weight_quant` does. A UE8M0 scale (float8_e8m0fnu) is rounded up to a power of two."""
+    DeepSeek's own `weight_quant` does; with `pow2_scales` (UE8M0 scales) each scale is rounded up to a
+    power of two, so the largest magnitude maps to 448 or less."""
     w = weight.float()
     rows, cols = w.shape
     grid = scale_shape((rows, cols), block)
@@ -40,8 +41,8 @@ def quantize(weight: torch.Tensor, block: tuple[int, int],
     padded[:rows, :cols] = w.abs()
     amax = padded.view(grid[0], block[0], grid[1], block[1]).amax(dim=(1, 3))
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero block: any scale, use 1
-    if scale_dtype != torch.float32:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # powers of two are exact in E8M0
+    if pow2_scales:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
     scale = scale.to(scale_dtype)
     q = (w / _spread(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale

@@ -7,7 +7,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from .formats import SCALE_SUFFIX, expert_storage
-from .fp8_blocks import dequantize
+from .fp8_blocks import dequantize, scale_shape
 
 
 def is_scaled_fp8(ckpt: Checkpoint, name: str) -> bool:
@@ -27,5 +27,31 @@ def load_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
         block = expert_storage(ckpt.config).block
         if block is None:
             raise DernError(f"{name} is FP8 with block scales, but config.json has no FP8 quantization_config")
+        check_scales(ckpt, name, block)
         return dequantize(ckpt.load(name), ckpt.load(name + SCALE_SUFFIX), block)
+    if ckpt.entries[name].dtype.startswith("F8"):
+        raise DernError(f"{name} is stored as {ckpt.entries[name].dtype} without block scales ({name}{SCALE_SUFFIX}); "
+                        "its values cannot be read")
     return ckpt.load(name)
+
+
+def check_scales(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> None:
+    """An FP8 weight is 2-D with a scale grid of the right shape, or a one-line DernError."""
+    weight, scale = ckpt.entries[name], ckpt.entries[name + SCALE_SUFFIX]
+    if len(weight.shape) != 2:
+        raise DernError(f"{name} is FP8 with block scales but has shape {list(weight.shape)}; expected 2-D")
+    if scale.shape != scale_shape(weight.shape, block):
+        raise DernError(f"{name}{SCALE_SUFFIX} has shape {list(scale.shape)}; {list(block)} blocks of {name} "
+                        f"{list(weight.shape)} need {list(scale_shape(weight.shape, block))}")
+
+
+def check_fp8_tensors(ckpt: Checkpoint) -> None:
+    """Before any work on a block-FP8 checkpoint: every FP8 tensor has its scales, of the right shape."""
+    block = expert_storage(ckpt.config).block
+    if block is None:
+        return
+    for name, entry in ckpt.entries.items():
+        if entry.dtype.startswith("F8"):
+            if name + SCALE_SUFFIX not in ckpt.entries:
+                raise DernError(f"{name} is stored as {entry.dtype} without its block scales ({name}{SCALE_SUFFIX})")
+            check_scales(ckpt, name, block)

@@ -20,6 +20,7 @@ from ..errors import DernError
 from ..families import family_for, require_forward
 from ..host_memory import return_freed_memory
 from ..optional import require_transformers
+from ..storage.reading import check_fp8_tensors
 from .hidden_store import HiddenStore
 from .weights import materialise, release
 
@@ -63,6 +64,7 @@ class StreamedModel:
         self.ckpt, self.device = ckpt, device
         self.family = family_for(ckpt.config)  # checks config.json's value types (families/config_check.py)
         require_forward(self.family)
+        check_fp8_tensors(ckpt)
         try:
             config = AutoConfig.from_pretrained(ckpt.root)
         except OSError as e:

@@ -1,0 +1,92 @@
+"""Config spellings of the newer families: top-k keys, group defaults, ERNIE's layer range, MTP blocks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import dern_stream
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.cli import main
+
+
+def _copy(built, tmp_path, **changes):
+    src = tmp_path / "in"
+    shutil.copytree(built.model_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+def _rewrite(src, tmp_path, *extra):
+    return CliRunner().invoke(main, ["rewrite", str(src), str(tmp_path / "out"), "--experts", "3",
+                                     "--importance", "router-norm", *extra])
+
+
+@pytest.mark.parametrize("family", ["ernie4_5_moe", "hunyuan_v1_moe"])
+def test_both_top_k_keys_are_clipped(family, build, tmp_path):
+    built = build(family)
+    key = {"ernie4_5_moe": "moe_k", "hunyuan_v1_moe": "moe_topk"}[family]
+    src = _copy(built, tmp_path, num_experts_per_tok=2)
+    dern_stream.rewrite(src, tmp_path / "out", experts=1, importance="router-norm", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config[key] == config["num_experts_per_tok"] == 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_experts_per_tok == 1
+
+
+def test_top_k_keys_that_disagree_are_one_line(build, tmp_path):
+    src = _copy(build("ernie4_5_moe"), tmp_path, num_experts_per_tok=6)
+    result = _rewrite(src, tmp_path)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "moe_k is 2 but num_experts_per_tok is 6" in result.output.strip().splitlines()[-1]
+
+
+def test_glm4_moe_without_groups_uses_one_group(build, tmp_path):
+    src = _copy(build("glm4_moe"), tmp_path, n_group=None, topk_group=None)
+    assert _rewrite(src, tmp_path).exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.n_group == 1 and torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_ernie_last_layer_index_minus_one(build, tmp_path):
+    src = _copy(build("ernie4_5_moe"), tmp_path, moe_layer_end_index=-1)
+    assert _rewrite(src, tmp_path).exit_code == 0
+
+
+def test_mtp_block_is_left_out_with_a_note(build, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    built = build("qwen3_next")
+    src = _copy(built, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    tensors.update({k.replace("model.layers.2.", "mtp.layers.0."): v.clone()
+                    for k, v in tensors.items() if k.startswith("model.layers.2.")})
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    summary = dern_stream.rewrite(src, tmp_path / "out", experts=4, importance="router-norm", progress=False)
+    assert any("mtp.* tensors" in note for note in summary.notes)
+    entries = Checkpoint(tmp_path / "out").entries
+    assert not any(n.startswith("mtp.") for n in entries)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_fused_layer_with_an_unknown_expert_tensor_is_refused(build, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = _copy(build("llama4_text"), tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.feed_forward.experts.down_proj_bias"] = torch.zeros(8, 64)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    result = _rewrite(src, tmp_path)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "expert tensor this tool does not handle: model.layers.1.feed_forward.experts.down_proj_bias" in \
+        result.output.strip().splitlines()[-1]
