@@ -166,6 +166,9 @@ def rewrite(
         # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
         raise DernError(f"--intermediate-size {width} splits the FP8 scale blocks {list(storage.block)}: use a "
                         f"multiple of {max(storage.block)}, at most {min(storage.block)}, or --output-dtype bf16")
+    if options.refit and family.fused is not None and family.fused.biased:
+        raise DernError(f"--refit does not model {family.model_type}'s expert biases yet; leave it out "
+                        "(--recipe best uses it: give --no-refit)")
     check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)

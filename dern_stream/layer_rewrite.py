@@ -23,6 +23,7 @@ from .methods import (
     router_norm_importance,
     routing_importance,
     select_experts,
+    transfer_router,
 )
 from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
 from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_error, routed_output
@@ -62,7 +63,7 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
 
     def gating(c: dict) -> Gating:
         return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act,
-                      family.scales_expert_input)
+                      family.scales_expert_input, family.make_glu(c) if family.make_glu else None)
 
     return LayerRouting(gating(config), gating(out_config))
 
@@ -114,7 +115,8 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
     stored, storage = DTYPES[layer.dtype], layer.storage
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
-                                  storage.compute_dtype(stored), device)
+                                  storage.compute_dtype(stored), device,
+                                  biases=family.fused is not None and family.fused.biased)
         if family.fused is not None:
             _read_fused(ckpt, family, layer, shape, stack)
             return stack
@@ -148,8 +150,11 @@ def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelS
     for e in range(shape.num_experts):
         for name, buffer in zip(names, slices, strict=True):
             ckpt.read_rows_into(name, e, buffer)
-        for part, tensor in zip(PARTS, family.fused.split(slices[0][0], slices[1][0]), strict=True):
-            getattr(stack, part)[e].copy_(tensor)
+        gate, up, down, bias, down_bias = family.fused.split([s[0] for s in slices])
+        for target, tensor in ((stack.gate, gate), (stack.up, up), (stack.down, down), (stack.bias, bias),
+                               (stack.down_bias, down_bias)):
+            if tensor is not None:
+                target[e].copy_(tensor)
 
 
 def compress_layer(
@@ -193,7 +198,7 @@ def compress_layer(
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
         with clock("fit"):
-            kept_bias = bias[result.kept] if bias is not None else None
+            kept_bias = output_bias(family, bias, result, shape.intermediate) if bias is not None else None
             stack = kept_stack(experts, result)
             output = routed_output(x, result.router, kept_bias, routing.after, stack)
             error = relative_error(output, target)
@@ -264,11 +269,24 @@ def requantize(report: LayerReport, layer: MoELayer) -> None:
 
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
     """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
-    parts = {p: [] for p in PARTS}
+    names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
+    parts = {p: [] for p in names}
     for expert, rebuilt in zip(result.kept, result.experts, strict=True):
-        for p in PARTS:
-            parts[p].append(getattr(rebuilt, p) if rebuilt is not None else getattr(experts, p)[expert])
-    return ExpertStack(*(torch.stack(parts[p]) for p in PARTS))
+        for p in names:
+            mine = getattr(rebuilt, p) if rebuilt is not None else None
+            parts[p].append(mine if mine is not None else getattr(experts, p)[expert])
+    return ExpertStack(*(torch.stack(parts[p]) for p in names))
+
+
+def output_bias(family: Family, bias: torch.Tensor, result: LayerResult, intermediate: int) -> torch.Tensor:
+    """The router bias rows of the output: the kept experts' values, for a score-correction bias (a
+    load-balancing term, method.md); a bias inside the router's logits (gpt-oss) follows Eq. 8 as the
+    router's rows do."""
+    if family.bias_in_logits and result.router_transferred and result.dropped:
+        flat = bias.reshape(-1, 1)
+        return transfer_router(flat, result.kept, result.dropped, result.counts.to(flat.device),
+                               intermediate).reshape(*bias.shape[:-1], -1)
+    return bias[..., result.kept]
 
 
 def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
@@ -321,7 +339,8 @@ def write_layer(
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
-            writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[..., result.kept])
+            writer.write(family.bias_name(i), output_bias(family, ckpt.load(family.bias_name(i)), result,
+                                                          family.intermediate_size(ckpt.config)))
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
         if family.fused is not None:
             _write_fused(writer, ckpt, family, layer, result)
@@ -358,11 +377,22 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
             for name, out in zip(names, outputs, strict=True):
                 ckpt.read_rows_into(name, expert, out[pos:pos + 1])
         else:
-            parts = family.fused.join(*(getattr(rebuilt, p).to(dtype).cpu() for p in PARTS))
+            down_bias = rebuilt.down_bias
+            if family.fused.biased and down_bias is None:  # DERN keeps the kept expert's own (one per expert)
+                down_bias = _row(ckpt, names[3], expert, dtype)
+            parts = family.fused.join(*(t.to(dtype).cpu() if t is not None else None for t in (
+                rebuilt.gate, rebuilt.up, rebuilt.down, rebuilt.bias, down_bias)))
             for out, part in zip(outputs, parts, strict=True):
                 out[pos].copy_(part)
     for name, out in zip(names, outputs, strict=True):
         writer.write(name, out)
+
+
+def _row(ckpt: Checkpoint, name: str, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """Entry `index` of a tensor's leading dimension, read alone."""
+    out = torch.empty(1, *ckpt.entries[name].shape[1:], dtype=dtype)
+    ckpt.read_rows_into(name, index, out)
+    return out[0]
 
 
 def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:
