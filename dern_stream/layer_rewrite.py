@@ -14,6 +14,7 @@ from .checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
 from .checkpoint.integrity import all_finite
 from .checkpoint.safetensors_format import DTYPES
 from .families import PARTS, Family, GroupPlan
+from .fused_tensors import from_float, fused_tensors, to_float
 from .layout import ModelShape, MoELayer
 from .methods import (
     ExpertStack,
@@ -30,7 +31,7 @@ from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_erro
 from .methods.refit import refit_down
 from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
-from .storage import dequantize, quantize
+from .storage import ExpertStorage, dequantize, quantize
 from .storage.formats import SCALE_SUFFIX
 from .storage.reading import load_weight
 
@@ -143,14 +144,11 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
 
 
 def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, stack: ExpertStack) -> None:
-    """Fill `stack` from a fused layout: one pread per expert and tensor, through a host buffer of one slice."""
-    names = family.fused_names(layer.index)
-    slices = [torch.empty(1, *s, dtype=DTYPES[layer.dtype]) for s in family.fused.shapes(shape.hidden,
-                                                                                          shape.intermediate)]
+    """Fill `stack` from a fused layout: one pread per expert and tensor, through a host buffer of one slice
+    (MXFP4: dequantized from it)."""
     for e in range(shape.num_experts):
-        for name, buffer in zip(names, slices, strict=True):
-            ckpt.read_rows_into(name, e, buffer)
-        gate, up, down, bias, down_bias = family.fused.split([s[0] for s in slices])
+        slices = _read_slices(ckpt, family, layer, shape.hidden, shape.intermediate, e)
+        gate, up, down, bias, down_bias = family.fused.split(to_float(slices, layer.storage))
         for target, tensor in ((stack.gate, gate), (stack.up, up), (stack.down, down), (stack.bias, bias),
                                (stack.down_bias, down_bias)):
             if tensor is not None:
@@ -306,7 +304,7 @@ def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[s
     """Every stored tensor of experts 0..experts-1 of `layer`: weights, and their scales when FP8 (a
     fused layout: its two tensors, whatever `experts` is)."""
     if family.fused is not None:
-        return list(family.fused_names(layer.index))
+        return [t.name for t in fused_tensors(family, layer.index, 0, 0, layer.storage)]
     return [t for name in family.expert_names(layer.index, experts) for t in layer.storage.tensor_names(name)]
 
 
@@ -343,7 +341,7 @@ def write_layer(
                                                           family.intermediate_size(ckpt.config)))
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
         if family.fused is not None:
-            _write_fused(writer, ckpt, family, layer, result)
+            report.requantization_error = _write_fused(writer, ckpt, family, layer, result, dequantized)
             return
         for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
             for part in PARTS:
@@ -366,26 +364,53 @@ def write_layer(
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
 
 
-def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result) -> None:
+def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,
+                 dequantized: bool) -> float | None:
     """The K experts in the input's fused layout: a kept expert nothing changed is its input slice's bytes,
-    read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept)."""
-    names = family.fused_names(layer.index)
-    dtype = DTYPES[layer.dtype]
-    outputs = [torch.empty(writer.specs[name].shape, dtype=dtype) for name in names]
+    read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept, MXFP4
+    quantized again). `dequantized`: every expert in bf16, in the family's float layout. Returns the
+    MXFP4 requantization error of the rebuilt experts' weights (relative, as requantize's), else None."""
+    error = [0.0, 0.0]
+    hidden = int(ckpt.config["hidden_size"])
+    out_storage = ExpertStorage() if dequantized else layer.storage
+    names = [t.name for t in fused_tensors(family, layer.index, hidden, 0, out_storage)]
+    outputs = [torch.empty(writer.specs[n].shape, dtype=DTYPES[writer.specs[n].dtype]) for n in names]
+    float_dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
+    h_in = family.intermediate_size(ckpt.config)
     for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
-        if rebuilt is None:
+        if rebuilt is None and not dequantized:
             for name, out in zip(names, outputs, strict=True):
                 ckpt.read_rows_into(name, expert, out[pos:pos + 1])
+            continue
+        if rebuilt is None:
+            floats = to_float(_read_slices(ckpt, family, layer, hidden, h_in, expert), layer.storage)
         else:
             down_bias = rebuilt.down_bias
             if family.fused.biased and down_bias is None:  # DERN keeps the kept expert's own (one per expert)
-                down_bias = _row(ckpt, names[3], expert, dtype)
-            parts = family.fused.join(*(t.to(dtype).cpu() if t is not None else None for t in (
+                down_bias = _row(ckpt, family.fused_names(layer.index)[-1], expert, DTYPES[layer.dtype])
+            floats = family.fused.join(*(t.float().cpu() if t is not None else None for t in (
                 rebuilt.gate, rebuilt.up, rebuilt.down, rebuilt.bias, down_bias)))
-            for out, part in zip(outputs, parts, strict=True):
-                out[pos].copy_(part)
+        parts = from_float([t.to(float_dtype) for t in floats], out_storage)
+        if rebuilt is not None and out_storage.mxfp4:
+            for weight, back in zip(floats[:2], to_float(parts, out_storage)[:2], strict=True):
+                error[0] += float((back - weight.float()).double().square().sum())
+                error[1] += float(weight.double().square().sum())
+        for out, part in zip(outputs, parts, strict=True):
+            out[pos].copy_(part)
     for name, out in zip(names, outputs, strict=True):
         writer.write(name, out)
+    return (error[0] / error[1]) ** 0.5 if error[1] > 0 else None
+
+
+def _read_slices(ckpt: Checkpoint, family: Family, layer: MoELayer, hidden: int, intermediate: int,
+                 expert: int) -> list[torch.Tensor]:
+    """One expert's slice of each stored tensor of a fused layer, each read with one pread."""
+    out = []
+    for t in fused_tensors(family, layer.index, hidden, intermediate, layer.storage):
+        buffer = torch.empty(1, *t.slice_shape, dtype=DTYPES[t.dtype or layer.dtype])
+        ckpt.read_rows_into(t.name, expert, buffer)
+        out.append(buffer[0])
+    return out
 
 
 def _row(ckpt: Checkpoint, name: str, index: int, dtype: torch.dtype) -> torch.Tensor:

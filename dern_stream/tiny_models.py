@@ -185,6 +185,36 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     return dst
 
 
+def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
+    """A gpt-oss checkpoint `src` with its experts stored as OpenAI's release stores them: MXFP4
+    `*_blocks` [N, rows, cols / 32, 16] and `*_scales` [N, rows, cols / 32] of the transposed projections
+    (gate_up [N, 2h, d], down [N, d, h]), declared `quant_method: mxfp4`; biases and the rest as they were."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import Checkpoint
+    from .storage import mxfp4
+
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    tensors = {}
+    for name in ckpt.entries:
+        tensor = ckpt.load(name)
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            blocks, scales = mxfp4.quantize(tensor.transpose(1, 2))
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        else:
+            tensors[name] = tensor
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
 _SYLLABLES = ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "fa", "gu", "he", "ji", "vo", "ze", "xu")
 
 

@@ -157,8 +157,8 @@ class Family:
         return [f"model.layers.{layer}.{t}" for t in self.fused.templates()]
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
-        if self.fused is not None:
-            return name in self.fused_names(layer)
+        if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
+            return any(name in (f, f + "_blocks", f + "_scales") for f in self.fused_names(layer))
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int) -> str:
