@@ -46,9 +46,6 @@ class LayerReport:
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
     fit: dict = field(default_factory=dict)
     requantization_error: float | None = None  # FP8: ||deq(q(W)) - W|| / ||W|| over the rebuilt experts
-    # FP8: each rebuilt expert's parts quantized again, {position: {part: (FP8 weight, scales)}} on the host
-    # (requantize); their float tensors are then released.
-    quantized: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -243,28 +240,6 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
     yield options.method, result
 
 
-def requantize(report: LayerReport, layer: MoELayer) -> None:
-    """Quantize the rebuilt experts again with the input's FP8 block scheme, on the device that built them,
-    as soon as they are final: the write stage then holds one byte per weight instead of two, and only
-    the FP8 bytes cross to the host. Records the relative error this adds (`requantization_error`)."""
-    storage, scale_dtype = layer.storage, DTYPES[layer.scale_dtype]
-    error = [0.0, 0.0]  # squared requantization error, squared weights (float64 sums)
-    for pos, rebuilt in enumerate(report.result.experts):
-        if rebuilt is None:
-            continue
-        parts = {}
-        for part in PARTS:
-            weight = getattr(rebuilt, part).float()
-            q, scale = quantize(weight, storage.block, scale_dtype, storage.pow2_scales)
-            error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-            error[1] += float(weight.double().square().sum())
-            parts[part] = (q.cpu(), scale.cpu())
-            setattr(rebuilt, part, None)
-        report.quantized[pos] = parts
-    if error[1] > 0:
-        report.requantization_error = (error[0] / error[1]) ** 0.5
-
-
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
     """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
     names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
@@ -329,10 +304,13 @@ def write_layer(
     """Router rows, score-correction bias and experts renumbered 0..K-1 in kept order.
 
     Experts that DERN left unchanged are copied as raw bytes (with their FP8 scales), so they are
-    bit-identical to the input. Rebuilt FP8 experts come quantized again (requantize). `dequantized`:
-    every expert is written in bf16 instead, without scales.
+    bit-identical to the input. Rebuilt FP8 experts are quantized again with the input's block scheme, one
+    tensor at a time on the device that built them (one tensor's bytes cross to the host); the relative
+    error that adds is recorded (`requantization_error`). `dequantized`: every expert is written in bf16
+    instead, without scales.
     """
     result, i, storage = report.result, layer.index, layer.storage
+    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
@@ -353,15 +331,20 @@ def write_layer(
                                         storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
                         writer.copy_raw(out, ckpt.entries[src])
                 elif storage.fp8 and not dequantized:
-                    q, scale = report.quantized[pos][part]
-                    writer.write(name, q)
-                    writer.write(name + SCALE_SUFFIX, scale)
+                    weight = getattr(rebuilt, part).float()
+                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
+                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
+                    error[1] += float(weight.double().square().sum())
+                    writer.write(name, q.cpu())
+                    writer.write(name + SCALE_SUFFIX, scale.cpu())
                 else:
                     writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
+    if error[1] > 0:
+        report.requantization_error = (error[0] / error[1]) ** 0.5
 
 
 def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,
@@ -369,7 +352,7 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
     """The K experts in the input's fused layout: a kept expert nothing changed is its input slice's bytes,
     read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept, MXFP4
     quantized again). `dequantized`: every expert in bf16, in the family's float layout. Returns the
-    MXFP4 requantization error of the rebuilt experts' weights (relative, as requantize's), else None."""
+    MXFP4 requantization error of the rebuilt experts' weights (relative, as for FP8), else None."""
     error = [0.0, 0.0]
     hidden = int(ckpt.config["hidden_size"])
     out_storage = ExpertStorage() if dequantized else layer.storage
