@@ -43,6 +43,7 @@ from .layer_rewrite import (
     layer_output_names,
     layer_routing,
     read_layer,
+    requantize,
     write_layer,
 )
 from .layout import (
@@ -254,8 +255,12 @@ def rewrite(
 
                         def compute_layer(inputs: LayerInputs):
                             layer_dump = dump if inputs.layer.index in calibrated else None
-                            return compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
-                                                  routing, clock)
+                            report = compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
+                                                    routing, clock)
+                            if storage.fp8 and not dequantized:
+                                with clock("write"):
+                                    requantize(report, inputs.layer)
+                            return report
 
                         def write(report) -> None:
                             with clock("write"):
