@@ -43,7 +43,6 @@ from .layer_rewrite import (
     layer_output_names,
     layer_routing,
     read_layer,
-    requantize,
     write_layer,
 )
 from .layout import (
@@ -255,12 +254,8 @@ def rewrite(
 
                         def compute_layer(inputs: LayerInputs):
                             layer_dump = dump if inputs.layer.index in calibrated else None
-                            report = compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
-                                                    routing, clock)
-                            if storage.fp8 and not dequantized:
-                                with clock("write"):
-                                    requantize(report, inputs.layer)
-                            return report
+                            return compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
+                                                  routing, clock)
 
                         def write(report) -> None:
                             with clock("write"):

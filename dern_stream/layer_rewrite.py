@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -34,7 +33,6 @@ from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
 from .storage import ExpertStorage, dequantize, quantize
 from .storage.formats import SCALE_SUFFIX
-from .storage.fp8_blocks import scale_shape
 from .storage.reading import load_weight
 
 
@@ -48,9 +46,6 @@ class LayerReport:
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
     fit: dict = field(default_factory=dict)
     requantization_error: float | None = None  # FP8: ||deq(q(W)) - W|| / ||W|| over the rebuilt experts
-    # FP8: the rebuilt experts quantized again (requantize), {position: {part: (FP8 weight, scales)}}: views of
-    # one host buffer per layer, their float tensors released.
-    quantized: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,38 +240,6 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
     yield options.method, result
 
 
-def requantize(report: LayerReport, layer: MoELayer) -> None:
-    """Quantize the rebuilt experts again with the input's FP8 block scheme, on the device that built them,
-    as soon as they are final, into one host buffer: a layer waiting to be written then holds one byte per
-    weight instead of two, in one block the allocator returns whole (many small tensors would stay in the
-    heap). Records the relative error this adds (`requantization_error`)."""
-    storage, scale_dtype = layer.storage, DTYPES[layer.scale_dtype]
-    rebuilt = [(pos, e) for pos, e in enumerate(report.result.experts) if e is not None]
-    if not rebuilt:
-        return
-    shapes = [tuple(getattr(rebuilt[0][1], part).shape) for part in PARTS]
-    grids = [scale_shape(s, storage.block) for s in shapes]
-    weights = torch.empty(len(rebuilt), sum(math.prod(s) for s in shapes), dtype=DTYPES[layer.dtype])
-    scales = torch.empty(len(rebuilt), sum(math.prod(g) for g in grids), dtype=scale_dtype)
-    error = [0.0, 0.0]  # squared requantization error, squared weights (float64 sums)
-    for row, (pos, expert) in enumerate(rebuilt):
-        parts, w_at, s_at = {}, 0, 0
-        for part, shape, grid in zip(PARTS, shapes, grids, strict=True):
-            weight = getattr(expert, part).float()
-            q, scale = quantize(weight, storage.block, scale_dtype, storage.pow2_scales)
-            error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-            error[1] += float(weight.double().square().sum())
-            q_view = weights[row, w_at:w_at + q.numel()].view(shape)
-            s_view = scales[row, s_at:s_at + scale.numel()].view(grid)
-            q_view.copy_(q)
-            s_view.copy_(scale)
-            parts[part] = (q_view, s_view)
-            w_at, s_at = w_at + q.numel(), s_at + scale.numel()
-            setattr(expert, part, None)
-        report.quantized[pos] = parts
-    report.requantization_error = (error[0] / error[1]) ** 0.5
-
-
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
     """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
     names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
@@ -341,10 +304,13 @@ def write_layer(
     """Router rows, score-correction bias and experts renumbered 0..K-1 in kept order.
 
     Experts that DERN left unchanged are copied as raw bytes (with their FP8 scales), so they are
-    bit-identical to the input. Rebuilt FP8 experts come quantized again (requantize). `dequantized`:
-    every expert is written in bf16 instead, without scales.
+    bit-identical to the input. Rebuilt FP8 experts are quantized again with the input's block scheme, one
+    tensor at a time on the device that built them (one tensor's bytes cross to the host); the relative
+    error that adds is recorded (`requantization_error`). `dequantized`: every expert is written in bf16
+    instead, without scales.
     """
     result, i, storage = report.result, layer.index, layer.storage
+    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
@@ -365,15 +331,20 @@ def write_layer(
                                         storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
                         writer.copy_raw(out, ckpt.entries[src])
                 elif storage.fp8 and not dequantized:
-                    q, scale = report.quantized[pos][part]
-                    writer.write(name, q)
-                    writer.write(name + SCALE_SUFFIX, scale)
+                    weight = getattr(rebuilt, part).float()
+                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
+                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
+                    error[1] += float(weight.double().square().sum())
+                    writer.write(name, q.cpu())
+                    writer.write(name + SCALE_SUFFIX, scale.cpu())
                 else:
                     writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
+    if error[1] > 0:
+        report.requantization_error = (error[0] / error[1]) ** 0.5
 
 
 def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,
