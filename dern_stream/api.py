@@ -43,7 +43,6 @@ from .layer_rewrite import (
     layer_output_names,
     layer_routing,
     read_layer,
-    requantize,
     write_layer,
 )
 from .layout import (
@@ -152,7 +151,7 @@ def rewrite(
     storage = expert_storage(config)
     check_fp8_tensors(ckpt)
     dequantized = options.output_dtype is not None
-    if dequantized and not storage.fp8:
+    if dequantized and not storage.quantized:
         raise DernError(f"--output-dtype {options.output_dtype} writes a quantized checkpoint dequantized; "
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
@@ -166,6 +165,12 @@ def rewrite(
         # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
         raise DernError(f"--intermediate-size {width} splits the FP8 scale blocks {list(storage.block)}: use a "
                         f"multiple of {max(storage.block)}, at most {min(storage.block)}, or --output-dtype bf16")
+    if options.refit and family.fused is not None and family.fused.biased:
+        raise DernError(f"--refit does not model {family.model_type}'s expert biases yet; leave it out "
+                        "(--recipe best uses it: give --no-refit)")
+    if storage.mxfp4 and not dequantized and width is not None and width % 32:
+        raise DernError(f"--intermediate-size {width} is not a multiple of 32, MXFP4's group size: use one, "
+                        "or --output-dtype bf16")
     check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
@@ -176,7 +181,8 @@ def rewrite(
                      f"load) are not carried over: their routed experts would disagree with K")
     if dequantized:
         del out_config["quantization_config"]
-        notes.append(f"FP8 weights written as {options.output_dtype}, without their scales and quantization_config")
+        notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
+                     "quantization_config")
 
     with ExitStack() as held:
         if calib is not None and calib.is_dir():  # held while the dump is read: no `dump --overwrite` under it
@@ -248,12 +254,8 @@ def rewrite(
 
                         def compute_layer(inputs: LayerInputs):
                             layer_dump = dump if inputs.layer.index in calibrated else None
-                            report = compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
-                                                    routing, clock)
-                            if storage.fp8 and not dequantized:
-                                with clock("write"):
-                                    requantize(report, inputs.layer)
-                            return report
+                            return compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
+                                                  routing, clock)
 
                         def write(report) -> None:
                             with clock("write"):

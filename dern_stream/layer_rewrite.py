@@ -14,6 +14,7 @@ from .checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
 from .checkpoint.integrity import all_finite
 from .checkpoint.safetensors_format import DTYPES
 from .families import PARTS, Family, GroupPlan
+from .fused_tensors import from_float, fused_tensors, to_float
 from .layout import ModelShape, MoELayer
 from .methods import (
     ExpertStack,
@@ -23,13 +24,14 @@ from .methods import (
     router_norm_importance,
     routing_importance,
     select_experts,
+    transfer_router,
 )
 from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
 from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_error, routed_output
 from .methods.refit import refit_down
 from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
-from .storage import dequantize, quantize
+from .storage import ExpertStorage, dequantize, quantize
 from .storage.formats import SCALE_SUFFIX
 from .storage.reading import load_weight
 
@@ -44,9 +46,6 @@ class LayerReport:
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
     fit: dict = field(default_factory=dict)
     requantization_error: float | None = None  # FP8: ||deq(q(W)) - W|| / ||W|| over the rebuilt experts
-    # FP8: each rebuilt expert's parts quantized again, {position: {part: (FP8 weight, scales)}} on the host
-    # (requantize); their float tensors are then released.
-    quantized: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
 
     def gating(c: dict) -> Gating:
         return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act,
-                      family.scales_expert_input)
+                      family.scales_expert_input, family.make_glu(c) if family.make_glu else None)
 
     return LayerRouting(gating(config), gating(out_config))
 
@@ -114,7 +113,8 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
     stored, storage = DTYPES[layer.dtype], layer.storage
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
-                                  storage.compute_dtype(stored), device)
+                                  storage.compute_dtype(stored), device,
+                                  biases=family.fused is not None and family.fused.biased)
         if family.fused is not None:
             _read_fused(ckpt, family, layer, shape, stack)
             return stack
@@ -141,15 +141,15 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
 
 
 def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, stack: ExpertStack) -> None:
-    """Fill `stack` from a fused layout: one pread per expert and tensor, through a host buffer of one slice."""
-    names = family.fused_names(layer.index)
-    slices = [torch.empty(1, *s, dtype=DTYPES[layer.dtype]) for s in family.fused.shapes(shape.hidden,
-                                                                                          shape.intermediate)]
+    """Fill `stack` from a fused layout: one pread per expert and tensor, through a host buffer of one slice
+    (MXFP4: dequantized from it)."""
     for e in range(shape.num_experts):
-        for name, buffer in zip(names, slices, strict=True):
-            ckpt.read_rows_into(name, e, buffer)
-        for part, tensor in zip(PARTS, family.fused.split(slices[0][0], slices[1][0]), strict=True):
-            getattr(stack, part)[e].copy_(tensor)
+        slices = _read_slices(ckpt, family, layer, shape.hidden, shape.intermediate, e)
+        gate, up, down, bias, down_bias = family.fused.split(to_float(slices, layer.storage))
+        for target, tensor in ((stack.gate, gate), (stack.up, up), (stack.down, down), (stack.bias, bias),
+                               (stack.down_bias, down_bias)):
+            if tensor is not None:
+                target[e].copy_(tensor)
 
 
 def compress_layer(
@@ -193,7 +193,7 @@ def compress_layer(
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
         with clock("fit"):
-            kept_bias = bias[result.kept] if bias is not None else None
+            kept_bias = output_bias(family, bias, result, shape.intermediate) if bias is not None else None
             stack = kept_stack(experts, result)
             output = routed_output(x, result.router, kept_bias, routing.after, stack)
             error = relative_error(output, target)
@@ -240,35 +240,26 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
     yield options.method, result
 
 
-def requantize(report: LayerReport, layer: MoELayer) -> None:
-    """Quantize the rebuilt experts again with the input's FP8 block scheme, on the device that built them,
-    as soon as they are final: the write stage then holds one byte per weight instead of two, and only
-    the FP8 bytes cross to the host. Records the relative error this adds (`requantization_error`)."""
-    storage, scale_dtype = layer.storage, DTYPES[layer.scale_dtype]
-    error = [0.0, 0.0]  # squared requantization error, squared weights (float64 sums)
-    for pos, rebuilt in enumerate(report.result.experts):
-        if rebuilt is None:
-            continue
-        parts = {}
-        for part in PARTS:
-            weight = getattr(rebuilt, part).float()
-            q, scale = quantize(weight, storage.block, scale_dtype, storage.pow2_scales)
-            error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-            error[1] += float(weight.double().square().sum())
-            parts[part] = (q.cpu(), scale.cpu())
-            setattr(rebuilt, part, None)
-        report.quantized[pos] = parts
-    if error[1] > 0:
-        report.requantization_error = (error[0] / error[1]) ** 0.5
-
-
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
     """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
-    parts = {p: [] for p in PARTS}
+    names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
+    parts = {p: [] for p in names}
     for expert, rebuilt in zip(result.kept, result.experts, strict=True):
-        for p in PARTS:
-            parts[p].append(getattr(rebuilt, p) if rebuilt is not None else getattr(experts, p)[expert])
-    return ExpertStack(*(torch.stack(parts[p]) for p in PARTS))
+        for p in names:
+            mine = getattr(rebuilt, p) if rebuilt is not None else None
+            parts[p].append(mine if mine is not None else getattr(experts, p)[expert])
+    return ExpertStack(*(torch.stack(parts[p]) for p in names))
+
+
+def output_bias(family: Family, bias: torch.Tensor, result: LayerResult, intermediate: int) -> torch.Tensor:
+    """The router bias rows of the output: the kept experts' values, for a score-correction bias (a
+    load-balancing term, method.md); a bias inside the router's logits (gpt-oss) follows Eq. 8 as the
+    router's rows do."""
+    if family.bias_in_logits and result.router_transferred and result.dropped:
+        flat = bias.reshape(-1, 1)
+        return transfer_router(flat, result.kept, result.dropped, result.counts.to(flat.device),
+                               intermediate).reshape(*bias.shape[:-1], -1)
+    return bias[..., result.kept]
 
 
 def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
@@ -288,7 +279,7 @@ def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[s
     """Every stored tensor of experts 0..experts-1 of `layer`: weights, and their scales when FP8 (a
     fused layout: its two tensors, whatever `experts` is)."""
     if family.fused is not None:
-        return list(family.fused_names(layer.index))
+        return [t.name for t in fused_tensors(family, layer.index, 0, 0, layer.storage)]
     return [t for name in family.expert_names(layer.index, experts) for t in layer.storage.tensor_names(name)]
 
 
@@ -313,18 +304,22 @@ def write_layer(
     """Router rows, score-correction bias and experts renumbered 0..K-1 in kept order.
 
     Experts that DERN left unchanged are copied as raw bytes (with their FP8 scales), so they are
-    bit-identical to the input. Rebuilt FP8 experts come quantized again (requantize). `dequantized`:
-    every expert is written in bf16 instead, without scales.
+    bit-identical to the input. Rebuilt FP8 experts are quantized again with the input's block scheme, one
+    tensor at a time on the device that built them (one tensor's bytes cross to the host); the relative
+    error that adds is recorded (`requantization_error`). `dequantized`: every expert is written in bf16
+    instead, without scales.
     """
     result, i, storage = report.result, layer.index, layer.storage
+    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
-            writer.write(family.bias_name(i), ckpt.load(family.bias_name(i))[..., result.kept])
+            writer.write(family.bias_name(i), output_bias(family, ckpt.load(family.bias_name(i)), result,
+                                                          family.intermediate_size(ckpt.config)))
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
         if family.fused is not None:
-            _write_fused(writer, ckpt, family, layer, result)
+            report.requantization_error = _write_fused(writer, ckpt, family, layer, result, dequantized)
             return
         for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
             for part in PARTS:
@@ -336,33 +331,76 @@ def write_layer(
                                         storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
                         writer.copy_raw(out, ckpt.entries[src])
                 elif storage.fp8 and not dequantized:
-                    q, scale = report.quantized[pos][part]
-                    writer.write(name, q)
-                    writer.write(name + SCALE_SUFFIX, scale)
+                    weight = getattr(rebuilt, part).float()
+                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
+                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
+                    error[1] += float(weight.double().square().sum())
+                    writer.write(name, q.cpu())
+                    writer.write(name + SCALE_SUFFIX, scale.cpu())
                 else:
                     writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
+    if error[1] > 0:
+        report.requantization_error = (error[0] / error[1]) ** 0.5
 
 
-def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result) -> None:
+def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,
+                 dequantized: bool) -> float | None:
     """The K experts in the input's fused layout: a kept expert nothing changed is its input slice's bytes,
-    read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept)."""
-    names = family.fused_names(layer.index)
-    dtype = DTYPES[layer.dtype]
-    outputs = [torch.empty(writer.specs[name].shape, dtype=dtype) for name in names]
+    read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept, MXFP4
+    quantized again). `dequantized`: every expert in bf16, in the family's float layout. Returns the
+    MXFP4 requantization error of the rebuilt experts' weights (relative, as for FP8), else None."""
+    error = [0.0, 0.0]
+    hidden = int(ckpt.config["hidden_size"])
+    out_storage = ExpertStorage() if dequantized else layer.storage
+    names = [t.name for t in fused_tensors(family, layer.index, hidden, 0, out_storage)]
+    outputs = [torch.empty(writer.specs[n].shape, dtype=DTYPES[writer.specs[n].dtype]) for n in names]
+    float_dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
+    h_in = family.intermediate_size(ckpt.config)
     for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
-        if rebuilt is None:
+        if rebuilt is None and not dequantized:
             for name, out in zip(names, outputs, strict=True):
                 ckpt.read_rows_into(name, expert, out[pos:pos + 1])
+            continue
+        if rebuilt is None:
+            floats = to_float(_read_slices(ckpt, family, layer, hidden, h_in, expert), layer.storage)
         else:
-            parts = family.fused.join(*(getattr(rebuilt, p).to(dtype).cpu() for p in PARTS))
-            for out, part in zip(outputs, parts, strict=True):
-                out[pos].copy_(part)
+            down_bias = rebuilt.down_bias
+            if family.fused.biased and down_bias is None:  # DERN keeps the kept expert's own (one per expert)
+                down_bias = _row(ckpt, family.fused_names(layer.index)[-1], expert, DTYPES[layer.dtype])
+            floats = family.fused.join(*(t.float().cpu() if t is not None else None for t in (
+                rebuilt.gate, rebuilt.up, rebuilt.down, rebuilt.bias, down_bias)))
+        parts = from_float([t.to(float_dtype) for t in floats], out_storage)
+        if rebuilt is not None and out_storage.mxfp4:
+            for weight, back in zip(floats[:2], to_float(parts, out_storage)[:2], strict=True):
+                error[0] += float((back - weight.float()).double().square().sum())
+                error[1] += float(weight.double().square().sum())
+        for out, part in zip(outputs, parts, strict=True):
+            out[pos].copy_(part)
     for name, out in zip(names, outputs, strict=True):
         writer.write(name, out)
+    return (error[0] / error[1]) ** 0.5 if error[1] > 0 else None
+
+
+def _read_slices(ckpt: Checkpoint, family: Family, layer: MoELayer, hidden: int, intermediate: int,
+                 expert: int) -> list[torch.Tensor]:
+    """One expert's slice of each stored tensor of a fused layer, each read with one pread."""
+    out = []
+    for t in fused_tensors(family, layer.index, hidden, intermediate, layer.storage):
+        buffer = torch.empty(1, *t.slice_shape, dtype=DTYPES[t.dtype or layer.dtype])
+        ckpt.read_rows_into(t.name, expert, buffer)
+        out.append(buffer[0])
+    return out
+
+
+def _row(ckpt: Checkpoint, name: str, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """Entry `index` of a tensor's leading dimension, read alone."""
+    out = torch.empty(1, *ckpt.entries[name].shape[1:], dtype=dtype)
+    ckpt.read_rows_into(name, index, out)
+    return out[0]
 
 
 def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:

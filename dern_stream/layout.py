@@ -10,6 +10,7 @@ from .checkpoint import Checkpoint, TensorSpec
 from .checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
 from .errors import DernError
 from .families import PARTS, Family
+from .fused_tensors import fused_tensors
 from .storage import ExpertStorage
 from .storage.fp8_blocks import scale_shape
 from .storage.reading import is_fp8_scale, is_scaled_fp8
@@ -83,6 +84,8 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
     storage = storage or ExpertStorage()
     if family.fused is not None and storage.fp8:
         raise DernError(f"FP8 {family.model_type} checkpoints (fused experts) are not supported yet")
+    if storage.mxfp4 and not (family.fused is not None and family.fused.biased):
+        raise DernError(f"MXFP4 is gpt-oss's storage; {family.model_type} checkpoints in it are not supported")
     indices = moe_layer_indices(ckpt, family)
     n, d = shape.num_experts, shape.hidden
     layers = []
@@ -91,7 +94,7 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         if router.shape != (n, d):
             raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
         if family.fused is not None:
-            dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape), set()
+            dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape, storage), set()
         else:
             dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage)
         allowed = storage.weight_dtypes()
@@ -142,24 +145,30 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
     return dtypes, scale_dtypes
 
 
-def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape) -> set[str]:
-    """A fused layer's two expert tensors: present, [N, ...] with the slice shapes the config implies, float;
-    nothing else beside them and the router (an expert bias or scale would be copied with N rows)."""
-    known = {*family.fused_names(i), family.router_name(i), family.bias_name(i)}
+def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage) -> set[str]:
+    """A fused layer's expert tensors: present, [N, ...] with the slice shapes the config implies (MXFP4:
+    bytes); nothing else beside them and the router (an unknown bias or scale would be copied with N rows).
+    Returns the float tensors' dtypes."""
+    tensors = fused_tensors(family, i, shape.hidden, shape.intermediate, storage)
+    known = {*(t.name for t in tensors), family.router_name(i), family.bias_name(i)}
     module = f"model.layers.{i}.{family.fused.module}"
     extra = sorted((n for n in ckpt.entries if n.startswith(module) and n not in known), key=natural_key)
     if extra:
-        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}")
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
+                        + ("" if storage.mxfp4 else " (config.json declares no quantization_config)"))
     dtypes = set()
-    for name, slice_shape in zip(family.fused_names(i), family.fused.shapes(shape.hidden, shape.intermediate),
-                                 strict=True):
-        entry = ckpt.entries.get(name)
+    for t in tensors:
+        entry = ckpt.entries.get(t.name)
         if entry is None:
-            raise DernError(f"layer {i} is missing expert tensor {name}")
-        if entry.shape != (shape.num_experts, *slice_shape):
-            raise DernError(f"{name} has shape {list(entry.shape)}, config implies "
-                            f"{[shape.num_experts, *slice_shape]}")
-        dtypes.add(entry.dtype)
+            raise DernError(f"layer {i} is missing expert tensor {t.name}"
+                            + (" (config.json declares MXFP4)" if storage.mxfp4 else ""))
+        if entry.shape != (shape.num_experts, *t.slice_shape):
+            raise DernError(f"{t.name} has shape {list(entry.shape)}, config implies "
+                            f"{[shape.num_experts, *t.slice_shape]}")
+        if t.dtype is not None and entry.dtype != t.dtype:
+            raise DernError(f"{t.name} is stored as {entry.dtype}; MXFP4 blocks and scales are {t.dtype}")
+        if t.dtype is None:
+            dtypes.add(entry.dtype)
     return dtypes
 
 
@@ -186,9 +195,8 @@ def plan_output(
             specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
             d = entry.shape[1]
             if family.fused is not None:
-                for fused, slice_shape in zip(family.fused_names(layer.index),
-                                              family.fused.shapes(d, intermediate), strict=True):
-                    specs.append(TensorSpec(fused, layer.dtype, (experts, *slice_shape)))
+                for t in fused_tensors(family, layer.index, d, intermediate, layer.storage):
+                    specs.append(TensorSpec(t.name, t.dtype or layer.dtype, (experts, *t.slice_shape)))
                 continue
             for e in range(experts):
                 for part in PARTS:

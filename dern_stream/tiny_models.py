@@ -50,6 +50,8 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
                         head_dim=16, interleave_moe_layer_step=2, num_hidden_layers=4, bos_token_id=1,
                         eos_token_id=2, pad_token_id=0),
+    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
+                    sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "ernie4_5_moe": dict(moe_intermediate_size=32, intermediate_size=96, moe_num_experts=8, moe_k=2,
                          moe_layer_start_index=1, moe_num_shared_experts=1),
 }
@@ -73,6 +75,8 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
             if block is not None:
                 router_weight(block).normal_(0.0, 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.bias")):
+                tensor.normal_(0.0, 0.1)  # gpt-oss initialises them to zero; the tests need them to matter
             if name.endswith("e_score_correction_bias"):
                 tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     return model
@@ -177,6 +181,36 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
     config["quantization_config"] = config_entry
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
+def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
+    """A gpt-oss checkpoint `src` with its experts stored as OpenAI's release stores them: MXFP4
+    `*_blocks` [N, rows, cols / 32, 16] and `*_scales` [N, rows, cols / 32] of the transposed projections
+    (gate_up [N, 2h, d], down [N, d, h]), declared `quant_method: mxfp4`; biases and the rest as they were."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import Checkpoint
+    from .storage import mxfp4
+
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    tensors = {}
+    for name in ckpt.entries:
+        tensor = ckpt.load(name)
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            blocks, scales = mxfp4.quantize(tensor.transpose(1, 2))
+            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+        else:
+            tensors[name] = tensor
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
 

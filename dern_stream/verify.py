@@ -35,6 +35,7 @@ from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
 from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from .errors import DernError
 from .families import PARTS, family_for
+from .fused_tensors import fused_tensors
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
 from .storage import expert_storage
 from .storage.formats import SCALE_SUFFIX
@@ -317,10 +318,11 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
         rebuilt = set(rec["rebuilt_experts"]) if rec else set(kept)
         out[family.router_name(i)] = (family.router_name(i), "changed")  # the router update changes rows
         bias = family.bias_name(i)
-        if bias in ckpt.entries:
-            out[bias] = (bias, kept)
+        if bias in ckpt.entries:  # a bias in the router's logits follows Eq. 8 as the router does
+            out[bias] = (bias, "changed" if family.bias_in_logits else kept)
         if family.fused is not None:  # K experts in each tensor: checked as written (checksums), not by slice
-            out.update({name: (name, "changed") for name in family.fused_names(i)})
+            stored = fused_tensors(family, i, 0, 0, expert_storage(ckpt.config))
+            out.update({t.name: (t.name, "changed") for t in stored})
             continue
         for pos, expert in enumerate(kept):
             for part in PARTS:

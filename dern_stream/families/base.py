@@ -30,9 +30,9 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class FusedExperts:
-    """All routed experts of a layer in two tensors, expert e a contiguous slice of the leading dimension
-    (names are templates under the layer, as Family's). The 2h axis holds gate and up: gate | up, or
-    alternating (`interleaved`, gpt-oss)."""
+    """All routed experts of a layer in two tensors (four with gpt-oss's biases), expert e a contiguous slice
+    of the leading dimension (names are templates under the layer, as Family's). The 2h axis holds gate and
+    up: gate | up, or alternating (`interleaved`, gpt-oss); the gate/up bias [N, 2h] is laid out the same."""
 
     module: str  # every tensor under it is the router's or the experts' (anything else is refused)
     gate_up: str
@@ -40,25 +40,46 @@ class FusedExperts:
     gate_up_cols: bool  # [N, d, 2h] (Llama-4, gpt-oss) rather than [N, 2h, d] (Granite)
     down_cols: bool  # [N, h, d] (Llama-4, gpt-oss) rather than [N, d, h] (Granite)
     interleaved: bool = False
+    gate_up_bias: str | None = None  # [N, 2h], with down_bias [N, d] (gpt-oss)
+    down_bias: str | None = None
 
-    def shapes(self, hidden: int, intermediate: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """One expert's slice of gate_up and of down."""
+    @property
+    def biased(self) -> bool:
+        return self.gate_up_bias is not None
+
+    def templates(self) -> list[str]:
+        return [self.gate_up, self.down, *([self.gate_up_bias, self.down_bias] if self.biased else [])]
+
+    def shapes(self, hidden: int, intermediate: int) -> list[tuple[int, ...]]:
+        """One expert's slice of each tensor, in templates() order."""
         gate_up = (hidden, 2 * intermediate) if self.gate_up_cols else (2 * intermediate, hidden)
         down = (intermediate, hidden) if self.down_cols else (hidden, intermediate)
-        return gate_up, down
+        return [gate_up, down, *([(2 * intermediate,), (hidden,)] if self.biased else [])]
 
-    def split(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One expert's slices -> (gate [h, d], up [h, d], down [d, h]), views where the layout allows."""
-        rows = gate_up.T if self.gate_up_cols else gate_up  # [2h, d]
+    def _pair(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = rows.shape[0] // 2
-        gate, up = (rows[0::2], rows[1::2]) if self.interleaved else (rows[:h], rows[h:])
-        return gate, up, (down.T if self.down_cols else down)
+        return (rows[0::2], rows[1::2]) if self.interleaved else (rows[:h], rows[h:])
 
-    def join(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """split's inverse: (gate_up slice, down slice), contiguous."""
-        rows = torch.stack((gate, up), dim=1).flatten(0, 1) if self.interleaved else torch.cat((gate, up))
-        gate_up = rows.T if self.gate_up_cols else rows
-        return gate_up.contiguous(), (down.T if self.down_cols else down).contiguous()
+    def _unpair(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return torch.stack((gate, up), dim=1).flatten(0, 1) if self.interleaved else torch.cat((gate, up))
+
+    def split(self, slices: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+        """One expert's slices -> (gate [h, d], up [h, d], down [d, h], bias [h, 2] or None, down bias [d] or
+        None), views where the layout allows."""
+        gate, up = self._pair(slices[0].T if self.gate_up_cols else slices[0])
+        down = slices[1].T if self.down_cols else slices[1]
+        if not self.biased:
+            return gate, up, down, None, None
+        return gate, up, down, torch.stack(self._pair(slices[2]), dim=-1), slices[3]
+
+    def join(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None,
+             down_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """split's inverse: the slices, contiguous (the biases only where the layout has them)."""
+        rows = self._unpair(gate, up)
+        out = [(rows.T if self.gate_up_cols else rows).contiguous(), (down.T if self.down_cols else down).contiguous()]
+        if self.biased:
+            out += [self._unpair(bias[:, 0], bias[:, 1]).contiguous(), down_bias.contiguous()]
+        return out
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,8 @@ class Family:
     # transformers does not load: not carried over, since its experts would disagree with K.
     drops_mtp: bool = False
     fused: FusedExperts | None = None  # the experts' layout on disk when not one tensor per expert and part
+    bias_in_logits: bool = False  # `bias` is part of the router's logits (gpt-oss), not a correction for the choice
+    make_glu: Callable[[dict], Callable] | None = None  # experts' glu(g, u) when not act(g) * u (gpt-oss)
     scales_expert_input: bool = False  # the router's score scales the expert's input, not its output (Llama-4)
 
     # --- tensor names -------------------------------------------------------------------------
@@ -129,13 +152,13 @@ class Family:
         """A tensor the output leaves out (a multi-token-prediction block transformers does not load)."""
         return self.drops_mtp and name.startswith("mtp.")
 
-    def fused_names(self, layer: int) -> tuple[str, str]:
-        """A fused family's gate_up and down tensors of `layer`."""
-        return f"model.layers.{layer}.{self.fused.gate_up}", f"model.layers.{layer}.{self.fused.down}"
+    def fused_names(self, layer: int) -> list[str]:
+        """A fused family's expert tensors of `layer`: gate_up, down (and their biases)."""
+        return [f"model.layers.{layer}.{t}" for t in self.fused.templates()]
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
-        if self.fused is not None:
-            return name in self.fused_names(layer)
+        if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
+            return any(name in (f, f + "_blocks", f + "_scales") for f in self.fused_names(layer))
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int) -> str:

@@ -13,12 +13,14 @@ Everything not named here (attention, norms, shared experts and their gates, den
 
 from __future__ import annotations
 
+from ..methods.activations import ClampedSwiGLU
 from .base import Family, FusedExperts, grouped_if
 from .routing import (
     SigmoidGroupLimited,
     SigmoidTopK,
     SoftmaxBiasedChoice,
     SoftmaxGroupLimited,
+    SoftmaxOverTopLogits,
     SparseMixer,
     softmax_top_k,
 )
@@ -200,6 +202,20 @@ ALL: tuple[Family, ...] = (
         renormalises=lambda c: False,
         scales_expert_input=True,
         fixed_width="its shared expert reads the same intermediate_size as the routed experts",
+    ),
+    Family(  # expert biases are part of each neuron's segment; the router's bias is part of its logits
+        model_type="gpt_oss",
+        expert_count_keys=("num_local_experts", "num_experts"),
+        intermediate_key="intermediate_size",
+        make_router=lambda c: SoftmaxOverTopLogits(c["num_experts_per_tok"]),
+        router="mlp.router.weight",
+        bias="mlp.router.bias",
+        bias_in_logits=True,
+        fused=FusedExperts("mlp.experts.", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", gate_up_cols=True,
+                           down_cols=True, interleaved=True, gate_up_bias="mlp.experts.gate_up_proj_bias",
+                           down_bias="mlp.experts.down_proj_bias"),
+        make_glu=lambda c: ClampedSwiGLU(float(c.get("swiglu_alpha", 1.702)), float(c.get("swiglu_limit", 7.0))),
+        renormalises=lambda c: False,  # the softmax over the top-k logits sums to 1 already
     ),
     # DeepSeek-MoE-16B (the DERN paper's third model): remote code only, so its on-disk layout is all there
     # is to go by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.

@@ -60,6 +60,19 @@ class SigmoidGroupLimited:
 
 
 @dataclass(frozen=True)
+class SoftmaxOverTopLogits:
+    """Granite without a bias, gpt-oss with its router bias in the logits: A = top-k of z (+ b), scores a
+    softmax over those k logits."""
+
+    top_k: int
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = logits.float() if bias is None else logits.float() + bias.float()
+        values, idx = torch.topk(z, self.top_k, dim=-1)
+        return idx, torch.softmax(values, dim=-1)
+
+
+@dataclass(frozen=True)
 class SigmoidTopK:
     """Llama-4: A = top-k of z, scores sigmoid(z_A) (which scale the experts' inputs)."""
 

@@ -42,6 +42,9 @@ def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, alig
     f32 = torch.float32  # accumulated in float32, cast once to the experts' dtype
     gate = torch.zeros_like(experts.gate[0], dtype=f32)
     up, down = torch.zeros_like(experts.up[0], dtype=f32), torch.zeros_like(experts.down[0], dtype=f32)
+    biases = experts.bias is not None
+    bias = torch.zeros_like(experts.bias[0], dtype=f32) if biases else None
+    down_bias = torch.zeros_like(experts.down_bias[0], dtype=f32) if biases else None
     anchor = experts.segments([align_to]) if align_to is not None else None
     for e, share in zip(members, w.tolist(), strict=True):
         perm = torch.arange(experts.intermediate, device=gate.device)
@@ -52,8 +55,12 @@ def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, alig
         gate += share * experts.gate[e][perm].float()
         up += share * experts.up[e][perm].float()
         down += share * experts.down[e][:, perm].float()
+        if biases:
+            bias += share * experts.bias[e][perm].float()
+            down_bias += share * experts.down_bias[e].float()
     dtype = experts.gate.dtype
-    return RebuiltExpert(gate.to(dtype), up.to(dtype), down.to(dtype))
+    return RebuiltExpert(gate.to(dtype), up.to(dtype), down.to(dtype), bias.to(dtype) if biases else None,
+                         down_bias.to(dtype) if biases else None)
 
 
 def msmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats, keep: int,

@@ -15,11 +15,13 @@ from .segments import ExpertStack, component_columns, reassign_segments, transfe
 @dataclass
 class RebuiltExpert:
     """A kept expert's new weights, in the checkpoint's dtype: gate and up [k, d], down [d, k] (views,
-    possibly strided)."""
+    possibly strided); `bias` [k, 2], each neuron's gate and up bias, where the family has them."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None  # [d] for a merged expert (baselines); None keeps the kept expert's
 
 
 @dataclass
@@ -31,6 +33,7 @@ class LayerResult:
     counts: torch.Tensor  # [len(dropped), K] segments moved from each dropped to each kept expert
     dropped: list[int] = field(default_factory=list)
     kmeans_iterations: list[int] = field(default_factory=list)
+    router_transferred: bool = False  # Eq. 8 applied (a router bias in the logits then follows it too)
 
     @property
     def segments_reassigned(self) -> int:
@@ -71,15 +74,16 @@ def dern_layer(
                 jobs.append((pos, expert, dropped_ids[src_expert], src_segment))
         rebuilt: list[RebuiltExpert | None] = [None] * len(kept)
         iterations = [0] * len(kept)
-        for batch in _batches(jobs, h, 3 * d, len(options.sim_components) * d, target_k,
+        for batch in _batches(jobs, h, experts.segment_width, len(options.sim_components) * d, target_k,
                               options.similarity_block_bytes):
             for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, options),
                                               strict=True):
                 seg = result.segments.to(experts.gate.dtype)
                 # Views of one [k, 3d] block (down transposed): a contiguous down would be a 4th third.
-                rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:].T)
+                rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:3 * d].T,
+                                             seg[:, 3 * d:] if experts.bias is not None else None)
                 iterations[pos] = result.iterations
-    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations)
+    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, options.router_transfer)
 
 
 def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int) -> list[list]:
@@ -109,7 +113,7 @@ def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, o
     h, d = experts.intermediate, experts.gate.shape[2]
     sizes = [h + job[2].numel() for job in batch]
     device = experts.gate.device
-    members = torch.zeros(len(batch), max(sizes), 3 * d, dtype=experts.gate.dtype, device=device)
+    members = torch.zeros(len(batch), max(sizes), experts.segment_width, dtype=experts.gate.dtype, device=device)
     member_weights = torch.zeros(len(batch), max(sizes), device=device)
     init = torch.empty(len(batch), k, dtype=torch.long, device=device)
     for j, (_, expert, source, segment) in enumerate(batch):

@@ -8,7 +8,7 @@ unchanged by every method, so they cancel in any output difference.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,7 @@ class Gating:
     scale: float
     act: str = "silu"
     input_scaled: bool = False  # the weight scales the expert's input (Llama-4), not its output
+    glu: Callable | None = None  # glu(g, u) when the family's experts do not compute act(g) * u (gpt-oss)
 
     def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
         """(selected experts [T, k], combine weights [T, k]) for inputs x [T, d]."""
@@ -38,10 +39,14 @@ class Gating:
             scores = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return idx, scores * self.scale
 
-    def activation(self):
+    def activation(self) -> Callable:
+        """glu(g, u): an expert's neuron activations from its gate and up projections."""
+        if self.glu is not None:
+            return self.glu
         if self.act not in _ACTIVATIONS:
             raise DernError(f"hidden_act {self.act!r} is not supported by the output-error options")
-        return _ACTIVATIONS[self.act]
+        act = _ACTIVATIONS[self.act]
+        return lambda g, u: act(g) * u
 
 
 class EvenSample:
@@ -66,23 +71,36 @@ class EvenSample:
         return torch.cat(self.kept)[:self.limit]
 
 
-def expert_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act) -> torch.Tensor:
-    """act(x W_g^T) * (x W_u^T): the expert's h neuron activations, [T, h] (weights taken to float32)."""
-    return act(x @ gate.float().T) * (x @ up.float().T)
+def expert_hidden(x: torch.Tensor, experts: ExpertStack, e: int, glu) -> torch.Tensor:
+    """glu(x W_g^T + b_g, x W_u^T + b_u): expert e's h neuron activations, [T, h] (weights taken to float32)."""
+    g, u = x @ experts.gate[e].float().T, x @ experts.up[e].float().T
+    if experts.bias is not None:
+        g, u = g + experts.bias[e, :, 0].float(), u + experts.bias[e, :, 1].float()
+    return glu(g, u)
 
 
-def expert_output(x: torch.Tensor, experts: ExpertStack, e: int, act) -> torch.Tensor:
-    """E_e(x) = W_d (act(W_g x) * (W_u x)) for inputs x [T, d]; float32 [T, d]."""
-    return expert_hidden(x, experts.gate[e], experts.up[e], act) @ experts.down[e].float().T
+def expert_output(x: torch.Tensor, experts: ExpertStack, e: int, glu) -> torch.Tensor:
+    """E_e(x) = W_d a_e(x) (+ b_d) for inputs x [T, d]; float32 [T, d]."""
+    out = expert_hidden(x, experts, e, glu) @ experts.down[e].float().T
+    return out + experts.down_bias[e].float() if experts.down_bias is not None else out
 
 
 def routed_features(x: torch.Tensor, w: torch.Tensor, experts: ExpertStack, e: int, gating: Gating,
-                    act) -> torch.Tensor:
+                    glu) -> torch.Tensor:
     """What expert e's down projection turns into its weighted contribution, for the tokens x [T, d]
-    routed to it with weights w [T]: w a_e(x), or a_e(w x) when the weight scales the input. [T, h] float32."""
+    routed to it with weights w [T]: w a_e(x), or a_e(w x) when the weight scales the input. [T, h] float32.
+    (Experts without a down bias: refit's model of a layer.)"""
     if gating.input_scaled:
-        return expert_hidden(x * w[:, None], experts.gate[e], experts.up[e], act)
-    return expert_hidden(x, experts.gate[e], experts.up[e], act) * w[:, None]
+        return expert_hidden(x * w[:, None], experts, e, glu)
+    return expert_hidden(x, experts, e, glu) * w[:, None]
+
+
+def routed_contribution(x: torch.Tensor, w: torch.Tensor, experts: ExpertStack, e: int, gating: Gating,
+                        glu) -> torch.Tensor:
+    """w_e(x) E_e(x) (or E_e(w_e(x) x) when the weight scales the input) for the tokens x [T, d]; [T, d]."""
+    if gating.input_scaled:
+        return expert_output(x * w[:, None], experts, e, glu)
+    return expert_output(x, experts, e, glu) * w[:, None]
 
 
 def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
@@ -94,8 +112,7 @@ def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tens
     for e in range(experts.gate.shape[0]):
         tok, slot = (idx == e).nonzero(as_tuple=True)
         if tok.numel():
-            feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
-            out.index_add_(0, tok, feats @ experts.down[e].float().T)
+            out.index_add_(0, tok, routed_contribution(x[tok], w[tok, slot], experts, e, gating, act))
     return out
 
 
@@ -130,7 +147,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
         tok, slot = (idx == e).nonzero(as_tuple=True)
         freq[e] = tok.numel() / x.shape[0]
         if tok.numel():
-            routed = routed_features(x[tok], w[tok, slot], experts, e, gating, act) @ experts.down[e].float().T
+            routed = routed_contribution(x[tok], w[tok, slot], experts, e, gating, act)
             reap[e] = torch.linalg.vector_norm(routed.double(), dim=-1).mean()
     logits = (x @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)

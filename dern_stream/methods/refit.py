@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DernError
 from .moe_forward import Gating, routed_features, routed_output
 from .segments import ExpertStack
 
@@ -26,6 +27,8 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
                current: torch.Tensor | None = None) -> ExpertStack:
     """New stack with refitted down projections (gate and up are shared with `experts`). `current` is
     the layer's routed output before the refit, when the caller has it already."""
+    if experts.down_bias is not None:
+        raise DernError("--refit does not model experts with biases (gpt-oss) yet")
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
     down = experts.down.to(torch.float32, copy=True)

@@ -15,7 +15,9 @@ from ..families import PARTS
 
 @dataclass
 class ExpertStack:
-    """A layer's routed experts: gate and up [N, h, d], down [N, d, h].
+    """A layer's routed experts: gate and up [N, h, d], down [N, d, h]; where the family has expert biases
+    (gpt-oss), `bias` [N, h, 2] (each neuron's gate and up bias: part of its segment) and `down_bias` [N, d]
+    (one per expert, not per neuron).
 
     Held in the checkpoint's dtype (half the memory of float32 for bf16 models); the methods
     convert the rows they work on to float32 a block at a time."""
@@ -23,25 +25,38 @@ class ExpertStack:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> ExpertStack:
+    def empty(cls, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              biases: bool = False) -> ExpertStack:
         return cls(torch.empty(n, h, d, dtype=dtype, device=device), torch.empty(n, h, d, dtype=dtype, device=device),
-                   torch.empty(n, d, h, dtype=dtype, device=device))
+                   torch.empty(n, d, h, dtype=dtype, device=device),
+                   torch.empty(n, h, 2, dtype=dtype, device=device) if biases else None,
+                   torch.empty(n, d, dtype=dtype, device=device) if biases else None)
+
+    @property
+    def segment_width(self) -> int:
+        """A full segment vector's length: gate | up | down (d each), then the gate and up biases if any."""
+        return 3 * self.gate.shape[2] + (2 if self.bias is not None else 0)
 
     @property
     def intermediate(self) -> int:
         return self.gate.shape[1]
 
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.gate, self.up, self.down, self.bias, self.down_bias)
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
 
     def to(self, device: torch.device) -> ExpertStack:
-        return ExpertStack(self.gate.to(device), self.up.to(device), self.down.to(device))
+        return ExpertStack(*(t.to(device) if t is not None else None for t in self._tensors()))
 
     def float(self) -> ExpertStack:
-        return ExpertStack(self.gate.float(), self.up.float(), self.down.float())
+        return ExpertStack(*(t.float() if t is not None else None for t in self._tensors()))
 
     def segments(self, experts: list[int] | torch.Tensor, components: tuple[str, ...] = PARTS) -> torch.Tensor:
         """float32 [len(experts) * h, len(components) * d]: one row per segment, experts in the given order."""
@@ -51,7 +66,10 @@ class ExpertStack:
             "up": lambda: self.up[idx],
             "down": lambda: self.down[idx].transpose(1, 2),
         }
-        rows = torch.cat([parts[c]().float() for c in components], dim=-1)
+        pieces = [parts[c]().float() for c in components]
+        if components == PARTS and self.bias is not None:
+            pieces.append(self.bias[idx].float())
+        rows = torch.cat(pieces, dim=-1)
         return rows.reshape(-1, rows.shape[-1])
 
     def part_rows(self, part: str, expert: int) -> torch.Tensor:
@@ -68,17 +86,21 @@ class ExpertStack:
         return unit_rows(out)
 
     def segments_into(self, out: torch.Tensor, expert: int) -> None:
-        """Fill out [h, 3d] with one expert's full segment vectors, converting without a temporary copy."""
+        """Fill out [h, segment_width] with one expert's full segment vectors, converting without a temporary."""
         d = self.gate.shape[2]
         for c, part in enumerate(PARTS):
             out[:, c * d:(c + 1) * d] = self.part_rows(part, expert)
+        if self.bias is not None:
+            out[:, 3 * d:] = self.bias[expert]
 
     def segment_rows_into(self, out: torch.Tensor, experts: torch.Tensor, segments: torch.Tensor) -> None:
-        """Fill out [n, 3d] with the full vectors of the single segments (experts[j], segments[j])."""
+        """Fill out [n, segment_width] with the full vectors of the single segments (experts[j], segments[j])."""
         d = self.gate.shape[2]
         out[:, :d] = self.gate[experts, segments]
         out[:, d:2 * d] = self.up[experts, segments]
-        out[:, 2 * d:] = self.down[experts, :, segments]
+        out[:, 2 * d:3 * d] = self.down[experts, :, segments]
+        if self.bias is not None:
+            out[:, 3 * d:] = self.bias[experts, segments]
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

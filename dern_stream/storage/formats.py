@@ -18,12 +18,18 @@ class ExpertStorage:
 
     block: tuple[int, int] | None = None
     pow2_scales: bool = False  # `scale_fmt: ue8m0` (DeepSeek-V3.1/V3.2): every scale a power of two
+    mxfp4: bool = False  # gpt-oss: fused experts as MXFP4 `*_blocks` and `*_scales` (storage/mxfp4.py)
 
     @property
     def fp8(self) -> bool:
         return self.block is not None
 
+    @property
+    def quantized(self) -> bool:
+        return self.fp8 or self.mxfp4
+
     def weight_dtypes(self) -> tuple[str, ...]:
+        """The experts' own float tensors (MXFP4: the biases beside the blocks)."""
         return ("F8_E4M3",) if self.fp8 else FLOAT_DTYPES
 
     def tensor_names(self, weight_name: str) -> list[str]:
@@ -33,7 +39,7 @@ class ExpertStorage:
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
         """The dtype a layer's experts are held in on the compute device: the stored one, or bf16 for FP8
         (twice the stored bytes; every method still computes in float32, block by block)."""
-        return torch.bfloat16 if self.fp8 else stored
+        return torch.bfloat16 if self.quantized else stored
 
 
 def expert_storage(config: dict) -> ExpertStorage:
@@ -42,9 +48,11 @@ def expert_storage(config: dict) -> ExpertStorage:
     if not q:
         return ExpertStorage()
     method = q.get("quant_method")
+    if method == "mxfp4":
+        return ExpertStorage(mxfp4=True)
     if method != "fp8":
         raise DernError(f"quantization_config quant_method {method!r} is not supported; supported: fp8 with "
-                        "block scales (weight_block_size), or unquantized weights")
+                        "block scales (weight_block_size), mxfp4 (gpt-oss), or unquantized weights")
     block = q.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise DernError(f"quantization_config weight_block_size is {block!r}; dern-stream rewrites FP8 with "

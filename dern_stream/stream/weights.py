@@ -14,7 +14,7 @@ from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..families import Family
 from ..storage.formats import SCALE_SUFFIX
-from ..storage.reading import load_weight
+from ..storage.reading import is_mxfp4, load_weight
 
 _FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
 
@@ -60,7 +60,7 @@ def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
 
 
 def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
-    if name in ckpt.entries:
+    if name in ckpt.entries or is_mxfp4(ckpt, name):
         return name
     renamed = family.disk_name(name, layer) if layer is not None else name
     if renamed in ckpt.entries:
@@ -111,6 +111,11 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
                 raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
             return _with_scales(names, ckpt)
     disk = _disk_name(name, ckpt, family, layer)
+    if is_mxfp4(ckpt, disk):
+        blocks = ckpt.entries[disk + "_blocks"].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
+        if (blocks[0], blocks[2] * 32, blocks[1]) != shape:
+            raise DernError(f"{disk}_blocks has shape {list(blocks)}, which does not hold {name} {list(shape)}")
+        return {disk + "_blocks", disk + "_scales"}
     if ckpt.entries[disk].shape != shape:
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
