@@ -77,11 +77,32 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
                         f"[vocab_size {expected[0]}, hidden_size {expected[1]}]")
 
 
+def check_moe_placement(ckpt: Checkpoint, family: Family) -> None:
+    """The decoder layers holding a router are those config.json makes MoE layers (else transformers would
+    build a dense MLP where the shards hold experts, or the reverse, and the output could not load)."""
+    if family.moe_layer is None:
+        return
+    n = ckpt.config["num_hidden_layers"]
+    found = [i for i in family.moe_layers(ckpt.entries) if i < n]
+    try:
+        expected = [i for i in range(n) if family.moe_layer(ckpt.config, i)]
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise DernError(f"config.json's MoE layer placement cannot be read ({e})") from None
+    if found != expected:
+        raise DernError(f"config.json makes layers {_show(expected)} MoE layers, but the shards hold routers "
+                        f"in layers {_show(found)}")
+
+
+def _show(layers: list[int]) -> str:
+    return str(layers) if len(layers) <= 8 else f"[{', '.join(map(str, layers[:8]))}, ...] ({len(layers)})"
+
+
 def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
                      storage: ExpertStorage | None = None) -> list[MoELayer]:
     """Every routed-expert tensor present, with the shapes the config implies and one dtype of `storage`
     (FP8: each weight with its block scales)."""
     storage = storage or ExpertStorage()
+    check_moe_placement(ckpt, family)
     if family.fused is not None and storage.fp8:
         raise DernError(f"FP8 {family.model_type} checkpoints (fused experts) are not supported yet")
     if storage.mxfp4 and not (family.fused is not None and family.fused.biased):
@@ -101,10 +122,10 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         if len(dtypes) != 1 or not dtypes <= set(allowed):
             raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; "
                             + (f"config.json's quantization_config needs {allowed[0]}" if storage.fp8
-                               else f"supported: one of {FLOAT_DTYPES}"))
+                               else f"supported: one of {', '.join(FLOAT_DTYPES)}, the same for all"))
         if len(scale_dtypes) > 1 or not scale_dtypes <= {"F32", "BF16"}:
             raise DernError(f"layer {i} expert scales are stored as {sorted(scale_dtypes)}; "
-                            "supported: one of F32, BF16")
+                            "supported: F32 or BF16, the same for all")
         bias_name = family.bias_name(i)
         bias = ckpt.entries.get(bias_name) if bias_name else None
         if bias is not None and bias.shape not in ((n,), (1, n)):
@@ -125,7 +146,8 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
     if present - set(expected) - set(scales):
         extra = min(present - set(expected) - set(scales), key=natural_key)
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
-                        + ("" if storage.fp8 else " (config.json declares no quantization_config)"))
+                        + (" (config.json declares no quantization_config)"
+                           if extra.endswith("_scale_inv") and not storage.fp8 else ""))
     if (set(expected) | set(scales)) - present:
         missing = min((set(expected) | set(scales)) - present, key=natural_key)
         raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
@@ -155,7 +177,8 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
     extra = sorted((n for n in ckpt.entries if n.startswith(module) and n not in known), key=natural_key)
     if extra:
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
-                        + ("" if storage.mxfp4 else " (config.json declares no quantization_config)"))
+                        + (" (config.json declares no quantization_config)"
+                           if extra[0].endswith(("_blocks", "_scales", "_scale_inv")) and not storage.mxfp4 else ""))
     dtypes = set()
     for t in tensors:
         entry = ckpt.entries.get(t.name)

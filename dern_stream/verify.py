@@ -287,7 +287,12 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
         elif src.dtype != entry.dtype and not dequantized:
             report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
         elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
-            if torch.equal(ckpt.load(name), source.load(src_name)[..., mode]):
+            before = source.load(src_name)
+            if max(mode, default=-1) >= before.shape[-1]:
+                report.problems.append(f"the rewrite record's kept experts {mode} are not experts of "
+                                       f"{source.root.name}'s {src_name} {list(before.shape)}: "
+                                       "is it the rewrite's input?")
+            elif torch.equal(ckpt.load(name), before[..., mode]):
                 report.identical += 1
             else:
                 report.problems.append(f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}")

@@ -90,3 +90,23 @@ def test_fused_layer_with_an_unknown_expert_tensor_is_refused(build, tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "expert tensor this tool does not handle: model.layers.1.feed_forward.experts.down_proj_bias" in \
         result.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("family", "changes"), [
+    ("ernie4_5_moe", {"moe_layer_start_index": 0}),
+    ("ernie4_5_moe", {"moe_layer_interval": 2}),
+    ("glm4_moe", {"first_k_dense_replace": 0}),
+    ("deepseek_v3", {"first_k_dense_replace": None}),  # absent: DeepseekV3Config makes layers 0-2 dense
+    ("qwen2_moe", {"decoder_sparse_step": 2}),
+    ("llama4_text", {"moe_layers": [0, 1, 2, 3]}),
+])
+def test_moe_layers_the_config_does_not_place_are_one_line(family, changes, build, tmp_path):
+    src = _copy(build(family), tmp_path, **changes)
+    result = _rewrite(src, tmp_path)
+    assert result.exit_code != 0 and "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert "MoE layers, but the shards hold routers in layers" in result.output.strip().splitlines()[-1]
+
+
+def test_glm4_moe_n_group_without_topk_group(build, tmp_path):
+    src = _copy(build("glm4_moe"), tmp_path, topk_group=None)  # Glm4MoeConfig's default topk_group: 1
+    assert _rewrite(src, tmp_path, "--experts", "4").exit_code == 0

@@ -124,7 +124,7 @@ def _edit_config(model, tmp_path, **changes):
 @pytest.mark.parametrize(("changes", "message"), [
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quant_method 'awq' is not supported"),
     ({"quantization_config": {"quant_method": "fp8"}}, "per-tensor FP8 is not supported"),
-    ({"quantization_config": None}, "config.json declares no quantization_config"),
+    ({"quantization_config": None}, "config.json has no FP8 quantization_config"),
 ])
 def test_storage_the_tool_cannot_rewrite_is_one_line(changes, message, fp8, tmp_path):
     model, _ = fp8("qwen3_moe")
@@ -221,3 +221,21 @@ def test_fp8_tensor_without_its_scales_is_one_line(fp8, tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code != 0 and "Traceback" not in result.output
         assert "o_proj.weight is stored as F8_E4M3 without its block scales" in result.output.strip().splitlines()[-1]
+
+
+def test_fp8_tensor_of_another_format_is_one_line(fp8, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model, _ = fp8("qwen3_moe")
+    src = tmp_path / "in"
+    shutil.copytree(model, src)
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].float().to(torch.float8_e5m2)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    result = CliRunner().invoke(main, ["rewrite", str(src), str(tmp_path / "out"), "--experts", "4",
+                                       "--importance", "router-norm", "--output-dtype", "bf16"])
+    assert result.exit_code != 0 and "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert f"{name} is stored as F8_E5M2" in result.output.strip().splitlines()[-1]

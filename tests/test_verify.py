@@ -246,3 +246,12 @@ def test_tampered_record_or_index_gives_problem_lines(rewritten, tmp_path_factor
         last = result.stdout.strip().splitlines()[-1]
         assert (result.exit_code, last == "OK") in ((0, True), (1, False)) and (last == "OK" or "FAILED" in last)
         assert result.exit_code == 1 or record == original  # every change of either file is found
+
+
+def test_against_a_checkpoint_that_is_not_the_input_is_a_problem_not_a_traceback(build, tmp_path):
+    built = build("deepseek_v3")
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    result = verify(out, "--against", out)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "is it the rewrite's input?" in result.output

@@ -119,6 +119,9 @@ class Family:
     min_group_experts: int = 1
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
     fixed_top_k: int | None = None
+    # Which decoder layers config.json makes MoE layers (as the family's modeling code decides), or None
+    # where every one is: checked against the layers whose router the shards hold.
+    moe_layer: Callable[[dict, int], bool] | None = None
     remote_code: bool = False  # no transformers class: rewrite and verify only
     # The checkpoint may hold a multi-token-prediction block under `mtp.` (Qwen3-Next, Qwen3.5, ERNIE), which
     # transformers does not load: not carried over, since its experts would disagree with K.
@@ -200,7 +203,8 @@ class Family:
         """None for ungrouped routing; else how K experts fit the groups (see GroupPlan)."""
         if not self.grouped_routing(config):
             return None
-        n_group, topk_group = int(config["n_group"]), int(config["topk_group"])
+        defaults = self.group_defaults or (None, None)
+        n_group, topk_group = int(config["n_group"]), int(config.get("topk_group", defaults[1]))
         per_group, new_top_k = divmod(experts, n_group), min(self.top_k(config), experts)
         # Each group needs >= 2 experts (V3 scores a group by its top-2; vLLM requires it for all),
         # and the groups a token may use must hold at least top_k experts.

@@ -51,7 +51,32 @@ def _norm_topk(default: bool):
     return lambda c: bool(c.get("norm_topk_prob", default))
 
 
-def _deepseek_v3_like(model_type: str, scale: float, groups: tuple[int, int] | None = None) -> Family:
+def _after_dense(default: int):
+    """DeepSeek, GLM: the first `first_k_dense_replace` layers are dense (absent: the config class's default)."""
+    return lambda c, i: i >= (c.get("first_k_dense_replace", default) or 0)
+
+
+def _qwen_sparse(c: dict, i: int) -> bool:
+    """Qwen-MoE: every `decoder_sparse_step`-th layer, except `mlp_only_layers`."""
+    return i not in (c.get("mlp_only_layers") or []) and (i + 1) % (c.get("decoder_sparse_step") or 1) == 0
+
+
+def _ernie_moe_layer(c: dict, i: int) -> bool:
+    end = c.get("moe_layer_end_index", -1)
+    end = c["num_hidden_layers"] - 1 if end in (-1, None) else end
+    start = c.get("moe_layer_start_index", 1)
+    return (i + 1) % (c.get("moe_layer_interval") or 1) == 0 and (1 if start is None else start) <= i <= end
+
+
+def _llama4_moe_layer(c: dict, i: int) -> bool:
+    if c.get("moe_layers") is not None:
+        return i in c["moe_layers"]
+    step = c.get("interleave_moe_layer_step") or 1
+    return i % step == step - 1
+
+
+def _deepseek_v3_like(model_type: str, scale: float, groups: tuple[int, int] | None = None,
+                      dense: int = 3) -> Family:
     """DeepSeek-V3 and the families built on its MoE block (V3.2, GLM-4.5/4.6). `scale`: the config class's
     default routed_scaling_factor; `groups`: its default n_group, topk_group where it may leave them out."""
     return Family(
@@ -64,6 +89,7 @@ def _deepseek_v3_like(model_type: str, scale: float, groups: tuple[int, int] | N
         grouped_routing=grouped_if,
         uses_groups=lambda c: True,
         group_defaults=groups,
+        moe_layer=_after_dense(dense),
         min_group_experts=2,
         renormalises=_norm_topk(True),
         routed_scale=lambda c: _routed_scale(c, scale),
@@ -108,6 +134,7 @@ ALL: tuple[Family, ...] = (
     ),
     Family(
         model_type="qwen2_moe",
+        moe_layer=_qwen_sparse,
         expert_count_keys=("num_experts",),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
@@ -115,12 +142,14 @@ ALL: tuple[Family, ...] = (
     # transformers 5 writes `num_local_experts` where Hub checkpoints say `num_experts`: either is read.
     Family(
         model_type="qwen3_moe",
+        moe_layer=_qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
     ),
     Family(  # hybrid: linear-attention layers are copied like any attention
         model_type="qwen3_next",
+        moe_layer=_qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
@@ -153,6 +182,7 @@ ALL: tuple[Family, ...] = (
     ),
     Family(
         model_type="ernie4_5_moe",
+        moe_layer=_ernie_moe_layer,
         expert_count_keys=("moe_num_experts", "num_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=lambda c: SoftmaxBiasedChoice(c.get("moe_k", c.get("num_experts_per_tok"))),
@@ -165,6 +195,7 @@ ALL: tuple[Family, ...] = (
     ),
     Family(
         model_type="deepseek_v2",
+        moe_layer=_after_dense(0),
         expert_count_keys=_DEEPSEEK_EXPERT_KEYS,
         intermediate_key="moe_intermediate_size",
         make_router=_deepseek_v2_router,
@@ -176,7 +207,7 @@ ALL: tuple[Family, ...] = (
     ),
     _deepseek_v3_like("deepseek_v3", 2.5),
     _deepseek_v3_like("deepseek_v32", 2.5),
-    _deepseek_v3_like("glm4_moe", 1.0, groups=(1, 1)),
+    _deepseek_v3_like("glm4_moe", 1.0, groups=(1, 1), dense=1),
     # Experts fused into two tensors per layer (expert e = slice e of the leading dimension).
     Family(
         model_type="granitemoe",
@@ -193,6 +224,7 @@ ALL: tuple[Family, ...] = (
     ),
     Family(  # MoE layers every interleave_moe_layer_step (found by their router); a shared expert in each
         model_type="llama4_text",
+        moe_layer=_llama4_moe_layer,
         expert_count_keys=("num_local_experts",),
         intermediate_key="intermediate_size",
         make_router=lambda c: SigmoidTopK(c["num_experts_per_tok"]),
@@ -221,6 +253,7 @@ ALL: tuple[Family, ...] = (
     # is to go by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.
     Family(
         model_type="deepseek",
+        moe_layer=lambda c, i: i >= (c.get("first_k_dense_replace") or 0) and i % (c.get("moe_layer_freq") or 1) == 0,
         expert_count_keys=("n_routed_experts",),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,

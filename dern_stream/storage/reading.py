@@ -58,8 +58,15 @@ def check_fp8_tensors(ckpt: Checkpoint) -> None:
     """Before any work on a block-FP8 checkpoint: every FP8 tensor has its scales, of the right shape."""
     block = expert_storage(ckpt.config).block
     if block is None:
+        scaled = next((n for n, e in ckpt.entries.items()
+                       if e.dtype.startswith("F8") and n + SCALE_SUFFIX in ckpt.entries), None)
+        if scaled is not None:
+            raise DernError(f"{scaled} is FP8 with block scales, but config.json has no FP8 quantization_config")
         return
     for name, entry in ckpt.entries.items():
+        if entry.dtype.startswith("F8") and entry.dtype != "F8_E4M3":
+            raise DernError(f"{name} is stored as {entry.dtype}; config.json's quantization_config declares "
+                            "F8_E4M3 weights")
         if entry.dtype.startswith("F8"):
             if name + SCALE_SUFFIX not in ckpt.entries:
                 raise DernError(f"{name} is stored as {entry.dtype} without its block scales ({name}{SCALE_SUFFIX})")
