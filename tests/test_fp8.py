@@ -239,3 +239,16 @@ def test_fp8_tensor_of_another_format_is_one_line(fp8, tmp_path):
                                        "--importance", "router-norm", "--output-dtype", "bf16"])
     assert result.exit_code != 0 and "Traceback" not in result.output and not (tmp_path / "out").exists()
     assert f"{name} is stored as F8_E5M2" in result.output.strip().splitlines()[-1]
+
+
+def test_fitted_candidates_are_requantized_at_write_time(fp8, tmp_path):
+    """With --alpha-candidates and --refit the rebuilt experts stay in float until one is chosen, and are
+    quantized when written: the same FP8 layout and a recorded error."""
+    model, calib = fp8("qwen3_moe")
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=calib, alpha_candidates="0.02,1", refit=True, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    assert all(0 < r["requantization_error"] < 0.05 for r in audit["layers"].values() if r["rebuilt_experts"])
+    assert any(r["rebuilt_experts"] for r in audit["layers"].values())
+    _load(out)
+    assert not verify(out, model, progress=False).problems
