@@ -255,7 +255,7 @@ def rewrite(
                         def compute_layer(inputs: LayerInputs):
                             layer_dump = dump if inputs.layer.index in calibrated else None
                             return compress_layer(inputs, family, shape, layer_dump, groups, options, compute,
-                                                  routing, clock, requantize=storage.fp8 and not dequantized)
+                                                  routing, clock)
 
                         def write(report) -> None:
                             with clock("write"):

@@ -162,11 +162,9 @@ def compress_layer(
     device: torch.device,
     routing: LayerRouting,
     clock: StageClock = NO_CLOCK,
-    requantize: bool = False,
 ) -> LayerReport:
     """Score the experts, build every candidate the options ask for, keep the best; all on `device`,
-    with only the result leaving it (in the checkpoint's dtype). `requantize` (FP8 output): when only one
-    candidate is built, its rebuilt experts are quantized to FP8 as soon as each is built (Requantizer)."""
+    with only the result leaving it (in the checkpoint's dtype)."""
     index = inputs.layer.index
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
@@ -190,8 +188,7 @@ def compress_layer(
             fit["fit_tokens"] = int(x.shape[0])
 
     best: LayerResult | None = None
-    finish = Requantizer(inputs.layer) if requantize and x is None else None
-    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing, clock, finish):
+    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
         if x is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
@@ -213,15 +210,11 @@ def compress_layer(
                 best, fit["error"], fit["chosen"] = result, error, label
             del stack
     del experts
-    report = LayerReport(index, scores.tolist(), source, tokens, best, fit)
-    if finish is not None:
-        report.requantization_error = finish.error()
-    return report
+    return LayerReport(index, scores.tolist(), source, tokens, best, fit)
 
 
-def _candidates(experts, router, bias, scores, x, groups, options, routing, clock, finish=None):
-    """(label, LayerResult) for every setting the options ask to try, built one at a time (`finish`: see
-    dern_layer)."""
+def _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
+    """(label, LayerResult) for every setting the options ask to try, built one at a time."""
     n = router.shape[0]
     if options.method == "dern":
         kept = select_experts(scores, options.experts, groups)
@@ -230,7 +223,7 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
                 yield f"dern@{alpha:g}", prune_layer(router, kept, n)
             else:
                 yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, replace(options, alpha=alpha),
-                                                    clock, finish)
+                                                    clock)
         return
     if options.method == "prune" or x is None:
         yield "prune", prune_layer(router, select_experts(scores, options.experts, groups), n)
@@ -245,28 +238,6 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
         else:
             result = hcsmoe_layer(experts, router, stats, options.experts, groups)
     yield options.method, result
-
-
-class Requantizer:
-    """Turns each rebuilt expert into its FP8 stored form on the device that built it, into the host as one
-    byte a weight (RebuiltExpert.scales set), and sums the error that adds: the layer then never holds its
-    rebuilt experts at twice their stored width."""
-
-    def __init__(self, layer: MoELayer):
-        self.layer, self.sums = layer, [0.0, 0.0]  # squared requantization error, squared weights (float64)
-
-    def __call__(self, rebuilt: RebuiltExpert) -> RebuiltExpert:
-        storage, parts, scales = self.layer.storage, {}, {}
-        for part in PARTS:
-            weight = getattr(rebuilt, part).float()
-            q, scale = quantize(weight, storage.block, DTYPES[self.layer.scale_dtype], storage.pow2_scales)
-            self.sums[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-            self.sums[1] += float(weight.double().square().sum())
-            parts[part], scales[part] = q.cpu(), scale.cpu()
-        return RebuiltExpert(parts["gate"], parts["up"], parts["down"], scales=scales)
-
-    def error(self) -> float | None:
-        return (self.sums[0] / self.sums[1]) ** 0.5 if self.sums[1] > 0 else None
 
 
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
@@ -359,9 +330,6 @@ def write_layer(
                     for out, src in zip(storage.tensor_names(name),
                                         storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
                         writer.copy_raw(out, ckpt.entries[src])
-                elif storage.fp8 and not dequantized and rebuilt.scales is not None:  # quantized as built
-                    writer.write(name, getattr(rebuilt, part))
-                    writer.write(name + SCALE_SUFFIX, rebuilt.scales[part])
                 elif storage.fp8 and not dequantized:
                     weight = getattr(rebuilt, part).float()
                     q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
@@ -375,7 +343,7 @@ def write_layer(
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
-    if error[1] > 0:  # (quantized here, not as built)
+    if error[1] > 0:
         report.requantization_error = (error[0] / error[1]) ** 0.5
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +22,6 @@ class RebuiltExpert:
     down: torch.Tensor
     bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None  # [d] for a merged expert (baselines); None keeps the kept expert's
-    # Set when the expert is already in its stored form (FP8): gate, up and down are then the stored
-    # weights, and these their block scales by part.
-    scales: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -51,12 +47,10 @@ def dern_layer(
     kept: list[int],
     options: RewriteOptions,
     clock: StageClock = NO_CLOCK,
-    finish: Callable[[RebuiltExpert], RebuiltExpert] | None = None,
 ) -> LayerResult:
     """Stages 2 and 3 for one layer; `experts` are on the compute device, `importance` is S.
 
-    Rebuilt experts come back in the experts' own dtype, cast once from the float32 clustering, or as
-    `finish` turns each one as soon as it is built (FP8: quantized, so a layer never holds them twice as wide)."""
+    Rebuilt experts come back in the experts' own dtype, cast once from the float32 clustering."""
     num, h, d = experts.gate.shape
     kept_set = set(kept)
     dropped = [e for e in range(num) if e not in kept_set]
@@ -88,9 +82,6 @@ def dern_layer(
                 # Views of one [k, 3d] block (down transposed): a contiguous down would be a 4th third.
                 rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:3 * d].T,
                                              seg[:, 3 * d:] if experts.bias is not None else None)
-                if finish is not None:
-                    rebuilt[pos] = finish(rebuilt[pos])
-                del seg
                 iterations[pos] = result.iterations
     return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, options.router_transfer)
 
