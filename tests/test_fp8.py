@@ -241,9 +241,9 @@ def test_fp8_tensor_of_another_format_is_one_line(fp8, tmp_path):
     assert f"{name} is stored as F8_E5M2" in result.output.strip().splitlines()[-1]
 
 
-def test_fitted_candidates_are_requantized_at_write_time(fp8, tmp_path):
-    """With --alpha-candidates and --refit the rebuilt experts stay in float until one is chosen, and are
-    quantized when written: the same FP8 layout and a recorded error."""
+def test_fitted_candidates_are_requantized(fp8, tmp_path):
+    """With --alpha-candidates and --refit (the refit changes the down projections of experts DERN rebuilt
+    and of experts it kept): the same FP8 layout and a recorded error."""
     model, calib = fp8("qwen3_moe")
     out = tmp_path / "out"
     dern_stream.rewrite(model, out, experts=4, calib=calib, alpha_candidates="0.02,1", refit=True, progress=False)
