@@ -29,8 +29,8 @@ def fused_tensors(family: Family, layer: int, hidden: int, intermediate: int,
     for name, (rows_cols) in zip(names[:2], ((2 * intermediate, hidden), (hidden, intermediate)), strict=True):
         rows, cols = rows_cols
         groups = cols // mxfp4.GROUP
-        out += [FusedTensor(name + "_blocks", (rows, groups, mxfp4.GROUP // 2), "U8"),
-                FusedTensor(name + "_scales", (rows, groups), "U8")]
+        out += [FusedTensor(name + mxfp4.BLOCKS, (rows, groups, mxfp4.GROUP // 2), "U8"),
+                FusedTensor(name + mxfp4.SCALES, (rows, groups), "U8")]
     return out + [FusedTensor(n, s, None) for n, s in zip(names[2:], shapes[2:], strict=True)]
 
 

@@ -122,20 +122,17 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
         for e in range(shape.num_experts):
             for part in PARTS:
                 name, slot = family.expert_name(layer.index, e, part), getattr(stack, part)[e]
+                if slot.device.type == "cpu" and not storage.fp8:
+                    ckpt.read_into(name, slot)
+                    continue
+                host = staging.get(tuple(slot.shape))
+                if host is None:
+                    host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
+                ckpt.read_into(name, host)
                 if storage.fp8:
-                    host = staging.get(tuple(slot.shape))
-                    if host is None:
-                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
-                    ckpt.read_into(name, host)
                     scale = ckpt.load(name + SCALE_SUFFIX).to(device)
                     slot.copy_(dequantize(host.to(device), scale, storage.block))
-                elif slot.device.type == "cpu":
-                    ckpt.read_into(name, slot)
                 else:
-                    host = staging.get(tuple(slot.shape))
-                    if host is None:
-                        host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
-                    ckpt.read_into(name, host)
                     slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
 
@@ -262,6 +259,20 @@ def output_bias(family: Family, bias: torch.Tensor, result: LayerResult, interme
     return bias[..., result.kept]
 
 
+class RequantizationError:
+    """||dequant(quant(W)) - W|| / ||W|| over a layer's rebuilt weights, summed tensor by tensor (float64)."""
+
+    def __init__(self) -> None:
+        self.diff = self.norm = 0.0
+
+    def add(self, weight: torch.Tensor, back: torch.Tensor) -> None:
+        self.diff += float((back.float() - weight.float()).double().square().sum())
+        self.norm += float(weight.double().square().sum())
+
+    def value(self) -> float | None:
+        return (self.diff / self.norm) ** 0.5 if self.norm > 0 else None
+
+
 def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
     """Store refitted down projections (in the experts' dtype); an expert the refit did not touch (no
     tokens) stays as it was, a raw copy if it was one."""
@@ -310,7 +321,7 @@ def write_layer(
     instead, without scales.
     """
     result, i, storage = report.result, layer.index, layer.storage
-    error = [0.0, 0.0]  # FP8: squared requantization error, squared weights (float64 sums)
+    error = RequantizationError()
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
@@ -333,8 +344,7 @@ def write_layer(
                 elif storage.fp8 and not dequantized:
                     weight = getattr(rebuilt, part).float()
                     q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
-                    error[0] += float((dequantize(q, scale, storage.block) - weight).double().square().sum())
-                    error[1] += float(weight.double().square().sum())
+                    error.add(weight, dequantize(q, scale, storage.block))
                     writer.write(name, q.cpu())
                     writer.write(name + SCALE_SUFFIX, scale.cpu())
                 else:
@@ -343,8 +353,8 @@ def write_layer(
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
-    if error[1] > 0:
-        report.requantization_error = (error[0] / error[1]) ** 0.5
+    if error.value() is not None:
+        report.requantization_error = error.value()
 
 
 def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,
@@ -353,7 +363,7 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
     read straight into place; a rebuilt one is laid out again (gate/up order and interleaving kept, MXFP4
     quantized again). `dequantized`: every expert in bf16, in the family's float layout. Returns the
     MXFP4 requantization error of the rebuilt experts' weights (relative, as for FP8), else None."""
-    error = [0.0, 0.0]
+    error = RequantizationError()
     hidden = int(ckpt.config["hidden_size"])
     out_storage = ExpertStorage() if dequantized else layer.storage
     names = [t.name for t in fused_tensors(family, layer.index, hidden, 0, out_storage)]
@@ -376,13 +386,12 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
         parts = from_float([t.to(float_dtype) for t in floats], out_storage)
         if rebuilt is not None and out_storage.mxfp4:
             for weight, back in zip(floats[:2], to_float(parts, out_storage)[:2], strict=True):
-                error[0] += float((back - weight.float()).double().square().sum())
-                error[1] += float(weight.double().square().sum())
+                error.add(weight, back)
         for out, part in zip(outputs, parts, strict=True):
             out[pos].copy_(part)
     for name, out in zip(names, outputs, strict=True):
         writer.write(name, out)
-    return (error[0] / error[1]) ** 0.5 if error[1] > 0 else None
+    return error.value()
 
 
 def _read_slices(ckpt: Checkpoint, family: Family, layer: MoELayer, hidden: int, intermediate: int,

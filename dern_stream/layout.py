@@ -11,7 +11,8 @@ from .checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
 from .errors import DernError
 from .families import PARTS, Family
 from .fused_tensors import fused_tensors
-from .storage import ExpertStorage
+from .storage import ExpertStorage, mxfp4
+from .storage.formats import SCALE_SUFFIX
 from .storage.fp8_blocks import scale_shape
 from .storage.reading import is_fp8_scale, is_scaled_fp8
 
@@ -141,13 +142,13 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
     n, d, h = shape.num_experts, shape.hidden, shape.intermediate
     expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
     expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
-    scales = {name + "_scale_inv": p for name, p in expected.items()} if storage.fp8 else {}
+    scales = {name + SCALE_SUFFIX: p for name, p in expected.items()} if storage.fp8 else {}
     present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
     if present - set(expected) - set(scales):
         extra = min(present - set(expected) - set(scales), key=natural_key)
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
                         + (" (config.json declares no quantization_config)"
-                           if extra.endswith("_scale_inv") and not storage.fp8 else ""))
+                           if extra.endswith(SCALE_SUFFIX) and not storage.fp8 else ""))
     if (set(expected) | set(scales)) - present:
         missing = min((set(expected) | set(scales)) - present, key=natural_key)
         raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
@@ -178,7 +179,8 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
     if extra:
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
                         + (" (config.json declares no quantization_config)"
-                           if extra[0].endswith(("_blocks", "_scales", "_scale_inv")) and not storage.mxfp4 else ""))
+                           if extra[0].endswith((mxfp4.BLOCKS, mxfp4.SCALES, SCALE_SUFFIX)) and not storage.mxfp4
+                           else ""))
     dtypes = set()
     for t in tensors:
         entry = ckpt.entries.get(t.name)
@@ -227,7 +229,7 @@ def plan_output(
                     name = family.expert_name(layer.index, e, part)
                     specs.append(TensorSpec(name, layer.dtype, shape))
                     if layer.storage.fp8:
-                        specs.append(TensorSpec(name + "_scale_inv", layer.scale_dtype,
+                        specs.append(TensorSpec(name + SCALE_SUFFIX, layer.scale_dtype,
                                                 scale_shape(shape, layer.storage.block)))
         elif name in biases:
             specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))

@@ -165,6 +165,7 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
 
     from .checkpoint import Checkpoint
     from .storage import quantize
+    from .storage.formats import SCALE_SUFFIX
 
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
@@ -174,7 +175,7 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     for name in ckpt.entries:
         tensor = ckpt.load(name)
         if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")) and tensor.dim() == 2:
-            tensors[name], tensors[name + "_scale_inv"] = quantize(tensor, block, pow2_scales=pow2)
+            tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensor, block, pow2_scales=pow2)
         else:
             tensors[name] = tensor
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
@@ -203,7 +204,7 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
         tensor = ckpt.load(name)
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             blocks, scales = mxfp4.quantize(tensor.transpose(1, 2))
-            tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+            tensors[name + mxfp4.BLOCKS], tensors[name + mxfp4.SCALES] = blocks, scales
         else:
             tensors[name] = tensor
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DernError
+from ..storage import mxfp4
 from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
 
 Router = SoftmaxTopK | SoftmaxGroupLimited | SigmoidGroupLimited
@@ -161,7 +162,7 @@ class Family:
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
         if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
-            return any(name in (f, f + "_blocks", f + "_scales") for f in self.fused_names(layer))
+            return any(name in (f, f + mxfp4.BLOCKS, f + mxfp4.SCALES) for f in self.fused_names(layer))
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int) -> str:

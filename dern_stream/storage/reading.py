@@ -24,14 +24,14 @@ def is_fp8_scale(ckpt: Checkpoint, name: str) -> bool:
 
 def is_mxfp4(ckpt: Checkpoint, name: str) -> bool:
     """`name` is stored as MXFP4 `name_blocks` and `name_scales` (gpt-oss's experts)."""
-    return name not in ckpt.entries and name + "_blocks" in ckpt.entries and name + "_scales" in ckpt.entries
+    return name not in ckpt.entries and name + mxfp4.BLOCKS in ckpt.entries and name + mxfp4.SCALES in ckpt.entries
 
 
 def load_weight(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """A tensor as the model uses it: FP8 weights with block scales and MXFP4 experts dequantized (float32),
     others as stored."""
     if is_mxfp4(ckpt, name):  # the blocks hold the transposed projection: [N, rows, groups, 16]
-        return mxfp4.dequantize(ckpt.load(name + "_blocks"), ckpt.load(name + "_scales")).transpose(1, 2)
+        return mxfp4.dequantize(ckpt.load(name + mxfp4.BLOCKS), ckpt.load(name + mxfp4.SCALES)).transpose(1, 2)
     if is_scaled_fp8(ckpt, name):
         block = expert_storage(ckpt.config).block
         if block is None:

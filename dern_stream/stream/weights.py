@@ -13,6 +13,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..families import Family
+from ..storage import mxfp4
 from ..storage.formats import SCALE_SUFFIX
 from ..storage.reading import is_mxfp4, load_weight
 
@@ -112,10 +113,10 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
             return _with_scales(names, ckpt)
     disk = _disk_name(name, ckpt, family, layer)
     if is_mxfp4(ckpt, disk):
-        blocks = ckpt.entries[disk + "_blocks"].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
-        if (blocks[0], blocks[2] * 32, blocks[1]) != shape:
-            raise DernError(f"{disk}_blocks has shape {list(blocks)}, which does not hold {name} {list(shape)}")
-        return {disk + "_blocks", disk + "_scales"}
+        blocks = ckpt.entries[disk + mxfp4.BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
+        if (blocks[0], blocks[2] * mxfp4.GROUP, blocks[1]) != shape:
+            raise DernError(f"{disk}{mxfp4.BLOCKS} has shape {list(blocks)}, which does not hold {name} {list(shape)}")
+        return {disk + mxfp4.BLOCKS, disk + mxfp4.SCALES}
     if ckpt.entries[disk].shape != shape:
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
