@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,22 @@ def shard_metadata(path: Path) -> dict:
 def file_bytes(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` by relative path (tiny checkpoints): 'untouched' means all of these."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+DELETE = object()  # edited_copy: remove the key
+
+
+def edited_copy(model_dir: Path, dest: Path, **changes) -> Path:
+    """A copy of checkpoint `model_dir` at `dest` whose config.json has `changes` (DELETE removes a key)."""
+    shutil.copytree(model_dir, dest)
+    config = json.loads((dest / "config.json").read_text())
+    for key, value in changes.items():
+        if value is DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
 
 
 def assert_clean_failure(result, out: Path, message: str, code: int = 2) -> None:

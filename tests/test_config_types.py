@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import file_bytes
+from conftest import DELETE, edited_copy, file_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -180,7 +180,6 @@ def test_every_family_has_a_table():
 
 # --- property test: random keys, random JSON values --------------------------------------------------------------
 
-_DELETE = object()
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 12) | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
@@ -198,7 +197,7 @@ def _keys(family: str) -> list[str]:
 def mutations(draw):
     family = draw(st.sampled_from(["mixtral", "deepseek_v3"]))
     keys = draw(st.lists(st.sampled_from(_keys(family)), min_size=1, max_size=3, unique=True))
-    return family, {k: draw(st.just(_DELETE) | _json) for k in keys}
+    return family, {k: draw(st.just(DELETE) | _json) for k in keys}
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -207,14 +206,7 @@ def test_random_config_values_never_give_a_traceback(build, mutation):
     family, changes = mutation
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
-        shutil.copytree(build(family).model_dir, src)
-        config = json.loads((src / "config.json").read_text())
-        for key, value in changes.items():
-            if value is _DELETE:
-                config.pop(key, None)
-            else:
-                config[key] = value
-        (src / "config.json").write_text(json.dumps(config))
+        edited_copy(build(family).model_dir, src, **changes)
         before = file_bytes(src)
         result = run("rewrite", src, out, "--importance", "router-norm", "--experts", 4, "-q")
         crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
