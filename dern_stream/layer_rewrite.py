@@ -107,33 +107,31 @@ def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: to
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
                  clock: StageClock = NO_CLOCK) -> ExpertStack:
-    """The layer's routed experts as one stack on `device`, in the stored dtype (bf16 for FP8, dequantized
-    on `device`). Host memory: the stack itself on CPU; one tensor at a time (a staging buffer) for an
-    accelerator."""
+    """The layer's routed experts as one stack on `device`, as stored: FP8 stays FP8 with its block scales
+    (the methods dequantize what they read), MXFP4 is dequantized to bf16. Host memory: the stack itself on
+    CPU; one tensor at a time (a staging buffer) for an accelerator."""
     stored, storage = DTYPES[layer.dtype], layer.storage
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
                                   storage.compute_dtype(stored), device,
-                                  biases=family.fused is not None and family.fused.biased)
+                                  biases=family.fused is not None and family.fused.biased, block=storage.block)
         if family.fused is not None:
             _read_fused(ckpt, family, layer, shape, stack)
             return stack
         staging: dict[tuple[int, ...], torch.Tensor] = {}  # one host buffer per tensor shape
         for e in range(shape.num_experts):
-            for part in PARTS:
+            for p, part in enumerate(PARTS):
                 name, slot = family.expert_name(layer.index, e, part), getattr(stack, part)[e]
-                if slot.device.type == "cpu" and not storage.fp8:
+                if storage.fp8:
+                    stack.scales[p][e].copy_(ckpt.load(name + SCALE_SUFFIX))
+                if slot.device.type == "cpu":
                     ckpt.read_into(name, slot)
                     continue
                 host = staging.get(tuple(slot.shape))
                 if host is None:
                     host = staging[tuple(slot.shape)] = torch.empty(slot.shape, dtype=stored)
                 ckpt.read_into(name, host)
-                if storage.fp8:
-                    scale = ckpt.load(name + SCALE_SUFFIX).to(device)
-                    slot.copy_(dequantize(host.to(device), scale, storage.block))
-                else:
-                    slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
+                slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
 
 
@@ -238,13 +236,16 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
 
 
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
-    """The output layer's K experts as one stack: rebuilt weights, or the original expert's."""
+    """The output layer's K experts as one stack in `experts.dtype` (FP8: bf16): rebuilt weights, or the
+    original expert's."""
     names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
     parts = {p: [] for p in names}
     for expert, rebuilt in zip(result.kept, result.experts, strict=True):
         for p in names:
             mine = getattr(rebuilt, p) if rebuilt is not None else None
-            parts[p].append(mine if mine is not None else getattr(experts, p)[expert])
+            if mine is None:
+                mine = experts.weight(p, expert) if p in PARTS else getattr(experts, p)[expert]
+            parts[p].append(mine.to(experts.dtype))
     return ExpertStack(*(torch.stack(parts[p]) for p in names))
 
 

@@ -235,3 +235,49 @@ def test_fitted_candidates_are_requantized(fp8, tmp_path):
     assert any(r["rebuilt_experts"] for r in audit["layers"].values())
     _load(out)
     assert not verify(out, model, progress=False).problems
+
+
+def _fp8_stack(n: int, h: int, d: int, block: tuple[int, int]):
+    """An FP8 stack (weights and block scales, partial edge blocks) and the same experts dequantized, dense."""
+    from dern_stream.methods import ExpertStack
+    from dern_stream.storage import quantize
+
+    torch.manual_seed(5)
+    stack = ExpertStack.empty(n, h, d, torch.float8_e4m3fn, block=block)
+    for e in range(n):
+        for p, part in enumerate(("gate", "up", "down")):
+            weight = torch.randn(h, d) if part != "down" else torch.randn(d, h)
+            weight[: h // 3] *= 1 + e  # blocks of different scales
+            q, scale = quantize(weight, block)
+            getattr(stack, part)[e], stack.scales[p][e] = q, scale
+    dense = ExpertStack(*(torch.stack([dequantize(getattr(stack, part)[e], stack.scales[p][e], block)
+                                       for e in range(n)]) for p, part in enumerate(("gate", "up", "down"))))
+    return stack, dense
+
+
+def test_fp8_stack_reads_equal_the_dequantized_experts():
+    """The rewrite holds FP8 experts as stored and dequantizes what each method reads: every accessor must
+    give what the fully dequantized (float32) experts give, edge blocks included."""
+    from dern_stream.families.routing import SoftmaxTopK
+    from dern_stream.methods import reassign_segments
+    from dern_stream.methods.moe_forward import Gating, routed_output
+
+    n, h, d = 5, 40, 24
+    stack, dense = _fp8_stack(n, h, d, (16, 8))
+    assert stack.nbytes < dense.nbytes / 3 and stack.dtype == torch.bfloat16
+    for part in ("gate", "up", "down"):
+        assert stack.weight(part, 3).equal(dense.weight(part, 3))
+        assert stack.part_rows(part, 2).equal(dense.part_rows(part, 2))
+    assert stack.segments([4, 1], ("up", "down")).equal(dense.segments([4, 1], ("up", "down")))
+    mine, theirs = torch.empty(2, h, 3 * d), torch.empty(2, h, 3 * d)
+    stack.segments_into(mine[0], 1)
+    dense.segments_into(theirs[0], 1)
+    experts, segments = torch.tensor([0, 4, 4, 2, 1]), torch.tensor([39, 0, 17, 31, 16])
+    stack.segment_rows_into(mine[1, :5], experts, segments)
+    dense.segment_rows_into(theirs[1, :5], experts, segments)
+    assert mine[0].equal(theirs[0]) and mine[1, :5].equal(theirs[1, :5])
+    args = dict(kept=[0, 3], dropped=[1, 2, 4], components=("gate", "up", "down"), alpha=0.0, block_bytes=4096)
+    assert reassign_segments(stack, **args).equal(reassign_segments(dense, **args))
+    x, router = torch.randn(30, d), torch.randn(n, d)
+    gating = Gating(SoftmaxTopK(top_k=2), renormalise=True, scale=1.0)
+    assert routed_output(x, router, None, gating, stack).equal(routed_output(x, router, None, gating, dense))

@@ -52,13 +52,13 @@ def _merge(experts: ExpertStack, members: list[int], weights: torch.Tensor, alig
             score = (anchor @ experts.segments([e]).T).double().cpu().numpy()
             _, cols = linear_sum_assignment(score, maximize=True)
             perm = torch.as_tensor(cols, device=gate.device)
-        gate += share * experts.gate[e][perm].float()
-        up += share * experts.up[e][perm].float()
-        down += share * experts.down[e][:, perm].float()
+        gate += share * experts.weight("gate", e)[perm].float()
+        up += share * experts.weight("up", e)[perm].float()
+        down += share * experts.weight("down", e)[:, perm].float()
         if biases:
             bias += share * experts.bias[e][perm].float()
             down_bias += share * experts.down_bias[e].float()
-    dtype = experts.gate.dtype
+    dtype = experts.dtype
     return RebuiltExpert(gate.to(dtype), up.to(dtype), down.to(dtype), bias.to(dtype) if biases else None,
                          down_bias.to(dtype) if biases else None)
 

@@ -50,7 +50,7 @@ def dern_layer(
 ) -> LayerResult:
     """Stages 2 and 3 for one layer; `experts` are on the compute device, `importance` is S.
 
-    Rebuilt experts come back in the experts' own dtype, cast once from the float32 clustering."""
+    Rebuilt experts come back in `experts.dtype`, cast once from the float32 clustering."""
     num, h, d = experts.gate.shape
     kept_set = set(kept)
     dropped = [e for e in range(num) if e not in kept_set]
@@ -78,7 +78,7 @@ def dern_layer(
                               options.similarity_block_bytes):
             for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, options),
                                               strict=True):
-                seg = result.segments.to(experts.gate.dtype)
+                seg = result.segments.to(experts.dtype)
                 # Views of one [k, 3d] block (down transposed): a contiguous down would be a 4th third.
                 rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:3 * d].T,
                                              seg[:, 3 * d:] if experts.bias is not None else None)
@@ -113,7 +113,7 @@ def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, o
     h, d = experts.intermediate, experts.gate.shape[2]
     sizes = [h + job[2].numel() for job in batch]
     device = experts.gate.device
-    members = torch.zeros(len(batch), max(sizes), experts.segment_width, dtype=experts.gate.dtype, device=device)
+    members = torch.zeros(len(batch), max(sizes), experts.segment_width, dtype=experts.dtype, device=device)
     member_weights = torch.zeros(len(batch), max(sizes), device=device)
     init = torch.empty(len(batch), k, dtype=torch.long, device=device)
     for j, (_, expert, source, segment) in enumerate(batch):

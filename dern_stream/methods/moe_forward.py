@@ -73,7 +73,7 @@ class EvenSample:
 
 def expert_hidden(x: torch.Tensor, experts: ExpertStack, e: int, glu) -> torch.Tensor:
     """glu(x W_g^T + b_g, x W_u^T + b_u): expert e's h neuron activations, [T, h] (weights taken to float32)."""
-    g, u = x @ experts.gate[e].float().T, x @ experts.up[e].float().T
+    g, u = x @ experts.weight("gate", e).float().T, x @ experts.weight("up", e).float().T
     if experts.bias is not None:
         g, u = g + experts.bias[e, :, 0].float(), u + experts.bias[e, :, 1].float()
     return glu(g, u)
@@ -81,7 +81,7 @@ def expert_hidden(x: torch.Tensor, experts: ExpertStack, e: int, glu) -> torch.T
 
 def expert_output(x: torch.Tensor, experts: ExpertStack, e: int, glu) -> torch.Tensor:
     """E_e(x) = W_d a_e(x) (+ b_d) for inputs x [T, d]; float32 [T, d]."""
-    out = expert_hidden(x, experts, e, glu) @ experts.down[e].float().T
+    out = expert_hidden(x, experts, e, glu) @ experts.weight("down", e).float().T
     return out + experts.down_bias[e].float() if experts.down_bias is not None else out
 
 

@@ -31,7 +31,7 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
         raise DernError("--refit does not model experts with biases (gpt-oss) yet")
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
-    down = experts.down.to(torch.float32, copy=True)
+    down = experts.weight("down", slice(None)).to(torch.float32, copy=True)
     if current is None:
         current = routed_output(x, router_weight, bias, gating, experts)
     residual = target - current
@@ -49,4 +49,5 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
             new = torch.linalg.solve(gram, rhs).T.to(down.dtype)  # [d, h]
             residual[tok] = goal - feats @ new.T
             down[e] = new
-    return ExpertStack(experts.gate, experts.up, down)
+    every = slice(None)
+    return ExpertStack(experts.weight("gate", every), experts.weight("up", every), down)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import PARTS
+from ..storage.fp8_blocks import dequantize, dequantize_vectors, scale_shape
 
 
 @dataclass
@@ -19,22 +20,30 @@ class ExpertStack:
     (gpt-oss), `bias` [N, h, 2] (each neuron's gate and up bias: part of its segment) and `down_bias` [N, d]
     (one per expert, not per neuron).
 
-    Held in the checkpoint's dtype (half the memory of float32 for bf16 models); the methods
-    convert the rows they work on to float32 a block at a time."""
+    Held as stored (bf16 models: half the memory of float32), and FP8 checkpoints stay FP8 with their block
+    scales (`scales`: gate's, up's, down's, float32 [N, *grid]; `block` their block shape), so a layer
+    costs its stored bytes. Read the weights through `weight`, `part_rows` and the `segments*` methods,
+    which convert (dequantize) only the experts or rows asked for, to float32 (FP8) or the stored dtype."""
 
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
     bias: torch.Tensor | None = None
     down_bias: torch.Tensor | None = None
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    block: tuple[int, int] | None = None
 
     @classmethod
     def empty(cls, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-              biases: bool = False) -> ExpertStack:
-        return cls(torch.empty(n, h, d, dtype=dtype, device=device), torch.empty(n, h, d, dtype=dtype, device=device),
-                   torch.empty(n, d, h, dtype=dtype, device=device),
-                   torch.empty(n, h, 2, dtype=dtype, device=device) if biases else None,
-                   torch.empty(n, d, dtype=dtype, device=device) if biases else None)
+              biases: bool = False, block: tuple[int, int] | None = None) -> ExpertStack:
+        """Uninitialised; `block`: FP8 weights (`dtype` is then float8_e4m3fn) with float32 scales per block."""
+        def new(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
+            return torch.empty(*shape, dtype=dtype, device=device)
+        scales = None
+        if block is not None:
+            scales = tuple(new(n, *scale_shape(s, block), dtype=torch.float32) for s in ((h, d), (h, d), (d, h)))
+        return cls(new(n, h, d), new(n, h, d), new(n, d, h), new(n, h, 2) if biases else None,
+                   new(n, d) if biases else None, scales, block)
 
     @property
     def segment_width(self) -> int:
@@ -45,36 +54,44 @@ class ExpertStack:
     def intermediate(self) -> int:
         return self.gate.shape[1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype results built from these experts come back in: the stored one; bf16 for FP8."""
+        return torch.bfloat16 if self.scales is not None else self.gate.dtype
+
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.gate, self.up, self.down, self.bias, self.down_bias)
+        return (self.gate, self.up, self.down, self.bias, self.down_bias, *(self.scales or ()))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors() if t is not None)
 
     def to(self, device: torch.device) -> ExpertStack:
-        return ExpertStack(*(t.to(device) if t is not None else None for t in self._tensors()))
+        moved = [t.to(device) if t is not None else None for t in self._tensors()]
+        return ExpertStack(*moved[:5], tuple(moved[5:]) if self.scales is not None else None, self.block)
 
-    def float(self) -> ExpertStack:
-        return ExpertStack(*(t.float() if t is not None else None for t in self._tensors()))
+    def weight(self, part: str, experts: int | torch.Tensor) -> torch.Tensor:
+        """`part` of one expert ([h, d] gate or up, [d, h] down) or of several ([n, ...]), as stored: float32
+        when FP8 (dequantized), else the stored tensor's view."""
+        w = getattr(self, part)[experts]
+        if self.scales is None:
+            return w
+        return dequantize(w, self.scales[PARTS.index(part)][experts], self.block)
 
     def segments(self, experts: list[int] | torch.Tensor, components: tuple[str, ...] = PARTS) -> torch.Tensor:
         """float32 [len(experts) * h, len(components) * d]: one row per segment, experts in the given order."""
         idx = torch.as_tensor(experts, dtype=torch.long, device=self.gate.device)
-        parts = {
-            "gate": lambda: self.gate[idx],
-            "up": lambda: self.up[idx],
-            "down": lambda: self.down[idx].transpose(1, 2),
-        }
-        pieces = [parts[c]().float() for c in components]
+        pieces = [self.weight(c, idx).transpose(1, 2) if c == "down" else self.weight(c, idx) for c in components]
+        pieces = [p.float() for p in pieces]
         if components == PARTS and self.bias is not None:
             pieces.append(self.bias[idx].float())
         rows = torch.cat(pieces, dim=-1)
         return rows.reshape(-1, rows.shape[-1])
 
     def part_rows(self, part: str, expert: int) -> torch.Tensor:
-        """[h, d] view: one expert's `part` with a row per segment (down is stored transposed)."""
-        return self.down[expert].T if part == "down" else getattr(self, part)[expert]
+        """[h, d]: one expert's `part` with a row per segment (down is stored transposed)."""
+        w = self.weight(part, expert)
+        return w.T if part == "down" else w
 
     def unit_segments_into(self, out: torch.Tensor, experts: list[int], components: tuple[str, ...]) -> torch.Tensor:
         """Fill out [len(experts) * h, len(components) * d] with the experts' segments (their
@@ -86,7 +103,8 @@ class ExpertStack:
         return unit_rows(out)
 
     def segments_into(self, out: torch.Tensor, expert: int) -> None:
-        """Fill out [h, segment_width] with one expert's full segment vectors, converting without a temporary."""
+        """Fill out [h, segment_width] with one expert's full segment vectors, converting without a temporary
+        (FP8: one part's float32 at a time)."""
         d = self.gate.shape[2]
         for c, part in enumerate(PARTS):
             out[:, c * d:(c + 1) * d] = self.part_rows(part, expert)
@@ -96,9 +114,13 @@ class ExpertStack:
     def segment_rows_into(self, out: torch.Tensor, experts: torch.Tensor, segments: torch.Tensor) -> None:
         """Fill out [n, segment_width] with the full vectors of the single segments (experts[j], segments[j])."""
         d = self.gate.shape[2]
-        out[:, :d] = self.gate[experts, segments]
-        out[:, d:2 * d] = self.up[experts, segments]
-        out[:, 2 * d:3 * d] = self.down[experts, :, segments]
+        gate, up, down = self.gate[experts, segments], self.up[experts, segments], self.down[experts, :, segments]
+        if self.scales is not None:  # each row's (gate, up) or column's (down) own scales, spread over it
+            (rows, cols), (gs, us, ds) = self.block, self.scales
+            gate = dequantize_vectors(gate, gs[experts, segments // rows], cols)
+            up = dequantize_vectors(up, us[experts, segments // rows], cols)
+            down = dequantize_vectors(down, ds[experts, :, segments // cols], rows)
+        out[:, :d], out[:, d:2 * d], out[:, 2 * d:3 * d] = gate, up, down
         if self.bias is not None:
             out[:, 3 * d:] = self.bias[experts, segments]
 

@@ -37,9 +37,10 @@ class ExpertStorage:
         return [weight_name, weight_name + SCALE_SUFFIX] if self.fp8 else [weight_name]
 
     def compute_dtype(self, stored: torch.dtype) -> torch.dtype:
-        """The dtype a layer's experts are held in on the compute device: the stored one, or bf16 for FP8
-        (twice the stored bytes; every method still computes in float32, block by block)."""
-        return torch.bfloat16 if self.quantized else stored
+        """The dtype a layer's experts are held in on the compute device: the stored one (FP8 with its
+        scales beside it), or bf16 for MXFP4 (four times its stored bytes); every method computes in
+        float32, block by block."""
+        return torch.bfloat16 if self.mxfp4 else stored
 
 
 def expert_storage(config: dict) -> ExpertStorage:

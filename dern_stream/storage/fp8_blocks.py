@@ -17,16 +17,24 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
 
 
 def _spread(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
-    """The per-block scale as one value per weight, [rows, cols], float32."""
-    full = scale.float().repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
-    return full[:shape[0], :shape[1]]
+    """The per-block scale as one value per weight, [..., rows, cols], float32."""
+    full = scale.float().repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
+    return full[..., :shape[0], :shape[1]]
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float32 [rows, cols] from the FP8 weight and its block scales (on the weight's device)."""
-    if tuple(scale.shape) != scale_shape(tuple(weight.shape), block):
+    """float32 [..., rows, cols] from FP8 weights [..., rows, cols] and their block scales (on the weight's
+    device); leading dimensions (a stack of experts) pair weight i with scale i."""
+    rows_cols = tuple(weight.shape[-2:])
+    if tuple(scale.shape) != (*weight.shape[:-2], *scale_shape(rows_cols, block)):
         raise ValueError(f"scale shape {list(scale.shape)} does not fit weight {list(weight.shape)} in {block} blocks")
-    return weight.float() * _spread(scale, tuple(weight.shape), block)
+    return weight.float() * _spread(scale, rows_cols, block)
+
+
+def dequantize_vectors(weight: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 [n, length] from n FP8 vectors (each a row or column of some block-scaled weight) and their
+    scales [n, ceil(length / block)], one scale per `block` consecutive values along the vector."""
+    return weight.float() * scale.float().repeat_interleave(block, dim=-1)[..., :weight.shape[-1]]
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype = torch.float32,
