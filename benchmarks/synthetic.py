@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -69,27 +71,74 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
         save_file(tensors, str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
 
-    flush(0, {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden, dtype=dt),
-              "lm_head.weight": rand(vocab, hidden)})
-    kv = hidden // 4
+    flush(0, {name: rand(*shape) if name != "model.norm.weight" else torch.ones(hidden, dtype=dt)
+              for name, shape in _head_shapes(vocab, hidden).items()})
     for i in range(layers):
-        p = f"model.layers.{i}."
-        t = {
-            p + "input_layernorm.weight": torch.ones(hidden, dtype=dt),
-            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dt),
-            p + "self_attn.q_proj.weight": rand(hidden, hidden), p + "self_attn.k_proj.weight": rand(kv, hidden),
-            p + "self_attn.v_proj.weight": rand(kv, hidden), p + "self_attn.o_proj.weight": rand(hidden, hidden),
-            p + "block_sparse_moe.gate.weight": rand(experts, hidden, scale=0.5),
-        }
+        t = {}
+        for name, shape in _layer_shapes(i, hidden, experts, intermediate, with_experts=False).items():
+            t[name] = (torch.ones(hidden, dtype=dt) if name.endswith("norm.weight")
+                       else rand(*shape, scale=0.5 if name.endswith("gate.weight") else 0.02))
         shapes = {"w1": (intermediate, hidden), "w3": (intermediate, hidden), "w2": (hidden, intermediate)}
         base = {k: torch.randn(*s, generator=gen) * 0.02 for k, s in shapes.items()}
         for e in range(experts):
             for name, b in base.items():
                 noise = torch.randn(b.shape, generator=gen) * 0.02
                 w = b + noise * upcycled if upcycled else noise
-                t[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = w.to(dt)
+                t[f"model.layers.{i}.block_sparse_moe.experts.{e}.{name}.weight"] = w.to(dt)
         flush(i + 1, t)  # written as we go: the generator never holds more than one layer
-    config = {
+    return _finish(path, _config(hidden, intermediate, layers, experts, top_k, vocab, dtype), weight_map)
+
+
+def write_sparse(path: str | Path, *, layers: int, hidden: int, intermediate: int, experts: int, top_k: int = 2,
+                 vocab: int = 32000) -> Path:
+    """A bf16 checkpoint of the same layout whose shards are headers and holes (`ftruncate`): any size in
+    no time and almost no disk, every weight zero. For what reads only headers and routers (`plan`)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=False)
+    total, weight_map = layers + 1, {}
+    for index in range(total):
+        shapes = _head_shapes(vocab, hidden) if index == 0 else _layer_shapes(index - 1, hidden, experts, intermediate)
+        name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, shape in shapes.items():
+            size = 2 * math.prod(shape)
+            header[tensor] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        body = json.dumps(header).encode()
+        body += b" " * (-len(body) % 8)
+        with open(path / name, "wb") as f:
+            f.write(struct.pack("<Q", len(body)) + body)
+            f.truncate(8 + len(body) + offset)
+        weight_map.update(dict.fromkeys(shapes, name))
+    return _finish(path, _config(hidden, intermediate, layers, experts, top_k, vocab, "bf16"), weight_map)
+
+
+def _head_shapes(vocab: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    return {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+            "lm_head.weight": (vocab, hidden)}
+
+
+def _layer_shapes(i: int, hidden: int, experts: int, intermediate: int,
+                  with_experts: bool = True) -> dict[str, tuple[int, ...]]:
+    """Decoder layer i's tensors in Mixtral's on-disk layout (4 key/value heads of hidden / 16)."""
+    p, kv = f"model.layers.{i}.", hidden // 4
+    shapes = {
+        p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+        p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+        p + "block_sparse_moe.gate.weight": (experts, hidden),
+    }
+    if with_experts:
+        for e in range(experts):
+            for w, shape in (("w1", (intermediate, hidden)), ("w2", (hidden, intermediate)),
+                             ("w3", (intermediate, hidden))):
+                shapes[f"{p}block_sparse_moe.experts.{e}.{w}.weight"] = shape
+    return shapes
+
+
+def _config(hidden: int, intermediate: int, layers: int, experts: int, top_k: int, vocab: int, dtype: str) -> dict:
+    fp8 = dtype == "fp8"
+    return {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": 16,
         "num_key_value_heads": 4, "head_dim": hidden // 16, "num_local_experts": experts,
@@ -99,6 +148,9 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
         **({"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                     "weight_block_size": list(_FP8_BLOCK)}} if fp8 else {}),
     }
+
+
+def _finish(path: Path, config: dict, weight_map: dict[str, str]) -> Path:
     (path / "config.json").write_text(json.dumps(config, indent=2))
     size = sum((path / f).stat().st_size for f in set(weight_map.values()))
     (path / "model.safetensors.index.json").write_text(

@@ -2,9 +2,13 @@
 
 __version__ = "0.2.0"
 
-from .api import RewriteSummary, rewrite  # noqa: E402
+from .api import RewriteSummary, plan, rewrite  # noqa: E402
 from .dump_pipeline import DumpSummary, dump  # noqa: E402
 from .errors import DernError  # noqa: E402
 from .eval_pipeline import EvalReport, evaluate  # noqa: E402
+from .rewrite_plan import RewritePlan  # noqa: E402
 
-__all__ = ["DernError", "DumpSummary", "EvalReport", "RewriteSummary", "__version__", "dump", "evaluate", "rewrite"]
+__all__ = [
+    "DernError", "DumpSummary", "EvalReport", "RewritePlan", "RewriteSummary", "__version__", "dump", "evaluate",
+    "plan", "rewrite",
+]

@@ -11,7 +11,6 @@ import click
 
 from . import __version__
 from .errors import DernError, describe
-from .options import IMPORTANCE_METHODS, KMEANS_INITS, METHODS, OUTPUT_DTYPES, RECIPES
 
 
 class _Group(click.Group):
@@ -57,68 +56,61 @@ def main(debug: bool) -> None:
     logging.getLogger("dern_stream").setLevel(logging.INFO)
 
 
+def _rewrite_options(f):
+    """--experts, --calib and every RewriteOptions field as an option (options.py holds their help)."""
+    from .options import option_fields
+
+    types = {"int": int, "float": float}
+    for spec in reversed(option_fields()):
+        meta, name = spec.metadata, spec.name.replace("_", "-")
+        shown = meta["shown"]
+        help_text = meta["help"] + (f" [default: {shown}]" if shown is not None else "")
+        if meta["flag"]:
+            f = click.option(f"--{name}/--no-{name}", default=None, help=help_text)(f)
+            continue
+        kind = click.Choice(meta["choices"]) if meta["choices"] else (
+            meta["cli_type"] or types.get(str(spec.type).split(" ")[0], str))
+        f = click.option(f"--{name}", type=kind, default=None, help=help_text)(f)
+    f = click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs.")(f)
+    return click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")(f)
+
+
 @main.command()
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
-@click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")
-@click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs.")
-@click.option("--method", type=click.Choice(METHODS), default=None,
-              help="dern (default), or a baseline: prune, reap, msmoe, hcsmoe (see the README).")
-@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default=None,
-              help="A bundle of method options: 'best' is the recommended setting, 'paper' the paper's DERN. "
-                   "Options given beside it override its values.")
-@click.option("--alpha", type=float, default=None,
-              help="Similarity threshold for moving a dropped expert's segment (1 = pure pruning, 0 = move all) "
-                   "[default: 0.4].")
-@click.option("--sim-components", default=None, help="Segment parts compared by cosine: any of gate,up,down "
-              "[default: up,down].")
-@click.option("--kmeans-iters", type=int, default=None, help="Maximum k-means iterations [default: 20].")
-@click.option("--kmeans-init", type=click.Choice(KMEANS_INITS), default=None,
-              help="k-means seeds: the paper's largest-gate-norm members, or the kept expert's own segments "
-                   "[default: gate-linf].")
-@click.option("--intermediate-size", type=int, default=None,
-              help="Shrink every expert to this many neurons (default: keep the current size).")
-@click.option("--importance", type=click.Choice(IMPORTANCE_METHODS), default=None,
-              help="Expert ranking: routing statistics from --calib, or router-norm (no data, weaker) "
-                   "[default: routing].")
-@click.option("--router-transfer/--no-router-transfer", default=None,
-              help="Apply the Eq. 8 router update [default: on].")
-@click.option("--alpha-candidates", default=None,
-              help="Choose alpha per layer among these (e.g. 1,0.8,0.6,0.4) by the output error on the cached "
-                   "inputs; include 1 and no layer is worse than pruning on them.")
-@click.option("--refit/--no-refit", default=None,
-              help="Refit the kept experts' down projections by ridge least squares on the cached inputs.")
-@click.option("--refit-ridge", type=float, default=None,
-              help="Ridge strength of --refit, relative to the mean Gram diagonal [default: 1.0].")
-@click.option("--fit-tokens", type=int, default=None,
-              help="Cached inputs per layer used by the baselines, --alpha-candidates and --refit "
-                   "[default: 32768].")
-@click.option("--output-dtype", type=click.Choice(OUTPUT_DTYPES), default=None,
-              help="Write a quantized (FP8) checkpoint dequantized, in this dtype, without quantization_config "
-                   "[default: as stored].")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda or cuda:N.")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 2GB.")
+@_rewrite_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
 @click.option("--restart", is_flag=True,
               help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def rewrite(src, out, experts, calib, method, recipe, alpha, sim_components, kmeans_iters, kmeans_init,
-            intermediate_size, importance, router_transfer, alpha_candidates, refit, refit_ridge, fit_tokens,
-            output_dtype, device, max_shard_size, overwrite, restart, quiet) -> None:
+def rewrite(src, out, experts, calib, overwrite, restart, quiet, **options) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
-    summary = run_rewrite(
-        src, out, experts=experts, calib=calib, method=method, recipe=recipe, alpha=alpha,
-        sim_components=sim_components, kmeans_iters=kmeans_iters, kmeans_init=kmeans_init,
-        intermediate_size=intermediate_size, importance=importance, router_transfer=router_transfer,
-        alpha_candidates=alpha_candidates, refit=refit, refit_ridge=refit_ridge, fit_tokens=fit_tokens,
-        output_dtype=output_dtype, device=device, max_shard_size=max_shard_size, overwrite=overwrite,
-        restart=restart, progress=not quiet,
-    )
+    summary = run_rewrite(src, out, experts=experts, calib=calib, overwrite=overwrite, restart=restart,
+                          progress=not quiet, **options)
     click.echo(str(summary))
+
+
+@main.command()
+@click.argument("src", metavar="IN")
+@_rewrite_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the whole plan as JSON here (every tensor's shard and byte offset).")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier plan.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def plan(src, experts, calib, json_path, overwrite, quiet, **options) -> None:
+    """Show what `rewrite IN OUT --experts K` would do, without writing anything: the layers and experts that
+    change, the output size and free disk it needs, the peak memory and the compute per layer. Without
+    --calib the experts are ranked by router norm (a rewrite uses the dump's routing statistics)."""
+    from .api import plan as make_plan
+    from .plan_report import describe
+
+    made = make_plan(src, experts=experts, calib=calib, json_path=json_path, overwrite=overwrite,
+                     progress=not quiet, **options)
+    click.echo(describe(made))
 
 
 def _text_options(num_tokens: int, seq_len: int):

@@ -12,16 +12,15 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .calib import CalibDump
 from .calib.text import check_vocabulary, tokens_from
-from .checkpoint import Checkpoint, resolve_checkpoint, write_durably
+from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
-from .errors import DernError, writing
+from .errors import DernError
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
@@ -29,7 +28,14 @@ from .options import check_text_options
 from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
-from .targets import check_apart, check_replaceable, expand_user, read_paths
+from .targets import (
+    check_json_target,
+    check_replaceable,
+    expand_user,
+    not_json_of,
+    read_paths,
+    write_replacing,
+)
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
 
@@ -101,13 +107,9 @@ def evaluate(
     check_text_options(num_tokens, seq_len, batch_size)
     text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
     if json_path is not None:
-        json_path = Path(json_path).expanduser().resolve()
-        check_apart(json_path, "--json file", {**read_paths("the checkpoint", resolve_checkpoint(src)),
-                                               "the reference": reference, "the calibration dump": calib,
-                                               "the text": text, "the tokenizer": tokenizer})
-        check_replaceable(json_path, "--json file", overwrite, _not_eval_json, directory=False)
-        if not json_path.parent.is_dir():
-            raise DernError(f"--json file {json_path}: the folder {json_path.parent} does not exist")
+        json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
+            **read_paths("the checkpoint", resolve_checkpoint(src)), "the reference": reference,
+            "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if not wants_ppl and reference is None:
         raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
@@ -141,29 +143,10 @@ def evaluate(
     report.seconds = time.perf_counter() - started
     if json_path is not None:
         # Checked again: a file may have appeared there during the evaluation.
-        check_replaceable(json_path, "--json file", overwrite, _not_eval_json, directory=False)
-        _write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        check_replaceable(json_path, "--json file", overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
+                          directory=False)
+        write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report
-
-
-def _not_eval_json(path: Path) -> str | None:
-    """Why the existing `path` is not an earlier `eval --json` report (None when it is)."""
-    try:
-        is_report = json.loads(path.read_text()).get("format") == EVAL_FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        is_report = False
-    return None if is_report else "is not a report that dern-stream eval wrote"
-
-
-def _write_replacing(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.dern-tmp-{os.getpid()}")
-    try:
-        with writing(path):
-            write_durably(tmp, data)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device: torch.device,

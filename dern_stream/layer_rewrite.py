@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -21,7 +20,6 @@ from .methods import (
     LayerResult,
     RebuiltExpert,
     dern_layer,
-    router_norm_importance,
     routing_importance,
     select_experts,
     transfer_router,
@@ -36,11 +34,25 @@ from .storage.formats import SCALE_SUFFIX
 from .storage.reading import load_weight
 
 
+@dataclass(frozen=True)
+class LayerSelection:
+    """How a layer's experts were ranked (by the plan), and which it keeps.
+
+    `source`: "routing" (Eq. 1 over `tokens` cached inputs), "router-norm" (no cached inputs), or "not
+    needed" (every expert kept and nothing rebuilt: no ranking is computed). `kept` is None for the
+    baselines that choose from the layer's outputs (reap, msmoe, hcsmoe): decided when the layer runs."""
+
+    scores: torch.Tensor | None  # [N] float64, on the CPU
+    tokens: int
+    source: str
+    kept: list[int] | None
+
+
 @dataclass
 class LayerReport:
     index: int
     importance: list[float]
-    importance_source: str  # "routing" or "router-norm"
+    importance_source: str  # LayerSelection.source
     tokens: int
     result: LayerResult
     # Output-error bookkeeping when the options use the cached inputs (choice, refit), else empty.
@@ -68,15 +80,13 @@ def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRoutin
 
 @dataclass
 class LayerInputs:
-    """What the computation needs of one layer: router (and bias) in host memory, the experts' bytes
-    prefetched into the page cache and read on the computing thread (`experts` loads them), and the
-    routing statistics when they are computed ahead (`importance`)."""
+    """What the computation needs of one layer: router (and bias) in host memory, and the experts' bytes
+    prefetched into the page cache and read on the computing thread (`experts` loads them)."""
 
     layer: MoELayer
     router: torch.Tensor
     bias: torch.Tensor | None
     experts: Callable[[torch.device], ExpertStack] | None  # None when the options never look at expert weights
-    importance: Future[tuple[torch.Tensor, int]] | None = None  # (scores, tokens), from layer_importance
 
 
 def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
@@ -92,17 +102,19 @@ def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelSh
 
 
 def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
-                     device: torch.device, sample: EvenSample | None = None,
-                     clock: StageClock = NO_CLOCK) -> tuple[torch.Tensor, int]:
-    """Routing statistics (Eq. 1) of layer `index` over all its cached inputs: (scores, tokens). `sample`
-    collects the fit sample from the same single pass over the dump. The router (and bias) move to
-    `device` unless they are there already."""
-    with clock("importance"):
-        chunks = dump.chunks(index, device)
-        if sample is not None:
-            chunks = sample.watch(chunks)
-        bias = bias.to(device) if bias is not None else None
-        return routing_importance(chunks, router.to(device), gating.router, bias)
+                     device: torch.device) -> tuple[torch.Tensor, int]:
+    """Routing statistics (Eq. 1) of layer `index` over all its cached inputs: (scores on the CPU, tokens).
+    The router (and bias) move to `device` unless they are there already."""
+    bias = bias.to(device) if bias is not None else None
+    return routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
+
+
+def fit_sample(dump: CalibDump, index: int, limit: int, device: torch.device) -> torch.Tensor:
+    """At most `limit` of layer `index`'s cached inputs, evenly spaced, float32 on `device`."""
+    sample = EvenSample(dump.layer(index).shape[0], limit)
+    for _ in sample.watch(dump.chunks(index, device)):
+        pass
+    return sample.tensor()
 
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
@@ -149,6 +161,7 @@ def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelS
 
 def compress_layer(
     inputs: LayerInputs,
+    selection: LayerSelection,
     family: Family,
     shape: ModelShape,
     dump: CalibDump | None,
@@ -158,32 +171,23 @@ def compress_layer(
     routing: LayerRouting,
     clock: StageClock = NO_CLOCK,
 ) -> LayerReport:
-    """Score the experts, build every candidate the options ask for, keep the best; all on `device`,
-    with only the result leaving it (in the checkpoint's dtype)."""
+    """Build every candidate the options ask for from the layer's ranking (`selection`, made by the
+    plan), keep the best; all on `device`, with only the result leaving it (in the checkpoint's dtype).
+    `dump`: the layer's cached inputs, when the options fit on them (None for a layer the dump lacks)."""
     index = inputs.layer.index
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
-    sample = None
-    source = "routing"
-    if inputs.importance is not None:
-        scores, tokens = inputs.importance.result()  # computed ahead, on a thread of its own (timed there)
-    elif dump is not None:
-        if options.uses_layer_outputs:
-            sample = EvenSample(dump.layer(index).shape[0], options.fit_tokens)
-        scores, tokens = layer_importance(dump, index, router, bias, routing.before, device, sample, clock)
-    else:
-        scores, tokens, source = router_norm_importance(router), 0, "router-norm"
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     x = target = None
-    if sample is not None:
+    if dump is not None and options.uses_layer_outputs:
         with clock("fit"):
-            x = sample.tensor()
+            x = fit_sample(dump, index, options.fit_tokens, device)
             target = routed_output(x, router, bias, routing.before, experts)
             fit["fit_tokens"] = int(x.shape[0])
 
     best: LayerResult | None = None
-    for label, result in _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
+    for label, result in _candidates(experts, router, bias, selection, x, groups, options, routing, clock):
         if x is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
@@ -205,14 +209,14 @@ def compress_layer(
                 best, fit["error"], fit["chosen"] = result, error, label
             del stack
     del experts
-    return LayerReport(index, scores.tolist(), source, tokens, best, fit)
+    scores = selection.scores.tolist() if selection.scores is not None else []
+    return LayerReport(index, scores, selection.source, selection.tokens, best, fit)
 
 
-def _candidates(experts, router, bias, scores, x, groups, options, routing, clock):
+def _candidates(experts, router, bias, selection, x, groups, options, routing, clock):
     """(label, LayerResult) for every setting the options ask to try, built one at a time."""
-    n = router.shape[0]
+    n, kept, scores = router.shape[0], selection.kept, selection.scores
     if options.method == "dern":
-        kept = select_experts(scores, options.experts, groups)
         for alpha in options.alpha_candidates or (options.alpha,):
             if experts is None:  # the options showed nothing can move: DERN reduces to pruning, unread
                 yield f"dern@{alpha:g}", prune_layer(router, kept, n)
@@ -221,7 +225,8 @@ def _candidates(experts, router, bias, scores, x, groups, options, routing, cloc
                                                     clock)
         return
     if options.method == "prune" or x is None:
-        yield "prune", prune_layer(router, select_experts(scores, options.experts, groups), n)
+        yield "prune", prune_layer(router, kept if kept is not None else select_experts(scores, options.experts,
+                                                                                        groups), n)
         return
     with clock("fit"):
         stats = expert_stats(x, router, bias, routing.before, experts)
@@ -251,7 +256,7 @@ def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
 
 def output_bias(family: Family, bias: torch.Tensor, result: LayerResult, intermediate: int) -> torch.Tensor:
     """The router bias rows of the output: the kept experts' values, for a score-correction bias (a
-    load-balancing term, method.md); a bias inside the router's logits (gpt-oss) follows Eq. 8 as the
+    load-balancing term, docs/method.md, Stage 2); a bias inside the router's logits (gpt-oss) follows Eq. 8 as the
     router's rows do."""
     if family.bias_in_logits and result.router_transferred and result.dropped:
         flat = bias.reshape(-1, 1)
@@ -326,7 +331,7 @@ def write_layer(
     try:
         writer.write(family.router_name(i), result.router.cpu())
         if layer.bias is not None:
-            # A load-balancing term, not a routing weight: the kept experts keep their values (method.md).
+            # A load-balancing term, not a routing weight: the kept experts keep their values (docs/method.md, Stage 2).
             writer.write(family.bias_name(i), output_bias(family, ckpt.load(family.bias_name(i)), result,
                                                           family.intermediate_size(ckpt.config)))
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]

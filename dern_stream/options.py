@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import DernError
 
@@ -14,7 +14,7 @@ METHODS = ("dern", "prune", "reap", "msmoe", "hcsmoe")
 KMEANS_INITS = ("gate-linf", "own")
 # Named bundles of method options; explicit options given beside a recipe override its values.
 RECIPES: dict[str, dict] = {
-    "paper": {},  # the paper's DERN, as method.md fixes it (the defaults below)
+    "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
     "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True),
 }
 _SIZE_UNITS = {
@@ -98,31 +98,52 @@ def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
 OUTPUT_DTYPES = ("bf16",)
 
 
+def option(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, shown=None,
+           cli_type: type | None = None):
+    """A RewriteOptions field and its command-line option, described once: the CLI builds `--name` from
+    it (cli.rewrite_options), with `help`, `choices`, a --name/--no-name pair for a `flag`, a value of
+    `cli_type` (else the field's own type), and `[default: shown]` (the default unless `shown` is given)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "cli_type": cli_type,
+                                            "shown": default if shown is None else shown})
+
+
 @dataclass(frozen=True)
 class RewriteOptions:
-    """Everything that changes the output of a rewrite (recorded in dern_stream.json)."""
+    """Everything that changes the output of a rewrite (recorded in dern_stream.json), each option
+    described once for the Python API and the command line."""
 
     experts: int
-    method: str = "dern"
-    recipe: str | None = None
-    alpha: float = 0.4
-    sim_components: tuple[str, ...] = ("up", "down")
-    kmeans_iters: int = 20
-    intermediate_size: int | None = None
-    importance: str = "routing"
-    router_transfer: bool = True
-    kmeans_init: str = "gate-linf"
-    # Beyond the paper (method.md, last section): choose alpha per layer by the output error it gives on
-    # the cached inputs, and refit the kept experts' down projections by ridge least squares.
-    alpha_candidates: tuple[float, ...] | None = None
-    refit: bool = False
-    refit_ridge: float = 1.0
-    fit_tokens: int = 32768
-    output_dtype: str | None = None  # "bf16": a quantized checkpoint written dequantized (None: as stored)
+    method: str = option("dern", "dern, or a baseline: prune, reap, msmoe, hcsmoe (see the README).", METHODS)
+    recipe: str | None = option(None, "A bundle of method options: 'best' is the recommended setting, 'paper' the "
+                                      "paper's DERN. Options given beside it override its values.",
+                                tuple(sorted(RECIPES)))
+    alpha: float = option(0.4, "Similarity threshold for moving a dropped expert's segment (1 = pure pruning, "
+                               "0 = move all).")
+    sim_components: tuple[str, ...] = option(("up", "down"), "Segment parts compared by cosine: any of "
+                                                             "gate,up,down.", shown="up,down")
+    kmeans_iters: int = option(20, "Maximum k-means iterations.")
+    intermediate_size: int | None = option(None, "Shrink every expert to this many neurons (default: keep the "
+                                                 "current size).")
+    importance: str = option("routing", "Expert ranking: routing statistics from --calib, or router-norm (no data, "
+                                        "weaker).", IMPORTANCE_METHODS)
+    router_transfer: bool = option(True, "Apply the Eq. 8 router update.", flag=True, shown="on")
+    kmeans_init: str = option("gate-linf", "k-means seeds: the paper's largest-gate-norm members, or the kept "
+                                           "expert's own segments.", KMEANS_INITS)
+    # Beyond the paper (docs/method.md, last section): choose alpha per layer by the output error it gives
+    # on the cached inputs, and refit the kept experts' down projections by ridge least squares.
+    alpha_candidates: tuple[float, ...] | None = option(
+        None, "Choose alpha per layer among these (e.g. 1,0.8,0.6,0.4) by the output error on the cached inputs; "
+              "include 1 and no layer is worse than pruning on them.")
+    refit: bool = option(False, "Refit the kept experts' down projections by ridge least squares on the cached "
+                                "inputs.", flag=True, shown="off")
+    refit_ridge: float = option(1.0, "Ridge strength of --refit, relative to the mean Gram diagonal.")
+    fit_tokens: int = option(32768, "Cached inputs per layer used by the baselines, --alpha-candidates and --refit.")
+    output_dtype: str | None = option(None, "Write a quantized (FP8, MXFP4) checkpoint dequantized, in this dtype, "
+                                            "without quantization_config.", OUTPUT_DTYPES, shown="as stored")
     # Not recorded as a method choice: they change speed and layout, not values.
-    device: str = "auto"
-    max_shard_size: int = 5 * 10**9
-    # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py).
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    max_shard_size: int = option(5 * 10**9, "Largest output shard, e.g. 500MB, 2GB.", shown="5GB", cli_type=str)
+    # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py); not an option.
     similarity_block_bytes: int = field(default=16 * 2**20, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,3 +206,8 @@ class RewriteOptions:
         if self.alpha_candidates is not None:
             rec["alpha_candidates"] = list(self.alpha_candidates)
         return rec
+
+
+def option_fields() -> list:
+    """The RewriteOptions fields that are command-line options (all but `experts` and internal ones)."""
+    return [f for f in fields(RewriteOptions) if "help" in f.metadata]

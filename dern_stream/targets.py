@@ -4,11 +4,13 @@ which each command recognises by its own marker (`own_output` below)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DernError
+from .checkpoint.writer import write_durably
+from .errors import DernError, writing
 
 
 def expand_user(path: str | os.PathLike | None) -> Path | None:
@@ -75,3 +77,38 @@ def is_mount_point(path: Path) -> bool:
     """A mount point cannot be renamed or replaced by a rename."""
     path = Path(path)
     return path.is_dir() and (os.path.ismount(path) or os.stat(path).st_dev != os.stat(path.parent).st_dev)
+
+
+def not_json_of(fmt: str, command: str) -> Callable[[Path], str | None]:
+    """For check_replaceable: why an existing file is not a JSON report with "format": `fmt` (None when it is)."""
+    def why(path: Path) -> str | None:
+        try:
+            own = json.loads(path.read_text()).get("format") == fmt
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            own = False
+        return None if own else f"is not a report that {command} wrote"
+    return why
+
+
+def write_replacing(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.dern-tmp-{os.getpid()}")
+    try:
+        with writing(path):
+            write_durably(tmp, data)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_json_target(path: str | os.PathLike, overwrite: bool, fmt: str, command: str,
+                      reads: dict[str, str | os.PathLike | None]) -> Path:
+    """A `--json FILE` target, resolved: apart from what the command reads, in an existing folder, and
+    either new or (with `overwrite`) the same command's earlier report. Check again just before writing
+    (`check_replaceable(path, ..., not_json_of(fmt, command), directory=False)`)."""
+    path = Path(path).expanduser().resolve()
+    check_apart(path, "--json file", reads)
+    check_replaceable(path, "--json file", overwrite, not_json_of(fmt, command), directory=False)
+    if not path.parent.is_dir():
+        raise DernError(f"--json file {path}: the folder {path.parent} does not exist")
+    return path

@@ -55,7 +55,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "ernie4_5_moe": dict(moe_intermediate_size=32, intermediate_size=96, moe_num_experts=8, moe_k=2,
                          moe_layer_start_index=1, moe_num_shared_experts=1),
 }
-# vLLM reads these from config.json although DeepseekV3Config does not carry them (moe-layouts.md).
+# vLLM reads these from config.json although DeepseekV3Config does not carry them (its DeepSeek-V3 loader).
 _EXTRA_CONFIG_KEYS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
 
 

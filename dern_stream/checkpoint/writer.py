@@ -59,6 +59,28 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output shard as laid out before anything is written: its header bytes, its size, and the
+    absolute byte offset of each of its tensors (in order)."""
+
+    file: str
+    header: bytes
+    size: int
+    offsets: dict[str, int]
+
+
+def layout_shards(specs: list[TensorSpec], max_shard_size: int) -> list[ShardLayout]:
+    """The output shards for `specs`, split greedily in order (plan_shards), with their headers."""
+    shards = plan_shards(specs, max_shard_size)
+    layouts = []
+    for fname, shard in zip(shard_names(len(shards)), shards, strict=True):
+        head, offsets = build_header([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
+        layouts.append(ShardLayout(fname, head, len(head) + sum(s.nbytes for s in shard),
+                                   {s.name: off for s, off in zip(shard, offsets, strict=True)}))
+    return layouts
+
+
 class NonFiniteTensor(NonFinite):
     """A tensor about to be written holds NaN or Inf: computed (write) or copied from the input (copy_raw)."""
 
@@ -98,21 +120,19 @@ class ShardedWriter:
         self._buffer: memoryview | None = None
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(s.nbytes for s in specs)
-        shards = plan_shards(specs, max_shard_size)
-        self.files = shard_names(len(shards))
+        shards = layout_shards(specs, max_shard_size)
+        self.files = [shard.file for shard in shards]
         self.header_checksums: dict[str, str] = {}
-        for number, (fname, shard) in enumerate(zip(self.files, shards, strict=True)):
-            head, offsets = build_header([(s.name, s.dtype, s.shape) for s in shard], {"format": "pt"})
-            size = len(head) + sum(s.nbytes for s in shard)
-            self.header_checksums[fname] = checksum(head)
+        for number, shard in enumerate(shards):
+            self.header_checksums[shard.file] = checksum(shard.header)
             if resume:
-                _check_partial(self.directory / fname, head, size)
+                _check_partial(self.directory / shard.file, shard.header, shard.size)
             else:
-                _create(self.directory / fname, head, size)
-            self._pending_in[number] = {spec.name for spec in shard}
-            for spec, off in zip(shard, offsets, strict=True):
-                self._slots[spec.name] = (number, off)
-                self.weight_map[spec.name] = fname
+                _create(self.directory / shard.file, shard.header, shard.size)
+            self._pending_in[number] = set(shard.offsets)
+            for name, off in shard.offsets.items():
+                self._slots[name] = (number, off)
+                self.weight_map[name] = shard.file
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs[name]

@@ -111,7 +111,7 @@ class Family:
     uses_groups: Callable[[dict], bool] = lambda config: False  # the router reads n_group / topk_group
     group_defaults: tuple[int, int] | None = None  # n_group, topk_group when config.json leaves them out
     # How the model combines the selected experts' outputs (only the output-error options need it):
-    # scores renormalised over A(x)? then times what? (moe-layouts.md, "Routing")
+    # scores renormalised over A(x)? then times what? (docs/method.md, "Notation")
     renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
     routed_scale: Callable[[dict], float] = lambda config: 1.0
     # Experts every routing group must hold (n_group groups, or one): DeepSeek-V3 scores a group by the

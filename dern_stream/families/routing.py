@@ -1,4 +1,4 @@
-"""Top-k routing as each family computes it, for Stage 1 importance (method.md, moe-layouts.md).
+"""Top-k routing as each family computes it, for Stage 1 importance (docs/method.md, Stage 1).
 
 Each router returns the selected experts A(x) and their scores G(x) before any
 renormalisation or scaling: Eq. 1 divides by the sum over A(x) itself, so a family's

@@ -1,4 +1,4 @@
-"""Stage 3: spherical weighted k-means over one kept expert's segments (Eq. 9-13, method.md).
+"""Stage 3: spherical weighted k-means over one kept expert's segments (Eq. 9-13, docs/method.md).
 
 Members are full segment vectors v (gate | up | down, 3d long). Assignment uses cosine on the
 similarity columns; centroids use the full vector:

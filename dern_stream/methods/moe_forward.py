@@ -2,7 +2,7 @@
 
 The baselines (REAP saliency, HC-SMoE features), the per-layer choice and the least-squares refit
 all need what a layer outputs on the calibration inputs; this computes it from the raw tensors
-with the family's own routing (moe-layouts.md, "Routing"). Shared experts are left out: they are
+with the family's own routing (docs/method.md, "Notation"). Shared experts are left out: they are
 unchanged by every method, so they cancel in any output difference.
 """
 

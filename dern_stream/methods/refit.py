@@ -1,4 +1,4 @@
-"""Least-squares refit of the kept experts' down projections (method.md, "Beyond the paper").
+"""Least-squares refit of the kept experts' down projections (docs/method.md, "Beyond the paper").
 
 The compressed layer's routed output is fitted to the original layer's on the cached inputs:
     min over W_d,e of  sum_x || sum_{e in A'(x)} w_e(x) W_d,e a_e(x) - y(x) ||^2 + lambda_e ||W_d,e - W_d,e^0||^2

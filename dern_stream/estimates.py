@@ -1,0 +1,93 @@
+"""What a rewrite will cost, from the shapes alone: peak host and device memory, and compute per layer.
+
+The memory terms follow what the executor holds at its peak (README, "Memory"): one layer's experts as
+stored, the results of two layers (the one computed, the one written), the similarity and k-means blocks,
+the writer's buffer, and when the options use the layer's outputs, the fit sample and one block of the
+dump it is read from. (The plan reads the dump before the execution starts, a block at a time.) A test
+compares the host figure with a measured rewrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .layout import ModelShape
+from .options import RewriteOptions
+from .storage import ExpertStorage
+from .storage.fp8_blocks import scale_shape
+
+BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported: 0.28 GB measured (benchmarks/memory.py)
+CUDA_CONTEXT_BYTES = 500 * 10**6  # host memory the CUDA runtime maps once initialised (not yet measured here)
+WRITER_BUFFER_BYTES = 16 * 2**20  # checkpoint/writer.py _COPY_CHUNK
+DUMP_BLOCK_BYTES = 64 * 2**20  # one read block of the dump as float32 (calib/store.py _READ_BLOCK)
+
+
+@dataclass(frozen=True)
+class LayerCompute:
+    """Floating-point operations of one MoE layer's stages, in GFLOP (upper bounds: every pooled segment
+    moved, every k-means iteration run)."""
+
+    importance: float
+    reassign: float
+    cluster: float
+    fit: float
+
+    @property
+    def total(self) -> float:
+        return self.importance + self.reassign + self.cluster + self.fit
+
+
+@dataclass(frozen=True)
+class Estimates:
+    host_peak: int
+    device_peak: int | None  # None when the computation runs in host memory (CPU)
+    per_layer: LayerCompute  # the largest layer (layers share their shape)
+
+
+def expert_bytes(shape: ModelShape, experts: int, width: int, bytes_per_value: float, storage: ExpertStorage) -> int:
+    """`experts` experts of `width` neurons: gate, up and down, plus FP8 block scales."""
+    n = 3 * experts * width * shape.hidden * bytes_per_value
+    if storage.fp8:
+        grid = scale_shape((width, shape.hidden), storage.block)
+        n += 3 * experts * grid[0] * grid[1] * 4
+    return int(n)
+
+
+def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage, stored_bytes: float,
+             tokens: int, top_k: int, reads_experts: bool, on_device: bool) -> Estimates:
+    """`stored_bytes`: bytes per expert weight value as stored (FP8 1, MXFP4 0.5, bf16 2); `tokens`: cached
+    inputs per layer (0 without a dump)."""
+    n, k, h, d = shape.num_experts, options.experts, shape.intermediate, shape.hidden
+    width = options.intermediate_size or h
+    held = 0
+    if reads_experts:  # the layer's experts as the methods hold them: as stored, MXFP4 as bf16
+        held = expert_bytes(shape, n, h, 2 if storage.mxfp4 else stored_bytes, storage)
+    result_bytes = 2 if storage.quantized else stored_bytes
+    results = expert_bytes(shape, k, width, result_bytes, ExpertStorage()) if reads_experts else 0
+    # The reassignment's kept, pooled and cosine buffers, and the temporaries of the products over them.
+    blocks = 4 * options.similarity_block_bytes if reads_experts else 0
+    fit = 0
+    if options.uses_layer_outputs and tokens:
+        # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
+        fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
+    work = held + 2 * results + blocks + fit
+    host = BASELINE_BYTES + WRITER_BUFFER_BYTES
+    if on_device:
+        return Estimates(host + CUDA_CONTEXT_BYTES + results, work, _compute(shape, options, tokens, top_k))
+    return Estimates(host + work, None, _compute(shape, options, tokens, top_k))
+
+
+def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int) -> LayerCompute:
+    n, k, h, d = shape.num_experts, options.experts, shape.intermediate, shape.hidden
+    width = options.intermediate_size or h
+    sim = len(options.sim_components) * d
+    dern = options.method == "dern"
+    moves = dern and k < n and options.alpha < 1.0
+    reassign = 2 * (n - k) * h * k * h * sim if moves else 0
+    members = h + ((n - k) * h / k if moves else 0)
+    clusters = dern and (moves or width < h)
+    cluster = options.kmeans_iters * 2 * k * members * width * sim if clusters else 0
+    candidates = len(options.alpha_candidates or ()) or 1
+    forward = 2 * min(tokens, options.fit_tokens) * top_k * 3 * h * d
+    fit = forward * (candidates + 1 + 2 * options.refit) if options.uses_layer_outputs else 0
+    return LayerCompute(2 * tokens * n * d / 1e9, reassign / 1e9, cluster / 1e9, fit / 1e9)

@@ -1,0 +1,166 @@
+"""The single-process executor: a RewritePlan streamed layer by layer into a staged OUT."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .audit import audit_record, layer_record, write_audit
+from .checkpoint import (
+    Checkpoint,
+    NonFiniteTensor,
+    ShardedWriter,
+    StagedOutput,
+    check_free_space,
+    copy_side_files,
+    write_durably,
+)
+from .checkpoint.integrity import CHECKSUM, checksum
+from .checkpoint.source import INDEX_NAME
+from .errors import DernError, describe
+from .host_memory import return_freed_memory
+from .layer_rewrite import LayerInputs, compress_layer, copy_tensor, read_layer, write_layer
+from .pipeline import run_pipeline
+from .rewrite_plan import RewritePlan
+from .stage_clock import StageClock
+
+log = logging.getLogger("dern_stream")
+
+
+@dataclass
+class RewriteSummary:
+    output: Path
+    model_type: str
+    layers: int
+    experts_in: int
+    experts_out: int
+    segments_pooled: int
+    segments_reassigned: int
+    output_bytes: int
+    seconds: float
+    device: str
+    notes: list[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)  # busy seconds per stage; they overlap
+
+    def __str__(self) -> str:
+        frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
+        lines = [
+            f"done: {self.layers} MoE layers of {self.model_type}, experts {self.experts_in} -> {self.experts_out}",
+            f"segments reassigned: {self.segments_reassigned} of {self.segments_pooled} pooled ({frac:.1%})",
+            f"output: {self.output} ({self.output_bytes / 1e9:.3f} GB of tensors) in {self.seconds:.1f} s "
+            f"on {self.device}",
+        ]
+        if self.stages:
+            lines.append("busy time by stage (stages overlap): "
+                         + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+        return "\n".join(lines)
+
+
+def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False, progress: bool = True,
+            started: float | None = None) -> RewriteSummary:
+    """Write the plan's output into `plan.out`, through a staged directory that an interrupted run leaves
+    behind for the same call to resume from (byte-identical to an uninterrupted run)."""
+    started = time.perf_counter() if started is None else started
+    ckpt = Checkpoint(plan.source)
+    if ckpt.fingerprint() != plan.fingerprint:
+        raise DernError(f"{plan.source} changed after the plan was made: plan again")
+    family, options, compute = plan.family, plan.options, plan.device
+    by_index = {layer.index: layer for layer in plan.layers}
+    clock = StageClock(compute)
+    stage = StagedOutput(plan.out, plan.run, restart, overwrite)
+    notes = list(plan.notes)
+    try:
+        with stage:
+            records = stage.progress.layers  # per-layer audit entries (plain numbers), resumed ones first
+            if records:
+                log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(plan.layers))
+            check_free_space(stage.path, plan.output_bytes + plan.side_bytes)
+            writer = ShardedWriter(stage.path, plan.specs, options.max_shard_size, resume=stage.resumed)
+            try:
+                for index in records:
+                    for name in plan.writes[int(index)]:
+                        writer.skip(name)
+                todo = [layer for layer in plan.layers if str(layer.index) not in records]
+                with tqdm(total=len(plan.layers), initial=len(plan.layers) - len(todo), desc="rewrite MoE layers",
+                          unit="layer", disable=not progress) as bar:
+
+                    def read(layer) -> LayerInputs:
+                        inputs = read_layer(ckpt, family, layer, plan.shape, plan.reads_experts, clock)
+                        with clock("read"):
+                            ckpt.prefetch(plan.read_ahead(layer))
+                        return inputs
+
+                    def compute_layer(inputs: LayerInputs):
+                        index = inputs.layer.index
+                        dump = plan.dump if index in plan.calibrated else None
+                        return compress_layer(inputs, plan.selection[index], family, plan.shape, dump, plan.groups,
+                                              options, compute, plan.routing, clock)
+
+                    def write(report) -> None:
+                        with clock("write"):
+                            for name in plan.copy_with[report.index]:
+                                copy_tensor(writer, ckpt, name)
+                            write_layer(writer, ckpt, family, by_index[report.index], report, plan.dequantized)
+                            record = {**layer_record(report), "checksums": writer.take_checksums()}
+                            # Journaled once flushed: a resumed run trusts exactly what is on disk.
+                            writer.commit(lambda: stage.progress.add(report.index, record))
+                        return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
+                        bar.update()
+                        bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
+
+                    run_pipeline(todo, read, compute_layer, write)
+                with clock("write"):
+                    writer.finish()
+            finally:
+                writer.close()
+                ckpt.release()
+            _finish(plan, stage.path, writer, records, notes, compute)
+    except NonFiniteTensor:
+        # Resuming would meet the same values: the input must change first (and a changed input
+        # starts over), so the finished layers are of no use.
+        shutil.rmtree(stage.path, ignore_errors=True)
+        raise
+    except (DernError, OSError) as e:
+        if stage.path.exists():  # finished layers were kept
+            raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(plan.layers)} MoE layers are done "
+                            f"and kept in {stage.path}: run the same command again to resume)") from e
+        raise
+
+    shape = plan.shape
+    return RewriteSummary(
+        output=plan.out, model_type=family.model_type, layers=len(records),
+        experts_in=shape.num_experts, experts_out=options.experts,
+        segments_pooled=len(plan.layers) * (shape.num_experts - options.experts) * shape.intermediate,
+        segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
+        output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
+        stages=dict(clock.seconds),
+    )
+
+
+def _finish(plan: RewritePlan, path: Path, writer: ShardedWriter, records: dict, notes: list[str], compute) -> None:
+    """Side files, the audit record, then config.json: the last file, so a directory without it never
+    looks like a loadable checkpoint."""
+    copied_files, skipped = copy_side_files(plan.source, path)
+    if skipped:
+        notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
+        log.warning("note: %s", notes[-1])
+    config_bytes = (json.dumps(plan.out_config, indent=2) + "\n").encode()
+    written = [*copied_files, *([INDEX_NAME] if len(writer.files) > 1 else [])]
+    files = {name: checksum((path / name).read_bytes()) for name in written}
+    files["config.json"] = checksum(config_bytes)
+    records = {k: records[k] for k in sorted(records, key=int)}
+    dump = plan.dump
+    write_audit(path, audit_record(
+        source=plan.source, fingerprint=plan.fingerprint, calib=plan.calib.resolve() if dump is not None else None,
+        model_type=plan.family.model_type, num_experts=plan.shape.num_experts, intermediate=plan.shape.intermediate,
+        options=plan.options, config_notes=notes, layers=records, run=plan.run, device=compute,
+        calib_provenance=dump.attrs.get("provenance") if dump is not None else None,
+        checksums={"algorithm": CHECKSUM, "headers": writer.header_checksums, "files": dict(sorted(files.items()))},
+    ))
+    write_durably(path / "config.json", config_bytes)

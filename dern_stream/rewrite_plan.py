@@ -1,0 +1,249 @@
+"""What a rewrite will do, decided before any expert weight is read: the RewritePlan.
+
+Built from the shard headers, config.json, the routers and the calibration dump: every check, the kept
+experts of each MoE layer, the tensors copied untouched, the output shards with each tensor's byte
+offset, the output config, the notes, the run key a resumed run must match, and the expected cost.
+An executor (execute.py) turns it into an output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .calib import CalibDump
+from .checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
+from .checkpoint.safetensors_format import dtype_size
+from .checkpoint.writer import ShardLayout, layout_shards
+from .device import resolve_device
+from .errors import DernError
+from .estimates import Estimates, estimate
+from .families import Family, GroupPlan, family_for
+from .layer_rewrite import (
+    LayerRouting,
+    LayerSelection,
+    expert_tensor_names,
+    layer_importance,
+    layer_output_names,
+    layer_routing,
+)
+from .layout import (
+    ModelShape,
+    MoELayer,
+    check_decoder_layers,
+    check_moe_layers,
+    check_plan_complete,
+    copies_by_layer,
+    output_layers,
+    plan_output,
+)
+from .methods import router_norm_importance, select_experts
+from .options import RewriteOptions
+from .run_identity import files_stamp, run_key, tree_stamp
+from .storage import ExpertStorage, expert_storage
+from .storage.reading import check_fp8_tensors
+
+log = logging.getLogger("dern_stream")
+
+ROUTING, ROUTER_NORM, NOT_NEEDED = "routing", "router-norm", "not needed"
+
+
+@dataclass
+class RewritePlan:
+    source: Path
+    out: Path | None  # None for `dern-stream plan`, which writes nothing
+    calib: Path | None
+    options: RewriteOptions
+    family: Family
+    storage: ExpertStorage
+    shape: ModelShape
+    layers: list[MoELayer]  # the input's MoE layers, in order
+    out_layers: list[MoELayer]  # the same, as the output stores them
+    selection: dict[int, LayerSelection]
+    specs: list[TensorSpec]  # every output tensor, in file order
+    shards: list[ShardLayout]
+    copy_with: dict[int, list[str]]  # untouched tensors, copied by the write step of this MoE layer
+    writes: dict[int, list[str]]  # every output tensor each MoE layer's write step writes
+    out_config: dict
+    notes: list[str]
+    run: dict  # what a resumed run must match (run_identity.run_key)
+    fingerprint: str
+    device: torch.device
+    groups: GroupPlan | None
+    routing: LayerRouting
+    reads_experts: bool  # whether any expert weight is read for computation
+    estimates: Estimates
+    side_bytes: int  # tokenizer and other files copied beside the shards
+    dump: CalibDump | None  # open, checked against the model
+
+    @property
+    def dequantized(self) -> bool:
+        return self.options.output_dtype is not None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def calibrated(self) -> set[int]:
+        """The MoE layers whose cached inputs the dump holds."""
+        return {i for i, s in self.selection.items() if s.source == ROUTING}
+
+    def read_ahead(self, layer: MoELayer) -> list[str]:
+        """What a layer's work reads from the input: its copied tensors, and its experts when all of them
+        will be read (by the computation, or copied because every expert is kept)."""
+        names = list(self.copy_with[layer.index])
+        if self.reads_experts or self.options.experts == self.shape.num_experts:
+            names += expert_tensor_names(self.family, layer, self.shape.num_experts)
+        return names
+
+
+def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib: Path | None,
+              progress: bool = False) -> RewritePlan:
+    """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
+    input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump."""
+    source = resolve_checkpoint(src)
+    ckpt = Checkpoint(source)
+    try:
+        return _plan(ckpt, source, out, options, calib, progress)
+    finally:
+        ckpt.release()
+
+
+def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
+          progress: bool) -> RewritePlan:
+    config = ckpt.config
+    family = family_for(config)
+    storage = expert_storage(config)
+    check_fp8_tensors(ckpt)
+    dequantized = options.output_dtype is not None
+    if dequantized and not storage.quantized:
+        raise DernError(f"--output-dtype {options.output_dtype} writes a quantized checkpoint dequantized; "
+                        f"{source} is not quantized (config.json has no quantization_config): leave it out")
+    shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
+    _check_widths(options, shape, storage, family, dequantized)
+    check_decoder_layers(ckpt)
+    layers = check_moe_layers(ckpt, family, shape, storage)
+    family.check_expressible(config, options.experts)
+    out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
+    dropped = [name for name in ckpt.entries if family.is_dropped(name)]
+    if dropped:
+        notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
+                     f"load) are not carried over: their routed experts would disagree with K")
+    if dequantized:
+        del out_config["quantization_config"]
+        notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
+                     "quantization_config")
+    groups = family.group_plan(config, options.experts)
+    routing = layer_routing(family, config, out_config)
+    device = resolve_device(options.device)
+    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+    reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+    selection = _select(ckpt, family, layers, dump, options, routing, groups, device,
+                        reads_experts or options.experts < shape.num_experts, progress)
+
+    width = options.intermediate_size or shape.intermediate
+    out_layers = output_layers(layers, dequantized)
+    specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
+    copy_with = copies_by_layer(copied, [layer.index for layer in layers])
+    writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
+              for layer in out_layers}
+    check_plan_complete(specs, writes)
+    fingerprint = ckpt.fingerprint()
+    run = run_key(
+        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
+        source_fingerprint=fingerprint,
+        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
+        calib_files=tree_stamp(calib) if dump is not None else None,
+    )
+    tokens = max((s.tokens for s in selection.values()), default=0)
+    stored = dtype_size(layers[0].dtype) if not storage.mxfp4 else 0.5
+    costs = estimate(shape, options, storage, stored, tokens, family.top_k(config), reads_experts,
+                     device.type != "cpu")
+    return RewritePlan(
+        source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
+        layers=layers, out_layers=out_layers, selection=selection, specs=specs,
+        shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
+        out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
+        routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
+        dump=dump,
+    )
+
+
+def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStorage, family: Family,
+                  dequantized: bool) -> None:
+    if options.experts > shape.num_experts:
+        raise DernError(f"--experts {options.experts} exceeds the model's {shape.num_experts} experts per layer")
+    if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
+        raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
+                        f"{shape.intermediate}; it can only shrink them")
+    width = options.intermediate_size
+    if storage.fp8 and not dequantized and width is not None and any(width > b and width % b for b in storage.block):
+        # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
+        raise DernError(f"--intermediate-size {width} splits the FP8 scale blocks {list(storage.block)}: use a "
+                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or --output-dtype bf16")
+    if options.refit and family.fused is not None and family.fused.biased:
+        raise DernError(f"--refit does not model {family.model_type}'s expert biases yet; leave it out "
+                        "(--recipe best uses it: give --no-refit)")
+    if storage.mxfp4 and not dequantized and width is not None and width % 32:
+        raise DernError(f"--intermediate-size {width} is not a multiple of 32, MXFP4's group size: use one, "
+                        "or --output-dtype bf16")
+
+
+def _select(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
+            options: RewriteOptions, routing: LayerRouting, groups: GroupPlan | None, device: torch.device,
+            ranked: bool, progress: bool) -> dict[int, LayerSelection]:
+    """Every layer's ranking (on the compute device, as the executor would compute it) and kept experts."""
+    n = family.num_experts(ckpt.config)
+    chooses_later = options.method in ("reap", "msmoe", "hcsmoe")
+    available = set(dump.attrs.get("moe_layers") or []) if dump is not None else set()
+    out: dict[int, LayerSelection] = {}
+    for layer in tqdm(layers, desc="rank experts", unit="layer", disable=not progress or not ranked):
+        if not ranked:
+            out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
+            continue
+        router = ckpt.load(family.router_name(layer.index))
+        if dump is not None and layer.index in available:
+            bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
+            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
+            source = ROUTING
+        else:
+            scores, tokens, source = router_norm_importance(router), 0, ROUTER_NORM
+        kept = None if chooses_later else select_experts(scores, options.experts, groups)
+        out[layer.index] = LayerSelection(scores, tokens, source, kept)
+    return out
+
+
+def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:
+    """Open and check the dump before any work starts (a bad dump must not cost a long run).
+
+    Layers the dump does not calibrate (a multi-token-prediction layer) are ranked by router norm."""
+    if options.importance == "router-norm":
+        if options.uses_layer_outputs:
+            raise DernError(f"--method {options.method} with these options needs the layers' cached inputs: "
+                            "pass --calib DUMP instead of --importance router-norm")
+        if calib is not None:
+            raise DernError("--importance router-norm ignores the calibration dump; pass one or the other")
+        notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
+        return None
+    if calib is None:
+        raise DernError("--calib DUMP is required (a calibration dump of the MoE layers' inputs, see the README), "
+                        "or pass --importance router-norm for the weaker parameter-only ranking")
+    dump = CalibDump(calib)
+    dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
+    available = set(dump.attrs.get("moe_layers") or [])
+    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    for i in layer_indices:
+        if i in available:
+            dump.layer(i)  # complete and non-empty, or a clear error now
+            dump.check_router(i, ckpt.load(family.router_name(i)))  # routers are small: check all up front
+        elif i >= decoder_layers:
+            # DeepSeek-V3's multi-token-prediction layer sits past the decoder; no forward pass reaches it.
+            notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")
+        else:
+            raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
+    return dump

@@ -1,0 +1,142 @@
+"""`dern-stream plan`: what a rewrite will do, decided from headers, config, routers and the dump alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import assert_clean_failure
+
+import dern_stream
+from dern_stream.checkpoint import Checkpoint
+from dern_stream.cli import main
+from dern_stream.errors import DernError
+from dern_stream.options import option_fields
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from synthetic import write_sparse, write_synthetic, write_synthetic_dump  # noqa: E402
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read through read/pread so far (/proc/self/io rchar)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_the_rewrite_does_what_the_plan_says(family, build, tmp_path):
+    """Kept experts, every tensor's shard and byte offset, shard sizes and the run key: as planned."""
+    built = build(family)
+    plan_file = tmp_path / "plan.json"
+    dern_stream.plan(built.model_dir, experts=4, calib=built.calib, json_path=plan_file, progress=False)
+    record = json.loads(plan_file.read_text())
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+
+    assert record["run_key"] == audit["reproduce"]["resume_key"]
+    assert {i: layer["kept"] for i, layer in record["layers"].items()} == \
+        {i: layer["kept"] for i, layer in audit["layers"].items()}
+    for i, layer in record["layers"].items():
+        assert layer["importance"] == audit["layers"][i]["importance"]
+        assert sorted(layer["kept"] + layer["dropped"]) == list(range(8))
+    written = Checkpoint(out)
+    planned = {name: (shard["file"], start, end) for shard in record["shards"]
+               for name, (start, end) in shard["tensors"].items()}
+    assert set(planned) == set(written.entries)
+    for name, entry in written.entries.items():
+        assert planned[name] == (Path(entry.file).name, entry.start, entry.start + entry.nbytes), name
+    for shard in record["shards"]:
+        assert (out / shard["file"]).stat().st_size == shard["size"]
+    assert record["output_bytes"] == sum(shard["size"] for shard in record["shards"])
+    assert record["config"] == json.loads((out / "config.json").read_text())
+
+
+def test_plan_of_a_600_gb_checkpoint_reads_headers_and_routers_only(tmp_path):
+    """A 600 GB checkpoint of sparse files (headers and holes): the plan reads a few MB of it."""
+    layers, hidden, inter, experts = 62, 4096, 3072, 128
+    src = write_sparse(tmp_path / "big", layers=layers, hidden=hidden, intermediate=inter, experts=experts)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert size > 600e9
+    before = _read_bytes()
+    plan = dern_stream.plan(src, experts=64, progress=False)
+    read = _read_bytes() - before
+    routers = layers * experts * hidden * 2
+    assert read < routers + 50e6, read  # the routers, the headers, config.json: nothing of the experts
+
+    assert len(plan.layers) == layers and all(len(s.kept) == 64 for s in plan.selection.values())
+    expert_bytes = 3 * inter * hidden * 2
+    dropped = layers * 64 * (expert_bytes + hidden * 2)  # 64 experts and their router rows per layer
+    assert plan.output_bytes - sum(len(s.header) for s in plan.shards) == size - sum(
+        _header_size(f) for f in src.glob("*.safetensors")) - dropped
+    # one layer's experts (9.7 GB), the two layers' results being computed and written (4.8 GB each)
+    est = plan.estimates
+    assert 128 * expert_bytes + 2 * 64 * expert_bytes < est.host_peak < 128 * expert_bytes + 2 * 64 * expert_bytes + 1e9
+    assert est.device_peak is None and est.per_layer.reassign > 0 and est.per_layer.cluster > 0
+
+
+def _header_size(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_estimated_peak_bounds_a_measured_rewrite(tmp_path):
+    """The plan's host-memory estimate against the kernel's peak (VmHWM) of a real rewrite process."""
+    src = write_synthetic(tmp_path / "ck", layers=3, hidden=512, intermediate=1024, experts=16, upcycled=0.3,
+                          vocab=2048)
+    dump = write_synthetic_dump(src, tmp_path / "calib.zarr", tokens=1024)
+    code = ("import dern_stream, sys, json;"
+            f"dern_stream.rewrite({str(src)!r}, {str(tmp_path / 'out')!r}, experts=8, calib={str(dump)!r},"
+            " kmeans_iters=2, progress=False);"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    measured = int(run.stdout.split()[-1]) * 1024
+    est = dern_stream.plan(src, experts=8, calib=dump, kmeans_iters=2, progress=False).estimates.host_peak
+    layer = 16 * 3 * 1024 * 512 * 2
+    assert measured <= est <= measured + 4 * layer, (measured, est)
+
+
+def test_plan_command_without_a_dump_ranks_by_router_norm(build, tmp_path):
+    built = build("mixtral")
+    result = CliRunner().invoke(main, ["plan", str(built.model_dir), "--experts", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "layers that change: 3 of 3" in result.output and "ranked by router norm" in result.output
+    assert "free disk needed" in result.output and "peak host memory" in result.output
+    assert not any(p.name.startswith(".") for p in built.model_dir.parent.iterdir())
+
+
+def test_plan_json_never_replaces_a_file_it_did_not_write(build, tmp_path):
+    built = build("mixtral")
+    theirs = tmp_path / "notes.json"
+    theirs.write_text('{"mine": true}')
+    result = CliRunner().invoke(main, ["plan", str(built.model_dir), "-k", "4", "-q", "--json", str(theirs),
+                                       "--overwrite"])
+    assert_clean_failure(result, tmp_path / "absent", "is not a report that dern-stream plan wrote")
+    assert theirs.read_text() == '{"mine": true}'
+    ours = tmp_path / "plan.json"
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(main, ["plan", str(built.model_dir), "-k", "2", "-q", "--json", str(ours), *extra])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["plan", str(built.model_dir), "-k", "2", "-q", "--json", str(ours)])
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+
+
+def test_every_rewrite_option_is_a_command_line_option():
+    runner = CliRunner()
+    for command in ("rewrite", "plan"):
+        text = runner.invoke(main, [command, "--help"], terminal_width=200).output
+        for spec in option_fields():
+            assert f"--{spec.name.replace('_', '-')}" in text, (command, spec.name)
+            assert spec.metadata["help"].split()[0] in text
+
+
+def test_an_unknown_api_option_is_one_line(build, tmp_path):
+    with pytest.raises(DernError, match="unknown rewrite option 'alhpa'"):
+        dern_stream.rewrite(build("mixtral").model_dir, tmp_path / "out", experts=4, alhpa=0.5)
+    assert not (tmp_path / "out").exists()
