@@ -14,7 +14,8 @@ from .errors import DernError
 from .execute import RewriteSummary, execute
 from .host_memory import map_large_blocks
 from .locks import reading_dump
-from .options import RewriteOptions, option_fields
+from .optional import require_ray
+from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
 from .rewrite_plan import RewritePlan, make_plan
 from .targets import check_json_target, check_replaceable, not_json_of, read_paths, write_replacing
@@ -31,6 +32,8 @@ def rewrite(
     overwrite: bool = False,
     restart: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    ray: str | None = None,
     **options,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
@@ -45,10 +48,21 @@ def rewrite(
     beside `out`; the same call resumes from them, and the result is byte-identical to an
     uninterrupted run. `restart=True` discards them instead.
 
+    `workers=N` runs the layers in N local worker processes; `ray="ADDRESS"` runs them as tasks on that
+    Ray cluster (`pip install 'dern-stream[ray]'`; every node must see the same paths). The output is
+    byte-identical to a single-process run.
+
     Sets glibc's mmap threshold to 4 MiB for the process (host_memory.map_large_blocks)."""
     started = time.perf_counter()
     map_large_blocks()
     chosen = _options(experts, options)
+    whole("--workers", workers)
+    if ray is not None:
+        if workers != 1:
+            raise DernError("--workers and --ray do not go together: Ray decides where the layers run")
+        if not isinstance(ray, str) or not ray:
+            raise DernError(f"--ray must be a cluster address such as auto or ray://host:10001, got {ray!r}")
+        require_ray()
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
     calib = Path(calib).expanduser() if calib is not None else None
@@ -60,7 +74,8 @@ def rewrite(
         made = make_plan(source, out_path, chosen, calib, progress)
         for note in made.notes:
             log.warning("note: %s", note)
-        return execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started)
+        return execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
+                       workers=workers, ray_address=ray)
 
 
 def plan(

@@ -82,15 +82,20 @@ def _rewrite_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
 @click.option("--restart", is_flag=True,
               help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Run the layers in this many local worker processes (each holds one layer).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Run the layers as tasks on this Ray cluster (auto, or ray://host:10001); every node must see "
+                   "IN, the dump and OUT at the same paths. Needs dern-stream[ray].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def rewrite(src, out, experts, calib, overwrite, restart, quiet, **options) -> None:
+def rewrite(src, out, experts, calib, overwrite, restart, workers, ray_address, quiet, **options) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
     summary = run_rewrite(src, out, experts=experts, calib=calib, overwrite=overwrite, restart=restart,
-                          progress=not quiet, **options)
+                          progress=not quiet, workers=workers, ray=ray_address, **options)
     click.echo(str(summary))
 
 

@@ -25,6 +25,7 @@ from .checkpoint.integrity import CHECKSUM, checksum
 from .checkpoint.source import INDEX_NAME
 from .errors import DernError, describe
 from .host_memory import return_freed_memory
+from .layer_pools import run_local, run_ray
 from .layer_rewrite import LayerInputs, compress_layer, copy_tensor, read_layer, write_layer
 from .pipeline import run_pipeline
 from .rewrite_plan import RewritePlan
@@ -63,9 +64,13 @@ class RewriteSummary:
 
 
 def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False, progress: bool = True,
-            started: float | None = None) -> RewriteSummary:
+            started: float | None = None, workers: int = 1, ray_address: str | None = None) -> RewriteSummary:
     """Write the plan's output into `plan.out`, through a staged directory that an interrupted run leaves
-    behind for the same call to resume from (byte-identical to an uninterrupted run)."""
+    behind for the same call to resume from (byte-identical to an uninterrupted run).
+
+    One process by default: three threads over the layers (pipeline.py). `workers` > 1: that many local
+    worker processes, a layer each at a time; `ray_address`: one Ray task per layer on that cluster
+    (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
     ckpt = Checkpoint(plan.source)
     if ckpt.fingerprint() != plan.fingerprint:
@@ -73,6 +78,7 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     family, options, compute = plan.family, plan.options, plan.device
     by_index = {layer.index: layer for layer in plan.layers}
     clock = StageClock(compute)
+    clock.add({"importance": plan.ranking_seconds})
     stage = StagedOutput(plan.out, plan.run, restart, overwrite)
     notes = list(plan.notes)
     try:
@@ -114,7 +120,19 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
                         bar.update()
                         bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
-                    run_pipeline(todo, read, compute_layer, write)
+                    if workers == 1 and ray_address is None:
+                        run_pipeline(todo, read, compute_layer, write)
+                    else:
+                        indices = [layer.index for layer in todo]
+                        finished = (run_ray(plan, stage.path, indices, ray_address) if ray_address is not None
+                                    else run_local(plan, stage.path, indices, workers))
+                        for index, record, seconds in finished:
+                            stage.progress.add(index, record)  # the worker flushed the layer's bytes already
+                            for name in plan.writes[index]:
+                                writer.skip(name)
+                            clock.add(seconds)
+                            bar.update()
+                            bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
                 with clock("write"):
                     writer.finish()
             finally:

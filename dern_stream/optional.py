@@ -14,3 +14,12 @@ def require_transformers() -> ModuleType:
     except ImportError:
         raise DernError("dump and eval need transformers: pip install 'dern-stream[dump]'") from None
     return transformers
+
+
+def require_ray() -> ModuleType:
+    """Ray runs the layers of a rewrite as tasks on a cluster (`--ray ADDRESS`)."""
+    try:
+        import ray
+    except ImportError:
+        raise DernError("--ray needs Ray: pip install 'dern-stream[ray]'") from None
+    return ray

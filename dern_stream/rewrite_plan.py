@@ -9,6 +9,7 @@ An executor (execute.py) turns it into an output.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,22 @@ class RewritePlan:
     estimates: Estimates
     side_bytes: int  # tokenizer and other files copied beside the shards
     dump: CalibDump | None  # open, checked against the model
+    config: dict  # the input's config.json
+    ranking_seconds: float  # spent on Stage 1 (the importance pass over the dump)
+
+    # Pickled for worker processes and Ray tasks without what is derived from the config (a Family holds
+    # functions) or open (the dump): each worker derives and opens them again.
+    _DERIVED = ("family", "routing", "groups", "dump")
+
+    def __getstate__(self) -> dict:
+        return {k: (None if k in self._DERIVED else v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.family = family_for(self.config)
+        self.routing = layer_routing(self.family, self.config, self.out_config)
+        self.groups = self.family.group_plan(self.config, self.options.experts)
+        self.dump = CalibDump(self.calib) if self.calibrated else None
 
     @property
     def dequantized(self) -> bool:
@@ -143,8 +160,10 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     device = resolve_device(options.device)
     dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
     reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+    ranking = time.perf_counter()
     selection = _select(ckpt, family, layers, dump, options, routing, groups, device,
                         reads_experts or options.experts < shape.num_experts, progress)
+    ranking = time.perf_counter() - ranking
 
     width = options.intermediate_size or shape.intermediate
     out_layers = output_layers(layers, dequantized)
@@ -170,7 +189,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
         out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
-        dump=dump,
+        dump=dump, config=config, ranking_seconds=ranking,
     )
 
 

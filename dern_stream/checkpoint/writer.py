@@ -88,6 +88,9 @@ class NonFiniteTensor(NonFinite):
         super().__init__(message)
         self.copied = copied
 
+    def __reduce__(self):  # raised in a worker process, re-raised in the driver
+        return NonFiniteTensor, (str(self), self.copied)
+
 
 class ShardedWriter:
     """Pre-sized shard files in `directory`; write() / copy_raw() fill each tensor's slot once.

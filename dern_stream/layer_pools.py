@@ -1,0 +1,95 @@
+"""Executors that run a plan's layers in parallel: local worker processes, or tasks on a Ray cluster.
+
+Each layer runs whole in one worker (layer_task.run_layer), which writes its tensors into the shards the
+driver laid out; the driver yields (layer, record, stage seconds) as layers finish, and journals them.
+A worker that dies (killed, out of memory) loses only its layer, which is run again, up to RETRIES times.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from .errors import DernError
+from .layer_task import init_worker, run_layer
+from .optional import require_ray
+from .rewrite_plan import RewritePlan
+
+RETRIES = 2  # runs of a layer after its first, when the worker running it dies
+
+Finished = tuple[int, dict, dict[str, float]]
+
+
+def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) -> Iterator[Finished]:
+    """`workers` processes on this machine, each running one layer at a time with its share of the cores."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    attempts = dict.fromkeys(layers, 0)
+    left = list(layers)
+    while left:
+        # spawn, not fork: the driver runs threads (the writer's flusher), which fork does not carry safely.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                                 initargs=(threads,)) as pool:
+            running = {pool.submit(run_layer, plan, staged, i): i for i in left}
+            try:
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        index = running.pop(future)
+                        record, seconds = future.result()
+                        left.remove(index)
+                        yield index, record, seconds
+            except BrokenProcessPool:
+                # Which worker died is not known: every layer still running is charged a retry.
+                for index in running.values():
+                    attempts[index] += 1
+                    if attempts[index] > RETRIES:
+                        raise DernError(f"the worker process running layer {index} died {attempts[index]} times "
+                                        "(killed, or out of memory?); finished layers are kept") from None
+                for future in running:
+                    future.cancel()
+            except BaseException:
+                _stop(pool)  # a layer failed for good (bad input, non-finite values) or Ctrl-C: no waiting
+                raise
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the workers now: their layers are not journaled, and a resumed
+    run writes them again."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way to stop a running task
+        process.terminate()
+
+
+def run_ray(plan: RewritePlan, staged: Path, layers: list[int], address: str) -> Iterator[Finished]:
+    """One Ray task per layer (with a GPU each when the plan computes on CUDA). Every node must see the
+    checkpoint, the dump and the output at the same paths (a shared filesystem)."""
+    ray = require_ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DernError(f"cannot join the Ray cluster at {address!r}: {first}") from None
+    gpus = 1 if plan.device.type == "cuda" else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=RETRIES, retry_exceptions=False)(run_layer)
+    shared = ray.put(plan)
+    running = {task.remote(shared, staged, i): i for i in layers}
+    while running:
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            index = running.pop(ref)
+            try:
+                record, seconds = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                for other in running:
+                    ray.cancel(other, force=True)
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, Exception) else DernError(str(e).splitlines()[-1])) from None
+            except ray.exceptions.WorkerCrashedError:
+                raise DernError(f"the Ray worker running layer {index} died {RETRIES + 1} times "
+                                "(killed, or out of memory?); finished layers are kept") from None
+            yield index, record, seconds

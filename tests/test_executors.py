@@ -1,0 +1,128 @@
+"""The same plan executed by local worker processes, or by Ray tasks, writes the same bytes as one process;
+a worker that dies loses only its layer, which is run again; resume works across executors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import file_bytes
+
+import dern_stream
+from dern_stream.cli import main
+
+# A worker that SIGKILLs itself the first time it is given layer DERN_TEST_LAYER (the marker file makes it
+# once): the hook lives in this script, which spawned workers import as their main module too.
+_DYING_WORKER = r"""
+import os, signal, sys
+from pathlib import Path
+import dern_stream.layer_pools as pools
+
+original = pools.run_layer
+
+def run_layer(plan, staged, index):
+    marker = Path(os.environ["DERN_TEST_MARKER"])
+    if index == int(os.environ["DERN_TEST_LAYER"]) and not marker.exists():
+        marker.write_text("died once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(plan, staged, index)
+
+pools.run_layer = run_layer  # what the driver submits: pickled by reference to this script's function
+
+if __name__ == "__main__":
+    from dern_stream.cli import main
+    main(sys.argv[1:])
+"""
+
+ARGS = ["--experts", "4", "--alpha", "0.2", "--max-shard-size", "150KB", "-q"]
+
+
+@pytest.fixture(scope="module")
+def single(build, tmp_path_factory):
+    """qwen3_moe rewritten by one process, sharded so layers share files."""
+    built = build("qwen3_moe")
+    out = tmp_path_factory.mktemp("single") / "out"
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(out), "--calib", str(built.calib), *ARGS])
+    assert result.exit_code == 0, result.output
+    return built, file_bytes(out)
+
+
+def test_two_local_workers_write_the_same_bytes(single, tmp_path):
+    built, expected = single
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(out), "--calib", str(built.calib),
+                                       *ARGS, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert file_bytes(out) == expected
+
+
+def test_a_dead_worker_costs_only_its_layer(single, tmp_path):
+    built, expected = single
+    script, out, marker = tmp_path / "dying.py", tmp_path / "out", tmp_path / "died"
+    script.write_text(_DYING_WORKER)
+    env = {**os.environ, "DERN_TEST_MARKER": str(marker), "DERN_TEST_LAYER": "1"}
+    run = subprocess.run([sys.executable, str(script), "rewrite", str(built.model_dir), str(out), "--calib",
+                          str(built.calib), *ARGS, "--workers", "2"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert marker.exists()  # the worker did die
+    assert file_bytes(out) == expected
+
+
+def test_resume_after_the_driver_is_killed(single, tmp_path):
+    """SIGKILL the driver of a two-worker run once a layer is journaled; one process finishes the job."""
+    built, expected = single
+    out = tmp_path / "out"
+    partial = tmp_path / ".out.dern-partial" / ".dern-progress.json"
+    cmd = [sys.executable, "-m", "dern_stream.cli", "rewrite", str(built.model_dir), str(out), "--calib",
+           str(built.calib), *ARGS, "--workers", "2"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        if partial.exists() and '"layers": {"' in partial.read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers
+    driver.wait()
+    if out.exists():
+        pytest.skip("the run finished before it could be killed")
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(out), "--calib", str(built.calib), *ARGS])
+    assert result.exit_code == 0, result.output
+    assert file_bytes(out) == expected
+
+
+def test_ray_tasks_write_the_same_bytes(single, tmp_path):
+    """A local Ray cluster of 2 CPU workers, one task per layer."""
+    ray = pytest.importorskip("ray")
+    built, expected = single
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dern_stream.rewrite(built.model_dir, tmp_path / "out", experts=4, calib=built.calib, alpha=0.2,
+                            max_shard_size="150KB", ray="auto", progress=False)
+    finally:
+        ray.shutdown()
+    assert file_bytes(tmp_path / "out") == expected
+
+
+def test_ray_without_ray_installed_is_one_line(build, tmp_path, monkeypatch):
+    built = build("mixtral")
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where it is not installed
+    result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "out"), "-k", "4",
+                                       "--calib", str(built.calib), "--ray", "auto"])
+    assert result.exit_code == 2 and "pip install 'dern-stream[ray]'" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_executor_options_are_one_line(build, tmp_path):
+    built = build("mixtral")
+    for extra, message in ((["--workers", "0"], "--workers must be an integer of at least 1"),
+                           (["--workers", "2", "--ray", "auto"], "--workers and --ray do not go together")):
+        result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "out"), "-k", "4",
+                                           "--calib", str(built.calib), *extra])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+        assert not (tmp_path / "out").exists()
