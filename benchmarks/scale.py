@@ -5,9 +5,10 @@ Then `dern-stream plan` on a 600 GB checkpoint of sparse files.
     python benchmarks/scale.py [--workdir DIR] [--layers 8] [--workers 2] [--ray]
 
 Every run is a fresh process (`dern-stream rewrite ... -q`), timed from start to exit, imports included.
-On a machine whose cores one process already keeps busy, N workers share the same cores; so the run is
-also compared with one process on one worker's share of the threads (the scale-out each worker's own
-device, or node, would bring).
+Workers use the driver's torch thread count (so their layers are computed exactly as one process
+computes them); on a machine whose cores one process already keeps busy, N workers then share the
+same cores. So the comparison is also made with one thread per process (OMP_NUM_THREADS=1 on both
+sides), where each worker brings its own core, as it would bring its own GPU or node.
 """
 
 from __future__ import annotations
@@ -66,15 +67,18 @@ def main() -> None:
         one = timed([*cli, "rewrite", args[0], str(tmp / "one"), *args[1:]])
         many = timed([*cli, "rewrite", args[0], str(tmp / "many"), *args[1:], "--workers", str(a.workers)])
         print(f"DERN {a.experts} -> {keep} experts, {a.layers} layers (hidden 1024, intermediate {a.intermediate}):")
-        print(f"  one process: {one:.1f} s; {a.workers} local workers: {many:.1f} s; speed-up {one / many:.2f}x; "
+        print(f"  torch's default threads ({os.cpu_count()} cores): one process {one:.1f} s; {a.workers} local workers "
+              f"(each with as many threads) {many:.1f} s; speed-up {one / many:.2f}x; "
               f"byte-identical: {digest(tmp / 'one') == digest(tmp / 'many')}")
-        # Each worker gets cores / workers threads: against one process on that many threads, this is the
-        # speed-up of adding workers that each bring their own compute (a GPU each, a node each).
-        share = max(1, (os.cpu_count() or 1) // a.workers)
-        alone = timed([*cli, "rewrite", args[0], str(tmp / "alone"), *args[1:]], threads=share)
-        print(f"  one process on {share} thread(s), one worker's share: {alone:.1f} s; {a.workers} workers: "
-              f"{alone / many:.2f}x its speed; byte-identical but for the thread count in dern_stream.json: "
-              f"{digest(tmp / 'one', audit=False) == digest(tmp / 'alone', audit=False)}")
+        # With one thread each, every worker brings its own core, as each would bring its own GPU or node:
+        # this is the scale-out. (Workers use the driver's thread count, so outputs stay byte-identical.)
+        alone = timed([*cli, "rewrite", args[0], str(tmp / "alone"), *args[1:]], threads=1)
+        spread = timed([*cli, "rewrite", args[0], str(tmp / "spread"), *args[1:], "--workers", str(a.workers)],
+                       threads=1)
+        same = digest(tmp / "one", audit=False) == digest(tmp / "alone", audit=False)
+        print(f"  one thread per process: one process {alone:.1f} s; {a.workers} local workers {spread:.1f} s; "
+              f"speed-up {alone / spread:.2f}x; byte-identical: {digest(tmp / 'alone') == digest(tmp / 'spread')}; "
+              f"tensors as with the default threads: {same}")
         if a.ray:
             ray = timed([sys.executable, "-c", _RAY_RUN, str(src), str(tmp / "ray"), str(dump), str(a.workers), keep])
             print(f"  Ray, {a.workers} CPUs (cluster start included): {ray:.1f} s; speed-up {one / ray:.2f}x; "

@@ -145,7 +145,10 @@ def _text_options(num_tokens: int, seq_len: int):
 @_text_options(num_tokens=262144, seq_len=2048)
 @click.option("--overwrite", is_flag=True, help="Start DUMP again if it is an earlier dump (else an interrupted dump "
               "resumes).")
-def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, overwrite) -> None:
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Split the sequences among this many worker processes (a GPU each where there are that many).")
+def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, overwrite,
+         workers) -> None:
     """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
@@ -153,7 +156,7 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 
     summary = run_dump(src, out, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens,
                        seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
-                       progress=not quiet)
+                       progress=not quiet, workers=workers)
     click.echo(str(summary))
 
 

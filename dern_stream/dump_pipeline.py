@@ -19,6 +19,7 @@ from .calib.store import FORMAT, not_a_dump
 from .calib.text import check_vocabulary, file_sha256, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
+from .dump_workers import dump_in_workers, split_sequences
 from .errors import DernError, NonFinite, describe
 from .families import family_for, require_forward
 from .layout import check_decoder_layers, moe_layer_indices
@@ -65,11 +66,17 @@ def dump(
     chunk_tokens: int = 4096,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> DumpSummary:
     """Write the calibration dump `out` for checkpoint `src` from `text` (plain or .jsonl), a `datasets`
-    `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call."""
+    `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call.
+
+    `workers=N` splits the sequences among N worker processes (one GPU each where there are N and
+    `device` names no index), each streaming the whole model over its share: the same dump, N times the
+    reading of the checkpoint. Interrupted, such a dump starts again from its first layer."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
+    whole("--workers", workers)
     text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
@@ -94,6 +101,14 @@ def dump(
     request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
     writer, ids, resumed, lock = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
     last = moe_layers[-1]
+    if workers > 1 and resumed is None:
+        try:
+            _dump_in_workers(ckpt, family, writer, ids, moe_layers, batch_size, compute, dtype, workers, progress)
+        finally:
+            ckpt.release()
+            lock.release()
+        return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], None,
+                           time.perf_counter() - started, str(compute))
     try:
         batches = batched(ids, batch_size)
         hidden = int(ckpt.config["hidden_size"])
@@ -137,6 +152,27 @@ def dump(
         lock.release()
     return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], resumed,
                        time.perf_counter() - started, str(compute))
+
+
+def _dump_in_workers(ckpt: Checkpoint, family, writer: CalibWriter, ids: torch.Tensor, moe_layers: list[int],
+                     batch_size: int, compute: torch.device, dtype: str, workers: int, progress: bool) -> None:
+    parts = split_sequences(ids.shape[0], ids.shape[1], batch_size, writer.chunk_tokens, workers)
+    if len(parts) < workers:
+        log.warning("note: %d sequences make %d parts of whole batches and chunks: %d workers", ids.shape[0],
+                    len(parts), len(parts))
+    for i in moe_layers:  # at full size, so each worker writes its own rows
+        writer.create_layer(i, ids.numel(), tensor_sha256(ckpt.load(family.router_name(i))))
+    try:
+        with tqdm(total=len(parts) * (moe_layers[-1] + 1), desc=f"dump layers x {len(parts)} workers", unit="layer",
+                  disable=not progress) as bar:
+            dump_in_workers(ckpt.root, writer.path, ids, parts, moe_layers, batch_size, compute, dtype, bar.update)
+    except NonFinite:
+        raise
+    except (DernError, OSError) as e:
+        raise DernError(f"{describe(e)} (run the same command again to start the dump again)") from e
+    for i in moe_layers:
+        writer.finish_layer(i)
+    writer.finish()
 
 
 @dataclass(frozen=True)

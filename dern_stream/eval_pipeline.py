@@ -155,15 +155,12 @@ def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device:
     check_vocabulary(ids, ckpt.config)
     model = StreamedModel(ckpt, device, dtype)
     batches = batched(ids, batch_size)
-    store = HiddenStore([(*b.shape, int(ckpt.config["hidden_size"])) for b in batches], model.dtype, device)
-    try:
+    with ckpt, HiddenStore([(*b.shape, int(ckpt.config["hidden_size"])) for b in batches], model.dtype,
+                           device) as store:
         model.embed(batches, store)
         for i in tqdm(range(model.num_layers), desc="eval layers", unit="layer", disable=not progress):
             model.run_layer(i, batches, store)
         return model.nll(batches, store)
-    finally:
-        store.close()
-        ckpt.release()
 
 
 @torch.no_grad()

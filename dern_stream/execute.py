@@ -1,4 +1,4 @@
-"""The single-process executor: a RewritePlan streamed layer by layer into a staged OUT."""
+"""The executor: a RewritePlan written into a staged OUT, layer by layer, by one process or by workers."""
 
 from __future__ import annotations
 
@@ -87,8 +87,7 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
             if records:
                 log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(plan.layers))
             check_free_space(stage.path, plan.output_bytes + plan.side_bytes)
-            writer = ShardedWriter(stage.path, plan.specs, options.max_shard_size, resume=stage.resumed)
-            try:
+            with ShardedWriter(stage.path, plan.specs, options.max_shard_size, resume=stage.resumed) as writer:
                 for index in records:
                     for name in plan.writes[int(index)]:
                         writer.skip(name)
@@ -135,9 +134,6 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
                             bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
                 with clock("write"):
                     writer.finish()
-            finally:
-                writer.close()
-                ckpt.release()
             _finish(plan, stage.path, writer, records, notes, compute)
     except NonFiniteTensor:
         # Resuming would meet the same values: the input must change first (and a changed input
@@ -149,6 +145,8 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
             raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(plan.layers)} MoE layers are done "
                             f"and kept in {stage.path}: run the same command again to resume)") from e
         raise
+    finally:
+        ckpt.release()
 
     shape = plan.shape
     return RewriteSummary(

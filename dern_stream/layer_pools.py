@@ -8,11 +8,12 @@ A worker that dies (killed, out of memory) loses only its layer, which is run ag
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+
+import torch
 
 from .errors import DernError
 from .layer_task import init_worker, run_layer
@@ -25,8 +26,10 @@ Finished = tuple[int, dict, dict[str, float]]
 
 
 def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) -> Iterator[Finished]:
-    """`workers` processes on this machine, each running one layer at a time with its share of the cores."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    """`workers` processes on this machine, each running one layer at a time. Each uses the driver's torch
+    thread count, so its layer is computed exactly as one process computes it (CPU kernels may sum in
+    another order with another count); on CPU the workers then share the cores."""
+    threads = torch.get_num_threads()
     attempts = dict.fromkeys(layers, 0)
     left = list(layers)
     while left:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -221,7 +221,7 @@ def _candidates(experts, router, bias, selection, x, groups, options, routing, c
             if experts is None:  # the options showed nothing can move: DERN reduces to pruning, unread
                 yield f"dern@{alpha:g}", prune_layer(router, kept, n)
             else:
-                yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, replace(options, alpha=alpha),
+                yield f"dern@{alpha:g}", dern_layer(experts, router, scores, kept, options.dern_params(alpha),
                                                     clock)
         return
     if options.method == "prune" or x is None:

@@ -30,8 +30,8 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
     if ckpt.fingerprint() != plan.fingerprint:
         raise DernError(f"{plan.source} changed after the plan was made (seen by the worker of layer {index})")
     clock = StageClock(plan.device)
-    writer = ShardedWriter(staged, plan.specs, plan.options.max_shard_size, resume=True)
-    try:
+    # Leaving the block flushes every shard written to disk before the record leaves (or raises the error).
+    with ckpt, ShardedWriter(staged, plan.specs, plan.options.max_shard_size, resume=True) as writer:
         inputs = read_layer(ckpt, plan.family, layer, plan.shape, plan.reads_experts, clock)
         dump = plan.dump if index in plan.calibrated else None
         report = compress_layer(inputs, plan.selection[index], plan.family, plan.shape, dump, plan.groups,
@@ -42,13 +42,10 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
                 copy_tensor(writer, ckpt, name)
             write_layer(writer, ckpt, plan.family, layer, report, plan.dequantized)
             record = {**layer_record(report), "checksums": writer.take_checksums()}
-    finally:
-        ckpt.release()
-        writer.close()  # every shard written is flushed to disk before the record leaves (or the first error)
     return_freed_memory()
     return record, dict(clock.seconds)
 
 
 def init_worker(threads: int) -> None:
-    """A local worker process: torch's threads shared out among the workers."""
+    """A local worker process: the driver's torch thread count."""
     torch.set_num_threads(threads)

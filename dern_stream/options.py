@@ -197,6 +197,13 @@ class RewriteOptions:
             return True
         return self.method == "dern" and self.experts < num_experts and self.alpha < 1.0
 
+    def dern_params(self, alpha: float | None = None):
+        """The DERN part of these options (methods.DernParams), with `alpha` instead of the option's if given."""
+        from .methods.dern import DernParams
+
+        return DernParams(self.alpha if alpha is None else alpha, self.sim_components, self.kmeans_iters,
+                          self.kmeans_init, self.router_transfer, self.intermediate_size, self.similarity_block_bytes)
+
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""
         rec = asdict(self)

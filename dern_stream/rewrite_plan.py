@@ -124,11 +124,8 @@ def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib:
     """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
     input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump."""
     source = resolve_checkpoint(src)
-    ckpt = Checkpoint(source)
-    try:
+    with Checkpoint(source) as ckpt:
         return _plan(ckpt, source, out, options, calib, progress)
-    finally:
-        ckpt.release()
 
 
 def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,

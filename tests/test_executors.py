@@ -126,3 +126,37 @@ def test_bad_executor_options_are_one_line(build, tmp_path):
                                            "--calib", str(built.calib), *extra])
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_a_dump_split_among_workers_is_the_same_dump(family, build, tmp_path):
+    """Sequences split among 3 workers, in whole batches and whole chunks: every layer's inputs and
+    every attribute as one process writes them."""
+    import numpy as np
+    import zarr
+
+    from dern_stream.calib import CalibDump
+    from dern_stream.tiny_models import calibration_tokens
+
+    built = build(family)
+    ids = calibration_tokens(sequences=11, length=8, seed=5)
+    for workers in (1, 3):
+        dern_stream.dump(built.model_dir, tmp_path / f"w{workers}.zarr", tokens=ids, batch_size=2, chunk_tokens=16,
+                         workers=workers, progress=False)
+    one, many = CalibDump(tmp_path / "w1.zarr"), CalibDump(tmp_path / "w3.zarr")
+    assert many.attrs == one.attrs and many.attrs["complete"]
+    for layer in one.attrs["moe_layers"]:
+        a, b = one.layer(layer), many.layer(layer)
+        assert dict(b.attrs) == dict(a.attrs) and b.shape == a.shape == (88, a.shape[1])
+        assert np.array_equal(np.asarray(b[:]), np.asarray(a[:]))
+    assert np.array_equal(zarr.open_group(str(tmp_path / "w3.zarr"))["tokens"][:], ids.numpy())
+
+
+def test_split_sequences_in_whole_batches_and_chunks():
+    from dern_stream.dump_workers import split_sequences
+
+    parts = split_sequences(sequences=11, seq_len=8, batch_size=2, chunk_tokens=16, workers=3)
+    assert parts == [(0, 4), (4, 8), (8, 11)]
+    for start, _ in parts:
+        assert start % 2 == 0 and (start * 8) % 16 == 0
+    assert split_sequences(3, 8, 4, 16, workers=4) == [(0, 3)]  # one batch: one worker

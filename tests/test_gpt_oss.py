@@ -11,8 +11,7 @@ import torch
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.families import FAMILIES
-from dern_stream.methods import ExpertStack, dern_layer
-from dern_stream.options import RewriteOptions
+from dern_stream.methods import DernParams, ExpertStack, dern_layer
 
 LAYER = "model.layers.1.mlp."
 
@@ -28,9 +27,9 @@ def test_biases_are_clustered_as_the_segments_weight_columns_are():
     augmented = ExpertStack(torch.cat((gate, bias[..., :1]), -1), torch.cat((up, bias[..., 1:]), -1),
                             torch.cat((down, torch.zeros(n, 1, h)), 1))
     router, importance = torch.randn(n, d), torch.softmax(torch.randn(n), 0)
-    options = RewriteOptions(experts=3, alpha=0.0, sim_components=("down",), kmeans_init="own")
-    a = dern_layer(biased, router, importance, [0, 2, 4], options)
-    b = dern_layer(augmented, router, importance, [0, 2, 4], options)
+    params = DernParams(alpha=0.0, sim_components=("down",), kmeans_init="own")
+    a = dern_layer(biased, router, importance, [0, 2, 4], params)
+    b = dern_layer(augmented, router, importance, [0, 2, 4], params)
     assert a.counts.equal(b.counts) and a.counts.sum() > 0
     for x, y in zip(a.experts, b.experts, strict=True):
         # The same neurons, in the order of their seeds' gate norms (which the bias column changes).

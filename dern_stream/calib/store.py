@@ -92,12 +92,17 @@ class CalibWriter:
                 del self.inputs[key]
         return self
 
-    def append(self, layer: int, hidden: torch.Tensor | np.ndarray, router_sha256: str | None = None) -> None:
+    def _stored(self, layer: int, hidden: torch.Tensor | np.ndarray) -> np.ndarray:
+        """[tokens, hidden] in the dump's dtype, checked finite."""
         data = hidden.detach().float().cpu().numpy() if isinstance(hidden, torch.Tensor) else np.asarray(hidden)
         data = data.reshape(-1, self.hidden_size).astype(self.dtype)
         if not all_finite(torch.from_numpy(data)):  # (float16 storage overflows past 65504 too)
             raise NonFinite(f"MoE layer {layer}'s inputs came out NaN or Inf (non-finite weights in the layers "
                             f"before it, or values beyond {self.dtype.name}); nothing of that layer is saved")
+        return data
+
+    def append(self, layer: int, hidden: torch.Tensor | np.ndarray, router_sha256: str | None = None) -> None:
+        data = self._stored(layer, hidden)
         key = str(layer)
         if key not in self.inputs:
             arr = self.inputs.create_array(
@@ -105,6 +110,29 @@ class CalibWriter:
             )
             arr.attrs.update({"layer": layer, "router_sha256": router_sha256, "complete": False})
         self.inputs[key].append(data, axis=0)
+
+    def create_layer(self, layer: int, rows: int, router_sha256: str | None) -> None:
+        """Layer `layer`'s array at its full size, for workers that each fill a region (write_rows)."""
+        arr = self.inputs.create_array(str(layer), shape=(rows, self.hidden_size),
+                                       chunks=(self.chunk_tokens, self.hidden_size), dtype=self.dtype, overwrite=True)
+        arr.attrs.update({"layer": layer, "router_sha256": router_sha256, "complete": False})
+
+    def write_rows(self, layer: int, start: int, hidden: torch.Tensor) -> None:
+        """Rows start.. of a layer made by create_layer (workers write disjoint, chunk-aligned regions)."""
+        data = self._stored(layer, hidden)
+        self.inputs[str(layer)][start:start + data.shape[0]] = data
+
+    @classmethod
+    def attach(cls, path: str | Path) -> CalibWriter:
+        """The dump a driver is making, opened by one of its workers (nothing is checked or discarded)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        attrs = self.group.attrs.asdict()
+        self.hidden_size, self.dtype = attrs["hidden_size"], np.dtype(attrs.get("dtype", "float16"))
+        self.chunk_tokens = attrs.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
+        self.inputs = self.group["moe_inputs"]
+        return self
 
     def finish_layer(self, layer: int) -> None:
         self.inputs[str(layer)].attrs["complete"] = True

@@ -210,3 +210,9 @@ class Checkpoint:
     def release(self) -> None:
         """Close the shard files (reopened on the next read)."""
         self._files.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

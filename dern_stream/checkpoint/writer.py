@@ -278,6 +278,12 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             write_durably(self.directory / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         """Flush and close every file; raises the first flush error (a full disk shows here at the latest)."""
         while self._open:

@@ -6,10 +6,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..options import RewriteOptions
 from ..stage_clock import NO_CLOCK, StageClock
 from .kmeans import batched_spherical_kmeans, gate_linf_init
 from .segments import ExpertStack, component_columns, reassign_segments, transfer_counts, transfer_router
+
+
+@dataclass(frozen=True)
+class DernParams:
+    """What DERN needs to know (docs/method.md, Stages 2 and 3)."""
+
+    alpha: float = 0.4  # a pooled segment moves only if its best cosine exceeds this
+    sim_components: tuple[str, ...] = ("up", "down")  # the parts of a segment the cosines compare
+    kmeans_iters: int = 20
+    kmeans_init: str = "gate-linf"  # or "own": seed with the kept expert's own segments
+    router_transfer: bool = True  # Eq. 8
+    intermediate_size: int | None = None  # neurons per rebuilt expert (None: as now)
+    block_bytes: int = 16 * 2**20  # the largest float32 block the similarity and k-means allocate
 
 
 @dataclass
@@ -45,7 +57,7 @@ def dern_layer(
     router: torch.Tensor,
     importance: torch.Tensor,
     kept: list[int],
-    options: RewriteOptions,
+    params: DernParams,
     clock: StageClock = NO_CLOCK,
 ) -> LayerResult:
     """Stages 2 and 3 for one layer; `experts` are on the compute device, `importance` is S.
@@ -54,13 +66,13 @@ def dern_layer(
     num, h, d = experts.gate.shape
     kept_set = set(kept)
     dropped = [e for e in range(num) if e not in kept_set]
-    target_k = options.intermediate_size or h
+    target_k = params.intermediate_size or h
     with clock("reassign"):
         assignment = reassign_segments(
-            experts, kept, dropped, options.sim_components, options.alpha, options.similarity_block_bytes
+            experts, kept, dropped, params.sim_components, params.alpha, params.block_bytes
         )
         counts = transfer_counts(assignment, len(kept))
-        new_router = (transfer_router(router, kept, dropped, counts, h) if options.router_transfer
+        new_router = (transfer_router(router, kept, dropped, counts, h) if params.router_transfer
                       else router[kept].clone())
 
     with clock("cluster"):
@@ -74,16 +86,16 @@ def dern_layer(
                 jobs.append((pos, expert, dropped_ids[src_expert], src_segment))
         rebuilt: list[RebuiltExpert | None] = [None] * len(kept)
         iterations = [0] * len(kept)
-        for batch in _batches(jobs, h, experts.segment_width, len(options.sim_components) * d, target_k,
-                              options.similarity_block_bytes):
-            for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, options),
+        for batch in _batches(jobs, h, experts.segment_width, len(params.sim_components) * d, target_k,
+                              params.block_bytes):
+            for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, params),
                                               strict=True):
                 seg = result.segments.to(experts.dtype)
                 # Views of one [k, 3d] block (down transposed): a contiguous down would be a 4th third.
                 rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:3 * d].T,
                                              seg[:, 3 * d:] if experts.bias is not None else None)
                 iterations[pos] = result.iterations
-    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, options.router_transfer)
+    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, params.router_transfer)
 
 
 def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int) -> list[list]:
@@ -107,7 +119,7 @@ def _job_bytes(rows: int, width: int, sim_width: int, k: int) -> int:
     return 4 * (rows * width + k * (2 * width + sim_width))
 
 
-def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, options: RewriteOptions):
+def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, params: DernParams):
     """Gather each job's members (own segments first) into one padded batch, in the checkpoint's dtype
     (the clustering reads them in float32), and cluster it."""
     h, d = experts.intermediate, experts.gate.shape[2]
@@ -123,8 +135,8 @@ def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, o
         member_weights[j, h:sizes[j]] = weights[source]
         # "own": seed the centroids with the kept expert's own segments (the first h members), so that
         # near-duplicate pooled segments cannot take two centroids and leave a neuron with none.
-        init[j] = gate_linf_init(members[j, :h] if options.kmeans_init == "own" else members[j, :sizes[j]], d, k)
-    sim_cols = component_columns(options.sim_components, d, device)
+        init[j] = gate_linf_init(members[j, :h] if params.kmeans_init == "own" else members[j, :sizes[j]], d, k)
+    sim_cols = component_columns(params.sim_components, d, device)
     counts = torch.tensor(sizes, device=device)
-    return batched_spherical_kmeans(members, member_weights, counts, sim_cols, k, options.kmeans_iters, init,
-                                    options.similarity_block_bytes)
+    return batched_spherical_kmeans(members, member_weights, counts, sim_cols, k, params.kmeans_iters, init,
+                                    params.block_bytes)

@@ -71,6 +71,12 @@ class HiddenStore:
         else:
             self._items[i] = value
 
+    def __enter__(self) -> HiddenStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self._items = [None] * len(self.shapes)
         if self._scratch is not None:

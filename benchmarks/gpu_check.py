@@ -1,0 +1,110 @@
+"""The first thing to run on a machine with a GPU: dump and rewrite on CUDA, end to end, against the CPU.
+
+    python benchmarks/gpu_check.py [--workdir DIR] [--layers 4] [--skip-tests]
+
+On a synthetic upcycled checkpoint with 64 experts per layer (Mixtral layout, hidden 1024, 512 neurons
+per expert), in this order:
+  1. `dump` of 8192 random tokens on CUDA and on the CPU: time, and how far apart the cached inputs are;
+  2. `rewrite` 64 -> 32 experts (DERN, 20 k-means iterations) on CUDA and on the CPU, from the CUDA dump:
+     wall time, busy seconds per stage, peak device memory, and agreement (the kept experts, and the
+     relative difference of every output tensor);
+  3. `pytest tests/test_cuda.py` (the CUDA tests that are skipped on machines without a GPU).
+Sized to finish in a few minutes on one GPU and a 16-core host. `--device cpu` runs the same steps with
+the CPU on both sides (to check the script itself where there is no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from synthetic import write_synthetic
+
+import dern_stream
+from dern_stream.calib import CalibDump
+from dern_stream.checkpoint import Checkpoint
+
+
+def dump_both(src: Path, tmp: Path, device: str, tokens: int) -> Path:
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (tokens // 512, 512), generator=torch.Generator().manual_seed(0))
+    seconds = {}
+    for where in (device, "cpu"):
+        start = time.perf_counter()
+        dern_stream.dump(src, tmp / f"dump-{where}.zarr", tokens=ids, batch_size=4, device=where, progress=False)
+        seconds[where] = time.perf_counter() - start
+    a, b = CalibDump(tmp / f"dump-{device}.zarr"), CalibDump(tmp / "dump-cpu.zarr")
+    worst = 0.0
+    for layer in a.attrs["moe_layers"]:
+        x, y = np.asarray(a.layer(layer)[:], dtype=np.float32), np.asarray(b.layer(layer)[:], dtype=np.float32)
+        worst = max(worst, float(np.linalg.norm(x - y) / np.linalg.norm(y)))
+    print(f"dump of {tokens} tokens: {device} {seconds[device]:.1f} s, cpu {seconds['cpu']:.1f} s; "
+          f"largest relative difference of a layer's cached inputs: {worst:.2e}")
+    return tmp / f"dump-{device}.zarr"
+
+
+def rewrite_both(src: Path, dump: Path, tmp: Path, device: str) -> None:
+    results = {}
+    for where in (device, "cpu"):
+        if where.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        summary = dern_stream.rewrite(src, tmp / f"out-{where}", experts=32, calib=dump, device=where,
+                                      progress=False)
+        results[where] = (time.perf_counter() - start, summary)
+        peak = f", peak device memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if where != "cpu" else ""
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items())
+        print(f"rewrite 64 -> 32 on {where}: {results[where][0]:.1f} s{peak}; busy seconds: {stages}; "
+              f"segments reassigned {summary.segments_reassigned} of {summary.segments_pooled}")
+    audits = {w: json.loads((tmp / f"out-{w}" / "dern_stream.json").read_text()) for w in results}
+    same_kept = all(audits[device]["layers"][i]["kept"] == audits["cpu"]["layers"][i]["kept"]
+                    for i in audits["cpu"]["layers"])
+    a, b = Checkpoint(tmp / f"out-{device}"), Checkpoint(tmp / "out-cpu")
+    diffs = []
+    for name in b.entries:
+        x, y = a.load(name).double(), b.load(name).double()
+        norm = float(torch.linalg.vector_norm(y))
+        diffs.append(float(torch.linalg.vector_norm(x - y)) / norm if norm else float(torch.linalg.vector_norm(x)))
+    diffs = np.array(diffs)
+    print(f"agreement: same kept experts in every layer: {same_kept}; tensors identical: "
+          f"{int((diffs == 0).sum())} of {len(diffs)}; relative difference median {np.median(diffs):.2e}, "
+          f"largest {diffs.max():.2e}; {device} / cpu wall time {results[device][0] / results['cpu'][0]:.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=".")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--skip-tests", action="store_true")
+    a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("torch sees no CUDA device here: nothing to check (see --device cpu)")
+    if torch.cuda.is_available():
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        src = write_synthetic(tmp / "ck", layers=a.layers, hidden=1024, intermediate=512, experts=64, upcycled=0.3)
+        print(f"synthetic checkpoint: {a.layers} layers of 64 experts x 512 neurons, hidden 1024 "
+              f"({time.perf_counter() - started:.0f} s to write)")
+        dump = dump_both(src, tmp, a.device, a.tokens)
+        rewrite_both(src, dump, tmp, a.device)
+    if not a.skip_tests:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        print("tests/test_cuda.py:", (run.stdout.strip().splitlines() or ["no output"])[-1])
+    print(f"gpu_check took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

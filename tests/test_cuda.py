@@ -1,0 +1,63 @@
+"""The CUDA path: rewrite and dump on the GPU against the same on the CPU. Skipped where torch sees no CUDA
+device (then `benchmarks/gpu_check.py` is the first thing to run on a machine that has one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import raw_bytes
+from test_fp8 import _fp8_stack
+from transformers import AutoModelForCausalLM
+
+import dern_stream
+from dern_stream.calib import CalibDump
+from dern_stream.tiny_models import calibration_tokens
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+def test_pruning_on_cuda_writes_what_the_cpu_writes(build, tmp_path):
+    """alpha = 1: the kept experts (ranked on the GPU) are copied as bytes, so both outputs are the same."""
+    built = build("qwen3_moe")
+    for device in ("cpu", "cuda"):
+        dern_stream.rewrite(built.model_dir, tmp_path / device, experts=4, calib=built.calib, alpha=1.0,
+                            device=device, progress=False)
+    assert raw_bytes(tmp_path / "cuda") == raw_bytes(tmp_path / "cpu")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_dern_on_cuda_matches_the_cpu(family, build, tmp_path):
+    built = build(family)
+    for device in ("cpu", "cuda"):
+        dern_stream.rewrite(built.model_dir, tmp_path / device, experts=4, calib=built.calib, alpha=0.2,
+                            device=device, progress=False)
+    ids = calibration_tokens(sequences=2, length=16, seed=4)
+    with torch.no_grad():
+        cpu, gpu = (AutoModelForCausalLM.from_pretrained(tmp_path / d)(ids).logits for d in ("cpu", "cuda"))
+    assert torch.linalg.vector_norm(gpu - cpu) / torch.linalg.vector_norm(cpu) < 2e-2
+
+
+def test_dump_on_cuda_matches_the_cpu(build, tmp_path):
+    built = build("mixtral")
+    ids = calibration_tokens(sequences=4, length=16, seed=2)
+    for device in ("cpu", "cuda"):
+        dern_stream.dump(built.model_dir, tmp_path / f"{device}.zarr", tokens=ids, device=device, progress=False)
+    cpu, gpu = CalibDump(tmp_path / "cpu.zarr"), CalibDump(tmp_path / "cuda.zarr")
+    for layer in cpu.attrs["moe_layers"]:
+        a, b = np.asarray(cpu.layer(layer)[:]), np.asarray(gpu.layer(layer)[:])
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-3)
+    assert zarr.open_group(str(tmp_path / "cuda.zarr")).attrs["complete"]
+
+
+def test_fp8_experts_read_on_cuda_as_on_the_cpu():
+    stack, dense = _fp8_stack(5, 40, 24, (16, 8))
+    gpu = stack.to(torch.device("cuda"))
+    for part in ("gate", "up", "down"):
+        torch.testing.assert_close(gpu.weight(part, 3).cpu(), dense.weight(part, 3), rtol=0, atol=0)
+    experts, segments = torch.tensor([0, 4, 2]), torch.tensor([39, 0, 17])
+    mine, theirs = torch.empty(3, 72, device="cuda"), torch.empty(3, 72)
+    gpu.segment_rows_into(mine, experts.cuda(), segments.cuda())
+    dense.segment_rows_into(theirs, experts, segments)
+    torch.testing.assert_close(mine.cpu(), theirs, rtol=0, atol=0)
