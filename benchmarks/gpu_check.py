@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from synthetic import write_synthetic
 
 import dern_stream

@@ -16,7 +16,7 @@ from .options import RewriteOptions
 from .storage import ExpertStorage
 from .storage.fp8_blocks import scale_shape
 
-BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported: 0.28 GB measured (benchmarks/memory.py)
+BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported (README, "Memory")
 CUDA_CONTEXT_BYTES = 500 * 10**6  # host memory the CUDA runtime maps once initialised (not yet measured here)
 WRITER_BUFFER_BYTES = 16 * 2**20  # checkpoint/writer.py _COPY_CHUNK
 DUMP_BLOCK_BYTES = 64 * 2**20  # one read block of the dump as float32 (calib/store.py _READ_BLOCK)

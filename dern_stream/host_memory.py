@@ -1,13 +1,11 @@
 """Keep freed heap memory from piling up in the process (glibc; elsewhere these are no-ops).
 
 Each layer allocates and frees tens of MB in many tensors; glibc keeps freed chunks in its heap, and
-the fragments add up layer after layer (measured: +30 MB of resident memory per decoder layer in a
-streamed dump, flat once trimmed). `malloc_trim` returns them between layers.
+the fragments add up layer after layer. `malloc_trim` returns them between layers.
 
 Within a layer, glibc's default *dynamic* mmap threshold moves every freed block of up to 32 MB into
 the heaps of the three pipeline threads, where it stays; fixing the threshold at 4 MiB gives such
-blocks back on free. Measured on a 4-layer bf16 checkpoint (benchmarks/memory.py's shape): peak RSS
-0.69 -> 0.66 GB, no change in time once the k-means reuses its buffers (README, "Memory").
+blocks back on free. What each saves is measured in the README, "Memory".
 """
 
 from __future__ import annotations

@@ -7,18 +7,19 @@ A worker that dies (killed, out of memory) loses only its layer, which is run ag
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import torch
-
 from .errors import DernError
-from .layer_task import init_worker, run_layer
+from .layer_task import run_layer
 from .optional import require_ray
 from .rewrite_plan import RewritePlan
+
+log = logging.getLogger("dern_stream")
 
 RETRIES = 2  # runs of a layer after its first, when the worker running it dies
 
@@ -29,13 +30,16 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
     """`workers` processes on this machine, each running one layer at a time. Each uses the driver's torch
     thread count, so its layer is computed exactly as one process computes it (CPU kernels may sum in
     another order with another count); on CPU the workers then share the cores."""
-    threads = torch.get_num_threads()
+    threads = plan.threads
+    if plan.device.type == "cpu":
+        log.warning("note: %d workers on the CPU share its cores, each with the %d threads one process would use "
+                    "(so the output is the same bytes); to share the cores out, set OMP_NUM_THREADS to cores / "
+                    "workers (the output is then that of one process with as many threads)", workers, threads)
     attempts = dict.fromkeys(layers, 0)
     left = list(layers)
     while left:
         # spawn, not fork: the driver runs threads (the writer's flusher), which fork does not carry safely.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                                 initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             running = {pool.submit(run_layer, plan, staged, i): i for i in left}
             try:
                 while running:

@@ -23,6 +23,9 @@ from .stage_clock import StageClock
 def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[str, float]]:
     """Rewrite MoE layer `index` of `plan` into the shards in `staged`. Returns its journal record (with
     the checksums of what it wrote) and its busy seconds per stage."""
+    # As many threads as the driver (Ray gives a task 1 by default): CPU kernels may sum in another order
+    # with another count, and the layer must come out as one process computes it.
+    torch.set_num_threads(plan.threads)
     layer = next((layer for layer in plan.layers if layer.index == index), None)
     if layer is None:
         raise DernError(f"internal error: layer {index} is not in the plan")
@@ -44,8 +47,3 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
             record = {**layer_record(report), "checksums": writer.take_checksums()}
     return_freed_memory()
     return record, dict(clock.seconds)
-
-
-def init_worker(threads: int) -> None:
-    """A local worker process: the driver's torch thread count."""
-    torch.set_num_threads(threads)

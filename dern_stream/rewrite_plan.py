@@ -82,6 +82,7 @@ class RewritePlan:
     dump: CalibDump | None  # open, checked against the model
     config: dict  # the input's config.json
     ranking_seconds: float  # spent on Stage 1 (the importance pass over the dump)
+    threads: int  # torch's thread count where the plan was made: every worker computes with as many
 
     # Pickled for worker processes and Ray tasks without what is derived from the config (a Family holds
     # functions) or open (the dump): each worker derives and opens them again.
@@ -186,7 +187,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
         out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
-        dump=dump, config=config, ranking_seconds=ranking,
+        dump=dump, config=config, ranking_seconds=ranking, threads=torch.get_num_threads(),
     )
 
 

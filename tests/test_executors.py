@@ -61,6 +61,7 @@ def test_two_local_workers_write_the_same_bytes(single, tmp_path):
     assert file_bytes(out) == expected
 
 
+@pytest.mark.slow
 def test_a_dead_worker_costs_only_its_layer(single, tmp_path):
     built, expected = single
     script, out, marker = tmp_path / "dying.py", tmp_path / "out", tmp_path / "died"
@@ -74,6 +75,7 @@ def test_a_dead_worker_costs_only_its_layer(single, tmp_path):
     assert file_bytes(out) == expected
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(single, tmp_path):
     """SIGKILL the driver of a two-worker run once a layer is journaled; one process finishes the job."""
     built, expected = single
@@ -96,6 +98,7 @@ def test_resume_after_the_driver_is_killed(single, tmp_path):
     assert file_bytes(out) == expected
 
 
+@pytest.mark.slow
 def test_ray_tasks_write_the_same_bytes(single, tmp_path):
     """A local Ray cluster of 2 CPU workers, one task per layer."""
     ray = pytest.importorskip("ray")
@@ -128,7 +131,7 @@ def test_bad_executor_options_are_one_line(build, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_a_dump_split_among_workers_is_the_same_dump(family, build, tmp_path):
     """Sequences split among 3 workers, in whole batches and whole chunks: every layer's inputs and
     every attribute as one process writes them."""

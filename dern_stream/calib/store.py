@@ -80,13 +80,7 @@ class CalibWriter:
     @classmethod
     def reopen(cls, path: str | Path) -> CalibWriter:
         """Continue an interrupted dump: layers not marked complete are discarded."""
-        self = cls.__new__(cls)
-        self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="r+")
-        attrs = self.group.attrs.asdict()
-        self.hidden_size, self.dtype = attrs["hidden_size"], np.dtype(attrs.get("dtype", "float16"))
-        self.chunk_tokens = attrs.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
-        self.inputs = self.group.require_group("moe_inputs")
+        self = cls.attach(path)
         for key in list(self.inputs.array_keys()):
             if not self.inputs[key].attrs.get("complete", False):
                 del self.inputs[key]
@@ -131,7 +125,7 @@ class CalibWriter:
         attrs = self.group.attrs.asdict()
         self.hidden_size, self.dtype = attrs["hidden_size"], np.dtype(attrs.get("dtype", "float16"))
         self.chunk_tokens = attrs.get("chunk_tokens", DEFAULT_CHUNK_TOKENS)
-        self.inputs = self.group["moe_inputs"]
+        self.inputs = self.group.require_group("moe_inputs")
         return self
 
     def finish_layer(self, layer: int) -> None:
@@ -321,7 +315,7 @@ class CalibDump:
             except Exception as e:  # noqa: BLE001 - a damaged chunk file: zarr and its codecs raise many types
                 raise DernError(f"calibration dump {self.path}: layer {layer} cannot be read "
                                 f"({type(e).__name__}; damaged chunk files?)") from None
-            # aminmax is one pass without a [T, d] mask (40x cheaper than isfinite().all()); NaN propagates.
+            # aminmax is one pass without a [T, d] mask (unlike isfinite().all()); NaN propagates.
             if not torch.isfinite(torch.stack(torch.aminmax(chunk))).all():
                 raise DernError(f"calibration dump {self.path}: layer {layer} holds NaN or Inf values")
             yield chunk

@@ -2,9 +2,9 @@
 
 Only headers are read up front (a few KB per shard), so opening a 300 GB checkpoint costs almost
 nothing. Tensors are read with pread into memory the caller owns, not through a memory map: mapped
-pages that were touched count toward the process's RSS until unmapped (measured: +0.11 GB peak
-over one layer of a 2 GB checkpoint), pread leaves them in the page cache, where the kernel can drop
-them. With sequential read-ahead advised it is as fast as the map (benchmarks/io_speed.py), and it
+pages that were touched count toward the process's RSS until unmapped (README, "Memory"), pread
+leaves them in the page cache, where the kernel can drop them. With sequential read-ahead advised it
+is as fast as the map (README, "Speed"), and it
 is safe from several threads at once (the rewrite reads the next layer while it computes this one).
 """
 

@@ -183,8 +183,8 @@ def _update(members, norms, safe_norms, weights, assignment, centroids, radius, 
     w_tilde = torch.where(member_wsum <= 0, 1.0 / member_count,
                           weights / member_wsum.clamp_min(_TINY))
     scale = (w_tilde * r.gather(1, assignment) / safe_norms).reshape(-1, 1)
-    # torch's index_add_, not a numba kernel: numba's scatter is faster alone but its runtime costs
-    # 0.1 GB of RSS for about 12% of the clustering time (benchmarks/kernels.py; README, "Performance").
+    # torch's index_add_, not a numba kernel: numba's scatter is faster alone, but its runtime costs more
+    # memory than it saves time (README, "Performance").
     flat = members.view(b * m, width)
     total = work.total.zero_()
     for i in range(0, b * m, work.scatter_rows):

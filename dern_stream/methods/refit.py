@@ -7,10 +7,8 @@ the input: a_e(w_e x) in place of w_e a_e(x)). The problem is
 joint over experts (a token's output sums several); it is solved by block Gauss-Seidel, one expert
 at a time against the current residual, so only one expert's h x h Gram matrix exists at once.
 The ridge pulls towards the current weights, scaled by the Gram matrix's mean diagonal, so an
-expert that few tokens reach barely moves. It must be strong: on the trained fixtures a weak ridge
-(1e-3) lowered the per-layer error on held-out inputs yet raised perplexity (the layers are fitted on
-the original model's inputs, not on the compressed model's), while 1.0 lowered both
-(benchmarks/quality.py; README, "Quality").
+expert that few tokens reach barely moves. It must be strong: the layers are fitted on the original
+model's inputs, not on the compressed model's, and a weak ridge overfits them (README, "Quality").
 """
 
 from __future__ import annotations
