@@ -7,6 +7,7 @@ A worker that dies (killed, out of memory) loses only its layer, which is run ag
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 from collections.abc import Iterator
@@ -36,11 +37,14 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
                     "(so the output is the same bytes); to share the cores out, set OMP_NUM_THREADS to cores / "
                     "workers (the output is then that of one process with as many threads)", workers, threads)
     attempts = dict.fromkeys(layers, 0)
-    left = list(layers)
+    left = list(layers)  # in order; a layer leaves the list when its record is in
     while left:
         # spawn, not fork: the driver runs threads (the writer's flusher), which fork does not carry safely.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            running = {pool.submit(run_layer, plan, staged, i): i for i in left}
+            waiting = iter(list(left))
+            # At most one layer per worker is handed over at a time, so a dead worker's pool can name the
+            # layers that were running (all it had): only they are charged a retry.
+            running = {pool.submit(run_layer, plan, staged, i): i for i in itertools.islice(waiting, workers)}
             try:
                 while running:
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -48,16 +52,16 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
                         index = running.pop(future)
                         record, seconds = future.result()
                         left.remove(index)
+                        for i in itertools.islice(waiting, 1):
+                            running[pool.submit(run_layer, plan, staged, i)] = i
                         yield index, record, seconds
             except BrokenProcessPool:
-                # Which worker died is not known: every layer still running is charged a retry.
                 for index in running.values():
                     attempts[index] += 1
                     if attempts[index] > RETRIES:
                         raise DernError(f"the worker process running layer {index} died {attempts[index]} times "
                                         "(killed, or out of memory?); finished layers are kept") from None
-                for future in running:
-                    future.cancel()
+                log.warning("note: a worker process died; running layers %s again", sorted(running.values()))
             except BaseException:
                 _stop(pool)  # a layer failed for good (bad input, non-finite values) or Ctrl-C: no waiting
                 raise
