@@ -61,3 +61,20 @@ def test_fp8_experts_read_on_cuda_as_on_the_cpu():
     gpu.segment_rows_into(mine, experts.cuda(), segments.cuda())
     dense.segment_rows_into(theirs, experts, segments)
     torch.testing.assert_close(mine.cpu(), theirs, rtol=0, atol=0)
+
+
+def test_plan_bounds_the_device_memory_of_a_rewrite(tmp_path):
+    """The plan's device-memory estimate against torch's peak allocation during a rewrite on CUDA."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from synthetic import write_synthetic, write_synthetic_dump
+
+    src = write_synthetic(tmp_path / "ck", layers=2, hidden=512, intermediate=1024, experts=16, upcycled=0.3,
+                          vocab=2048)
+    dump = write_synthetic_dump(src, tmp_path / "calib.zarr", tokens=1024)
+    estimate = dern_stream.plan(src, experts=8, calib=dump, device="cuda", progress=False).estimates.device_peak
+    torch.cuda.reset_peak_memory_stats()
+    dern_stream.rewrite(src, tmp_path / "out", experts=8, calib=dump, device="cuda", progress=False)
+    assert torch.cuda.max_memory_allocated() <= estimate
