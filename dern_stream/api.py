@@ -65,7 +65,7 @@ def rewrite(
         require_ray()
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
-    calib = Path(calib).expanduser() if calib is not None else None
+    calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     check_output_location(out_path, overwrite, {**read_paths("the input checkpoint", source),
                                                 "the calibration dump": calib})
     with ExitStack() as held:
@@ -96,7 +96,7 @@ def plan(
         options = {**options, "importance": "router-norm"}
     chosen = _options(experts, options)
     source = resolve_checkpoint(src)
-    calib = Path(calib).expanduser() if calib is not None else None
+    calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})

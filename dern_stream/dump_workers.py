@@ -14,10 +14,11 @@ import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .calib import CalibWriter
@@ -26,6 +27,7 @@ from .device import resolve_device
 from .errors import DernError
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
+from .worker_processes import spawn_pool, stop_pool
 
 
 def split_sequences(sequences: int, seq_len: int, batch_size: int, chunk_tokens: int,
@@ -51,8 +53,7 @@ def dump_in_workers(src: Path, out: Path, ids: torch.Tensor, parts: list[tuple[i
     # and the dump must be the one a single process writes (on CPU the workers then share the cores).
     threads = torch.get_num_threads()
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
-    context = multiprocessing.get_context("spawn")  # the driver runs threads; fork does not carry them safely
-    with context.Manager() as manager:
+    with multiprocessing.get_context("spawn").Manager() as manager:
         done = manager.Queue()
         stop = threading.Event()
 
@@ -66,30 +67,34 @@ def dump_in_workers(src: Path, out: Path, ids: torch.Tensor, parts: list[tuple[i
 
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
-        with ProcessPoolExecutor(len(parts), mp_context=context) as pool:
-            futures = [pool.submit(dump_part, src, out, ids[a:b].clone(), a * ids.shape[1], moe_layers, batch_size,
-                                   f"cuda:{w}" if gpus >= len(parts) else str(device), dtype, threads, done)
-                       for w, (a, b) in enumerate(parts)]
-            try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-                for future in futures:
-                    future.result()
-            except BrokenProcessPool:
-                raise DernError("a dump worker process died (killed, or out of memory?)") from None
-            finally:
-                for future in futures:
-                    future.cancel()
-                stop.set()
-                counter.join()
+        pool = spawn_pool(len(parts))
+        # The token ids as numpy: torch would share a tensor through file descriptors (see layer_task.run_pickled).
+        futures = [pool.submit(dump_part, src, out, ids[a:b].numpy(), a * ids.shape[1], moe_layers, batch_size,
+                               f"cuda:{w}" if gpus >= len(parts) else str(device), dtype, threads, done)
+                   for w, (a, b) in enumerate(parts)]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for future in futures:
+                future.result()
+            pool.shutdown()
+        except BrokenProcessPool:
+            stop_pool(pool)
+            raise DernError("a dump worker process died (killed, or out of memory?)") from None
+        except BaseException:
+            stop_pool(pool)  # one worker failed, or Ctrl-C: the others are not waited for
+            raise
+        finally:
+            stop.set()
+            counter.join()
 
 
-def dump_part(src: Path, out: Path, ids: torch.Tensor, first_row: int, moe_layers: list[int], batch_size: int,
+def dump_part(src: Path, out: Path, ids: np.ndarray, first_row: int, moe_layers: list[int], batch_size: int,
               device: str, dtype: str, threads: int, done) -> None:
     """In a worker: the sequences `ids` through every decoder layer up to the last MoE layer, their MoE
     inputs written from row `first_row` on."""
     torch.set_num_threads(threads)
     writer = CalibWriter.attach(out)
-    batches = batched(ids, batch_size)
+    batches = batched(torch.from_numpy(ids), batch_size)
     with Checkpoint(src) as ckpt:
         model = StreamedModel(ckpt, resolve_device(device), parse_dtype(dtype))
         hidden = int(ckpt.config["hidden_size"])

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,9 +73,14 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     worker processes, a layer each at a time; `ray_address`: one Ray task per layer on that cluster
     (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
-    ckpt = Checkpoint(plan.source)
-    if ckpt.fingerprint() != plan.fingerprint:
-        raise DernError(f"{plan.source} changed after the plan was made: plan again")
+    with Checkpoint(plan.source) as ckpt:
+        if ckpt.fingerprint() != plan.fingerprint:
+            raise DernError(f"{plan.source} changed after the plan was made: plan again")
+        return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
+
+
+def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool, progress: bool, started: float,
+             workers: int, ray_address: str | None) -> RewriteSummary:
     family, options, compute = plan.family, plan.options, plan.device
     by_index = {layer.index: layer for layer in plan.layers}
     clock = StageClock(compute)
@@ -123,15 +129,17 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
                         run_pipeline(todo, read, compute_layer, write)
                     else:
                         indices = [layer.index for layer in todo]
-                        finished = (run_ray(plan, stage.path, indices, ray_address) if ray_address is not None
-                                    else run_local(plan, stage.path, indices, workers))
-                        for index, record, seconds in finished:
-                            stage.progress.add(index, record)  # the worker flushed the layer's bytes already
-                            for name in plan.writes[index]:
-                                writer.skip(name)
-                            clock.add(seconds)
-                            bar.update()
-                            bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
+                        runs = (run_ray(plan, stage.path, indices, ray_address) if ray_address is not None
+                                else run_local(plan, stage.path, indices, workers))
+                        # closing: a failure here stops the workers now, not when the generator is collected
+                        with closing(runs) as finished:
+                            for index, record, seconds in finished:
+                                stage.progress.add(index, record)  # the worker flushed the layer's bytes already
+                                for name in plan.writes[index]:
+                                    writer.skip(name)
+                                clock.add(seconds)
+                                bar.update()
+                                bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
                 with clock("write"):
                     writer.finish()
             _finish(plan, stage.path, writer, records, notes, compute)
@@ -145,8 +153,6 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
             raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(plan.layers)} MoE layers are done "
                             f"and kept in {stage.path}: run the same command again to resume)") from e
         raise
-    finally:
-        ckpt.release()
 
     shape = plan.shape
     return RewriteSummary(

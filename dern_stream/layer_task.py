@@ -7,6 +7,8 @@ the layer's record. The driver journals the record: a layer counts as done only 
 
 from __future__ import annotations
 
+import functools
+import pickle
 from pathlib import Path
 
 import torch
@@ -18,6 +20,18 @@ from .host_memory import return_freed_memory
 from .layer_rewrite import compress_layer, copy_tensor, read_layer, write_layer
 from .rewrite_plan import RewritePlan
 from .stage_clock import StageClock
+
+
+def run_pickled(plan: bytes, staged: Path, index: int) -> tuple[dict, dict[str, float]]:
+    """run_layer for a plan pickled by the driver. A local pool sends it as plain bytes: torch would pass
+    the plan's tensors to the workers as shared file descriptors, whose serving thread in the driver
+    prints a traceback when a worker is stopped mid-transfer."""
+    return run_layer(_unpickled(plan), staged, index)
+
+
+@functools.lru_cache(maxsize=1)
+def _unpickled(plan: bytes) -> RewritePlan:
+    return pickle.loads(plan)  # once per worker process: every layer it runs shares the plan
 
 
 def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[str, float]]:

@@ -23,16 +23,16 @@ import os, signal, sys
 from pathlib import Path
 import dern_stream.layer_pools as pools
 
-original = pools.run_layer
+original = pools.run_pickled
 
-def run_layer(plan, staged, index):
+def run_pickled(plan, staged, index):
     marker = Path(os.environ["DERN_TEST_MARKER"])
     if index == int(os.environ["DERN_TEST_LAYER"]) and not marker.exists():
         marker.write_text("died once")
         os.kill(os.getpid(), signal.SIGKILL)
     return original(plan, staged, index)
 
-pools.run_layer = run_layer  # what the driver submits: pickled by reference to this script's function
+pools.run_pickled = run_pickled  # what the driver submits: pickled by reference to this script's function
 
 if __name__ == "__main__":
     from dern_stream.cli import main
@@ -163,3 +163,28 @@ def test_split_sequences_in_whole_batches_and_chunks():
     for start, _ in parts:
         assert start % 2 == 0 and (start * 8) % 16 == 0
     assert split_sequences(3, 8, 4, 16, workers=4) == [(0, 3)]  # one batch: one worker
+
+
+def test_a_layer_that_fails_in_a_worker_is_one_line_and_keeps_nothing(build, tmp_path):
+    """Inf in a layer's input experts, found by a worker: one line, no output, nothing kept to resume, and
+    the other worker stopped rather than waited for."""
+    import shutil
+    import struct
+
+    from conftest import assert_clean_failure
+
+    from dern_stream.checkpoint import Checkpoint
+
+    src = tmp_path / "model"
+    shutil.copytree(build("mixtral").model_dir, src)
+    for e in range(8):
+        entry = Checkpoint(src).entries[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"]
+        with open(entry.file, "r+b") as f:
+            f.seek(entry.start)
+            f.write(struct.pack("<f", float("inf")))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["rewrite", str(src), str(out), "-k", "4", "--importance", "router-norm",
+                                       "--alpha", "0.2", "--workers", "2"])
+    assert_clean_failure(result, out, "NaN or Inf")
+    assert "model.layers.1." in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / ".out.dern-partial").exists()
