@@ -36,37 +36,37 @@ def dump_both(src: Path, tmp: Path, device: str, tokens: int) -> Path:
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (tokens // 512, 512), generator=torch.Generator().manual_seed(0))
     seconds = {}
-    for where in (device, "cpu"):
+    for label, where in (("dev", device), ("ref", "cpu")):
         start = time.perf_counter()
-        dern_stream.dump(src, tmp / f"dump-{where}.zarr", tokens=ids, batch_size=4, device=where, progress=False)
-        seconds[where] = time.perf_counter() - start
-    a, b = CalibDump(tmp / f"dump-{device}.zarr"), CalibDump(tmp / "dump-cpu.zarr")
+        dern_stream.dump(src, tmp / f"dump-{label}.zarr", tokens=ids, batch_size=4, device=where, progress=False)
+        seconds[label] = time.perf_counter() - start
+    a, b = CalibDump(tmp / "dump-dev.zarr"), CalibDump(tmp / "dump-ref.zarr")
     worst = 0.0
     for layer in a.attrs["moe_layers"]:
         x, y = np.asarray(a.layer(layer)[:], dtype=np.float32), np.asarray(b.layer(layer)[:], dtype=np.float32)
         worst = max(worst, float(np.linalg.norm(x - y) / np.linalg.norm(y)))
-    print(f"dump of {tokens} tokens: {device} {seconds[device]:.1f} s, cpu {seconds['cpu']:.1f} s; "
+    print(f"dump of {tokens} tokens: {device} {seconds['dev']:.1f} s, cpu {seconds['ref']:.1f} s; "
           f"largest relative difference of a layer's cached inputs: {worst:.2e}")
-    return tmp / f"dump-{device}.zarr"
+    return tmp / "dump-dev.zarr"
 
 
 def rewrite_both(src: Path, dump: Path, tmp: Path, device: str) -> None:
     results = {}
-    for where in (device, "cpu"):
+    for label, where in (("dev", device), ("ref", "cpu")):
         if where.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        summary = dern_stream.rewrite(src, tmp / f"out-{where}", experts=32, calib=dump, device=where,
+        summary = dern_stream.rewrite(src, tmp / f"out-{label}", experts=32, calib=dump, device=where,
                                       progress=False)
-        results[where] = (time.perf_counter() - start, summary)
+        results[label] = (time.perf_counter() - start, summary)
         peak = f", peak device memory {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if where != "cpu" else ""
         stages = ", ".join(f"{k} {v:.1f}" for k, v in summary.stages.items())
-        print(f"rewrite 64 -> 32 on {where}: {results[where][0]:.1f} s{peak}; busy seconds: {stages}; "
+        print(f"rewrite 64 -> 32 on {where}: {results[label][0]:.1f} s{peak}; busy seconds: {stages}; "
               f"segments reassigned {summary.segments_reassigned} of {summary.segments_pooled}")
-    audits = {w: json.loads((tmp / f"out-{w}" / "dern_stream.json").read_text()) for w in results}
-    same_kept = all(audits[device]["layers"][i]["kept"] == audits["cpu"]["layers"][i]["kept"]
-                    for i in audits["cpu"]["layers"])
-    a, b = Checkpoint(tmp / f"out-{device}"), Checkpoint(tmp / "out-cpu")
+    audits = {label: json.loads((tmp / f"out-{label}" / "dern_stream.json").read_text()) for label in results}
+    same_kept = all(audits["dev"]["layers"][i]["kept"] == audits["ref"]["layers"][i]["kept"]
+                    for i in audits["ref"]["layers"])
+    a, b = Checkpoint(tmp / "out-dev"), Checkpoint(tmp / "out-ref")
     diffs = []
     for name in b.entries:
         x, y = a.load(name).double(), b.load(name).double()
@@ -75,7 +75,7 @@ def rewrite_both(src: Path, dump: Path, tmp: Path, device: str) -> None:
     diffs = np.array(diffs)
     print(f"agreement: same kept experts in every layer: {same_kept}; tensors identical: "
           f"{int((diffs == 0).sum())} of {len(diffs)}; relative difference median {np.median(diffs):.2e}, "
-          f"largest {diffs.max():.2e}; {device} / cpu wall time {results[device][0] / results['cpu'][0]:.2f}")
+          f"largest {diffs.max():.2e}; {device} / cpu wall time {results['dev'][0] / results['ref'][0]:.2f}")
 
 
 def main() -> None:
