@@ -1,14 +1,33 @@
-"""dern-stream: out-of-core DERN expert pruning and neuron recombination for MoE checkpoints."""
+"""dern-stream: out-of-core DERN expert pruning and neuron recombination for MoE checkpoints.
+
+The names below load their modules on first use (PEP 562), so `import dern_stream` and the command
+line's `--help` do not pay for torch, transformers and zarr."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.2.0"
 
-from .api import RewriteSummary, plan, rewrite  # noqa: E402
-from .dump_pipeline import DumpSummary, dump  # noqa: E402
-from .errors import DernError  # noqa: E402
-from .eval_pipeline import EvalReport, evaluate  # noqa: E402
-from .rewrite_plan import RewritePlan  # noqa: E402
+_EXPORTS = {
+    "DernError": ".errors",
+    "DumpSummary": ".dump_pipeline", "dump": ".dump_pipeline",
+    "EvalReport": ".eval_pipeline", "evaluate": ".eval_pipeline",
+    "RewritePlan": ".rewrite_plan",
+    "RewriteSummary": ".api", "plan": ".api", "rewrite": ".api",
+}
 
-__all__ = [
-    "DernError", "DumpSummary", "EvalReport", "RewritePlan", "RewriteSummary", "__version__", "dump", "evaluate",
-    "plan", "rewrite",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dern_stream' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

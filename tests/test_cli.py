@@ -88,3 +88,17 @@ def test_output_location_rules(build, tmp_path):
     assert raw_bytes(out) != first and json.loads((out / "config.json").read_text())["num_local_experts"] == 5
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing moved aside is left
     assert raw_bytes(src) == before
+
+
+def test_the_command_line_starts_without_torch():
+    """`dern-stream --help`, `--version` and every subcommand's `--help` need none of torch, transformers
+    or zarr: importing the CLI (and the package) loads none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dern_stream, dern_stream.cli; from click.testing import CliRunner;"
+            "[CliRunner().invoke(dern_stream.cli.main, args) for args in (['--help'], ['--version'], ['rewrite', "
+            "'--help'], ['plan', '--help'], ['dump', '--help'], ['eval', '--help'], ['verify', '--help'])];"
+            "print(sorted(m for m in ('torch', 'transformers', 'zarr', 'numpy') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout
