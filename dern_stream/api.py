@@ -10,6 +10,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .checkpoint import check_output_location, resolve_checkpoint
+from .durable_files import write_replacing
 from .errors import DernError
 from .execute import RewriteSummary, execute
 from .host_memory import map_large_blocks
@@ -18,7 +19,7 @@ from .optional import require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
 from .rewrite_plan import RewritePlan, make_plan
-from .targets import check_json_target, check_replaceable, not_json_of, read_paths, write_replacing
+from .targets import check_json_target, check_replaceable, not_json_of, read_paths
 
 log = logging.getLogger("dern_stream")
 

@@ -20,6 +20,7 @@ from .calib import CalibDump
 from .calib.text import check_vocabulary, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
+from .durable_files import write_replacing
 from .errors import DernError
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
@@ -34,7 +35,6 @@ from .targets import (
     expand_user,
     not_json_of,
     read_paths,
-    write_replacing,
 )
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced

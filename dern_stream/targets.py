@@ -9,8 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint.writer import write_durably
-from .errors import DernError, writing
+from .errors import DernError
 
 
 def expand_user(path: str | os.PathLike | None) -> Path | None:
@@ -88,17 +87,6 @@ def not_json_of(fmt: str, command: str) -> Callable[[Path], str | None]:
             own = False
         return None if own else f"is not a report that {command} wrote"
     return why
-
-
-def write_replacing(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.dern-tmp-{os.getpid()}")
-    try:
-        with writing(path):
-            write_durably(tmp, data)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_json_target(path: str | os.PathLike, overwrite: bool, fmt: str, command: str,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..durable_files import write_durably
 from ..errors import DernError, NonFinite, writing
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
@@ -294,14 +295,6 @@ class ShardedWriter:
         flushes, self._flushes = self._flushes, []
         for flush in flushes:
             flush.result()
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write a small file and flush it to disk (it joins the output only once it is there)."""
-    with writing(path), open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _create(path: Path, head: bytes, size: int) -> None:
