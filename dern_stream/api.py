@@ -1,4 +1,5 @@
-"""The rewrite: options checked, a plan made (plan.py: every check, nothing written), then executed (execute.py)."""
+"""The rewrite: options checked, a plan made (rewrite_plan.py: every check, nothing written), then executed
+(execute.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .checkpoint import check_output_location, resolve_checkpoint
+from .checkpoint.locate import resolve_checkpoint
+from .checkpoint.output_dir import check_output_location
 from .durable_files import write_replacing
 from .errors import DernError
-from .execute import RewriteSummary, execute
 from .host_memory import map_large_blocks
 from .locks import reading_dump
 from .optional import require_ray
 from .options import RewriteOptions, option_fields, whole
-from .plan_report import PLAN_FORMAT, plan_record
-from .rewrite_plan import RewritePlan, make_plan
+from .plan_report import PLAN_FORMAT
 from .targets import check_json_target, check_replaceable, not_json_of, read_paths
+
+if TYPE_CHECKING:
+    from .execute import RewriteSummary
+    from .rewrite_plan import RewritePlan
+
+# The plan, the executor and what they import (torch, zarr) load only once the arguments have passed the
+# checks that need no tensors: a refused command answers at once.
 
 log = logging.getLogger("dern_stream")
 
@@ -69,6 +77,9 @@ def rewrite(
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     check_output_location(out_path, overwrite, {**read_paths("the input checkpoint", source),
                                                 "the calibration dump": calib})
+    from .execute import execute
+    from .rewrite_plan import make_plan
+
     with ExitStack() as held:
         if calib is not None and calib.is_dir():  # held while the dump is read: no `dump --overwrite` under it
             held.enter_context(reading_dump(calib))
@@ -101,6 +112,9 @@ def plan(
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})
+    from .plan_report import plan_record
+    from .rewrite_plan import make_plan
+
     with ExitStack() as held:
         if calib is not None and calib.is_dir():
             held.enter_context(reading_dump(calib))

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .rewrite_plan import ROUTER_NORM, RewritePlan
 
-PLAN_FORMAT = "dern-stream-plan"
+if TYPE_CHECKING:  # no torch here: api.plan checks its --json target before it loads the plan's modules
+    from .rewrite_plan import RewritePlan
+
+PLAN_FORMAT = "dern-stream-plan"  # the --json file's format marker
+
 # A stated rate, not a measurement of the machine the plan runs on: float32 matrix products on this
 # project's 2-core development machine (README, "Performance").
 CPU_GFLOPS = 140.0
@@ -57,6 +61,8 @@ def _dropped(plan: RewritePlan, kept: list[int] | None) -> list[int] | None:
 
 def describe(plan: RewritePlan) -> str:
     """A few lines: what changes, the output and the disk it needs, memory, compute."""
+    from .rewrite_plan import ROUTER_NORM
+
     shape, options, est = plan.shape, plan.options, plan.estimates
     changed = [i for i, s in plan.selection.items() if s.kept is None or len(s.kept) < shape.num_experts]
     lines = [f"plan: {plan.source} ({plan.family.model_type}, {len(plan.layers)} MoE layers of {shape.num_experts} "

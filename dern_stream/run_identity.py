@@ -15,14 +15,14 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
-import safetensors
-import torch
-
 from . import __version__
 
 
 def versions() -> dict[str, str]:
+    import numpy as np  # here: output_dir needs key_differences, the command line's checks no torch
+    import safetensors
+    import torch
+
     return {"dern_stream": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "safetensors": safetensors.__version__}
 

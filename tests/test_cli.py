@@ -102,3 +102,28 @@ def test_the_command_line_starts_without_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'zarr', 'numpy') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]", run.stdout
+
+
+def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
+    """A bad option value, a missing input, an occupied OUT, OUT inside IN: refused before torch loads
+    (so they answer at once)."""
+    import subprocess
+    import sys
+
+    model = build("mixtral").model_dir
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    cases = [["rewrite", str(model), str(tmp_path / "o"), "-k", "4", "--alpha", "2"],
+             ["rewrite", str(tmp_path / "missing"), str(tmp_path / "o"), "-k", "4"],
+             ["rewrite", str(model), str(occupied), "-k", "4", "--importance", "router-norm"],
+             ["rewrite", str(model), str(model / "out"), "-k", "4"],
+             ["plan", str(model), "-k", "4", "--json", str(model / "plan.json")]]
+    code = ("import sys, json; from click.testing import CliRunner; from dern_stream.cli import main;"
+            "codes = [CliRunner().invoke(main, args).exit_code for args in json.loads(sys.argv[1])];"
+            "print(codes, 'torch' in sys.modules)")
+    import json
+
+    run = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[2, 2, 2, 2, 2] False", run.stdout + run.stderr
+    assert (occupied / "notes.txt").read_text() == "mine"

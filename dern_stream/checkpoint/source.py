@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,42 +20,13 @@ import torch
 
 from ..errors import DernError
 from .descriptors import DescriptorCache, descriptor_budget
+from .locate import FOREIGN_WEIGHTS, INDEX_NAME, SINGLE_NAME, resolve_checkpoint  # noqa: F401 - re-exported
 from .safetensors_format import DTYPES, TensorEntry, read_header
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-# Weight formats this tool neither reads nor copies (a Hub download skips them too).
-FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "original/*")
 # Prefetch reads in chunks of this size, and reads across gaps of up to _PREFETCH_GAP between tensors
 # (one longer read beats a seek on disks and network block devices alike).
 _PREFETCH_CHUNK = 8 * 2**20
 _PREFETCH_GAP = 2**20
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_checkpoint(ref: str | os.PathLike) -> Path:
-    """A local directory as given, or a Hub repo id fetched through huggingface_hub's cache.
-
-    With HF_HUB_OFFLINE=1 a cached repo resolves without network access.
-    """
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise DernError(f"input {ref} is a file; give the checkpoint directory")
-        return path.resolve()
-    if not _REPO_ID.match(str(ref)):
-        raise DernError(f"input {ref} does not exist (neither a directory nor a Hugging Face repo id)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(str(ref), ignore_patterns=list(FOREIGN_WEIGHTS))).resolve()
-    except LocalEntryNotFoundError:
-        raise DernError(f"no directory {ref}, and no Hugging Face repo {ref} in the local cache "
-                        "(the Hub cannot be reached, or HF_HUB_OFFLINE is set)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise DernError(f"no directory {ref}, and fetching Hugging Face repo {ref} failed: "
-                        f"{str(e).splitlines()[0]}") from None
 
 
 def open_sequential(path: str) -> int:
