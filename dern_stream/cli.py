@@ -71,7 +71,8 @@ def _rewrite_options(f):
         kind = click.Choice(meta["choices"]) if meta["choices"] else (
             meta["cli_type"] or types.get(str(spec.type).split(" ")[0], str))
         f = click.option(f"--{name}", type=kind, default=None, help=help_text)(f)
-    f = click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs.")(f)
+    f = click.option("--calib", type=click.Path(), help="Calibration dump (zarr) of MoE-layer inputs; required "
+                     "unless --importance router-norm.")(f)
     return click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")(f)
 
 

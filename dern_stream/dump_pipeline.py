@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .calib import CalibWriter, tensor_sha256
 from .calib.store import FORMAT, not_a_dump
-from .calib.text import check_vocabulary, file_sha256, tokens_from
+from .calib.text import check_vocabulary, file_sha256, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .dump_workers import dump_in_workers, split_sequences
@@ -262,6 +262,7 @@ def _request_tokens(ckpt: Checkpoint, request: _Request) -> torch.Tensor:
         ids = tokens_from(ckpt.root, text=request.text, dataset=request.dataset, tokenizer=request.tokenizer,
                           num_tokens=request.num_tokens, seq_len=request.seq_len)
     check_vocabulary(ids, ckpt.config)
+    note_long_sequences(ids, ckpt.config)
     return ids
 
 

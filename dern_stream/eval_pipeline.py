@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .calib import CalibDump
-from .calib.text import check_vocabulary, tokens_from
+from .calib.text import check_vocabulary, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .durable_files import write_replacing
@@ -123,6 +123,17 @@ def evaluate(
     check_fp8_tensors(ckpt)
     check_decoder_layers(ckpt)
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
+    ref = dump = None
+    if reference is not None:  # checked before the perplexity pass, which a bad reference would waste
+        try:
+            ref = Checkpoint(resolve_checkpoint(reference))
+            check_decoder_layers(ref)
+        except DernError as e:
+            raise DernError(f"--reference: {e}") from None
+        if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
+            raise DernError(f"--reference {ref.root} ({ref.config.get('model_type')}) is not the same family as "
+                            f"{ckpt.root} ({ckpt.config.get('model_type')})")
+        dump = CalibDump(calib)
     if wants_ppl:
         if tokens is None:
             tokens = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
@@ -133,11 +144,8 @@ def evaluate(
                             "in this dtype, give non-finite logits")
         report.nll_per_token, report.tokens = nll / count, count
         report.perplexity = math.exp(nll / count) if nll / count < 700 else math.inf  # (JSON: null)
-    if reference is not None:
-        ref = Checkpoint(resolve_checkpoint(reference))
-        check_decoder_layers(ref)
+    if ref is not None:
         report.reference = str(ref.root)
-        dump = CalibDump(calib)
         with reading_dump(dump.path):
             report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
@@ -153,6 +161,7 @@ def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device:
                    dtype: torch.dtype | None, progress: bool) -> tuple[float, int]:
     """Summed next-token NLL and predicted-token count of `ids` [sequences, seq_len], streamed."""
     check_vocabulary(ids, ckpt.config)
+    note_long_sequences(ids, ckpt.config)
     model = StreamedModel(ckpt, device, dtype)
     batches = batched(ids, batch_size)
     with ckpt, HiddenStore([(*b.shape, int(ckpt.config["hidden_size"])) for b in batches], model.dtype,

@@ -98,6 +98,18 @@ def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
 OUTPUT_DTYPES = ("bf16",)
 
 
+def _as_flags(bundle: dict) -> str:
+    """A recipe as the command-line options it stands for."""
+    flags = []
+    for key, value in bundle.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags.append(f"--{name} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return " ".join(flags)
+
+
 def option(default, help: str, choices: tuple[str, ...] | None = None, flag: bool = False, shown=None,
            cli_type: type | None = None):
     """A RewriteOptions field and its command-line option, described once: the CLI builds `--name` from
@@ -114,9 +126,9 @@ class RewriteOptions:
 
     experts: int
     method: str = option("dern", "dern, or a baseline: prune, reap, msmoe, hcsmoe (see the README).", METHODS)
-    recipe: str | None = option(None, "A bundle of method options: 'best' is the recommended setting, 'paper' the "
-                                      "paper's DERN. Options given beside it override its values.",
-                                tuple(sorted(RECIPES)))
+    recipe: str | None = option(None, "A bundle of method options: 'paper' is the paper's DERN; 'best', the "
+                                      f"recommended setting, is {_as_flags(RECIPES['best'])}. Options given beside "
+                                      "it override its values.", tuple(sorted(RECIPES)))
     alpha: float = option(0.4, "Similarity threshold for moving a dropped expert's segment (1 = pure pruning, "
                                "0 = move all).")
     sim_components: tuple[str, ...] = option(("up", "down"), "Segment parts compared by cosine: any of "

@@ -136,3 +136,35 @@ def test_checkpoint_missing_a_tensor_the_forward_needs(build, tmp_path):
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     assert_error(run("eval", src, "--text", built.model_dir.parent / "heldout.txt", "--seq-len", 64),
                  "checkpoint has no tensor model.layers.1.self_attn.q_proj.weight")
+
+
+def test_a_wrong_reference_is_refused_before_the_perplexity_pass(build, tmp_path):
+    """--reference is checked first, and the message names it; no layer of the perplexity pass runs."""
+    built = build("mixtral")
+    texts = built.model_dir.parent
+    result = run("eval", built.model_dir, "--text", texts / "heldout.txt", "--seq-len", 64, "--reference",
+                 tmp_path / "nowhere", "--calib", built.calib)
+    assert_error(result, "--reference: input")
+    assert "eval layers" not in result.stderr
+    other = build("olmoe").model_dir
+    result = run("eval", built.model_dir, "--text", texts / "heldout.txt", "--seq-len", 64, "--reference", other,
+                 "--calib", built.calib)
+    assert_error(result, "is not the same family")
+    assert "eval layers" not in result.stderr
+
+
+def test_sequences_longer_than_the_model_positions_get_a_note(build, caplog):
+    built = build("mixtral")  # max_position_embeddings 128
+    texts = built.model_dir.parent
+    result = run("eval", built.model_dir, "--text", texts / "heldout.txt", "--seq-len", 256, "-q")
+    assert result.exit_code == 0, result.output
+    assert "longer than the model's max_position_embeddings (128)" in caplog.text
+    caplog.clear()
+    result = run("eval", built.model_dir, "--text", texts / "heldout.txt", "--seq-len", 128, "-q")
+    assert result.exit_code == 0 and "max_position_embeddings" not in caplog.text
+
+
+def test_rewrite_help_says_when_calib_is_needed_and_what_best_is():
+    text = CliRunner().invoke(main, ["rewrite", "--help"], terminal_width=300).output
+    assert "required unless --importance router-norm" in text
+    assert "--kmeans-init own --no-router-transfer --alpha-candidates 1.0,0.8,0.6,0.4,0.2 --refit" in text

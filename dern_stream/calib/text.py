@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,13 @@ def check_vocabulary(ids: torch.Tensor, config: dict) -> None:
     if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
         raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
                         "is --tokenizer the model's own?")
+
+
+def note_long_sequences(ids: torch.Tensor, config: dict) -> None:
+    """A note (not an error: RoPE scaling can extend a model) when sequences are longer than config.json's
+    max_position_embeddings, the positions the model was built for."""
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and ids.dim() == 2 and ids.shape[1] > limit:
+        logging.getLogger("dern_stream").warning(
+            "note: sequences of %d tokens are longer than the model's max_position_embeddings (%d); positions "
+            "past it are outside what it was built for (--seq-len %d stays within)", ids.shape[1], limit, limit)
