@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from contextlib import ExitStack
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,15 +19,12 @@ from .host_memory import map_large_blocks
 from .locks import reading_dump
 from .optional import require_ray
 from .options import RewriteOptions, option_fields, whole
-from .plan_report import PLAN_FORMAT
+from .plan_report import PLAN_FORMAT, plan_record
 from .targets import check_json_target, check_replaceable, not_json_of, read_paths
 
 if TYPE_CHECKING:
     from .execute import RewriteSummary
     from .rewrite_plan import RewritePlan
-
-# The plan, the executor and what they import (torch, zarr) load only once the arguments have passed the
-# checks that need no tensors: a refused command answers at once.
 
 log = logging.getLogger("dern_stream")
 
@@ -77,12 +74,12 @@ def rewrite(
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     check_output_location(out_path, overwrite, {**read_paths("the input checkpoint", source),
                                                 "the calibration dump": calib})
+    # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
+    # checks above, which need no tensors, answers at once.
     from .execute import execute
     from .rewrite_plan import make_plan
 
-    with ExitStack() as held:
-        if calib is not None and calib.is_dir():  # held while the dump is read: no `dump --overwrite` under it
-            held.enter_context(reading_dump(calib))
+    with _reading(calib):
         made = make_plan(source, out_path, chosen, calib, progress)
         for note in made.notes:
             log.warning("note: %s", note)
@@ -112,18 +109,20 @@ def plan(
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})
-    from .plan_report import plan_record
-    from .rewrite_plan import make_plan
+    from .rewrite_plan import make_plan  # (loads torch: after the checks above)
 
-    with ExitStack() as held:
-        if calib is not None and calib.is_dir():
-            held.enter_context(reading_dump(calib))
+    with _reading(calib):
         made = make_plan(source, None, chosen, calib, progress)
     if json_path is not None:
         check_replaceable(json_path, "--json file", overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
                           directory=False)
         write_replacing(json_path, (json.dumps(plan_record(made), indent=2) + "\n").encode())
     return made
+
+
+def _reading(calib: Path | None):
+    """The dump's shared lock, held while it is read (no `dump --overwrite` under it); nothing without one."""
+    return reading_dump(calib) if calib is not None and calib.is_dir() else nullcontext()
 
 
 def _options(experts: int, given: dict) -> RewriteOptions:

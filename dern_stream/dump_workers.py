@@ -67,11 +67,10 @@ def dump_in_workers(src: Path, out: Path, ids: torch.Tensor, parts: list[tuple[i
 
         counter = threading.Thread(target=count, daemon=True)
         counter.start()
-        pool = spawn_pool(len(parts))
+        pool = spawn_pool(len(parts), gpus if gpus >= len(parts) else 0)  # a GPU each, as the rewrite's workers
         # The token ids as numpy: torch would share a tensor through file descriptors (see layer_task.run_pickled).
         futures = [pool.submit(dump_part, src, out, ids[a:b].numpy(), a * ids.shape[1], moe_layers, batch_size,
-                               f"cuda:{w}" if gpus >= len(parts) else str(device), dtype, threads, done)
-                   for w, (a, b) in enumerate(parts)]
+                               str(device), dtype, threads, done) for a, b in parts]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:

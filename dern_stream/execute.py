@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .audit import audit_record, layer_record, write_audit
+from .audit import audit_record, write_audit
 from .checkpoint import (
     Checkpoint,
     NonFiniteTensor,
@@ -27,7 +27,8 @@ from .checkpoint.source import INDEX_NAME
 from .errors import DernError, describe
 from .host_memory import return_freed_memory
 from .layer_pools import run_local, run_ray
-from .layer_rewrite import LayerInputs, compress_layer, copy_tensor, read_layer, write_layer
+from .layer_rewrite import LayerInputs, read_layer
+from .layer_task import compute_layer, write_outputs
 from .pipeline import run_pipeline
 from .rewrite_plan import RewritePlan
 from .stage_clock import StageClock
@@ -73,16 +74,13 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     worker processes, a layer each at a time; `ray_address`: one Ray task per layer on that cluster
     (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
-    with Checkpoint(plan.source) as ckpt:
-        if ckpt.fingerprint() != plan.fingerprint:
-            raise DernError(f"{plan.source} changed after the plan was made: plan again")
+    with plan.open_source() as ckpt:
         return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
 
 
 def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool, progress: bool, started: float,
              workers: int, ray_address: str | None) -> RewriteSummary:
     family, options, compute = plan.family, plan.options, plan.device
-    by_index = {layer.index: layer for layer in plan.layers}
     clock = StageClock(compute)
     clock.add({"importance": plan.ranking_seconds})
     stage = StagedOutput(plan.out, plan.run, restart, overwrite)
@@ -107,18 +105,9 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
                             ckpt.prefetch(plan.read_ahead(layer))
                         return inputs
 
-                    def compute_layer(inputs: LayerInputs):
-                        index = inputs.layer.index
-                        dump = plan.dump if index in plan.calibrated else None
-                        return compress_layer(inputs, plan.selection[index], family, plan.shape, dump, plan.groups,
-                                              options, compute, plan.routing, clock)
-
                     def write(report) -> None:
                         with clock("write"):
-                            for name in plan.copy_with[report.index]:
-                                copy_tensor(writer, ckpt, name)
-                            write_layer(writer, ckpt, family, by_index[report.index], report, plan.dequantized)
-                            record = {**layer_record(report), "checksums": writer.take_checksums()}
+                            record = write_outputs(plan, writer, ckpt, report)
                             # Journaled once flushed: a resumed run trusts exactly what is on disk.
                             writer.commit(lambda: stage.progress.add(report.index, record))
                         return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
@@ -126,7 +115,7 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
                         bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
                     if workers == 1 and ray_address is None:
-                        run_pipeline(todo, read, compute_layer, write)
+                        run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock), write)
                     else:
                         indices = [layer.index for layer in todo]
                         runs = (run_ray(plan, stage.path, indices, ray_address) if ray_address is not None

@@ -1,6 +1,7 @@
-"""One MoE layer of a plan, start to finish, in whatever process runs it (a local worker or a Ray task).
+"""One MoE layer of a plan: `compute_layer` and `write_outputs`, which every executor uses, and
+`run_layer`, the layer start to finish in whatever process runs it (a local worker or a Ray task).
 
-The driver has laid out the output shards already (headers written, sizes reserved); the task reads
+For `run_layer` the driver has laid out the output shards already (headers written, sizes reserved); the task reads
 its layer, computes it, writes its tensors at the plan's offsets, and flushes them before it returns
 the layer's record. The driver journals the record: a layer counts as done only then.
 """
@@ -15,9 +16,8 @@ import torch
 
 from .audit import layer_record
 from .checkpoint import Checkpoint, ShardedWriter
-from .errors import DernError
 from .host_memory import return_freed_memory
-from .layer_rewrite import compress_layer, copy_tensor, read_layer, write_layer
+from .layer_rewrite import LayerInputs, LayerReport, compress_layer, copy_tensor, read_layer, write_layer
 from .rewrite_plan import RewritePlan
 from .stage_clock import StageClock
 
@@ -40,24 +40,31 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
     # As many threads as the driver (Ray gives a task 1 by default): CPU kernels may sum in another order
     # with another count, and the layer must come out as one process computes it.
     torch.set_num_threads(plan.threads)
-    layer = next((layer for layer in plan.layers if layer.index == index), None)
-    if layer is None:
-        raise DernError(f"internal error: layer {index} is not in the plan")
-    ckpt = Checkpoint(plan.source)
-    if ckpt.fingerprint() != plan.fingerprint:
-        raise DernError(f"{plan.source} changed after the plan was made (seen by the worker of layer {index})")
     clock = StageClock(plan.device)
     # Leaving the block flushes every shard written to disk before the record leaves (or raises the error).
-    with ckpt, ShardedWriter(staged, plan.specs, plan.options.max_shard_size, resume=True) as writer:
-        inputs = read_layer(ckpt, plan.family, layer, plan.shape, plan.reads_experts, clock)
-        dump = plan.dump if index in plan.calibrated else None
-        report = compress_layer(inputs, plan.selection[index], plan.family, plan.shape, dump, plan.groups,
-                                plan.options, plan.device, plan.routing, clock)
+    with plan.open_source() as ckpt, ShardedWriter(staged, plan.specs, plan.options.max_shard_size,
+                                                   resume=True) as writer:
+        inputs = read_layer(ckpt, plan.family, plan.layer(index), plan.shape, plan.reads_experts, clock)
+        report = compute_layer(plan, inputs, clock)
         del inputs
         with clock("write"):
-            for name in plan.copy_with[index]:
-                copy_tensor(writer, ckpt, name)
-            write_layer(writer, ckpt, plan.family, layer, report, plan.dequantized)
-            record = {**layer_record(report), "checksums": writer.take_checksums()}
+            record = write_outputs(plan, writer, ckpt, report)
     return_freed_memory()
     return record, dict(clock.seconds)
+
+
+def compute_layer(plan: RewritePlan, inputs: LayerInputs, clock: StageClock) -> LayerReport:
+    """The layer's candidates built and the best kept, on the plan's device, from the plan's ranking."""
+    index = inputs.layer.index
+    dump = plan.dump if index in plan.calibrated else None
+    return compress_layer(inputs, plan.selection[index], plan.family, plan.shape, dump, plan.groups, plan.options,
+                          plan.device, plan.routing, clock)
+
+
+def write_outputs(plan: RewritePlan, writer: ShardedWriter, ckpt: Checkpoint, report: LayerReport) -> dict:
+    """Everything the layer's write step writes (the untouched tensors copied with it, then its router and
+    experts); returns its journal record, with the checksums of what was written."""
+    for name in plan.copy_with[report.index]:
+        copy_tensor(writer, ckpt, name)
+    write_layer(writer, ckpt, plan.family, plan.layer(report.index), report, plan.dequantized)
+    return {**layer_record(report), "checksums": writer.take_checksums()}

@@ -56,7 +56,10 @@ def plan_record(plan: RewritePlan) -> dict:
 
 
 def _dropped(plan: RewritePlan, kept: list[int] | None) -> list[int] | None:
-    return None if kept is None else [e for e in range(plan.shape.num_experts) if e not in set(kept)]
+    if kept is None:
+        return None
+    keep = set(kept)
+    return [e for e in range(plan.shape.num_experts) if e not in keep]
 
 
 def describe(plan: RewritePlan) -> str:

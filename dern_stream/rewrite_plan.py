@@ -111,6 +111,18 @@ class RewritePlan:
         """The MoE layers whose cached inputs the dump holds."""
         return {i for i, s in self.selection.items() if s.source == ROUTING}
 
+    def layer(self, index: int) -> MoELayer:
+        """The input's MoE layer `index`."""
+        return next(layer for layer in self.layers if layer.index == index)
+
+    def open_source(self) -> Checkpoint:
+        """The input checkpoint, checked to be the one this plan was made from (its headers' fingerprint)."""
+        ckpt = Checkpoint(self.source)
+        if ckpt.fingerprint() != self.fingerprint:
+            ckpt.release()
+            raise DernError(f"{self.source} changed after the plan was made: plan again")
+        return ckpt
+
     def read_ahead(self, layer: MoELayer) -> list[str]:
         """What a layer's work reads from the input: its copied tensors, and its experts when all of them
         will be read (by the computation, or copied because every expert is kept)."""
@@ -224,7 +236,7 @@ def _select(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: Cali
             out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
             continue
         router = ckpt.load(family.router_name(layer.index))
-        if dump is not None and layer.index in available:
+        if layer.index in available:
             bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
             scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
             source = ROUTING
