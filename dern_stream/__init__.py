@@ -15,6 +15,7 @@ _EXPORTS = {
     "EvalReport": ".eval_pipeline", "evaluate": ".eval_pipeline",
     "RewritePlan": ".rewrite_plan",
     "RewriteSummary": ".api", "plan": ".api", "rewrite": ".api",
+    "ReportSummary": ".report", "write_report": ".report",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

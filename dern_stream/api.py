@@ -17,10 +17,11 @@ from .durable_files import write_replacing
 from .errors import DernError
 from .host_memory import map_large_blocks
 from .locks import reading_dump
-from .optional import require_ray
+from .optional import require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
-from .targets import check_json_target, check_replaceable, not_json_of, read_paths
+from .report import check_report_target, write_report
+from .targets import check_apart, check_json_target, check_replaceable, not_json_of, read_paths
 
 if TYPE_CHECKING:
     from .execute import RewriteSummary
@@ -40,6 +41,7 @@ def rewrite(
     progress: bool = True,
     workers: int = 1,
     ray: str | None = None,
+    report: str | os.PathLike | None = None,
     **options,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
@@ -58,6 +60,9 @@ def rewrite(
     Ray cluster (`pip install 'dern-stream[ray]'`; every node must see the same paths). The output is
     byte-identical to a single-process run.
 
+    `report="DIR"` writes the report of the finished output into DIR (report.py; needs matplotlib:
+    `pip install 'dern-stream[report]'`); DIR is checked before any work.
+
     Sets glibc's mmap threshold to 4 MiB for the process (host_memory.map_large_blocks)."""
     started = time.perf_counter()
     map_large_blocks()
@@ -72,8 +77,10 @@ def rewrite(
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
-    check_output_location(out_path, overwrite, {**read_paths("the input checkpoint", source),
-                                                "the calibration dump": calib})
+    reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
+    check_output_location(out_path, overwrite, reads)
+    if report is not None:
+        report = _report_target(report, out_path, overwrite, reads)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
     from .execute import execute
@@ -83,8 +90,23 @@ def rewrite(
         made = make_plan(source, out_path, chosen, calib, progress)
         for note in made.notes:
             log.warning("note: %s", note)
-        return execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
-                       workers=workers, ray_address=ray)
+        summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
+                          workers=workers, ray_address=ray)
+    if report is not None:
+        summary.report = write_report(out_path, report, overwrite=overwrite, reads=reads)
+    return summary
+
+
+def _report_target(report: str | os.PathLike, out: Path, overwrite: bool, reads: dict) -> Path:
+    """Check `report=` before the rewrite: matplotlib present, a directory the report may take (inside OUT is
+    fine: OUT is written first)."""
+    require_matplotlib()
+    target = Path(report).expanduser().resolve()
+    if out in target.parents:
+        check_apart(target, "report directory", reads)
+        return target
+    check_apart(target, "report directory", {"the output directory": out})
+    return check_report_target(target, overwrite, reads)
 
 
 def plan(

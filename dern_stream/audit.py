@@ -87,6 +87,10 @@ def layer_record(report: LayerReport) -> dict:
         "transfers": [[res.dropped[o], res.kept[r], int(res.counts[o, r])] for o, r in res.counts.nonzero().tolist()],
         "rebuilt_experts": [k for k, e in zip(res.kept, res.experts, strict=True) if e is not None],
         "kmeans_iterations": res.kmeans_iterations,
+        # Pooled segments per bin of their best cosine to a kept expert (bins 0.05 wide over [-1, 1]; the report
+        # draws them against alpha), and [members, clusters] of the rebuilt experts' k-means clusters.
+        **({"similarity_histogram": res.similarity_histogram} if res.similarity_histogram else {}),
+        **({"cluster_sizes": res.cluster_sizes} if res.cluster_sizes else {}),
         **({"output_error": report.fit} if report.fit else {}),
         **({"requantization_error": report.requantization_error} if report.requantization_error is not None else {}),
     }

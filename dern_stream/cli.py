@@ -88,16 +88,33 @@ def _rewrite_options(f):
 @click.option("--ray", "ray_address", metavar="ADDRESS",
               help="Run the layers as tasks on this Ray cluster (auto, or ray://host:10001); every node must see "
                    "IN, the dump and OUT at the same paths. Needs dern-stream[ray].")
+@click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Also write a report of what the rewrite did (HTML page with plots, report.json) into DIR. "
+                   "Needs dern-stream[report].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def rewrite(src, out, experts, calib, overwrite, restart, workers, ray_address, quiet, **options) -> None:
+def rewrite(src, out, experts, calib, overwrite, restart, workers, ray_address, report_dir, quiet, **options) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
     summary = run_rewrite(src, out, experts=experts, calib=calib, overwrite=overwrite, restart=restart,
-                          progress=not quiet, workers=workers, ray=ray_address, **options)
+                          progress=not quiet, workers=workers, ray=ray_address, report=report_dir, **options)
     click.echo(str(summary))
+
+
+@main.command()
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
+@click.option("--to", "directory", metavar="DIR", type=click.Path(file_okay=False), show_default="OUT/report",
+              help="Where to write the report.")
+@click.option("--overwrite", is_flag=True, help="Replace DIR if it is an earlier report.")
+def report(out, directory, overwrite) -> None:
+    """Write the report of the finished rewrite OUT (from its dern_stream.json): an HTML page with plots of
+    the experts' importance and the kept ones, the segments reassigned, the similarities against alpha, the
+    k-means cluster sizes and the per-layer output error, and report.json. Needs dern-stream[report]."""
+    from .report import write_report
+
+    click.echo(str(write_report(out, directory, overwrite=overwrite)))
 
 
 @main.command()
@@ -126,7 +143,8 @@ def _text_options(num_tokens: int, seq_len: int):
             click.option("--text", type=click.Path(dir_okay=False),
                          help="Text file: plain, or .jsonl with a 'text' field per line."),
             click.option("--dataset", help="A datasets dataset NAME[:split] with a 'text' field (needs datasets)."),
-            click.option("--tokenizer", type=click.Path(), help="Tokenizer directory (default: the checkpoint's)."),
+            click.option("--tokenizer", type=click.Path(), show_default="the checkpoint's",
+                         help="Tokenizer directory."),
             click.option("--num-tokens", type=int, default=num_tokens, show_default=True, help="Tokens to use."),
             click.option("--seq-len", type=int, default=seq_len, show_default=True, help="Tokens per sequence."),
             click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward."),

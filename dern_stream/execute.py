@@ -30,6 +30,7 @@ from .layer_pools import run_local, run_ray
 from .layer_rewrite import LayerInputs, read_layer
 from .layer_task import compute_layer, write_outputs
 from .pipeline import run_pipeline
+from .report import ReportSummary
 from .rewrite_plan import RewritePlan
 from .stage_clock import StageClock
 
@@ -50,6 +51,7 @@ class RewriteSummary:
     device: str
     notes: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # busy seconds per stage; they overlap
+    report: ReportSummary | None = None  # `report=`: the report written after the rewrite
 
     def __str__(self) -> str:
         frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
@@ -62,6 +64,8 @@ class RewriteSummary:
         if self.stages:
             lines.append("busy time by stage (stages overlap): "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
+        if self.report is not None:
+            lines.append(str(self.report))
         return "\n".join(lines)
 
 

@@ -23,3 +23,12 @@ def require_ray() -> ModuleType:
     except ImportError:
         raise DernError("--ray needs Ray: pip install 'dern-stream[ray]'") from None
     return ray
+
+
+def require_matplotlib() -> ModuleType:
+    """matplotlib draws the report's plots (`--report`, `dern-stream report`)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise DernError("the report needs matplotlib: pip install 'dern-stream[report]'") from None
+    return matplotlib

@@ -8,7 +8,7 @@ import torch
 
 from ..stage_clock import NO_CLOCK, StageClock
 from .kmeans import batched_spherical_kmeans, gate_linf_init
-from .segments import ExpertStack, component_columns, reassign_segments, transfer_counts, transfer_router
+from .segments import ExpertStack, best_kept_experts, component_columns, transfer_counts, transfer_router
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class LayerResult:
     dropped: list[int] = field(default_factory=list)
     kmeans_iterations: list[int] = field(default_factory=list)
     router_transferred: bool = False  # Eq. 8 applied (a router bias in the logits then follows it too)
+    # For the report: pooled segments per bin of their best similarity (SIMILARITY_BINS over [-1, 1]),
+    # and [members, clusters with that many] over the rebuilt experts' k-means clusters.
+    similarity_histogram: list[int] = field(default_factory=list)
+    cluster_sizes: list[list[int]] = field(default_factory=list)
 
     @property
     def segments_reassigned(self) -> int:
@@ -68,9 +72,10 @@ def dern_layer(
     dropped = [e for e in range(num) if e not in kept_set]
     target_k = params.intermediate_size or h
     with clock("reassign"):
-        assignment = reassign_segments(
-            experts, kept, dropped, params.sim_components, params.alpha, params.block_bytes
-        )
+        target, similarity = best_kept_experts(experts, kept, dropped, params.sim_components, params.block_bytes)
+        # Cosines are clamped to <= 1, so alpha = 1 moves nothing.
+        assignment = torch.where(similarity > params.alpha, target, -1)
+        histogram = similarity_histogram(similarity)
         counts = transfer_counts(assignment, len(kept))
         new_router = (transfer_router(router, kept, dropped, counts, h) if params.router_transfer
                       else router[kept].clone())
@@ -86,6 +91,7 @@ def dern_layer(
                 jobs.append((pos, expert, dropped_ids[src_expert], src_segment))
         rebuilt: list[RebuiltExpert | None] = [None] * len(kept)
         iterations = [0] * len(kept)
+        sizes = torch.zeros(0, dtype=torch.long)
         for batch in _batches(jobs, h, experts.segment_width, len(params.sim_components) * d, target_k,
                               params.block_bytes):
             for (pos, _, _, _), result in zip(batch, _cluster(experts, batch, weights, target_k, params),
@@ -95,7 +101,25 @@ def dern_layer(
                 rebuilt[pos] = RebuiltExpert(seg[:, :d], seg[:, d:2 * d], seg[:, 2 * d:3 * d].T,
                                              seg[:, 3 * d:] if experts.bias is not None else None)
                 iterations[pos] = result.iterations
-    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, params.router_transfer)
+                sizes = torch.cat([sizes, torch.bincount(result.assignment, minlength=target_k).cpu()])
+    return LayerResult(kept, new_router, rebuilt, counts, dropped, iterations, params.router_transfer, histogram,
+                       size_counts(sizes))
+
+
+SIMILARITY_BINS = 40  # over [-1, 1]: bins 0.05 wide, so alpha's usual values fall on bin edges
+
+
+def similarity_histogram(similarity: torch.Tensor) -> list[int]:
+    """How many pooled segments have their best similarity in each of SIMILARITY_BINS bins over [-1, 1]."""
+    if similarity.numel() == 0:
+        return []
+    return [int(c) for c in torch.histc(similarity.float().cpu(), bins=SIMILARITY_BINS, min=-1.0, max=1.0)]
+
+
+def size_counts(sizes: torch.Tensor) -> list[list[int]]:
+    """[size, how many clusters have it] for every size that occurs, ascending."""
+    values, counts = torch.unique(sizes, return_counts=True)
+    return [[int(v), int(c)] for v, c in zip(values, counts, strict=True)]
 
 
 def _batches(jobs: list, h: int, width: int, sim_width: int, k: int, budget: int) -> list[list]:

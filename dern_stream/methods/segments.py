@@ -145,9 +145,27 @@ def reassign_segments(
 ) -> torch.Tensor:
     """Target kept position (0..K-1) of every pooled segment, -1 where it is dropped.
 
-    Result [len(dropped), h]. sim(seg, E_r) = max cosine between seg and the kept expert E_r's
-    *original* segments (Eq. 6), so the result does not depend on order; a segment moves to its
-    best kept expert only if that maximum exceeds alpha (Eq. 7).
+    Result [len(dropped), h]. A segment moves to its best kept expert only if its similarity to it
+    exceeds alpha (Eq. 7); see best_kept_experts."""
+    h = experts.intermediate
+    if not dropped or alpha >= 1.0:  # cosines are clamped to <= 1, so alpha = 1 moves nothing
+        return torch.full((len(dropped), h), -1, dtype=torch.long, device=experts.gate.device)
+    target, similarity = best_kept_experts(experts, kept, dropped, components, block_bytes)
+    return torch.where(similarity > alpha, target, -1)
+
+
+def best_kept_experts(
+    experts: ExpertStack,
+    kept: list[int],
+    dropped: list[int],
+    components: tuple[str, ...],
+    block_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pooled segment's most similar kept expert (position 0..K-1) and that similarity, both
+    [len(dropped), h].
+
+    sim(seg, E_r) = max cosine between seg and the kept expert E_r's *original* segments (Eq. 6), so
+    the result does not depend on order.
 
     Batched over kept experts and blockwise: the kept experts are taken a block at a time (as
     many as fit in `block_bytes` once normalised), the pooled segments likewise, and each block of
@@ -156,8 +174,9 @@ def reassign_segments(
     """
     h, device = experts.intermediate, experts.gate.device
     target = torch.full((len(dropped), h), -1, dtype=torch.long, device=device)
-    if not dropped or alpha >= 1.0:  # cosines are clamped to <= 1, so alpha = 1 moves nothing
-        return target
+    best_sim = torch.full((len(dropped), h), -2.0, device=device)
+    if not dropped:
+        return target, best_sim
     width = len(components) * experts.gate.shape[2]
     rows_bytes = 4 * h * width  # one expert's similarity rows in float32
     per_block = max(1, min(len(kept), block_bytes // (2 * rows_bytes)))
@@ -168,7 +187,6 @@ def reassign_segments(
     kept_buf = torch.empty(per_block * h, width, device=device)
     pool_buf = torch.empty(pool_experts * h, width, device=device)
     cos_buf = torch.empty(pool_experts * h * per_block * h, device=device)
-    best_sim = torch.full((len(dropped), h), -2.0, device=device)
     for k0 in range(0, len(kept), per_block):
         block = kept[k0:k0 + per_block]
         kept_n = experts.unit_segments_into(kept_buf[:len(block) * h], block, components)
@@ -184,7 +202,7 @@ def reassign_segments(
             better = sim > best_sim[rows]  # strict: an earlier (lower) kept expert wins a tie
             best_sim[rows] = torch.where(better, sim, best_sim[rows])
             target[rows] = torch.where(better, best, target[rows])
-    return torch.where(best_sim > alpha, target, -1)
+    return target, best_sim
 
 
 def transfer_counts(assignment: torch.Tensor, num_kept: int) -> torch.Tensor:
