@@ -1,6 +1,8 @@
 """`evaluate`: out-of-core quality checks of a checkpoint, with the same streamed forward as `dump`.
 
 - perplexity on a text (every batch through layer L, then L+1; final norm and lm_head at the end);
+- with a reference checkpoint and a text, how far the next-token distributions are from the reference's
+  (eval_agreement.py: KL divergence, top-1 agreement, the reference's perplexity);
 - per MoE layer, the relative L2 error between a reference checkpoint's MoE block output and this
   checkpoint's, on a dump's cached inputs (one MoE block of each checkpoint in memory at a time).
 """
@@ -22,6 +24,7 @@ from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .durable_files import write_replacing
 from .errors import DernError
+from .eval_agreement import compare_predictions
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
@@ -54,6 +57,10 @@ class EvalReport:
     nll_per_token: float | None = None
     tokens: int | None = None
     reference: str | None = None
+    reference_perplexity: float | None = None
+    kl_mean: float | None = None  # KL(reference || checkpoint) per predicted token, nats
+    kl_p99: float | None = None
+    top1_agreement: float | None = None  # share of positions where both predict the same next token
     layer_errors: list[LayerError] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
@@ -72,6 +79,10 @@ class EvalReport:
         if self.perplexity is not None:
             lines.append(f"perplexity {self.perplexity:.4f} over {self.tokens} predicted tokens "
                          f"(nll {self.nll_per_token:.5f} per token)")
+        if self.kl_mean is not None:
+            lines.append(f"against {self.reference} (perplexity {self.reference_perplexity:.4f}): KL divergence "
+                         f"{self.kl_mean:.6f} nats per token (99th percentile {self.kl_p99:.6f}), top-1 agreement "
+                         f"{self.top1_agreement:.2%}")
         if self.layer_errors:
             lines.append(f"MoE block output error against {self.reference}:")
             lines.append(f"  {'layer':>5}  {'rel L2':>10}  {'tokens':>8}")
@@ -99,8 +110,10 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
 ) -> EvalReport:
-    """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`), and/or with `reference`
-    and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's inputs.
+    """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`); with `reference` too, the KL
+    divergence of `src`'s next-token distribution from `reference`'s and their top-1 agreement on those tokens;
+    with `reference` and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's
+    inputs.
     With `json_path`, the report is also written there (replacing only an earlier report, with
     `overwrite`)."""
     started = time.perf_counter()
@@ -111,10 +124,14 @@ def evaluate(
             **read_paths("the checkpoint", resolve_checkpoint(src)), "the reference": reference,
             "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     wants_ppl = text is not None or dataset is not None or tokens is not None
+    if calib is not None and reference is None:
+        raise DernError("--calib needs --reference IN: the per-layer error compares this checkpoint's MoE blocks with "
+                        "the reference's on the dump's inputs")
     if not wants_ppl and reference is None:
         raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
-    if (reference is None) != (calib is None):
-        raise DernError("--reference and --calib go together (the dump's inputs are the reference's MoE inputs)")
+    if reference is not None and calib is None and not wants_ppl:
+        raise DernError("with --reference, give --text/--dataset (KL divergence and top-1 agreement with it) and/or "
+                        "--calib DUMP (per-layer error)")
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
     ckpt = Checkpoint(resolve_checkpoint(src))
@@ -133,19 +150,26 @@ def evaluate(
         if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
             raise DernError(f"--reference {ref.root} ({ref.config.get('model_type')}) is not the same family as "
                             f"{ckpt.root} ({ckpt.config.get('model_type')})")
-        dump = CalibDump(calib)
+        dump = CalibDump(calib) if calib is not None else None
+        report.reference = str(ref.root)
     if wants_ppl:
         if tokens is None:
             tokens = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
                                  num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
-        nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
+        if ref is not None:
+            agreement = compare_predictions(ref, ckpt, tokens, batch_size, compute, compute_dtype, progress)
+            nll, count = agreement.nll, agreement.tokens
+            report.reference_perplexity = _perplexity(agreement.reference_nll / count)
+            report.kl_mean, report.kl_p99, report.top1_agreement = (agreement.kl_mean, agreement.kl_p99,
+                                                                    agreement.top1)
+        else:
+            nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
         if not math.isfinite(nll):
             raise DernError(f"{ckpt.root}'s next-token loss is not finite (NaN or Inf): its weights, or the forward "
                             "in this dtype, give non-finite logits")
         report.nll_per_token, report.tokens = nll / count, count
-        report.perplexity = math.exp(nll / count) if nll / count < 700 else math.inf  # (JSON: null)
-    if ref is not None:
-        report.reference = str(ref.root)
+        report.perplexity = _perplexity(nll / count)
+    if dump is not None:
         with reading_dump(dump.path):
             report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
@@ -155,6 +179,10 @@ def evaluate(
                           directory=False)
         write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report
+
+
+def _perplexity(nll_per_token: float) -> float:
+    return math.exp(nll_per_token) if nll_per_token < 700 else math.inf  # (JSON: null)
 
 
 def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device: torch.device,

@@ -102,7 +102,8 @@ def test_eval_with_a_dump_from_another_model(build, tmp_path):
 def test_eval_argument_errors(build, tmp_path):
     built = build("mixtral")
     assert_error(run("eval", built.model_dir), "nothing to evaluate")
-    assert_error(run("eval", built.model_dir, "--reference", built.model_dir), "--reference and --calib go together")
+    assert_error(run("eval", built.model_dir, "--reference", built.model_dir), "with --reference, give --text")
+    assert_error(run("eval", built.model_dir, "--calib", built.calib), "--calib needs --reference IN")
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr"), "give exactly one of --text FILE or --dataset")
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr", "--text", built.model_dir.parent / "corpus.txt",
                      "--dtype", "int8"), "--dtype 'int8'")

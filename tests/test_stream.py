@@ -57,6 +57,32 @@ def test_streamed_perplexity_equals_full_model_perplexity(family, build):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_kl_and_top1_against_the_reference_equal_the_full_models(family, build, tmp_path):
+    """eval --reference IN --text: both models streamed side by side give the KL divergence, top-1 agreement and
+    perplexities that the two models loaded whole give."""
+    built = build(family)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    ids = calibration_tokens(sequences=5, length=24, seed=4)
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits[:, :-1].float().flatten(0, 1)
+                  for d in (built.model_dir, out)]
+    ref_log, log = (x.log_softmax(-1) for x in logits)
+    kl = (ref_log.exp() * (ref_log - log)).sum(-1).double()
+    targets = ids[:, 1:].reshape(-1, 1)
+    report = dern_stream.evaluate(out, tokens=ids, batch_size=2, reference=built.model_dir, progress=False)
+    assert report.tokens == kl.numel() == 5 * 23
+    assert report.kl_mean == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7) and report.kl_mean > 0
+    assert report.kl_p99 == pytest.approx(float(np.percentile(kl.numpy(), 99)), rel=1e-4, abs=1e-7)
+    assert report.top1_agreement == pytest.approx(float((logits[0].argmax(-1) == logits[1].argmax(-1)).double().mean()))
+    assert report.perplexity == pytest.approx(math.exp(-float(log.gather(1, targets).mean())), rel=1e-5)
+    assert report.reference_perplexity == pytest.approx(math.exp(-float(ref_log.gather(1, targets).mean())), rel=1e-5)
+    itself = dern_stream.evaluate(built.model_dir, tokens=ids, batch_size=2, reference=built.model_dir, progress=False)
+    assert itself.kl_mean == itself.kl_p99 == 0 and itself.top1_agreement == 1
+    assert itself.perplexity == itself.reference_perplexity
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_at_most_one_decoder_layer_is_materialised(family, build):
     built = build(family)
     model = StreamedModel(Checkpoint(built.model_dir), torch.device("cpu"))

@@ -191,20 +191,29 @@ class StreamedModel:
     def nll(self, batches: list[torch.Tensor], store: HiddenStore) -> tuple[float, int]:
         """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
         total, count = 0.0, 0
+        for logits, targets in self.logit_blocks(batches, store):
+            total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().item()
+            count += targets.numel()
+        return total, count
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @torch.no_grad()
+    def logit_blocks(self, batches: list[torch.Tensor], store: HiddenStore
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(float32 logits [rows, vocab], next-token targets [rows]) for every position but each sequence's
+        last, a block of rows at a time: the same blocks for two models of the same vocabulary."""
         head = self.model.get_output_embeddings()
-        vocab = head.weight.shape[0]
-        rows = max(1, _LOGIT_BLOCK_BYTES // (vocab * 4))
+        rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
         with self.loaded(self.base.norm, f"{self.prefix}.norm."), self.loaded(head, "lm_head."):
             for b, ids in enumerate(batches):
                 normed = self.base.norm(store[b])[:, :-1]
                 hidden = normed.reshape(-1, normed.shape[-1])
                 targets = ids[:, 1:].reshape(-1).to(self.device)
                 for start in range(0, hidden.shape[0], rows):
-                    logits = head(hidden[start:start + rows]).float()
-                    total += torch.nn.functional.cross_entropy(
-                        logits, targets[start:start + rows], reduction="sum").double().item()
-                count += targets.numel()
-        return total, count
+                    yield head(hidden[start:start + rows]).float(), targets[start:start + rows]
 
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if moe_block_of(self.layers[i]) is not None]
