@@ -90,8 +90,9 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_reap_saliency_matches_transformers_experts_and_router(family, build):
-    """REAP: mean over routed tokens of gate weight x ||expert output||, with each expert's output
-    computed by transformers' own expert module and the routing by its own router."""
+    """REAP as its authors' code computes it: mean over routed tokens of the router's softmax probability x
+    ||expert output|| (not the renormalised combine weight), each expert's output computed by transformers'
+    own expert module and the routing by its own router."""
     built = build(family)
     ckpt, fam, shape, layers = _setup(built)
     routing = layer_routing(fam, ckpt.config, ckpt.config)
@@ -102,7 +103,8 @@ def test_reap_saliency_matches_transformers_experts_and_router(family, build):
                          read_experts(ckpt, fam, layer, shape, torch.device("cpu")))
     block = moe_block_of(model.model.layers[layer.index])
     with torch.no_grad():
-        _, weights, index = block.gate(x)
+        logits, _, index = block.gate(x)
+        weights = torch.softmax(logits.float(), dim=-1).gather(1, index)
         reference = []
         for e in range(shape.num_experts):
             out = block.experts(x, torch.full((x.shape[0], 1), e), torch.ones(x.shape[0], 1))

@@ -85,10 +85,10 @@ def msmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats, 
 def hcsmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats, keep: int,
                  groups: GroupPlan | None) -> LayerResult:
     """HC-SMoE (Chen et al. 2025, "Retraining-Free Merging of Sparse MoE via Hierarchical Clustering"):
-    average-linkage clustering of the experts' mean outputs on the calibration inputs (cosine
-    distance) into `keep` clusters, merged frequency-weighted. HC-SMoE's code keeps the full router
-    and maps every member to its merged expert, which a K-expert checkpoint cannot express; here each
-    cluster takes the router row of its most frequently used member."""
+    average-linkage clustering of the experts' mean outputs on the calibration inputs (Euclidean
+    distance, as the authors' code) into `keep` clusters, merged frequency-weighted. HC-SMoE's code keeps
+    the full router and maps every member to its merged expert, which a K-expert checkpoint cannot
+    express; here each cluster takes the router row of its most frequently used member."""
     n = router.shape[0]
     member_groups = _routing_groups(n, groups)
     per_group = keep // len(member_groups)
@@ -98,7 +98,7 @@ def hcsmoe_layer(experts: ExpertStack, router: torch.Tensor, stats: ExpertStats,
         if per_group >= len(members):
             labels = np.arange(len(members))
         else:
-            labels = cut_tree(linkage(features, method="average", metric="cosine"), n_clusters=per_group)[:, 0]
+            labels = cut_tree(linkage(features, method="average", metric="euclidean"), n_clusters=per_group)[:, 0]
         for label in np.unique(labels):
             cluster = [members[i] for i in np.flatnonzero(labels == label)]
             rep = max(cluster, key=lambda e: (float(stats.frequency[e]), -e))

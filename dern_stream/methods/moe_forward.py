@@ -32,9 +32,14 @@ class Gating:
     input_scaled: bool = False  # the weight scales the expert's input (Llama-4), not its output
     glu: Callable | None = None  # glu(g, u) when the family's experts do not compute act(g) * u (gpt-oss)
 
+    def scores(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
+        """(selected experts [T, k], the router's scores of them [T, k]: before renormalisation and scaling; on
+        Mixtral the softmax probabilities over all N experts)."""
+        return self.router.select(x @ router_weight.float().T, bias)
+
     def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
         """(selected experts [T, k], combine weights [T, k]) for inputs x [T, d]."""
-        idx, scores = self.router.select(x @ router_weight.float().T, bias)
+        idx, scores = self.scores(x, router_weight, bias)
         if self.renormalise:
             scores = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return idx, scores * self.scale
@@ -128,14 +133,16 @@ class ExpertStats:
     """Per-expert statistics of the original layer on the calibration inputs."""
 
     frequency: torch.Tensor  # [N] fraction of tokens that select the expert
-    reap: torch.Tensor  # [N] REAP saliency: mean over routed tokens of ||w_e(x) E_e(x)|| (of E_e(w_e x) for Llama-4)
+    # [N] REAP saliency: mean over routed tokens of ||s_e(x) E_e(x)|| (of E_e(s_e x) for Llama-4), s_e the router's
+    # score before renormalisation, as REAP's own code weights it (README, "Baselines as their authors run them").
+    reap: torch.Tensor
     mean_output: torch.Tensor  # [N, d] mean of E_e(x) over all tokens (HC-SMoE's clustering feature)
     router_logits: torch.Tensor  # [N, T] router logits (M-SMoE's similarity feature)
 
 
 def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
                  experts: ExpertStack) -> ExpertStats:
-    idx, w = gating.weights(x, router_weight, bias)
+    idx, score = gating.scores(x, router_weight, bias)
     act = gating.activation()
     n = experts.gate.shape[0]
     freq = torch.zeros(n, dtype=torch.float64, device=x.device)
@@ -147,7 +154,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
         tok, slot = (idx == e).nonzero(as_tuple=True)
         freq[e] = tok.numel() / x.shape[0]
         if tok.numel():
-            routed = routed_contribution(x[tok], w[tok, slot], experts, e, gating, act)
+            routed = routed_contribution(x[tok], score[tok, slot], experts, e, gating, act)
             reap[e] = torch.linalg.vector_norm(routed.double(), dim=-1).mean()
     logits = (x @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)
