@@ -8,6 +8,8 @@ from the fixture's `calib` split and, separately, MoE inputs from its `heldout` 
 each keep ratio and each configuration below, it rewrites the model with dern-stream and reports:
 - held-out perplexity (the `heldout` split: never seen by training or calibration), and its ratio
   to the original model's;
+- on the same held-out tokens, the KL divergence of the rewritten model's next-token distribution from
+  the original's (mean, nats per token) and their top-1 agreement;
 - mean per-layer relative L2 error of the MoE block output against the original model, on the
   held-out MoE inputs (so a refit cannot score by memorising the calibration tokens);
 - the fraction of the dropped experts' segments that were moved into kept experts (whole merged
@@ -95,29 +97,34 @@ def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, d
             report = dern_stream.evaluate(target, tokens=heldout_tokens, reference=model, calib=heldout_inputs,
                                           progress=False)
             run = {"config": label, "ratio": ratio, "experts": keep, "perplexity": report.perplexity,
-                   "ppl_ratio": report.perplexity / base.perplexity, "layer_error": report.mean_rel_l2,
+                   "ppl_ratio": report.perplexity / base.perplexity, "kl_mean": report.kl_mean,
+                   "kl_p99": report.kl_p99, "top1": report.top1_agreement, "layer_error": report.mean_rel_l2,
                    "reassigned": summary.segments_reassigned / max(1, summary.segments_pooled),
                    "rewrite_seconds": round(seconds, 1)}
             out["runs"].append(run)
             print(f"  {ratio:>4.0%} {label:<22} ppl {run['perplexity']:9.3f} (x{run['ppl_ratio']:.3f})  "
-                  f"err {run['layer_error']:.3f}  moved {run['reassigned']:6.1%}  {seconds:5.1f} s", flush=True)
+                  f"KL {run['kl_mean']:.4f}  top-1 {run['top1']:6.1%}  err {run['layer_error']:.3f}  "
+                  f"moved {run['reassigned']:6.1%}  {seconds:5.1f} s", flush=True)
             shutil.rmtree(target)
     return out
 
 
 def table(results: dict) -> str:
-    """Markdown: one block per fixture, a row per configuration, per ratio ppl (x original) / err / moved."""
+    """Markdown: one block per fixture, a row per configuration, per ratio ppl (x original) / KL / top-1 / err /
+    moved (KL and top-1 where the run measured them)."""
     lines = []
     for name, res in results.items():
         ratios = sorted({r["ratio"] for r in res["runs"]}, reverse=True)
         lines += [f"**{name}** ({res['experts']} experts, original held-out perplexity {res['perplexity']:.2f})", "",
-                  "| config | " + " | ".join(f"{r:.0%} kept: ppl (x orig) / err / moved" for r in ratios) + " |",
+                  "| config | " + " | ".join(f"{r:.0%} kept: ppl (x orig) / KL / top-1 / err / moved" for r in ratios)
+                  + " |",
                   "|---|" + "---|" * len(ratios)]
         for label in dict.fromkeys(r["config"] for r in res["runs"]):
             cells = []
             for ratio in ratios:
                 run = next(r for r in res["runs"] if r["config"] == label and r["ratio"] == ratio)
-                cells.append(f"{run['perplexity']:.2f} (x{run['ppl_ratio']:.3f}) / {run['layer_error']:.3f} / "
+                kl = f"{run['kl_mean']:.4f} / {run['top1']:.1%}" if run.get("kl_mean") is not None else "- / -"
+                cells.append(f"{run['perplexity']:.2f} (x{run['ppl_ratio']:.3f}) / {kl} / {run['layer_error']:.3f} / "
                              f"{run['reassigned']:.0%}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
