@@ -114,10 +114,10 @@ def write_report(out: str | os.PathLike, directory: str | os.PathLike | None = N
     """The report of the rewrite output `out` into `directory` (default `out/report`): report.json, the
     plots and index.html. It is assembled beside `directory` and moved into place whole; an existing
     `directory` is replaced only with `overwrite`, and only if it is an earlier report."""
-    require_matplotlib()
     record = read_record(out)
     target = check_report_target(directory if directory is not None else Path(out).expanduser() / "report",
                                  overwrite, reads or {})
+    require_matplotlib()  # (after the checks: it takes a second to import)
     from .report_page import render_page
     from .report_plots import draw_plots
 
