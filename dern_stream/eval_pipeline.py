@@ -98,26 +98,30 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
+    reference_revision: str | None = None,
 ) -> EvalReport:
     """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`), and/or with `reference`
     and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's inputs.
     With `json_path`, the report is also written there (replacing only an earlier report, with
-    `overwrite`)."""
+    `overwrite`). `revision`, `reference_revision`: the branch, tag or commit of `src` and `reference`
+    when they are Hub repo ids (default: main)."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
     text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
-    if json_path is not None:
-        json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
-            **read_paths("the checkpoint", resolve_checkpoint(src)), "the reference": reference,
-            "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if not wants_ppl and reference is None:
         raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
     if (reference is None) != (calib is None):
         raise DernError("--reference and --calib go together (the dump's inputs are the reference's MoE inputs)")
+    root = resolve_checkpoint(src, revision)  # once: for a Hub repo id, each call asks the Hub
+    if json_path is not None:
+        json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
+            **read_paths("the checkpoint", root), "the reference": reference,
+            "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
-    ckpt = Checkpoint(resolve_checkpoint(src))
+    ckpt = Checkpoint(root)
     # a bad config.json is one line, before the tokenizer (which reads it too) loads
     require_forward(family_for(ckpt.config))
     check_fp8_tensors(ckpt)
@@ -126,7 +130,7 @@ def evaluate(
     ref = dump = None
     if reference is not None:  # checked before the perplexity pass, which a bad reference would waste
         try:
-            ref = Checkpoint(resolve_checkpoint(reference))
+            ref = Checkpoint(resolve_checkpoint(reference, reference_revision))
             check_decoder_layers(ref)
         except DernError as e:
             raise DernError(f"--reference: {e}") from None
