@@ -14,6 +14,7 @@ _EXPORTS = {
     "DumpSummary": ".dump_pipeline", "dump": ".dump_pipeline",
     "EvalReport": ".eval_pipeline", "evaluate": ".eval_pipeline",
     "RewritePlan": ".rewrite_plan",
+    "push": ".hub",
     "RewriteSummary": ".api", "plan": ".api", "rewrite": ".api",
     "ReportSummary": ".report", "write_report": ".report",
 }

@@ -16,6 +16,7 @@ from .checkpoint.output_dir import check_output_location
 from .durable_files import write_replacing
 from .errors import DernError
 from .host_memory import map_large_blocks
+from .hub import check_repo_id, push, source_record
 from .locks import reading_dump
 from .optional import require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
@@ -41,6 +42,9 @@ def rewrite(
     progress: bool = True,
     workers: int = 1,
     ray: str | None = None,
+    revision: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
     report: str | os.PathLike | None = None,
     **options,
 ) -> RewriteSummary:
@@ -60,6 +64,11 @@ def rewrite(
     Ray cluster (`pip install 'dern-stream[ray]'`; every node must see the same paths). The output is
     byte-identical to a single-process run.
 
+    `revision`: the branch, tag or commit of `src` when it is a Hub repo id (default: main). With
+    `push_to_hub="me/name"` the finished output is checked (`verify(out, against=src)`) and, if whole,
+    uploaded to that Hub repo (created if needed, `private` if so asked); if verify finds a problem,
+    nothing is uploaded and a DernError says what. The summary's `pushed` is the commit's URL.
+
     `report="DIR"` writes the report of the finished output into DIR (report.py; needs matplotlib:
     `pip install 'dern-stream[report]'`); DIR is checked before any work.
 
@@ -74,7 +83,11 @@ def rewrite(
         if not isinstance(ray, str) or not ray:
             raise DernError(f"--ray must be a cluster address such as auto or ray://host:10001, got {ray!r}")
         require_ray()
-    source = resolve_checkpoint(src)
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, "--push-to-hub")
+    elif private:
+        raise DernError("--private goes with --push-to-hub (it makes the repo pushed to private)")
+    source = resolve_checkpoint(src, revision)
     out_path = Path(out).expanduser().resolve()
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
@@ -87,13 +100,18 @@ def rewrite(
     from .rewrite_plan import make_plan
 
     with _reading(calib):
-        made = make_plan(source, out_path, chosen, calib, progress)
+        made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision))
         for note in made.notes:
             log.warning("note: %s", note)
         summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
                           workers=workers, ray_address=ray)
     if report is not None:
         summary.report = write_report(out_path, report, overwrite=overwrite, reads=reads)
+    if push_to_hub is not None:
+        try:
+            summary.pushed = push(out_path, push_to_hub, private=private, against=source, progress=progress)
+        except DernError as e:
+            raise DernError(f"{e} (the rewrite itself is complete in {out_path})") from e
     return summary
 
 
@@ -117,16 +135,17 @@ def plan(
     json_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
     **options,
 ) -> RewritePlan:
     """What `rewrite(src, OUT, experts=..., calib=..., **options)` would do, decided without writing
     anything or reading any expert weight. Without `calib` (and unless `importance` is given) the experts
     are ranked by router norm, as `importance="router-norm"` does. With `json_path` the plan is also
-    written there as JSON (replacing only an earlier plan, with `overwrite`)."""
+    written there as JSON (replacing only an earlier plan, with `overwrite`). `revision`: as for rewrite."""
     if calib is None and options.get("importance") is None:
         options = {**options, "importance": "router-norm"}
     chosen = _options(experts, options)
-    source = resolve_checkpoint(src)
+    source = resolve_checkpoint(src, revision)
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
@@ -134,7 +153,7 @@ def plan(
     from .rewrite_plan import make_plan  # (loads torch: after the checks above)
 
     with _reading(calib):
-        made = make_plan(source, None, chosen, calib, progress)
+        made = make_plan(source, None, chosen, calib, progress, source_record(source, revision))
     if json_path is not None:
         check_replaceable(json_path, "--json file", overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
                           directory=False)

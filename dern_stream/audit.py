@@ -18,7 +18,7 @@ from .run_identity import versions
 
 def audit_record(
     *,
-    source: Path,
+    source: dict,
     fingerprint: str,
     calib: Path | None,
     model_type: str,
@@ -34,7 +34,8 @@ def audit_record(
 ) -> dict:
     """The whole record; `layers` maps layer index to `layer_record(...)` with the checksums of the
     tensors that layer's write wrote under "checksums"; they are gathered into `checksums["tensors"]`
-    (`checksums` also holds the algorithm and the shard headers' and other files' checksums). Nothing in
+    (`checksums` also holds the algorithm and the shard headers' and other files' checksums). `source`
+    names the input (hub.source_record: a Hub repo, revision and commit, or a directory's name). Nothing in
     it varies between two runs of the same command (no times, no process ids), so reruns stay
     byte-identical."""
     tensors = {name: value for record in layers.values() for name, value in record.get("checksums", {}).items()}
@@ -54,7 +55,7 @@ def audit_record(
         "method": options.method,
         "recipe": options.recipe,
         "options": options.method_record(),
-        "source": {"path": str(source), "fingerprint": fingerprint, "model_type": model_type,
+        "source": {**source, "fingerprint": fingerprint, "model_type": model_type,
                    "num_experts": num_experts, "intermediate_size": intermediate},
         "calibration": str(calib) if calib is not None else None,
         "num_experts": options.experts,

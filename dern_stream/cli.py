@@ -76,10 +76,20 @@ def _rewrite_options(f):
     return click.option("--experts", "-k", type=int, required=True, help="Routed experts to keep per MoE layer (K).")(f)
 
 
+def _revision(what: str = "IN"):
+    return click.option("--revision", metavar="REV",
+                        help=f"Branch, tag or commit of {what} when it is a Hugging Face repo id [default: main].")
+
+
 @main.command()
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
 @_rewrite_options
+@_revision()
+@click.option("--push-to-hub", metavar="REPO",
+              help="Then verify OUT against IN and, if it passes, upload it to this Hugging Face repo (created if "
+                   "needed).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
 @click.option("--restart", is_flag=True,
               help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
@@ -92,14 +102,16 @@ def _rewrite_options(f):
               help="Also write a report of what the rewrite did (HTML page with plots, report.json) into DIR. "
                    "Needs dern-stream[report].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def rewrite(src, out, experts, calib, overwrite, restart, workers, ray_address, report_dir, quiet, **options) -> None:
+def rewrite(src, out, experts, calib, revision, push_to_hub, private, overwrite, restart, workers, ray_address,
+            report_dir, quiet, **options) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
     from .api import rewrite as run_rewrite  # torch loads only for commands that need it
 
     summary = run_rewrite(src, out, experts=experts, calib=calib, overwrite=overwrite, restart=restart,
-                          progress=not quiet, workers=workers, ray=ray_address, report=report_dir, **options)
+                          progress=not quiet, workers=workers, ray=ray_address, revision=revision,
+                          push_to_hub=push_to_hub, private=private, report=report_dir, **options)
     click.echo(str(summary))
 
 
@@ -120,11 +132,12 @@ def report(out, directory, overwrite) -> None:
 @main.command()
 @click.argument("src", metavar="IN")
 @_rewrite_options
+@_revision()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the whole plan as JSON here (every tensor's shard and byte offset).")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier plan.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def plan(src, experts, calib, json_path, overwrite, quiet, **options) -> None:
+def plan(src, experts, calib, revision, json_path, overwrite, quiet, **options) -> None:
     """Show what `rewrite IN OUT --experts K` would do, without writing anything: the layers and experts that
     change, the output size and free disk it needs, the peak memory and the compute per layer. Without
     --calib the experts are ranked by router norm (a rewrite uses the dump's routing statistics)."""
@@ -132,7 +145,7 @@ def plan(src, experts, calib, json_path, overwrite, quiet, **options) -> None:
     from .plan_report import describe
 
     made = make_plan(src, experts=experts, calib=calib, json_path=json_path, overwrite=overwrite,
-                     progress=not quiet, **options)
+                     progress=not quiet, revision=revision, **options)
     click.echo(describe(made))
 
 
@@ -166,8 +179,9 @@ def _text_options(num_tokens: int, seq_len: int):
               "resumes).")
 @click.option("--workers", type=int, default=1, show_default=True,
               help="Split the sequences among this many worker processes (a GPU each where there are that many).")
+@_revision()
 def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, overwrite,
-         workers) -> None:
+         workers, revision) -> None:
     """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
@@ -175,7 +189,7 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 
     summary = run_dump(src, out, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens,
                        seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
-                       progress=not quiet, workers=workers)
+                       progress=not quiet, workers=workers, revision=revision)
     click.echo(str(summary))
 
 
@@ -186,15 +200,19 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 @click.option("--calib", type=click.Path(), help="Dump whose inputs the per-layer error is measured on.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier eval report.")
+@_revision("CKPT")
+@click.option("--reference-revision", metavar="REV",
+              help="Branch, tag or commit of --reference when it is a Hugging Face repo id [default: main].")
 def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, reference, calib,
-          json_path, overwrite) -> None:
+          json_path, overwrite, revision, reference_revision) -> None:
     """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens), and/or
     the per-MoE-layer output error against --reference on the inputs cached in --calib."""
     from .eval_pipeline import evaluate
 
     report = evaluate(src, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len,
                       batch_size=batch_size, reference=reference, calib=calib, device=device, dtype=dtype,
-                      json_path=json_path, overwrite=overwrite, progress=not quiet)
+                      json_path=json_path, overwrite=overwrite, progress=not quiet, revision=revision,
+                      reference_revision=reference_revision)
     click.echo(str(report))
 
 
@@ -202,16 +220,32 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
 @click.argument("out", metavar="OUT")
 @click.option("--against", metavar="IN", help="The input checkpoint: tensors the rewrite leaves unchanged must be "
               "byte-identical to it.")
+@_revision("--against")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def verify_(out, against, quiet) -> None:
+def verify_(out, against, revision, quiet) -> None:
     """Check that checkpoint OUT is whole: config-implied tensors present with the right shapes, index and
     shards in agreement, no NaN/Inf, dern_stream.json consistent; exit status 1 on any problem."""
     from .verify import verify
 
-    report = verify(out, against=against, progress=not quiet)
+    report = verify(out, against=against, progress=not quiet, revision=revision)
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
+@click.argument("repo", metavar="REPO")
+@click.option("--private", is_flag=True, help="Create the repo private (if it does not exist yet).")
+@click.option("--revision", metavar="BRANCH",
+              help="Upload to this branch (created from main if needed) [default: main].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar for the verification.")
+def push(out, repo, private, revision, quiet) -> None:
+    """Verify rewrite output OUT (every byte against the checksums in its dern_stream.json) and, if it passes,
+    upload it to the Hugging Face model repo REPO (created if needed). Nothing is uploaded otherwise."""
+    from .hub import push as run_push
+
+    click.echo(f"verified and pushed: {run_push(out, repo, private=private, revision=revision, progress=not quiet)}")
 
 
 if __name__ == "__main__":

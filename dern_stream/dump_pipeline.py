@@ -67,20 +67,23 @@ def dump(
     overwrite: bool = False,
     progress: bool = True,
     workers: int = 1,
+    revision: str | None = None,
 ) -> DumpSummary:
     """Write the calibration dump `out` for checkpoint `src` from `text` (plain or .jsonl), a `datasets`
     `dataset`, or given `tokens` [sequences, seq_len]. An interrupted dump is continued by the same call.
 
     `workers=N` splits the sequences among N worker processes (one GPU each where there are N and
     `device` names no index), each streaming the whole model over its share: the same dump, N times the
-    reading of the checkpoint. Interrupted, such a dump starts again from its first layer."""
+    reading of the checkpoint. Interrupted, such a dump starts again from its first layer.
+
+    `revision`: the branch, tag or commit of `src` when it is a Hub repo id (default: main)."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
     whole("--workers", workers)
     text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
-    ckpt = Checkpoint(resolve_checkpoint(src))
+    ckpt = Checkpoint(resolve_checkpoint(src, revision))
     family = family_for(ckpt.config)
     require_forward(family)
     check_fp8_tensors(ckpt)

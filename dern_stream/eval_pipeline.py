@@ -109,20 +109,19 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
+    reference_revision: str | None = None,
 ) -> EvalReport:
     """Perplexity of `src` on `text`/`dataset`/`tokens` (up to `num_tokens`); with `reference` too, the KL
     divergence of `src`'s next-token distribution from `reference`'s and their top-1 agreement on those tokens;
     with `reference` and `calib`, the per-MoE-layer output error of `src` against `reference` on the dump's
     inputs.
     With `json_path`, the report is also written there (replacing only an earlier report, with
-    `overwrite`)."""
+    `overwrite`). `revision`, `reference_revision`: the branch, tag or commit of `src` and `reference`
+    when they are Hub repo ids (default: main)."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
     text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
-    if json_path is not None:
-        json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
-            **read_paths("the checkpoint", resolve_checkpoint(src)), "the reference": reference,
-            "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if calib is not None and reference is None:
         raise DernError("--calib needs --reference IN: the per-layer error compares this checkpoint's MoE blocks with "
@@ -132,9 +131,14 @@ def evaluate(
     if reference is not None and calib is None and not wants_ppl:
         raise DernError("with --reference, give --text/--dataset (KL divergence and top-1 agreement with it) and/or "
                         "--calib DUMP (per-layer error)")
+    root = resolve_checkpoint(src, revision)  # once: for a Hub repo id, each call asks the Hub
+    if json_path is not None:
+        json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
+            **read_paths("the checkpoint", root), "the reference": reference,
+            "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
-    ckpt = Checkpoint(resolve_checkpoint(src))
+    ckpt = Checkpoint(root)
     # a bad config.json is one line, before the tokenizer (which reads it too) loads
     require_forward(family_for(ckpt.config))
     check_fp8_tensors(ckpt)
@@ -143,7 +147,7 @@ def evaluate(
     ref = dump = None
     if reference is not None:  # checked before the perplexity pass, which a bad reference would waste
         try:
-            ref = Checkpoint(resolve_checkpoint(reference))
+            ref = Checkpoint(resolve_checkpoint(reference, reference_revision))
             check_decoder_layers(ref)
         except DernError as e:
             raise DernError(f"--reference: {e}") from None

@@ -52,6 +52,7 @@ class RewriteSummary:
     notes: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # busy seconds per stage; they overlap
     report: ReportSummary | None = None  # `report=`: the report written after the rewrite
+    pushed: str | None = None  # the Hub commit's URL, after rewrite(push_to_hub=...)
 
     def __str__(self) -> str:
         frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
@@ -66,6 +67,8 @@ class RewriteSummary:
                          + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
         if self.report is not None:
             lines.append(str(self.report))
+        if self.pushed:
+            lines.append(f"verified and pushed: {self.pushed}")
         return "\n".join(lines)
 
 
@@ -172,7 +175,7 @@ def _finish(plan: RewritePlan, path: Path, writer: ShardedWriter, records: dict,
     records = {k: records[k] for k in sorted(records, key=int)}
     dump = plan.dump
     write_audit(path, audit_record(
-        source=plan.source, fingerprint=plan.fingerprint, calib=plan.calib.resolve() if dump is not None else None,
+        source=plan.origin, fingerprint=plan.fingerprint, calib=plan.calib.resolve() if dump is not None else None,
         model_type=plan.family.model_type, num_experts=plan.shape.num_experts, intermediate=plan.shape.intermediate,
         options=plan.options, config_notes=notes, layers=records, run=plan.run, device=compute,
         calib_provenance=dump.attrs.get("provenance") if dump is not None else None,

@@ -24,6 +24,7 @@ from .device import resolve_device
 from .errors import DernError
 from .estimates import Estimates, estimate
 from .families import Family, GroupPlan, family_for
+from .hub import source_record
 from .layer_rewrite import (
     LayerRouting,
     LayerSelection,
@@ -83,6 +84,7 @@ class RewritePlan:
     config: dict  # the input's config.json
     ranking_seconds: float  # spent on Stage 1 (the importance pass over the dump)
     threads: int  # torch's thread count where the plan was made: every worker computes with as many
+    origin: dict  # how dern_stream.json names the input (hub.source_record: repo and commit, or directory name)
 
     # Pickled for worker processes and Ray tasks without what is derived from the config (a Family holds
     # functions) or open (the dump): each worker derives and opens them again.
@@ -133,16 +135,17 @@ class RewritePlan:
 
 
 def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib: Path | None,
-              progress: bool = False) -> RewritePlan:
+              progress: bool = False, origin: dict | None = None) -> RewritePlan:
     """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
-    input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump."""
+    input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump.
+    `origin`: how the record names the input (default: hub.source_record of the directory)."""
     source = resolve_checkpoint(src)
     with Checkpoint(source) as ckpt:
-        return _plan(ckpt, source, out, options, calib, progress)
+        return _plan(ckpt, source, out, options, calib, progress, origin or source_record(source))
 
 
 def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
-          progress: bool) -> RewritePlan:
+          progress: bool, origin: dict) -> RewritePlan:
     config = ckpt.config
     family = family_for(config)
     storage = expert_storage(config)
@@ -199,7 +202,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
         out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
-        dump=dump, config=config, ranking_seconds=ranking, threads=torch.get_num_threads(),
+        dump=dump, config=config, ranking_seconds=ranking, threads=torch.get_num_threads(), origin=origin,
     )
 
 

@@ -67,9 +67,10 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, progress: bool = True) -> VerifyReport:
+def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, progress: bool = True,
+           revision: str | None = None) -> VerifyReport:
     """Check OUT (see the module doc). Problems are collected in the report; a checkpoint too broken
-    to open at all raises DernError."""
+    to open at all raises DernError. `against` may be a Hub repo id, at `revision`."""
     root = Path(out).expanduser().resolve()
     if not root.is_dir():
         raise DernError(f"{root} is not a directory")
@@ -99,7 +100,7 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     sums = _recorded_checksums(audit, ckpt.root / "dern_stream.json", report)
     if sums is not None:
         _check_files(ckpt, sums, report)
-    source = Checkpoint(resolve_checkpoint(against)) if against is not None else None
+    source = Checkpoint(resolve_checkpoint(against, revision)) if against is not None else None
     _scan(ckpt, family, layers, audit, sums, source, report, progress)
     report.checks.append("finite")
     if sums is not None:

@@ -13,31 +13,21 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Weight formats this tool neither reads nor copies (a Hub download skips them too).
 FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "original/*")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
-def resolve_checkpoint(ref: str | os.PathLike) -> Path:
-    """A local directory as given, or a Hub repo id fetched through huggingface_hub's cache.
-
-    With HF_HUB_OFFLINE=1 a cached repo resolves without network access.
-    """
+def resolve_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as given, or a Hub repo id (at `revision`) fetched through huggingface_hub's
+    cache (hub.download: only the files a command reads; with HF_HUB_OFFLINE=1 the cache alone)."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
             raise DernError(f"input {ref} is a file; give the checkpoint directory")
+        if revision is not None:
+            raise DernError(f"--revision {revision} is for a Hugging Face repo id; {ref} is a local directory")
         return path.resolve()
-    if not _REPO_ID.match(str(ref)):
+    if not REPO_ID.match(str(ref)):
         raise DernError(f"input {ref} does not exist (neither a directory nor a Hugging Face repo id)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from ..hub import download
 
-    try:
-        return Path(snapshot_download(str(ref), ignore_patterns=list(FOREIGN_WEIGHTS))).resolve()
-    except LocalEntryNotFoundError:
-        raise DernError(f"no directory {ref}, and no Hugging Face repo {ref} in the local cache "
-                        "(the Hub cannot be reached, or HF_HUB_OFFLINE is set)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise DernError(f"no directory {ref}, and fetching Hugging Face repo {ref} failed: "
-                        f"{str(e).splitlines()[0]}") from None
-
-
+    return download(str(ref), revision)
