@@ -10,6 +10,7 @@ import importlib
 __version__ = "0.2.0"
 
 _EXPORTS = {
+    "CardReport": ".model_card", "card": ".model_card",
     "DernError": ".errors",
     "DumpSummary": ".dump_pipeline", "dump": ".dump_pipeline",
     "EvalReport": ".eval_pipeline", "evaluate": ".eval_pipeline",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 
 from . import __version__
 from .checkpoint import write_durably
-from .checkpoint.integrity import checksum
+from .checksums import record_checksum, sealed_record
 from .layer_rewrite import LayerReport
 from .options import RewriteOptions
 from .run_identity import versions
@@ -31,11 +30,13 @@ def audit_record(
     device: torch.device | None = None,
     calib_provenance: dict | None = None,
     checksums: dict | None = None,
+    parameters: dict | None = None,
 ) -> dict:
     """The whole record; `layers` maps layer index to `layer_record(...)` with the checksums of the
     tensors that layer's write wrote under "checksums"; they are gathered into `checksums["tensors"]`
     (`checksums` also holds the algorithm and the shard headers' and other files' checksums). `source`
-    names the input (hub.source_record: a Hub repo, revision and commit, or a directory's name). Nothing in
+    names the input (hub.source_record: a Hub repo, revision and commit, or a directory's name);
+    `parameters` the input's and the output's parameter counts (parameter_count.py). Nothing in
     it varies between two runs of the same command (no times, no process ids), so reruns stay
     byte-identical."""
     tensors = {name: value for record in layers.values() for name, value in record.get("checksums", {}).items()}
@@ -62,6 +63,7 @@ def audit_record(
         "intermediate_size": options.intermediate_size or intermediate,
         "config_notes": config_notes,
         "layers": layers,
+        "parameters": parameters,
         # What verify checks every byte of the output against (README, "verify").
         "checksums": {**(checksums or {}), "tensors": dict(sorted(tensors.items()))},
     }
@@ -99,10 +101,7 @@ def layer_record(report: LayerReport) -> dict:
 
 def write_audit(directory: Path, record: dict) -> None:
     """dern_stream.json, with the checksum of its own content (`record_checksum`, see record_checksum)."""
-    record = {**record, "record_checksum": record_checksum(record)}
-    write_durably(directory / "dern_stream.json", (json.dumps(record, indent=2) + "\n").encode())
+    write_durably(directory / "dern_stream.json", sealed_record(record))
 
 
-def record_checksum(record: dict) -> str:
-    """Checksum of a record as written, less its own `record_checksum` field: any change of a value found."""
-    return checksum(json.dumps({k: v for k, v in record.items() if k != "record_checksum"}, indent=2).encode())
+__all__ = ["audit_record", "layer_record", "record_checksum", "write_audit"]

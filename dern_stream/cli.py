@@ -248,5 +248,18 @@ def push(out, repo, private, revision, quiet) -> None:
     click.echo(f"verified and pushed: {run_push(out, repo, private=private, revision=revision, progress=not quiet)}")
 
 
+@main.command(name="card")
+@click.argument("out", metavar="OUT")
+@click.option("--eval", "evals", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="An `eval --json` report to show in the card's evaluation table (repeatable); without --eval "
+                   "the card keeps the results given before.")
+def card_(out, evals) -> None:
+    """Rebuild OUT/README.md, the model card of rewrite output OUT, from its dern_stream.json (the base model's
+    card in it is kept), and record its checksum there so that verify still passes."""
+    from .model_card import card
+
+    click.echo(str(card(out, evals=list(evals) or None)))
+
+
 if __name__ == "__main__":
     main()

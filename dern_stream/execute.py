@@ -29,6 +29,8 @@ from .host_memory import return_freed_memory
 from .layer_pools import run_local, run_ray
 from .layer_rewrite import LayerInputs, read_layer
 from .layer_task import compute_layer, write_outputs
+from .model_card import BASE_CARD_NOTE, CARD_NAME, write_card
+from .parameter_count import rewrite_parameters
 from .pipeline import run_pipeline
 from .report import ReportSummary
 from .rewrite_plan import RewritePlan
@@ -138,7 +140,7 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
                                 bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
                 with clock("write"):
                     writer.finish()
-            _finish(plan, stage.path, writer, records, notes, compute)
+            _finish(plan, ckpt, stage.path, writer, records, notes, compute)
     except NonFiniteTensor:
         # Resuming would meet the same values: the input must change first (and a changed input
         # starts over), so the finished layers are of no use.
@@ -161,12 +163,16 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
     )
 
 
-def _finish(plan: RewritePlan, path: Path, writer: ShardedWriter, records: dict, notes: list[str], compute) -> None:
-    """Side files, the audit record, then config.json: the last file, so a directory without it never
-    looks like a loadable checkpoint."""
+def _finish(plan: RewritePlan, ckpt: Checkpoint, path: Path, writer: ShardedWriter, records: dict, notes: list[str],
+            compute) -> None:
+    """Side files, the model card, the audit record, then config.json: the last file, so a directory
+    without it never looks like a loadable checkpoint."""
     copied_files, skipped = copy_side_files(plan.source, path)
     if skipped:
         notes.append(f"not copied (weights in other formats or folders): {', '.join(skipped)}")
+        log.warning("note: %s", notes[-1])
+    if CARD_NAME in copied_files:
+        notes.append(BASE_CARD_NOTE)
         log.warning("note: %s", notes[-1])
     config_bytes = (json.dumps(plan.out_config, indent=2) + "\n").encode()
     written = [*copied_files, *([INDEX_NAME] if len(writer.files) > 1 else [])]
@@ -174,11 +180,14 @@ def _finish(plan: RewritePlan, path: Path, writer: ShardedWriter, records: dict,
     files["config.json"] = checksum(config_bytes)
     records = {k: records[k] for k in sorted(records, key=int)}
     dump = plan.dump
-    write_audit(path, audit_record(
+    record = audit_record(
         source=plan.origin, fingerprint=plan.fingerprint, calib=plan.calib.resolve() if dump is not None else None,
         model_type=plan.family.model_type, num_experts=plan.shape.num_experts, intermediate=plan.shape.intermediate,
         options=plan.options, config_notes=notes, layers=records, run=plan.run, device=compute,
         calib_provenance=dump.attrs.get("provenance") if dump is not None else None,
         checksums={"algorithm": CHECKSUM, "headers": writer.header_checksums, "files": dict(sorted(files.items()))},
-    ))
+        parameters=rewrite_parameters(plan, ckpt.entries),
+    )
+    write_card(path, record, plan.out_config)  # README.md: the model card, keeping the input's README.md in it
+    write_audit(path, record)
     write_durably(path / "config.json", config_bytes)

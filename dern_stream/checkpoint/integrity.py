@@ -1,29 +1,15 @@
-"""Integrity of stored bytes: checksums of what is written, and whether float values are finite.
-
-The checksum is xxHash's XXH3-128 (the `xxhash` package), several times faster than hashlib's
-blake2b and sha256 (README, "Output"), so hashing every byte the rewrite writes costs a fraction of
-writing it. It detects accidental change (a flipped bit, a
-torn or swapped write), not deliberate tampering.
-"""
+"""Integrity of stored bytes: checksums of what is written (checksums.py, re-exported here), and whether
+float values are finite."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import xxhash
 
+from ..checksums import CHECKSUM, checksum, new_hasher
 from .safetensors_format import DTYPES
 
-CHECKSUM = "xxh3_128"
-
-
-def new_hasher() -> xxhash.xxh3_128:
-    return xxhash.xxh3_128()
-
-
-def checksum(data) -> str:
-    """Checksum of a bytes-like object."""
-    return xxhash.xxh3_128(data).hexdigest()
+__all__ = ["CHECKSUM", "all_finite", "bytes_finite", "checksum", "new_hasher"]
 
 
 def all_finite(t: torch.Tensor) -> bool:
