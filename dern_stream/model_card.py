@@ -114,7 +114,8 @@ def base_model_of(source: dict) -> tuple[str, str | None]:
     """(base_model, revision) from dern_stream.json's "source": a Hub repo id where the input was one
     (`repo_id`, or a path into huggingface_hub's cache), else the input directory's name."""
     if isinstance(source.get("repo_id"), str):
-        revision = source.get("revision")
+        # The commit pins what was read; the revision (a branch) may have moved since.
+        revision = source.get("commit") or source.get("revision")
         return source["repo_id"], revision if isinstance(revision, str) else None
     for key in ("name", "directory"):
         if isinstance(source.get(key), str):

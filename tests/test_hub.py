@@ -18,6 +18,7 @@ from fake_hub import FakeHub, oid
 import dern_stream
 from dern_stream.cli import main
 from dern_stream.errors import DernError
+from dern_stream.model_card import base_card_of
 from dern_stream.verify import verify
 
 REPO = "org/tiny-moe"
@@ -69,7 +70,10 @@ def test_rewrite_by_repo_id_fetches_only_what_it_uses(hub, model, tmp_path):
     assert sorted(hub.downloaded()) == sorted(needed(model))  # each once; nothing of NOT_NEEDED
     assert verify(out, against=model, progress=False).ok  # the input read is the model, byte for byte
     for name, data in SIDE_FILES.items():
-        assert (out / name).read_bytes() == data
+        if name == "README.md":  # the output's README is its model card, with the input's card inside
+            assert base_card_of((out / name).read_text()) == data.decode()
+        else:
+            assert (out / name).read_bytes() == data
     text = (out / "dern_stream.json").read_text()
     source = json.loads(text)["source"]
     assert {k: source[k] for k in ("repo_id", "revision", "commit")} == \
@@ -90,7 +94,7 @@ def test_revision_selects_the_branch(hub, model, tmp_path):
     v2 = hub.add(REPO, {**hub.files(REPO), "README.md": b"# tiny MoE, v2\n"}, branch="v2")
     out = tmp_path / "out"
     dern_stream.rewrite(REPO, out, experts=4, importance="router-norm", revision="v2", progress=False)
-    assert (out / "README.md").read_bytes() == b"# tiny MoE, v2\n"
+    assert base_card_of((out / "README.md").read_text()) == "# tiny MoE, v2\n"
     source = json.loads((out / "dern_stream.json").read_text())["source"]
     assert (source["revision"], source["commit"]) == ("v2", v2)
     resolved = [r.path for r in hub.requests if "/resolve/" in r.path]
