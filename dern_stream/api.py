@@ -16,7 +16,7 @@ from .checkpoint.output_dir import check_output_location
 from .durable_files import write_replacing
 from .errors import DernError
 from .host_memory import map_large_blocks
-from .hub import check_repo_id, push, source_record
+from .hub import check_push_token, check_repo_id, push, source_record
 from .locks import reading_dump
 from .optional import require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
@@ -85,6 +85,7 @@ def rewrite(
         require_ray()
     if push_to_hub is not None:
         check_repo_id(push_to_hub, "--push-to-hub")
+        check_push_token(push_to_hub)
     elif private:
         raise DernError("--private goes with --push-to-hub (it makes the repo pushed to private)")
     source = resolve_checkpoint(src, revision)

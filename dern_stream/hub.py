@@ -209,6 +209,16 @@ def _pushing(target: str) -> Iterator[None]:
         raise DernError(f"pushing to {target} failed: {_first_line(e)}{hint}") from e
 
 
+def check_push_token(repo_id: str) -> None:
+    """Before a long rewrite that ends in a push: a token must be there (HF_TOKEN, or `hf auth login`), else the
+    push would fail only hours later. Whether it may write to `repo_id` is known only when the push runs."""
+    from huggingface_hub import get_token
+
+    if get_token() is None:
+        raise DernError(f"--push-to-hub {repo_id} needs a Hugging Face token: log in with `hf auth login` or set "
+                        "HF_TOKEN (checked before the rewrite starts)")
+
+
 def check_repo_id(repo_id: str, option: str) -> None:
     if not isinstance(repo_id, str) or not REPO_ID.match(repo_id):
         raise DernError(f"{option} needs a Hugging Face repo id such as me/Mixtral-4x, got {repo_id!r}")

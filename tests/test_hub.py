@@ -140,12 +140,16 @@ def test_hf_home_and_hf_hub_offline_from_the_environment(hub, model, tmp_path):
     (["LOCAL", "--revision", "v2"], "--revision v2 is for a Hugging Face repo id; "),
     ([REPO, "--push-to-hub", "no id"], "--push-to-hub needs a Hugging Face repo id such as me/Mixtral-4x, got 'no id'"),
     ([REPO, "--private"], "--private goes with --push-to-hub"),
+    (["NO_TOKEN", REPO, "--push-to-hub", "me/x"], "--push-to-hub me/x needs a Hugging Face token"),
 ])
 def test_hub_failures_are_one_line(args, message, hub, model, tmp_path, monkeypatch):
     if args[0] == "OFFLINE":
         from huggingface_hub import constants
 
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        args = args[1:]
+    if args[0] == "NO_TOKEN":  # checked before the rewrite, not hours later at the push
+        monkeypatch.delenv("HF_TOKEN")
         args = args[1:]
     args = [model if a == "LOCAL" else a for a in args]
     out = tmp_path / "out"
