@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
 from .durable_files import write_replacing
-from .errors import DernError
+from .errors import DernError, arg
 from .host_memory import map_large_blocks
 from .locks import reading_dump
 from .optional import require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
-from .targets import check_json_target, check_replaceable, not_json_of, read_paths
+from .targets import JSON_FILE, check_json_target, check_replaceable, not_json_of, read_paths
 
 if TYPE_CHECKING:
     from .execute import RewriteSummary
@@ -62,12 +62,12 @@ def rewrite(
     started = time.perf_counter()
     map_large_blocks()
     chosen = _options(experts, options)
-    whole("--workers", workers)
+    whole("workers", workers)
     if ray is not None:
         if workers != 1:
-            raise DernError("--workers and --ray do not go together: Ray decides where the layers run")
+            raise DernError(f"{arg('workers')} and {arg('ray')} do not go together: Ray decides where the layers run")
         if not isinstance(ray, str) or not ray:
-            raise DernError(f"--ray must be a cluster address such as auto or ray://host:10001, got {ray!r}")
+            raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
         require_ray()
     source = resolve_checkpoint(src)
     out_path = Path(out).expanduser().resolve()
@@ -114,7 +114,7 @@ def plan(
     with _reading(calib):
         made = make_plan(source, None, chosen, calib, progress)
     if json_path is not None:
-        check_replaceable(json_path, "--json file", overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
+        check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
                           directory=False)
         write_replacing(json_path, (json.dumps(plan_record(made), indent=2) + "\n").encode())
     return made

@@ -21,7 +21,7 @@ from .calib.text import check_vocabulary, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .durable_files import write_replacing
-from .errors import DernError
+from .errors import DernError, arg, describe
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
@@ -30,6 +30,7 @@ from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import (
+    JSON_FILE,
     check_json_target,
     check_replaceable,
     expand_user,
@@ -112,9 +113,11 @@ def evaluate(
             "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if not wants_ppl and reference is None:
-        raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
+        raise DernError(f"nothing to evaluate: give {arg('text')} or {arg('dataset')} for perplexity, or "
+                        f"{arg('reference', metavar='IN')} with {arg('calib', metavar='DUMP')}")
     if (reference is None) != (calib is None):
-        raise DernError("--reference and --calib go together (the dump's inputs are the reference's MoE inputs)")
+        raise DernError(f"{arg('reference')} and {arg('calib')} go together (the dump's inputs are the reference's "
+                        "MoE inputs)")
     compute = resolve_device(device)
     compute_dtype = parse_dtype(dtype)
     ckpt = Checkpoint(resolve_checkpoint(src))
@@ -129,10 +132,10 @@ def evaluate(
             ref = Checkpoint(resolve_checkpoint(reference))
             check_decoder_layers(ref)
         except DernError as e:
-            raise DernError(f"--reference: {e}") from None
+            raise DernError(f"{arg('reference')}: {describe(e)}") from None
         if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
-            raise DernError(f"--reference {ref.root} ({ref.config.get('model_type')}) is not the same family as "
-                            f"{ckpt.root} ({ckpt.config.get('model_type')})")
+            raise DernError(f"{arg('reference', str(ref.root))} ({ref.config.get('model_type')}) is not the same "
+                            f"family as {ckpt.root} ({ckpt.config.get('model_type')})")
         dump = CalibDump(calib)
     if wants_ppl:
         if tokens is None:
@@ -151,7 +154,7 @@ def evaluate(
     report.seconds = time.perf_counter() - started
     if json_path is not None:
         # Checked again: a file may have appeared there during the evaluation.
-        check_replaceable(json_path, "--json file", overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
+        check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
                           directory=False)
         write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report
