@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
 from .durable_files import write_replacing
-from .errors import DernError
+from .errors import DernError, arg
 from .host_memory import map_large_blocks
 from .hub import check_push_token, check_repo_id, push, source_record
 from .locks import reading_dump
@@ -22,7 +22,7 @@ from .optional import require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
 from .report import check_report_target, write_report
-from .targets import check_apart, check_json_target, check_replaceable, not_json_of, read_paths
+from .targets import JSON_FILE, check_apart, check_json_target, check_replaceable, not_json_of, read_paths
 
 if TYPE_CHECKING:
     from .execute import RewriteSummary
@@ -76,18 +76,18 @@ def rewrite(
     started = time.perf_counter()
     map_large_blocks()
     chosen = _options(experts, options)
-    whole("--workers", workers)
+    whole("workers", workers)
     if ray is not None:
         if workers != 1:
-            raise DernError("--workers and --ray do not go together: Ray decides where the layers run")
+            raise DernError(f"{arg('workers')} and {arg('ray')} do not go together: Ray decides where the layers run")
         if not isinstance(ray, str) or not ray:
-            raise DernError(f"--ray must be a cluster address such as auto or ray://host:10001, got {ray!r}")
+            raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
         require_ray()
     if push_to_hub is not None:
         check_repo_id(push_to_hub, "--push-to-hub")
         check_push_token(push_to_hub)
     elif private:
-        raise DernError("--private goes with --push-to-hub (it makes the repo pushed to private)")
+        raise DernError(f"{arg('private', True)} goes with {arg('push_to_hub')} (it makes the repo pushed to private)")
     source = resolve_checkpoint(src, revision)
     out_path = Path(out).expanduser().resolve()
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
@@ -156,7 +156,7 @@ def plan(
     with _reading(calib):
         made = make_plan(source, None, chosen, calib, progress, source_record(source, revision))
     if json_path is not None:
-        check_replaceable(json_path, "--json file", overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
+        check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
                           directory=False)
         write_replacing(json_path, (json.dumps(plan_record(made), indent=2) + "\n").encode())
     return made

@@ -10,11 +10,11 @@ import sys
 import click
 
 from . import __version__
-from .errors import DernError, describe
+from .errors import DernError, describe, render
 
 
 class _Group(click.Group):
-    """Turn DernError into one line (no traceback) unless --debug."""
+    """Turn DernError into one line (no traceback) unless --debug, naming arguments by their flags."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,7 +29,8 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             # OSError: a full disk or a permission problem mid-run; the staged output is already gone.
-            click.echo(f"error: {describe(e)}", err=True)
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            click.echo(f"error: {render(describe(e), flag_names(command))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             if ctx.params.get("debug"):
@@ -38,6 +39,12 @@ class _Group(click.Group):
             click.echo("error: interrupted" + ("; finished layers are kept: run the same command again to resume"
                                                if resumable else ""), err=True)
             sys.exit(130)
+
+
+def flag_names(command: click.Command | None) -> dict[str, str]:
+    """A command's options as Python keyword -> flag (`json_path` -> `--json`): how the arguments a
+    DernError names (errors.arg) are shown on the command line; any other is `--keyword`."""
+    return {p.name: p.opts[0] for p in getattr(command, "params", ()) if isinstance(p, click.Option) and p.name}
 
 
 def _interrupt(signum, frame) -> None:

@@ -20,7 +20,7 @@ from .calib.text import check_vocabulary, file_sha256, note_long_sequences, toke
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .dump_workers import dump_in_workers, split_sequences
-from .errors import DernError, NonFinite, describe
+from .errors import DernError, NonFinite, arg, describe
 from .families import family_for, require_forward
 from .layout import check_decoder_layers, moe_layer_indices
 from .locks import DirLock
@@ -79,7 +79,7 @@ def dump(
     `revision`: the branch, tag or commit of `src` when it is a Hub repo id (default: main)."""
     started = time.perf_counter()
     check_text_options(num_tokens, seq_len, batch_size)
-    whole("--workers", workers)
+    whole("workers", workers)
     text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
@@ -95,7 +95,8 @@ def dump(
                                    "the tokenizer": tokenizer})
     reason = not_a_dump(out_path) if os.path.lexists(out_path) else None
     if reason is not None:
-        raise DernError(f"DUMP {out_path} {reason}; choose another path (--overwrite replaces only an earlier dump)")
+        raise DernError(f"DUMP {out_path} {reason}; choose another path ({arg('overwrite', True)} replaces only an "
+                        "earlier dump)")
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
     model = StreamedModel(ckpt, compute, compute_dtype)  # meta device: cheap, and checks config.json
     if model.moe_layers() != moe_layers:
@@ -279,11 +280,11 @@ def _resumable(path: Path, provenance: dict) -> CalibWriter:
     if attrs.get("format") != FORMAT:
         raise DernError(f"{path} exists and is not a calibration dump; choose another path")
     if attrs.get("complete"):
-        raise DernError(f"dump {path} already exists and is complete; pass --overwrite to make it again")
+        raise DernError(f"dump {path} already exists and is complete; pass {arg('overwrite', True)} to make it again")
     before = attrs.get("provenance") or {}
     changed = [k for k in ("checkpoint_fingerprint", "source", "source_sha256", "tokenizer", "num_tokens",
                            "seq_len", "dtype") if before.get(k) != provenance.get(k)]
     if changed:
         raise DernError(f"{path} holds an interrupted dump made with a different {', '.join(changed)}; "
-                        "rerun that command to resume it, or pass --overwrite to start again")
+                        f"rerun that command to resume it, or pass {arg('overwrite', True)} to start again")
     return CalibWriter.reopen(path)

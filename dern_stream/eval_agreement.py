@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .calib.text import check_vocabulary, note_long_sequences
 from .checkpoint import Checkpoint
-from .errors import DernError
+from .errors import DernError, arg
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched
 
@@ -37,10 +37,10 @@ def compare_predictions(ref: Checkpoint, ckpt: Checkpoint, ids: torch.Tensor, ba
     note_long_sequences(ids, ckpt.config)
     ref_model, model = StreamedModel(ref, device, dtype), StreamedModel(ckpt, device, dtype)
     if ref_model.vocab_size != model.vocab_size:
-        raise DernError(f"--reference {ref.root} has a vocabulary of {ref_model.vocab_size} tokens and {ckpt.root} "
-                        f"one of {model.vocab_size}: their predictions cannot be compared")
+        raise DernError(f"{arg('reference', str(ref.root))} has a vocabulary of {ref_model.vocab_size} tokens and "
+                        f"{ckpt.root} one of {model.vocab_size}: their predictions cannot be compared")
     if ref_model.num_layers != model.num_layers:
-        raise DernError(f"--reference {ref.root} has {ref_model.num_layers} decoder layers and {ckpt.root} "
+        raise DernError(f"{arg('reference', str(ref.root))} has {ref_model.num_layers} decoder layers and {ckpt.root} "
                         f"{model.num_layers}: it is not the model this checkpoint was made from")
     batches = batched(ids, batch_size)
     shapes = [(*b.shape, int(ckpt.config["hidden_size"])) for b in batches]

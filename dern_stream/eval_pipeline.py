@@ -23,7 +23,7 @@ from .calib.text import check_vocabulary, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
 from .durable_files import write_replacing
-from .errors import DernError
+from .errors import DernError, arg, describe
 from .eval_agreement import compare_predictions
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
@@ -33,6 +33,7 @@ from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
 from .targets import (
+    JSON_FILE,
     check_json_target,
     check_replaceable,
     expand_user,
@@ -124,13 +125,14 @@ def evaluate(
     text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
     wants_ppl = text is not None or dataset is not None or tokens is not None
     if calib is not None and reference is None:
-        raise DernError("--calib needs --reference IN: the per-layer error compares this checkpoint's MoE blocks with "
-                        "the reference's on the dump's inputs")
+        raise DernError(f"{arg('calib')} needs {arg('reference', metavar='IN')}: the per-layer error compares this "
+                        "checkpoint's MoE blocks with the reference's on the dump's inputs")
     if not wants_ppl and reference is None:
-        raise DernError("nothing to evaluate: give --text/--dataset for perplexity, or --reference IN --calib DUMP")
+        raise DernError(f"nothing to evaluate: give {arg('text')} or {arg('dataset')} for perplexity, or "
+                        f"{arg('reference', metavar='IN')} with {arg('calib', metavar='DUMP')}")
     if reference is not None and calib is None and not wants_ppl:
-        raise DernError("with --reference, give --text/--dataset (KL divergence and top-1 agreement with it) and/or "
-                        "--calib DUMP (per-layer error)")
+        raise DernError(f"with {arg('reference')}, give {arg('text')} or {arg('dataset')} (KL divergence and top-1 "
+                        f"agreement with it) and/or {arg('calib', metavar='DUMP')} (per-layer error)")
     root = resolve_checkpoint(src, revision)  # once: for a Hub repo id, each call asks the Hub
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
@@ -150,10 +152,10 @@ def evaluate(
             ref = Checkpoint(resolve_checkpoint(reference, reference_revision))
             check_decoder_layers(ref)
         except DernError as e:
-            raise DernError(f"--reference: {e}") from None
+            raise DernError(f"{arg('reference')}: {describe(e)}") from None
         if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
-            raise DernError(f"--reference {ref.root} ({ref.config.get('model_type')}) is not the same family as "
-                            f"{ckpt.root} ({ckpt.config.get('model_type')})")
+            raise DernError(f"{arg('reference', str(ref.root))} ({ref.config.get('model_type')}) is not the same "
+                            f"family as {ckpt.root} ({ckpt.config.get('model_type')})")
         dump = CalibDump(calib) if calib is not None else None
         report.reference = str(ref.root)
     if wants_ppl:
@@ -179,7 +181,7 @@ def evaluate(
     report.seconds = time.perf_counter() - started
     if json_path is not None:
         # Checked again: a file may have appeared there during the evaluation.
-        check_replaceable(json_path, "--json file", overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
+        check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
                           directory=False)
         write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
     return report

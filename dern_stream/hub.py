@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint.locate import FOREIGN_WEIGHTS, INDEX_NAME, REPO_ID, SINGLE_NAME
 from .checkpoint.output_dir import not_rewrite_output
-from .errors import DernError
+from .errors import DernError, arg
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Everything at the top level but weights and dot-files: config.json, the index, generation config,
@@ -215,7 +215,7 @@ def check_push_token(repo_id: str) -> None:
     from huggingface_hub import get_token
 
     if get_token() is None:
-        raise DernError(f"--push-to-hub {repo_id} needs a Hugging Face token: log in with `hf auth login` or set "
+        raise DernError(f"{arg('push_to_hub', repo_id)} needs a Hugging Face token: log in with `hf auth login` or set "
                         "HF_TOKEN (checked before the rewrite starts)")
 
 

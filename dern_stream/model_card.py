@@ -24,7 +24,7 @@ from pathlib import Path
 from .checkpoint.output_dir import AUDIT_NAME
 from .checksums import CHECKSUM, checksum, record_checksum, sealed_record
 from .durable_files import write_replacing
-from .errors import DernError
+from .errors import DernError, arg
 
 CARD_NAME = "README.md"
 EVAL_FORMAT = "dern-stream-eval"  # eval_pipeline.EVAL_FORMAT (that module loads torch; a test checks they agree)
@@ -336,11 +336,11 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DernError(f"--eval {path}: no such file") from None
+        raise DernError(f"{arg('evals', str(path))}: no such file") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise DernError(f"--eval {path} cannot be read as JSON ({type(e).__name__})") from None
+        raise DernError(f"{arg('evals', str(path))} cannot be read as JSON ({type(e).__name__})") from None
     if not isinstance(report, dict) or report.get("format") != EVAL_FORMAT:
-        raise DernError(f"--eval {path} is not a report of `dern-stream eval --json` (its format is not "
+        raise DernError(f"{arg('evals', str(path))} is not a report of `dern-stream eval --json` (its format is not "
                         f"{EVAL_FORMAT})")
     numbers = ("perplexity", "nll_per_token", "mean_rel_l2")
     valid = (isinstance(report.get("checkpoint"), str)
@@ -351,7 +351,8 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
              and all(isinstance(e, dict) and type(e.get("layer")) is int and _is_number(e.get("rel_l2"))
                      for e in report["layer_errors"]))
     if not valid:
-        raise DernError(f"--eval {path}: not a complete eval report (checkpoint, perplexity, tokens, layer_errors)")
+        raise DernError(f"{arg('evals', str(path))}: not a complete eval report (checkpoint, perplexity, tokens, "
+                        "layer_errors)")
     result = {k: report.get(k) for k in _EVAL_FIELDS}
     result["model"] = _which_model(report["checkpoint"], root, base_model)
     if report.get("reference") is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from .errors import DernError
+from .errors import DernError, arg
 
 
 def require_transformers() -> ModuleType:
@@ -21,7 +21,7 @@ def require_ray() -> ModuleType:
     try:
         import ray
     except ImportError:
-        raise DernError("--ray needs Ray: pip install 'dern-stream[ray]'") from None
+        raise DernError(f"{arg('ray')} needs Ray: pip install 'dern-stream[ray]'") from None
     return ray
 
 

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import DernError
+from .errors import DernError, arg
 
 SIM_COMPONENTS = ("gate", "up", "down")
 IMPORTANCE_METHODS = ("routing", "router-norm")
@@ -25,9 +25,10 @@ _SIZE_UNITS = {
 
 
 def whole(name: str, value, minimum: int = 1) -> int:
-    """`value` if it is an integer (not a bool) of at least `minimum`, else a one-line DernError."""
+    """`value` if it is an integer (not a bool) of at least `minimum`, else a one-line DernError naming
+    argument `name`."""
     if type(value) is not int or value < minimum:
-        raise DernError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+        raise DernError(f"{arg(name)} must be an integer of at least {minimum}, got {value!r}")
     return value
 
 
@@ -36,21 +37,21 @@ def number(name: str, value, low: float = -math.inf, high: float = math.inf) -> 
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not low <= value <= high:
         bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f"of at least {low:g}"
-        raise DernError(f"{name} must be a finite number {bounds}, got {value!r}")
+        raise DernError(f"{arg(name)} must be a finite number {bounds}, got {value!r}")
     return float(value)
 
 
 def choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise DernError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise DernError(f"{arg(name)} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
 def check_text_options(num_tokens, seq_len, batch_size) -> None:
     """The token budget options of dump and eval."""
-    whole("--num-tokens", num_tokens)
-    whole("--seq-len", seq_len, 2)
-    whole("--batch-size", batch_size)
+    whole("num_tokens", num_tokens)
+    whole("seq_len", seq_len, 2)
+    whole("batch_size", batch_size)
 
 
 def parse_size(value: str | int) -> int:
@@ -72,13 +73,13 @@ def parse_size(value: str | int) -> int:
 def parse_components(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'up,down' -> ('up', 'down') in canonical gate/up/down order."""
     if not isinstance(value, (str, tuple, list)):
-        raise DernError(f"--sim-components must be a non-empty subset of gate,up,down; got {value!r}")
+        raise DernError(f"{arg('sim_components')} must be a non-empty subset of gate,up,down; got {value!r}")
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [str(p) for p in value]
     parts = [p for p in parts if p]
     unknown = sorted(set(parts) - set(SIM_COMPONENTS))
     if unknown or not parts:
         raise DernError(
-            f"--sim-components must be a non-empty subset of gate,up,down; got {','.join(parts) or 'nothing'}"
+            f"{arg('sim_components')} must be a non-empty subset of gate,up,down; got {','.join(parts) or 'nothing'}"
         )
     return tuple(c for c in SIM_COMPONENTS if c in parts)
 
@@ -89,9 +90,9 @@ def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
         parts = [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
         out = tuple(float(p) for p in parts if not isinstance(p, bool))
     except (ValueError, TypeError):
-        raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}") from None
+        raise DernError(f"{arg(name)} must be comma-separated numbers in [0, 1], got {value!r}") from None
     if not out or len(out) != len(parts) or any(not 0.0 <= a <= 1.0 for a in out):
-        raise DernError(f"{name} must be comma-separated numbers in [0, 1], got {value!r}")
+        raise DernError(f"{arg(name)} must be comma-separated numbers in [0, 1], got {value!r}")
     return out
 
 
@@ -161,31 +162,32 @@ class RewriteOptions:
     def __post_init__(self) -> None:
         """Every value checked, whatever its type (the Python API passes values unconverted)."""
         if type(self.experts) is not int or self.experts < 1:
-            raise DernError(f"--experts must be a positive integer, got {self.experts!r}")
+            raise DernError(f"{arg('experts')} must be a positive integer, got {self.experts!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise DernError(f"--alpha must lie in [0, 1], got {self.alpha!r}")  # (NaN fails the comparison too)
-        whole("--kmeans-iters", self.kmeans_iters)
+            raise DernError(f"{arg('alpha')} must lie in [0, 1], got {self.alpha!r}")  # (NaN fails the comparison too)
+        whole("kmeans_iters", self.kmeans_iters)
         if self.intermediate_size is not None:
-            whole("--intermediate-size", self.intermediate_size)
-        choice("--method", self.method, METHODS)
-        choice("--kmeans-init", self.kmeans_init, KMEANS_INITS)
-        choice("--importance", self.importance, IMPORTANCE_METHODS)
-        number("--refit-ridge", self.refit_ridge, 0.0)
-        whole("--fit-tokens", self.fit_tokens)
+            whole("intermediate_size", self.intermediate_size)
+        choice("method", self.method, METHODS)
+        choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
+        choice("importance", self.importance, IMPORTANCE_METHODS)
+        number("refit_ridge", self.refit_ridge, 0.0)
+        whole("fit_tokens", self.fit_tokens)
         if self.output_dtype is not None:
-            choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
-        for name, flag in (("--router-transfer", self.router_transfer), ("--refit", self.refit)):
+            choice("output_dtype", self.output_dtype, OUTPUT_DTYPES)
+        for name, flag in (("router_transfer", self.router_transfer), ("refit", self.refit)):
             if not isinstance(flag, bool):
-                raise DernError(f"{name} must be true or false, got {flag!r}")
+                raise DernError(f"{arg(name)} must be true or false, got {flag!r}")
         if not isinstance(self.device, str):
-            raise DernError(f"--device must be a device name such as auto, cpu or cuda:0, got {self.device!r}")
+            raise DernError(f"{arg('device')} must be a device name such as auto, cpu or cuda:0, got {self.device!r}")
         if self.alpha_candidates is not None:
-            cands = parse_floats(self.alpha_candidates, "--alpha-candidates")
+            cands = parse_floats(self.alpha_candidates, "alpha_candidates")
             if self.method != "dern":
-                raise DernError("--alpha-candidates applies to --method dern only")
+                raise DernError(f"{arg('alpha_candidates')} applies to {arg('method', 'dern')} only")
             object.__setattr__(self, "alpha_candidates", cands)
         if self.intermediate_size is not None and self.method != "dern":
-            raise DernError(f"--intermediate-size needs --method dern ({self.method} keeps whole experts)")
+            raise DernError(f"{arg('intermediate_size')} needs {arg('method', 'dern')} ({self.method} keeps whole "
+                            "experts)")
         object.__setattr__(self, "sim_components", parse_components(self.sim_components))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
@@ -193,7 +195,7 @@ class RewriteOptions:
     def build(cls, experts: int, recipe: str | None = None, **given) -> RewriteOptions:
         """Options from a recipe (or the paper's defaults), with the non-None `given` values on top."""
         if recipe is not None:
-            choice("--recipe", recipe, tuple(RECIPES))
+            choice("recipe", recipe, tuple(RECIPES))
         values = {**RECIPES.get(recipe or "paper", {}), **{k: v for k, v in given.items() if v is not None}}
         return cls(experts=experts, recipe=recipe, **values)
 

@@ -21,7 +21,7 @@ from .checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_s
 from .checkpoint.safetensors_format import dtype_size
 from .checkpoint.writer import ShardLayout, layout_shards
 from .device import resolve_device
-from .errors import DernError
+from .errors import DernError, arg
 from .estimates import Estimates, estimate
 from .families import Family, GroupPlan, family_for
 from .hub import source_record
@@ -152,7 +152,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     check_fp8_tensors(ckpt)
     dequantized = options.output_dtype is not None
     if dequantized and not storage.quantized:
-        raise DernError(f"--output-dtype {options.output_dtype} writes a quantized checkpoint dequantized; "
+        raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     _check_widths(options, shape, storage, family, dequantized)
@@ -209,21 +209,22 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
 def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStorage, family: Family,
                   dequantized: bool) -> None:
     if options.experts > shape.num_experts:
-        raise DernError(f"--experts {options.experts} exceeds the model's {shape.num_experts} experts per layer")
+        raise DernError(f"{arg('experts', options.experts)} exceeds the model's {shape.num_experts} experts per layer")
     if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
-        raise DernError(f"--intermediate-size {options.intermediate_size} exceeds the experts' current "
+        raise DernError(f"{arg('intermediate_size', options.intermediate_size)} exceeds the experts' current "
                         f"{shape.intermediate}; it can only shrink them")
     width = options.intermediate_size
     if storage.fp8 and not dequantized and width is not None and any(width > b and width % b for b in storage.block):
         # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
-        raise DernError(f"--intermediate-size {width} splits the FP8 scale blocks {list(storage.block)}: use a "
-                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or --output-dtype bf16")
+        raise DernError(f"{arg('intermediate_size', width)} splits the FP8 scale blocks {list(storage.block)}: use a "
+                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or "
+                        f"{arg('output_dtype', 'bf16')}")
     if options.refit and family.fused is not None and family.fused.biased:
-        raise DernError(f"--refit does not model {family.model_type}'s expert biases yet; leave it out "
-                        "(--recipe best uses it: give --no-refit)")
+        raise DernError(f"{arg('refit')} does not model {family.model_type}'s expert biases yet; leave it out "
+                        f"({arg('recipe', 'best')} uses it: give {arg('refit', False)})")
     if storage.mxfp4 and not dequantized and width is not None and width % 32:
-        raise DernError(f"--intermediate-size {width} is not a multiple of 32, MXFP4's group size: use one, "
-                        "or --output-dtype bf16")
+        raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
+                        f"or {arg('output_dtype', 'bf16')}")
 
 
 def _select(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
@@ -256,15 +257,16 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
     Layers the dump does not calibrate (a multi-token-prediction layer) are ranked by router norm."""
     if options.importance == "router-norm":
         if options.uses_layer_outputs:
-            raise DernError(f"--method {options.method} with these options needs the layers' cached inputs: "
-                            "pass --calib DUMP instead of --importance router-norm")
+            raise DernError(f"{arg('method', options.method)} with these options needs the layers' cached inputs: "
+                            f"pass {arg('calib', metavar='DUMP')} instead of {arg('importance', 'router-norm')}")
         if calib is not None:
-            raise DernError("--importance router-norm ignores the calibration dump; pass one or the other")
+            raise DernError(f"{arg('importance', 'router-norm')} ignores the calibration dump; pass one or the other")
         notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
         return None
     if calib is None:
-        raise DernError("--calib DUMP is required (a calibration dump of the MoE layers' inputs, see the README), "
-                        "or pass --importance router-norm for the weaker parameter-only ranking")
+        raise DernError(f"{arg('calib', metavar='DUMP')} is required (a calibration dump of the MoE layers' inputs, "
+                        f"see the README), or pass {arg('importance', 'router-norm')} for the weaker parameter-only "
+                        "ranking")
     dump = CalibDump(calib)
     dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
     available = set(dump.attrs.get("moe_layers") or [])

@@ -9,7 +9,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DernError
+from .errors import DernError, arg
+
+JSON_FILE = f"{arg('json_path')} file"  # what plan and eval call their report's path in messages
 
 
 def expand_user(path: str | os.PathLike | None) -> Path | None:
@@ -64,10 +66,11 @@ def check_replaceable(target: Path, what: str, overwrite: bool, not_own: Callabl
         return False
     if not overwrite:
         raise DernError(f"{what} {target} exists{' and is not empty' if directory else ''}; "
-                        "pass --overwrite to replace it")
+                        f"pass {arg('overwrite', True)} to replace it")
     reason = not_own(target)
     if reason is not None:
-        raise DernError(f"{what} {target} {reason}; --overwrite replaces only dern-stream's own earlier output: "
+        raise DernError(f"{what} {target} {reason}; {arg('overwrite', True)} replaces only dern-stream's own earlier "
+                        "output: "
                         "choose another path, or move it away yourself")
     return True
 
@@ -95,8 +98,8 @@ def check_json_target(path: str | os.PathLike, overwrite: bool, fmt: str, comman
     either new or (with `overwrite`) the same command's earlier report. Check again just before writing
     (`check_replaceable(path, ..., not_json_of(fmt, command), directory=False)`)."""
     path = Path(path).expanduser().resolve()
-    check_apart(path, "--json file", reads)
-    check_replaceable(path, "--json file", overwrite, not_json_of(fmt, command), directory=False)
+    check_apart(path, JSON_FILE, reads)
+    check_replaceable(path, JSON_FILE, overwrite, not_json_of(fmt, command), directory=False)
     if not path.parent.is_dir():
-        raise DernError(f"--json file {path}: the folder {path.parent} does not exist")
+        raise DernError(f"{JSON_FILE} {path}: the folder {path.parent} does not exist")
     return path

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-_COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+# vocab_size: the byte-level tokenizer's 256 bytes and 3 special tokens, and 125 merges (build_tokenizer).
+_COMMON = dict(vocab_size=384, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, tie_word_embeddings=False)
 _DEEPSEEK = dict(moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
@@ -241,16 +242,21 @@ def example_text(words: int, seed: int = 0) -> str:
 
 
 def build_tokenizer(text: str, vocab_size: int):
-    """A small BPE tokenizer (<unk>, <s>, </s> = ids 0, 1, 2) trained on `text`, as transformers loads it."""
+    """A small byte-level BPE tokenizer (GPT-2's scheme) trained on `text`, as transformers loads it:
+    <unk>, <s>, </s> = ids 0, 1, 2, then all 256 bytes, so that any text encodes and decodes back
+    unchanged (<unk> never occurs), then merges up to `vocab_size` (at least 259)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(text.splitlines(), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    # No clean-up of spaces before punctuation on decoding: the text comes back as it was.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
 
 
 def calibration_tokens(vocab_size: int = _COMMON["vocab_size"], sequences: int = 8, length: int = 32,
@@ -284,14 +290,23 @@ def write_texts(directory: Path, vocab_size: int, model_dir: Path) -> None:
     build_tokenizer(corpus, vocab_size).save_pretrained(model_dir)
 
 
+def build_demo(directory: str | Path, family: str = "mixtral") -> Path:
+    """What `python -m dern_stream.tiny_models DIR` builds: DIR/model (with its tokenizer), DIR/corpus.txt
+    and DIR/heldout.txt. Returns DIR/model."""
+    directory = Path(directory)
+    model = build_model(family)
+    model_dir = save_model(model, directory / "model")
+    write_texts(directory, model.config.vocab_size, model_dir)
+    return model_dir
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory")
     parser.add_argument("--family", default="mixtral", choices=sorted(FAMILY_CONFIGS))
     args = parser.parse_args()
     directory = Path(args.directory)
-    model_dir = save_model(build_model(args.family), directory / "model")
-    write_texts(directory, _COMMON["vocab_size"], model_dir)
+    model_dir = build_demo(directory, args.family)
     print(f"checkpoint (with tokenizer): {model_dir}\ntexts: {directory / 'corpus.txt'}, {directory / 'heldout.txt'}")
 
 

@@ -12,7 +12,8 @@ Checks, each reading one tensor at a time:
             a config that cannot is refused with one line, as is any config value of the wrong type
   checksums every tensor's bytes, every shard header and every other file the rewrite wrote match the
             checksums it recorded in dern_stream.json (any change to the output since is found)
-  against   with IN: every tensor the rewrite does not change is byte-identical to IN's (the
+  against   with IN: IN is the input (the fingerprint dern_stream.json records: else one line, before
+            any tensor is read); every tensor the rewrite does not change is byte-identical to IN's (the
             non-MoE tensors, the kept experts written unchanged, the score-correction bias rows), and
             every tensor keeps IN's dtype
 """
@@ -33,7 +34,7 @@ from .checkpoint import Checkpoint, resolve_checkpoint
 from .checkpoint.integrity import CHECKSUM, bytes_finite, checksum, new_hasher
 from .checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
 from .checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
-from .errors import DernError
+from .errors import DernError, arg
 from .families import PARTS, family_for
 from .fused_tensors import fused_tensors
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
@@ -101,6 +102,8 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     if sums is not None:
         _check_files(ckpt, sums, report)
     source = Checkpoint(resolve_checkpoint(against, revision)) if against is not None else None
+    if source is not None:
+        _check_is_input(ckpt, source, audit)
     _scan(ckpt, family, layers, audit, sums, source, report, progress)
     report.checks.append("finite")
     if sums is not None:
@@ -190,6 +193,24 @@ def _check_audit(ckpt: Checkpoint, family, shape: ModelShape, moe_layers: list[i
     return audit
 
 
+def _check_is_input(ckpt: Checkpoint, source: Checkpoint, audit: dict | None) -> None:
+    """Refuse, in one line and before any tensor is read, an IN that is not the rewrite's input, when
+    dern_stream.json is intact (its record_checksum holds) and records the input's fingerprint. The
+    fingerprint covers config.json and every tensor's name, dtype and shape, not the values: an IN
+    changed in place is found by the byte comparison that follows."""
+    record = audit.get("source") if audit is not None else None
+    recorded = record.get("fingerprint") if isinstance(record, dict) else None
+    if not isinstance(recorded, str) or audit.get("record_checksum") != record_checksum(audit):
+        return  # nothing to go by (a changed record is a problem of its own): every tensor is compared
+    if source.fingerprint() != recorded:
+        was = f" ({record['path']})" if isinstance(record.get("path"), str) else ""
+        source.release()
+        ckpt.release()
+        raise DernError(f"{arg('against', str(source.root))} is not the checkpoint {ckpt.root.name} was rewritten "
+                        f"from: its config.json or its tensors' names, dtypes or shapes differ from those of the "
+                        f"input{was}, whose fingerprint dern_stream.json records")
+
+
 def _usable_layer(rec, experts: int, source_experts) -> bool:
     if not isinstance(rec, dict) or type(source_experts) is not int:
         return False
@@ -255,6 +276,7 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
     unchanged tensors' bytes."""
     counterpart = _counterparts(ckpt, family, layers, audit, source) if source is not None else {}
     recorded = dict(sums["tensors"]) if sums is not None else None
+    differing: dict[str, str] = {}  # tensor the rewrite leaves unchanged that is not IN's -> why
     names = sorted(ckpt.entries, key=natural_key)
     buffer = memoryview(bytearray(_COMPARE_CHUNK))
     for name in tqdm(names, desc="verify", unit="tensor", disable=not progress):
@@ -284,7 +306,7 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
             if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
                 report.identical += 1
             else:
-                report.problems.append(f"{name} is not {source.root.name}'s FP8 {src_name} dequantized")
+                differing[name] = f"{name} is not {source.root.name}'s FP8 {src_name} dequantized"
         elif src.dtype != entry.dtype and not dequantized:
             report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
         elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
@@ -296,15 +318,21 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
             elif torch.equal(ckpt.load(name), before[..., mode]):
                 report.identical += 1
             else:
-                report.problems.append(f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}")
+                differing[name] = f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}"
         elif mode == "same":
             if _same_bytes(entry, src):
                 report.identical += 1
             else:
-                report.problems.append(f"{name} differs from {source.root.name}'s {src_name}, "
-                                       "but the rewrite leaves it unchanged")
+                differing[name] = (f"{name} differs from {source.root.name}'s {src_name}, but the rewrite leaves it "
+                                   "unchanged")
     if recorded:
         report.problems.append(f"{len(recorded)} tensors the rewrite wrote are missing, e.g. {min(recorded)}")
+    if len(differing) > 1:  # same names and shapes (the fingerprint matched, or is not recorded), other values
+        report.problems.append(f"{len(differing)} tensors the rewrite leaves unchanged differ from {source.root}'s "
+                               f"(e.g. {next(iter(differing))}): it holds other weights than this checkpoint's input, "
+                               "or one of the two was changed since the rewrite")
+    else:
+        report.problems += differing.values()
     if source is not None:
         source.release()
 

@@ -113,7 +113,7 @@ CASES = {
         "the shards hold layer 2, past config.json's num_hidden_layers 2"),
     "vocab_size disagrees with the embedding": (
         lambda src, _c, _t: edit_json(src / "config.json", vocab_size=10**9), [], "out",
-        "model.embed_tokens.weight has shape [256, 64], config.json implies [vocab_size 1000000000"),
+        "model.embed_tokens.weight has shape [384, 64], config.json implies [vocab_size 1000000000"),
     "no config.json": (no_config, [], "out", "has no config.json; is it a Hugging Face checkpoint directory?"),
     "unsupported model_type": (unsupported_family, [], "out",
                                "model_type 'dbrx' is not supported; supported families: deepseek, deepseek_v2, "),

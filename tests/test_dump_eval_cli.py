@@ -106,7 +106,7 @@ def test_eval_argument_errors(build, tmp_path):
     assert_error(run("eval", built.model_dir, "--calib", built.calib), "--calib needs --reference IN")
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr"), "give exactly one of --text FILE or --dataset")
     assert_error(run("dump", built.model_dir, tmp_path / "d.zarr", "--text", built.model_dir.parent / "corpus.txt",
-                     "--dtype", "int8"), "--dtype 'int8'")
+                     "--dtype", "int8"), "--dtype int8: use auto")
 
 
 def test_dataset_needs_the_datasets_library(build, tmp_path):

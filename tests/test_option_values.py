@@ -29,7 +29,7 @@ REWRITE = {
     "max-shard-size 0": (["--max-shard-size", "0"], "size must be positive"),
     "max-shard-size NaN": (["--max-shard-size", "nanGB"], "cannot read size 'nanGB'"),
     "max-shard-size negative": (["--max-shard-size", "-5MB"], "cannot read size '-5MB'"),
-    "device": (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    "device": (["--device", "tpu"], "--device tpu is not a device name"),
     "device meta": (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
 }
 
@@ -50,8 +50,8 @@ TEXT_OPTIONS = {
     "num-tokens 0": (["--num-tokens", "0"], "--num-tokens must be an integer of at least 1, got 0"),
     "seq-len 1": (["--seq-len", "1"], "--seq-len must be an integer of at least 2, got 1"),
     "batch-size 0": (["--batch-size", "0"], "--batch-size must be an integer of at least 1, got 0"),
-    "dtype": (["--dtype", "float8"], "--dtype 'float8': use auto, float32, bfloat16 or float16"),
-    "device": (["--device", "tpu"], "--device 'tpu' is not a device name"),
+    "dtype": (["--dtype", "float8"], "--dtype float8: use auto, float32, bfloat16 or float16"),
+    "device": (["--device", "tpu"], "--device tpu is not a device name"),
     "device meta": (["--device", "meta"], "--device meta: only cpu and cuda are supported"),
 }
 

@@ -200,8 +200,9 @@ def test_tied_embeddings_stream_like_the_full_model(build):
 
 def test_token_ids_outside_the_vocabulary_are_refused(build, tmp_path):
     built = build("mixtral")
-    ids = torch.full((2, 8), 300)  # the tiny models have 256 ids
-    with pytest.raises(dern_stream.DernError, match="token id 300 is outside the model's vocabulary"):
+    vocab = built.config["vocab_size"]
+    ids = torch.full((2, 8), vocab)  # one past the last id
+    with pytest.raises(dern_stream.DernError, match=f"token id {vocab} is outside the model's vocabulary"):
         dern_stream.evaluate(built.model_dir, tokens=ids, progress=False)
     with pytest.raises(dern_stream.DernError, match="outside the model's vocabulary"):
         dern_stream.dump(built.model_dir, tmp_path / "d.zarr", tokens=ids, progress=False)

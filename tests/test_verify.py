@@ -8,8 +8,10 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+from conftest import read_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
@@ -248,10 +250,55 @@ def test_tampered_record_or_index_gives_problem_lines(rewritten, tmp_path_factor
         assert result.exit_code == 1 or record == original  # every change of either file is found
 
 
-def test_against_a_checkpoint_that_is_not_the_input_is_a_problem_not_a_traceback(build, tmp_path):
+def test_against_a_checkpoint_that_is_not_the_input_is_one_line(rewritten, tmp_path):
+    """IN's config or tensor names, dtypes and shapes differ from those of the input, whose fingerprint
+    dern_stream.json records: one line, before any tensor is compared (once, this was 30-odd problem lines)."""
+    built, out = rewritten
+    for other in (out, tmp_path / "other"):
+        if other != out:  # the input with one tensor's dtype changed: same names and values, other bytes
+            shutil.copytree(built.model_dir, other)
+            save_file({n: t.half() if n == "model.norm.weight" else t for n, t in read_tensors(other).items()},
+                      other / "model.safetensors", metadata={"format": "pt"})
+        result = verify(out, "--against", other)
+        assert result.exit_code == 2 and result.stdout == "" and len(result.stderr.splitlines()) == 1, result.output
+        assert result.stderr.startswith(f"error: --against {other} is not the checkpoint out was rewritten from: ")
+        assert f"differ from those of the input ({built.model_dir})" in result.stderr
+
+
+def _changed_in_place(model_dir, copy, names) -> None:
+    """A copy of the input with the bytes of `names` changed (same names, dtypes and shapes: same fingerprint)."""
+    shutil.copytree(model_dir, copy)
+    for name in names:
+        flip_byte(copy, name)
+
+
+def test_an_input_changed_in_place_since_the_rewrite_is_found(rewritten, tmp_path):
+    """The fingerprint covers no values: with the same one, each tensor the rewrite left unchanged is still
+    compared byte for byte; one that differs is named, several are counted on one line."""
+    built, out = rewritten
+    _changed_in_place(built.model_dir, tmp_path / "one", ["model.embed_tokens.weight"])
+    result = verify(out, "--against", tmp_path / "one")
+    assert result.exit_code == 1 and "FAILED: 1 problem(s)" in result.stdout, result.output
+    assert "problem: model.embed_tokens.weight differs from one's model.embed_tokens.weight" in result.stdout
+
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"]
+    _changed_in_place(built.model_dir, tmp_path / "three", names)
+    result = verify(out, "--against", tmp_path / "three")
+    assert result.exit_code == 1 and "FAILED: 1 problem(s)" in result.stdout, result.output
+    assert (f"problem: 3 tensors the rewrite leaves unchanged differ from {tmp_path / 'three'}'s (e.g. lm_head.weight)"
+            ": it holds other weights than this checkpoint's input") in result.stdout
+
+
+def test_without_a_recorded_fingerprint_tensors_are_compared_one_by_one(build, tmp_path):
+    """A record that no longer holds the fingerprint (changed, hence reported) gives nothing to go by:
+    verify compares the tensors, and a kept-experts record that does not fit IN is a problem, not a traceback."""
     built = build("deepseek_v3")
     out = tmp_path / "out"
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    del audit["source"]["fingerprint"]
+    (out / "dern_stream.json").write_text(json.dumps(audit, indent=2) + "\n")
     result = verify(out, "--against", out)
-    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "dern_stream.json was changed after the rewrite wrote it" in result.output
     assert "is it the rewrite's input?" in result.output

@@ -29,7 +29,7 @@ import torch
 import zarr
 
 from ..checkpoint.integrity import all_finite
-from ..errors import DernError, NonFinite
+from ..errors import DernError, NonFinite, arg
 from ..locks import empty_in_place
 
 FORMAT = "dern-stream-calib"
@@ -161,8 +161,8 @@ class CalibWriter:
         if state is None:
             return None
         if not isinstance(state, dict) or type(state.get("after_layer")) is not int:
-            raise DernError(f"dump {self.path}: its saved state for resuming is damaged; pass --overwrite to start "
-                            "it again")
+            raise DernError(f"dump {self.path}: its saved state for resuming is damaged; pass "
+                            f"{arg('overwrite', True)} to start it again")
         return state["after_layer"]
 
     def load_residual(self, batch_rows: list[int]) -> Iterator[torch.Tensor]:
@@ -173,7 +173,7 @@ class CalibWriter:
             dtype = getattr(torch, state["dtype"].removeprefix("torch."))
         except (KeyError, TypeError, AttributeError):
             raise DernError(f"dump {self.path}: its saved state for resuming is damaged; "
-                            "pass --overwrite to start it again") from None
+                            f"pass {arg('overwrite', True)} to start it again") from None
         row = 0
         for rows in batch_rows:
             yield torch.from_numpy(np.asarray(arr[row:row + rows])).view(dtype)

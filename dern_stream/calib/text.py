@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DernError
+from ..errors import DernError, arg
 from ..optional import require_transformers
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
@@ -32,7 +32,8 @@ def load_tokenizer(src: Path, tokenizer: str | Path | None = None):
     except Exception as e:  # noqa: BLE001 - tokenizer loading raises many types (strict config validation too)
         if tokenizer is None:
             raise DernError(f"{src} has no tokenizer that transformers can load ({str(e).splitlines()[0][:120]}); "
-                            "pass --tokenizer PATH (a directory or file with the model's tokenizer)") from None
+                            f"pass {arg('tokenizer', metavar='PATH')} (a directory or file with the model's "
+                            "tokenizer)") from None
         raise DernError(f"cannot load tokenizer {tokenizer}: {str(e).splitlines()[0][:160]}") from None
 
 
@@ -70,7 +71,7 @@ def dataset_documents(name: str, split: str = "train") -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise DernError("--dataset needs the datasets library: pip install datasets") from None
+        raise DernError(f"{arg('dataset')} needs the datasets library: pip install datasets") from None
     try:
         ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # datasets raises many types for a missing or unreachable dataset
@@ -95,10 +96,10 @@ def pack_tokens(documents: Iterator[str], tokenizer, num_tokens: int, seq_len: i
     """[num_tokens // seq_len, seq_len] int64 token ids. Text too short is an error, unless
     `allow_fewer` (evaluation), which takes the whole sequences there are."""
     if seq_len < 2:
-        raise DernError(f"--seq-len {seq_len} is too short (at least 2)")
+        raise DernError(f"{arg('seq_len', seq_len)} is too short (at least 2)")
     sequences = num_tokens // seq_len
     if sequences < 1:
-        raise DernError(f"--num-tokens {num_tokens} is less than one sequence of --seq-len {seq_len}")
+        raise DernError(f"{arg('num_tokens', num_tokens)} is less than one sequence of {arg('seq_len', seq_len)}")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     body = seq_len - (bos is not None)
     need = sequences * body
@@ -113,7 +114,7 @@ def pack_tokens(documents: Iterator[str], tokenizer, num_tokens: int, seq_len: i
         sequences, need = len(stream) // body, len(stream) // body * body
     if len(stream) < need:
         raise DernError(f"{source} gives {len(stream)} tokens; {sequences} sequences of {seq_len} need {need} "
-                        "(lower --num-tokens or give more text)")
+                        f"(lower {arg('num_tokens')} or give more text)")
     ids = torch.tensor(stream[:need], dtype=torch.int64).view(sequences, body)
     if bos is not None:
         ids = torch.cat([torch.full((sequences, 1), bos, dtype=torch.int64), ids], dim=1)
@@ -124,7 +125,7 @@ def tokens_from(src: Path, *, text: str | Path | None, dataset: str | None, toke
                 num_tokens: int, seq_len: int, allow_fewer: bool = False) -> torch.Tensor:
     """Token ids [sequences, seq_len] from `--text` or `--dataset`."""
     if (text is None) == (dataset is None):
-        raise DernError("give exactly one of --text FILE or --dataset NAME")
+        raise DernError(f"give exactly one of {arg('text', metavar='FILE')} or {arg('dataset', metavar='NAME')}")
     tok = load_tokenizer(src, tokenizer)
     if text is not None:
         docs = text_documents(text)
@@ -139,7 +140,7 @@ def check_vocabulary(ids: torch.Tensor, config: dict) -> None:
     vocab = config.get("vocab_size")
     if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
         raise DernError(f"token id {int(ids.max())} is outside the model's vocabulary ({vocab}); "
-                        "is --tokenizer the model's own?")
+                        f"is {arg('tokenizer')} the model's own?")
 
 
 def note_long_sequences(ids: torch.Tensor, config: dict) -> None:

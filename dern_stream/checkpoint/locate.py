@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DernError
+from ..errors import DernError, arg
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -24,7 +24,7 @@ def resolve_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> P
         if not path.is_dir():
             raise DernError(f"input {ref} is a file; give the checkpoint directory")
         if revision is not None:
-            raise DernError(f"--revision {revision} is for a Hugging Face repo id; {ref} is a local directory")
+            raise DernError(f"{arg('revision', revision)} is for a Hugging Face repo id; {ref} is a local directory")
         return path.resolve()
     if not REPO_ID.match(str(ref)):
         raise DernError(f"input {ref} does not exist (neither a directory nor a Hugging Face repo id)")

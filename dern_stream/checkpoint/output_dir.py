@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..errors import DernError, writing
+from ..errors import DernError, arg, describe, writing
 from ..locks import DirLock, empty_in_place
 from ..run_identity import key_differences
 from ..targets import check_apart, check_replaceable, is_mount_point
@@ -94,7 +94,7 @@ class StagedOutput:
             raise DernError(
                 f"{self.path} holds an interrupted rewrite with {len(previous.layers)} layers done, started with "
                 f"different options or inputs ({'; '.join(changed[:3])}); run its command again to resume it, "
-                f"or pass --restart to discard it")
+                f"or pass {arg('restart', True)} to discard it")
         if previous is not None and previous.run == run and not restart:
             self.progress, self.resumed = previous, True
         else:  # nothing to resume (or --restart): start clean (the directory itself stays: it is locked)
@@ -120,7 +120,7 @@ class StagedOutput:
         try:
             replacing = check_replaceable(self.out, "output", self.overwrite, not_rewrite_output)
         except DernError as e:
-            raise DernError(f"{e} (it changed while the rewrite ran)") from None
+            raise DernError(f"{describe(e)} (it changed while the rewrite ran)") from None
         old = self.out.parent / f".{self.out.name}.dern-old-{os.getpid()}"
         if replacing or os.path.lexists(self.out):  # an earlier output, or an empty folder: moved aside, then deleted
             os.rename(self.out, old)

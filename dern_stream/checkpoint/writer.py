@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..durable_files import write_durably
-from ..errors import DernError, NonFinite, writing
+from ..errors import DernError, NonFinite, arg, writing
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
@@ -314,11 +314,11 @@ def _check_partial(path: Path, head: bytes, size: int) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise DernError(f"cannot resume: partial shard {path.name} cannot be opened ({e.strerror}); "
-                        "pass --restart to start over") from None
+                        f"pass {arg('restart', True)} to start over") from None
     try:
         if os.fstat(fd).st_size != size or os.pread(fd, len(head), 0) != head:
             raise DernError(f"cannot resume: partial shard {path.name} is not laid out as this run plans; "
-                            "pass --restart to start over")
+                            f"pass {arg('restart', True)} to start over")
     finally:
         os.close(fd)
 

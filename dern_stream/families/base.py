@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DernError
+from ..errors import DernError, arg
 from ..storage import mxfp4
 from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
 
@@ -245,7 +245,7 @@ class Family:
             return
         n = self.num_experts(config)
         works = [k for k in range(1, n + 1) if self.routing_problem(self.output_config(config, k, None)[0]) is None]
-        raise DernError(f"--experts {experts} gives a {self.model_type} model that cannot route ({problem}); "
+        raise DernError(f"{arg('experts', experts)} gives a {self.model_type} model that cannot route ({problem}); "
                         f"K values that work for this model: {_ranges(works) or 'none'}")
 
     def output_config(self, config: dict, experts: int, intermediate_size: int | None) -> tuple[dict, list[str]]:
@@ -261,15 +261,16 @@ class Family:
                 notes.append(f"{top_k_key} clipped from {top_k} to {experts} (K is below it)")
         if intermediate_size is not None:
             if self.fixed_width is not None and intermediate_size != self.intermediate_size(config):
-                raise DernError(f"--intermediate-size cannot change {self.model_type} experts: {self.fixed_width}")
+                raise DernError(f"{arg('intermediate_size')} cannot change {self.model_type} experts: "
+                                f"{self.fixed_width}")
             out[self.intermediate_key] = intermediate_size
             count_key = self.shared_count_key
             if count_key and config.get(count_key):
                 shared = self.intermediate_size(config) * int(config[count_key])
                 if shared % intermediate_size:
                     raise DernError(
-                        f"--intermediate-size {intermediate_size} must divide the shared experts' width {shared}: "
-                        f"{self.model_type} derives it as {count_key} * {self.intermediate_key}"
+                        f"{arg('intermediate_size', intermediate_size)} must divide the shared experts' width "
+                        f"{shared}: {self.model_type} derives it as {count_key} * {self.intermediate_key}"
                     )
                 out[count_key] = shared // intermediate_size
                 notes.append(f"{count_key} set to {out[count_key]} so shared experts keep width {shared}")

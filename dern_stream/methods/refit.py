@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import DernError
+from ..errors import DernError, arg
 from .moe_forward import Gating, routed_features, routed_output
 from .segments import ExpertStack
 
@@ -26,7 +26,7 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
     """New stack with refitted down projections (gate and up are shared with `experts`). `current` is
     the layer's routed output before the refit, when the caller has it already."""
     if experts.down_bias is not None:
-        raise DernError("--refit does not model experts with biases (gpt-oss) yet")
+        raise DernError(f"{arg('refit')} does not model experts with biases (gpt-oss) yet")
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
     down = experts.weight("down", slice(None)).to(torch.float32, copy=True)
