@@ -340,8 +340,8 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise DernError(f"{arg('evals', str(path))} cannot be read as JSON ({type(e).__name__})") from None
     if not isinstance(report, dict) or report.get("format") != EVAL_FORMAT:
-        raise DernError(f"{arg('evals', str(path))} is not a report of `dern-stream eval --json` (its format is not "
-                        f"{EVAL_FORMAT})")
+        raise DernError(f"{arg('evals', str(path))} is not an eval report, the JSON file `dern-stream eval` writes "
+                        f"(its format is not {EVAL_FORMAT})")
     numbers = ("perplexity", "nll_per_token", "mean_rel_l2")
     valid = (isinstance(report.get("checkpoint"), str)
              and all(report.get(k) is None or _is_number(report[k]) for k in numbers)

@@ -203,7 +203,8 @@ def _check_is_input(ckpt: Checkpoint, source: Checkpoint, audit: dict | None) ->
     if not isinstance(recorded, str) or audit.get("record_checksum") != record_checksum(audit):
         return  # nothing to go by (a changed record is a problem of its own): every tensor is compared
     if source.fingerprint() != recorded:
-        was = f" ({record['path']})" if isinstance(record.get("path"), str) else ""
+        named = next((record[k] for k in ("repo_id", "name", "path") if isinstance(record.get(k), str)), None)
+        was = f" ({named})" if named else ""
         source.release()
         ckpt.release()
         raise DernError(f"{arg('against', str(source.root))} is not the checkpoint {ckpt.root.name} was rewritten "

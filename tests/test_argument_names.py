@@ -70,7 +70,12 @@ CASES = {
     "evaluate's reference without calib": (
         lambda m, c, t, tmp: dern_stream.evaluate(m, reference=m, progress=False),
         lambda m, c, t, tmp: ["eval", m, "--reference", m],
-        ["reference and calib go together"], ["--reference and --calib go together"]),
+        ["with reference, give text or dataset", "and/or calib (per-layer error)"],
+        ["with --reference, give --text or --dataset", "and/or --calib DUMP (per-layer error)"]),
+    "evaluate's calib without reference": (
+        lambda m, c, t, tmp: dern_stream.evaluate(m, calib=c, progress=False),
+        lambda m, c, t, tmp: ["eval", m, "--calib", c],
+        ["calib needs reference:"], ["--calib needs --reference IN:"]),
     "dump's num_tokens": (
         lambda m, c, t, tmp: dern_stream.dump(m, tmp / "d.zarr", text=t / "corpus.txt", num_tokens=0),
         lambda m, c, t, tmp: ["dump", m, tmp / "d.zarr", "--text", t / "corpus.txt", "--num-tokens", 0],

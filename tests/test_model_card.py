@@ -177,7 +177,7 @@ def test_card_refusals(rewritten, tmp_path):
     refused("is not a directory", tmp_path / "missing")
     refused("no such file", out, "--eval", tmp_path / "missing.json")
     (tmp_path / "other.json").write_text('{"format": "dern-stream-plan"}')
-    refused("is not a report of `dern-stream eval --json`", out, "--eval", tmp_path / "other.json")
+    refused("is not an eval report, the JSON file `dern-stream eval` writes", out, "--eval", tmp_path / "other.json")
 
     card = (out / "README.md").read_text()
     (out / "README.md").write_text(card.replace("## Kept experts", "## Kept experts\n\nmy own notes"))
