@@ -192,6 +192,11 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
     """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
+    from .preflight import check_dump_arguments
+
+    check_dump_arguments(src, out, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,
+                         num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
+                         workers=workers, revision=revision)  # before torch loads: a refusal answers at once
     from .dump_pipeline import dump as run_dump
 
     summary = run_dump(src, out, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens,
@@ -203,8 +208,10 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 @main.command(name="eval")
 @click.argument("src", metavar="CKPT")
 @_text_options(num_tokens=131072, seq_len=2048)
-@click.option("--reference", metavar="IN", help="Reference checkpoint for per-layer MoE output error (with --calib).")
-@click.option("--calib", type=click.Path(), help="Dump whose inputs the per-layer error is measured on.")
+@click.option("--reference", metavar="IN", help="The checkpoint CKPT was made from: with --text/--dataset, the KL "
+              "divergence and top-1 agreement with it; with --calib, the per-MoE-layer output error.")
+@click.option("--calib", type=click.Path(),
+              help="Dump whose inputs the per-layer error is measured on (with --reference).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier eval report.")
 @_revision("CKPT")
@@ -212,8 +219,15 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
               help="Branch, tag or commit of --reference when it is a Hugging Face repo id [default: main].")
 def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, reference, calib,
           json_path, overwrite, revision, reference_revision) -> None:
-    """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens), and/or
-    the per-MoE-layer output error against --reference on the inputs cached in --calib."""
+    """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens); with
+    --reference too, the KL divergence from the reference's next-token distribution and the top-1 agreement;
+    with --reference and --calib, the per-MoE-layer output error on the inputs cached in the dump."""
+    from .preflight import check_eval_arguments
+
+    check_eval_arguments(src, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,
+                         num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, reference=reference,
+                         calib=calib, device=device, dtype=dtype, json_path=json_path, overwrite=overwrite,
+                         revision=revision, reference_revision=reference_revision)
     from .eval_pipeline import evaluate
 
     report = evaluate(src, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len,
@@ -232,6 +246,9 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
 def verify_(out, against, revision, quiet) -> None:
     """Check that checkpoint OUT is whole: config-implied tensors present with the right shapes, index and
     shards in agreement, no NaN/Inf, dern_stream.json consistent; exit status 1 on any problem."""
+    from .preflight import check_verify_arguments
+
+    check_verify_arguments(out, against, revision)  # before torch loads
     from .verify import verify
 
     report = verify(out, against=against, progress=not quiet, revision=revision)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .calib import CalibWriter, tensor_sha256
-from .calib.store import FORMAT, not_a_dump
+from .calib.dump_files import FORMAT, not_a_dump
 from .calib.text import check_vocabulary, file_sha256, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
 from .device import resolve_device
@@ -24,7 +24,8 @@ from .errors import DernError, NonFinite, arg, describe
 from .families import family_for, require_forward
 from .layout import check_decoder_layers, moe_layer_indices
 from .locks import DirLock
-from .options import check_text_options, choice, whole
+from .options import choice, whole
+from .preflight import check_dump_arguments
 from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
@@ -78,8 +79,9 @@ def dump(
 
     `revision`: the branch, tag or commit of `src` when it is a Hub repo id (default: main)."""
     started = time.perf_counter()
-    check_text_options(num_tokens, seq_len, batch_size)
-    whole("workers", workers)
+    out_path = check_dump_arguments(src, out, text=text, dataset=dataset, tokens_given=tokens is not None,
+                                    tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size,
+                                    device=device, dtype=dtype, workers=workers, revision=revision)
     text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
@@ -90,13 +92,8 @@ def dump(
     check_decoder_layers(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
-    out_path = Path(out).expanduser().resolve()
     check_apart(out_path, "DUMP", {**read_paths("the input checkpoint", ckpt.root), "the text": text,
-                                   "the tokenizer": tokenizer})
-    reason = not_a_dump(out_path) if os.path.lexists(out_path) else None
-    if reason is not None:
-        raise DernError(f"DUMP {out_path} {reason}; choose another path ({arg('overwrite', True)} replaces only an "
-                        "earlier dump)")
+                                   "the tokenizer": tokenizer})  # (again: a Hub repo's files are known only now)
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
     model = StreamedModel(ckpt, compute, compute_dtype)  # meta device: cheap, and checks config.json
     if model.moe_layers() != moe_layers:

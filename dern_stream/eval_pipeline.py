@@ -28,7 +28,7 @@ from .eval_agreement import compare_predictions
 from .families import family_for, require_forward
 from .layout import check_decoder_layers
 from .locks import reading_dump
-from .options import check_text_options
+from .preflight import EVAL_FORMAT, check_eval_arguments
 from .storage.reading import check_fp8_tensors
 from .stream import HiddenStore, StreamedModel
 from .stream.executor import batched, parse_dtype
@@ -40,8 +40,6 @@ from .targets import (
     not_json_of,
     read_paths,
 )
-
-EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
 
 
 @dataclass
@@ -121,20 +119,14 @@ def evaluate(
     `overwrite`). `revision`, `reference_revision`: the branch, tag or commit of `src` and `reference`
     when they are Hub repo ids (default: main)."""
     started = time.perf_counter()
-    check_text_options(num_tokens, seq_len, batch_size)
+    check_eval_arguments(src, text=text, dataset=dataset, tokens_given=tokens is not None, tokenizer=tokenizer,
+                         num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, reference=reference,
+                         calib=calib, device=device, dtype=dtype, json_path=json_path, overwrite=overwrite,
+                         revision=revision, reference_revision=reference_revision)
     text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
     wants_ppl = text is not None or dataset is not None or tokens is not None
-    if calib is not None and reference is None:
-        raise DernError(f"{arg('calib')} needs {arg('reference', metavar='IN')}: the per-layer error compares this "
-                        "checkpoint's MoE blocks with the reference's on the dump's inputs")
-    if not wants_ppl and reference is None:
-        raise DernError(f"nothing to evaluate: give {arg('text')} or {arg('dataset')} for perplexity, or "
-                        f"{arg('reference', metavar='IN')} with {arg('calib', metavar='DUMP')}")
-    if reference is not None and calib is None and not wants_ppl:
-        raise DernError(f"with {arg('reference')}, give {arg('text')} or {arg('dataset')} (KL divergence and top-1 "
-                        f"agreement with it) and/or {arg('calib', metavar='DUMP')} (per-layer error)")
     root = resolve_checkpoint(src, revision)  # once: for a Hub repo id, each call asks the Hub
-    if json_path is not None:
+    if json_path is not None:  # (again: a Hub repo's files are known only now)
         json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
             **read_paths("the checkpoint", root), "the reference": reference,
             "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})

@@ -25,9 +25,9 @@ from .checkpoint.output_dir import AUDIT_NAME
 from .checksums import CHECKSUM, checksum, record_checksum, sealed_record
 from .durable_files import write_replacing
 from .errors import DernError, arg
+from .preflight import EVAL_FORMAT
 
 CARD_NAME = "README.md"
-EVAL_FORMAT = "dern-stream-eval"  # eval_pipeline.EVAL_FORMAT (that module loads torch; a test checks they agree)
 BASE_CARD_NOTE = ("the input's README.md is kept in the output's README.md, below the model card dern-stream "
                   "writes (under \"Card of the base model\")")
 

@@ -47,6 +47,35 @@ def choice(name: str, value, choices) -> str:
     return value
 
 
+# Compute dtypes by name (stream.executor.parse_dtype maps them to torch's).
+DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# torch's device types (c10::DeviceType): a name among them that is not cpu or cuda is a device this tool cannot use.
+_DEVICE_TYPES = ("cpu", "cuda", "mkldnn", "opengl", "opencl", "ideep", "hip", "fpga", "maia", "xla", "vulkan",
+                 "metal", "xpu", "mps", "meta", "hpu", "ve", "lazy", "ipu", "mtia", "privateuseone")
+
+
+def check_dtype_name(name) -> str:
+    if not isinstance(name, str):
+        raise DernError(f"{arg('dtype')} must be auto, float32, bfloat16 or float16, got {name!r}")
+    if name not in DTYPE_NAMES:
+        raise DernError(f"{arg('dtype', name)}: use auto, float32, bfloat16 or float16")
+    return name
+
+
+def check_device_name(name) -> str:
+    """The syntax of a device name (whether CUDA is there is for device.resolve_device to say)."""
+    if not isinstance(name, str):
+        raise DernError(f"{arg('device')} must be a device name (auto, cpu, cuda or cuda:N), got {name!r}")
+    if name == "auto":
+        return name
+    match = re.fullmatch(r"([a-z]+)(:\d+)?", name)
+    if match is None or match.group(1) not in _DEVICE_TYPES:
+        raise DernError(f"{arg('device', name)} is not a device name (use auto, cpu, cuda or cuda:N)")
+    if match.group(1) not in ("cpu", "cuda"):
+        raise DernError(f"{arg('device', name)}: only cpu and cuda are supported")
+    return name
+
+
 def check_text_options(num_tokens, seq_len, batch_size) -> None:
     """The token budget options of dump and eval."""
     whole("num_tokens", num_tokens)

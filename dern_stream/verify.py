@@ -38,6 +38,7 @@ from .errors import DernError, arg
 from .families import PARTS, family_for
 from .fused_tensors import fused_tensors
 from .layout import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
+from .preflight import check_verify_arguments
 from .storage import expert_storage
 from .storage.formats import SCALE_SUFFIX
 from .storage.reading import check_fp8_tensors, is_scaled_fp8, load_weight
@@ -72,9 +73,7 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
            revision: str | None = None) -> VerifyReport:
     """Check OUT (see the module doc). Problems are collected in the report; a checkpoint too broken
     to open at all raises DernError. `against` may be a Hub repo id, at `revision`."""
-    root = Path(out).expanduser().resolve()
-    if not root.is_dir():
-        raise DernError(f"{root} is not a directory")
+    root = check_verify_arguments(out, against, revision)
     report = VerifyReport(root)
     ckpt = Checkpoint(root)  # index <-> shard names and offsets; a failure here is a DernError
     report.tensors = len(ckpt.entries)

@@ -98,19 +98,21 @@ def test_the_command_line_starts_without_torch():
 
     code = ("import sys, dern_stream, dern_stream.cli; from click.testing import CliRunner;"
             "[CliRunner().invoke(dern_stream.cli.main, args) for args in (['--help'], ['--version'], ['rewrite', "
-            "'--help'], ['plan', '--help'], ['dump', '--help'], ['eval', '--help'], ['verify', '--help'])];"
+            "'--help'], ['plan', '--help'], ['dump', '--help'], ['eval', '--help'], ['verify', '--help'], "
+            "['report', '--help'], ['card', '--help'], ['push', '--help'])];"
             "print(sorted(m for m in ('torch', 'transformers', 'zarr', 'numpy') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]", run.stdout
 
 
 def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
-    """A bad option value, a missing input, an occupied OUT, OUT inside IN: refused before torch loads
-    (so they answer at once)."""
+    """A bad option value, a missing input, an occupied OUT, OUT inside IN, of every command: refused before
+    torch loads (so they answer at once)."""
     import subprocess
     import sys
 
     model = build("mixtral").model_dir
+    text = model.parent / "corpus.txt"
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -118,12 +120,26 @@ def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
              ["rewrite", str(tmp_path / "missing"), str(tmp_path / "o"), "-k", "4"],
              ["rewrite", str(model), str(occupied), "-k", "4", "--importance", "router-norm"],
              ["rewrite", str(model), str(model / "out"), "-k", "4"],
-             ["plan", str(model), "-k", "4", "--json", str(model / "plan.json")]]
+             ["plan", str(model), "-k", "4", "--json", str(model / "plan.json")],
+             ["dump", str(tmp_path / "missing"), str(tmp_path / "d.zarr"), "--text", str(text)],
+             ["dump", str(model), str(occupied), "--text", str(text)],
+             ["dump", str(model), str(tmp_path / "d.zarr"), "--text", str(text), "--seq-len", "1"],
+             ["dump", str(model), str(tmp_path / "d.zarr"), "--text", str(tmp_path / "no.txt")],
+             ["dump", str(model), str(tmp_path / "d.zarr"), "--text", str(text), "--device", "tpu"],
+             ["eval", str(model)],
+             ["eval", str(model), "--text", str(text), "--reference", str(tmp_path / "missing")],
+             ["eval", str(model), "--text", str(text), "--dtype", "int8"],
+             ["eval", str(model), "--text", str(text), "--json", str(model / "e.json")],
+             ["verify", str(tmp_path / "missing")],
+             ["verify", str(model), "--against", str(tmp_path / "missing")],
+             ["report", str(model)],
+             ["card", str(model)],
+             ["push", str(model), "me/x"]]
     code = ("import sys, json; from click.testing import CliRunner; from dern_stream.cli import main;"
             "codes = [CliRunner().invoke(main, args).exit_code for args in json.loads(sys.argv[1])];"
             "print(codes, 'torch' in sys.modules)")
     import json
 
     run = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "[2, 2, 2, 2, 2] False", run.stdout + run.stderr
+    assert run.stdout.strip() == f"{[2] * len(cases)} False", run.stdout + run.stderr
     assert (occupied / "notes.txt").read_text() == "mine"

@@ -211,7 +211,7 @@ def test_a_hub_snapshot_is_the_base_model_by_repo_id(build, tmp_path):
 
 def test_card_runs_without_torch(rewritten, tmp_path):
     from dern_stream import model_card
-    from dern_stream.eval_pipeline import EVAL_FORMAT
+    from dern_stream.eval_pipeline import EVAL_FORMAT  # (the one eval writes)
 
     assert model_card.EVAL_FORMAT == EVAL_FORMAT
     out = tmp_path / "out"

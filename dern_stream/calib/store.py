@@ -19,7 +19,6 @@ dump made from another model without reading anything but tensors it loads anywa
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -31,8 +30,8 @@ import zarr
 from ..checkpoint.integrity import all_finite
 from ..errors import DernError, NonFinite, arg
 from ..locks import empty_in_place
+from .dump_files import FORMAT, not_a_dump
 
-FORMAT = "dern-stream-calib"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_TOKENS = 4096
 
@@ -183,41 +182,6 @@ class CalibWriter:
         if "resume" in self.group:
             del self.group["resume"]
         self.group.attrs.update({"resume": None, "complete": True})
-
-
-# What a dump directory holds: zarr's metadata and its three groups.
-_DUMP_ENTRIES = {"zarr.json", "moe_inputs", "tokens", "resume"}
-
-
-def not_a_dump(path: Path) -> str | None:
-    """Why the existing `path` is not a calibration dump that dern-stream wrote (None when it is, or when
-    it is an empty directory): only such a dump may be replaced or resumed."""
-    if not path.is_dir():
-        return "exists and is not a directory"
-    entries = {p.name for p in path.iterdir()}
-    if not entries:
-        return None
-    try:
-        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
-        is_dump = isinstance(attrs, dict) and attrs.get("format") == FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        is_dump = False
-    if not is_dump:
-        return "exists and is not a calibration dump"
-    foreign = sorted(e for e in entries - _DUMP_ENTRIES if not e.endswith(".partial"))  # zarr's own temp files
-    foreign += [str(p.relative_to(path)) for group in sorted(entries & _DUMP_ENTRIES - {"zarr.json"})
-                for p in sorted((path / group).rglob("*")) if not _zarr_entry(p.relative_to(path).parts, p.is_dir())]
-    return f"holds {foreign[0]}, which a dump never writes" if foreign else None
-
-
-def _zarr_entry(parts: tuple[str, ...], is_dir: bool) -> bool:
-    """A path inside a dump's group that zarr writes: folders of groups and arrays, their metadata,
-    chunk files under `c/` (named by chunk index), and zarr's temporary files."""
-    if "c" in parts[1:]:
-        return all(p.isdigit() for p in parts[parts.index("c", 1) + 1:]) or parts[-1].endswith(".partial")
-    if is_dir:
-        return len(parts) <= 3 and not parts[-1].startswith(".")
-    return parts[-1] == "zarr.json" or parts[-1].endswith(".partial")
 
 
 def _positive_int(v) -> bool:

@@ -16,10 +16,11 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
-from ..errors import DernError, arg
+from ..errors import DernError
 from ..families import family_for, require_forward
 from ..host_memory import return_freed_memory
 from ..optional import require_transformers
+from ..options import check_dtype_name
 from ..storage.reading import check_fp8_tensors
 from .hidden_store import HiddenStore
 from .weights import materialise, release
@@ -252,15 +253,10 @@ def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
 
 def parse_dtype(name: str) -> torch.dtype | None:
     """None for "auto" (the stored dtype), else one of float32, bfloat16, float16."""
-    if not isinstance(name, str):
-        raise DernError(f"{arg('dtype')} must be auto, float32, bfloat16 or float16, got {name!r}")
-    if name == "auto":
+    if check_dtype_name(name) == "auto":
         return None
-    dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}.get(name)
-    if dtype is None:
-        raise DernError(f"{arg('dtype', name)}: use auto, float32, bfloat16 or float16")
-    return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
 
 
 def batched(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
