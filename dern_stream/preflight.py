@@ -36,8 +36,8 @@ def check_dump_arguments(src, out, *, text, dataset, tokens_given: bool, tokeniz
     check_dtype_name(dtype)
     local = check_checkpoint_ref(src, revision)
     out_path = Path(out).expanduser().resolve()
-    reads = {"the text": text, "the tokenizer": tokenizer,
-             **(read_paths("the input checkpoint", local) if local is not None else {})}
+    reads = {**(read_paths("the input checkpoint", local) if local is not None else {}), "the text": text,
+             "the tokenizer": tokenizer}
     check_apart(out_path, "DUMP", reads)
     reason = not_a_dump(out_path) if os.path.lexists(out_path) else None
     if reason is not None:

@@ -115,8 +115,8 @@ def test_hub_repo_id_resolves_offline_from_the_cache(build, tmp_path):
                              timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1] == (
-        "error: no directory tiny-org/not-cached, and no Hugging Face repo tiny-org/not-cached in the local cache "
-        "(the Hub cannot be reached, or HF_HUB_OFFLINE is set)")
+        f"error: Hugging Face repo tiny-org/not-cached (revision main) is not (completely) in the local cache {cache}, "
+        "and HF_HUB_OFFLINE is set")
 
 
 def test_corrupt_and_truncated_shards_give_clear_errors(build, tmp_path):
