@@ -94,7 +94,7 @@ def rewrite(
     reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
     check_output_location(out_path, overwrite, reads)
     if report is not None:
-        report = _report_target(report, out_path, overwrite, reads)
+        report = _report_target(report, out_path, overwrite, reads, source)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
     from .execute import execute
@@ -106,23 +106,30 @@ def rewrite(
             log.warning("note: %s", note)
         summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
                           workers=workers, ray_address=ray)
-    if report is not None:
-        summary.report = write_report(out_path, report, overwrite=overwrite, reads=reads)
-    if push_to_hub is not None:
-        try:
+    try:
+        if report is not None:
+            summary.report = write_report(out_path, report, overwrite=overwrite, reads=reads)
+        if push_to_hub is not None:
             summary.pushed = push(out_path, push_to_hub, private=private, against=source, progress=progress)
-        except DernError as e:
-            raise DernError(f"{e} (the rewrite itself is complete in {out_path})") from e
+    except DernError as e:
+        raise DernError(f"{e} (the rewrite itself is complete in {out_path})") from e
+    except KeyboardInterrupt:
+        raise DernError(f"interrupted after the rewrite was complete in {out_path}; "
+                        + ("the report was not written" if summary.report is None and report is not None
+                           else "nothing was pushed")) from None
     return summary
 
 
-def _report_target(report: str | os.PathLike, out: Path, overwrite: bool, reads: dict) -> Path:
+def _report_target(report: str | os.PathLike, out: Path, overwrite: bool, reads: dict, source: Path) -> Path:
     """Check `report=` before the rewrite: matplotlib present, a directory the report may take (inside OUT is
     fine: OUT is written first)."""
     require_matplotlib()
     target = Path(report).expanduser().resolve()
-    if out in target.parents:
+    if out in target.parents:  # written once OUT is complete: it must be a folder of its own directly in OUT
         check_apart(target, "report directory", reads)
+        if target.parent != out or "." in target.name or (source / target.name).exists():
+            raise DernError(f"report directory {target}: inside OUT, give a new folder directly in it, such as "
+                            f"{out / 'report'}")
         return target
     check_apart(target, "report directory", {"the output directory": out})
     return check_report_target(target, overwrite, reads)

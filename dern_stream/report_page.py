@@ -1,4 +1,4 @@
-"""The report's HTML page: one self-contained file beside its PNG plots (no scripts, no external assets)."""
+"""The report's HTML page: one file beside its PNG plots (no scripts, nothing fetched from elsewhere)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ CAPTIONS = {
     "reassigned": "Segments (neurons) each layer moved from dropped experts into kept ones.",
     "pairs": "Segments moved from each dropped expert (rows) to each kept expert (columns).",
     "similarity": "Each pooled segment's best cosine similarity to a kept expert. Only segments right of alpha "
-                  "(dashed) move; the rest are dropped.",
+                  "(dashed; every candidate when alpha is chosen per layer, see the table for each layer's choice) "
+                  "move; the rest are dropped.",
     "clusters": "Members per k-means cluster in the rebuilt experts: each cluster becomes one neuron.",
-    "error": "Relative error of each layer's MoE output against the original layer, on held cached inputs, "
-             "before and after the refit.",
+    "error": "Relative error of each layer's MoE output against the original layer's, for the setting kept, on "
+             "the cached inputs the options were fitted on (the fit sample: an in-sample measure), and after the "
+             "refit where there is one. `dern-stream eval --reference` measures it on other inputs.",
 }
 TITLES = {"importance": "Importance and kept experts", "reassigned": "Segments reassigned",
           "pairs": "Reassignment by expert pair", "similarity": "Similarity against alpha",

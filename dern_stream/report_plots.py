@@ -17,7 +17,7 @@ DPI = 110
 def draw_plots(data: dict, directory: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Draw every plot the data allows into `directory`: ({plot: file name}, {plot: why not drawn})."""
     images, missing = {}, {}
-    plots: dict[str, Callable[[dict], Figure | str]] = {
+    plots: dict[str, Callable[[dict], Figure | str]] = {  # report.PLOTS, in this order
         "importance": importance_heatmap,
         "reassigned": reassigned_per_layer,
         "pairs": reassigned_pairs,
@@ -61,7 +61,9 @@ def importance_heatmap(data: dict) -> Figure | str:
     ax.set_yticks(range(len(layers)), [str(entry["layer"]) for entry in layers])
     ax.set_xlabel("expert (original index)")
     ax.set_ylabel("layer")
-    ax.set_title(f"Expert importance ({layers[0]['importance_source']}); rings: the {data['experts_after']} kept")
+    chooser = "" if data["method"] in ("dern", "prune") else f", chosen by {data['method']}'s own criterion"
+    ax.set_title(f"Expert importance ({layers[0]['importance_source']}); rings: the {data['experts_after']} kept"
+                 + chooser)
     ax.legend(loc="upper right", fontsize="small", facecolor="0.4", labelcolor="white")
     return fig
 
@@ -71,6 +73,8 @@ def reassigned_per_layer(data: dict) -> Figure | str:
     layers = data["layers"]
     if not layers:
         return "the record has no MoE layers"
+    if not any(e["segments_reassigned"] or e["similarity_histogram"] for e in layers):
+        return f"no segment moved, and none was compared (method {data['method']}, or alpha = 1, or every expert kept)"
     fig = _figure(min(4 + len(layers) * 0.3, 18), 3.5)
     ax = fig.add_subplot()
     ax.bar(np.arange(len(layers)), [entry["segments_reassigned"] for entry in layers], color="tab:blue")
@@ -191,6 +195,6 @@ def output_error(data: dict) -> Figure | str:
     _ticks(ax.set_xticks, [entry["layer"] for entry in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error of the MoE output")
-    ax.set_title("Per-layer output error on the cached inputs")
+    ax.set_title("Per-layer output error on the fit sample of cached inputs (in-sample)")
     ax.legend()
     return fig

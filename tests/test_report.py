@@ -91,9 +91,9 @@ def test_report_command_on_a_finished_output(reported, tmp_path):
     assert "6 plots" in first.output
     again = run("report", out, "--to", target)
     assert again.exit_code == 2 and "pass --overwrite" in again.stderr
-    (target / "old.png").write_bytes(b"")  # an earlier report's leftovers go with it
+    (target / "pairs.png").unlink()  # an earlier report's own files, whichever are there, are replaced
     assert run("report", out, "--to", target, "--overwrite").exit_code == 0
-    assert not (target / "old.png").exists() and (target / "index.html").is_file()
+    assert (target / "pairs.png").is_file() and (target / "index.html").is_file()
     stranger = tmp_path / "mine"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("keep")
@@ -111,7 +111,7 @@ def test_a_rewrite_without_data_for_some_plots_says_why(build, tmp_path):
     summary = dern_stream.write_report(out)
     assert summary.directory == out / "report"
     # alpha = 1 moves nothing, so the experts are not even compared.
-    assert set(summary.missing) == {"pairs", "clusters", "error", "similarity"}
+    assert set(summary.missing) == {"pairs", "clusters", "error", "similarity", "reassigned"}
     page = (out / "report" / "index.html").read_text()
     assert "Not drawn: no segment moved between experts" in page and "eval OUT --reference IN" in page
 
@@ -140,3 +140,51 @@ def test_without_matplotlib_the_report_is_one_line_before_any_work(build, tmp_pa
     assert result.stderr.strip().splitlines() == ["error: the report needs matplotlib: pip install "
                                                   "'dern-stream[report]'"]
     assert not out.exists()
+
+
+def test_a_report_inside_out_is_the_tools_own(build, tmp_path):
+    """OUT/report does not stop a later `rewrite --overwrite` of OUT; a report elsewhere in OUT is refused up front."""
+    built = build("mixtral")
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = run("rewrite", built.model_dir, out, "-k", 4, "--calib", built.calib, "--report", out / "report",
+                     "--overwrite", "-q")
+        assert result.exit_code == 0, result.output
+    assert (out / "report" / "index.html").is_file()
+    for inside in (out / "config.json", out / "sub" / "deeper"):
+        result = run("rewrite", built.model_dir, tmp_path / "o2", "-k", 4, "--calib", built.calib, "--report",
+                     str(inside).replace(str(out), str(tmp_path / "o2")))
+        assert_clean_failure(result, tmp_path / "o2", "inside OUT, give a new folder directly in it")
+
+
+def test_report_never_deletes_what_it_did_not_write(reported, tmp_path):
+    _, out, report, _ = reported
+    target = tmp_path / "rep"
+    assert run("report", out, "--to", target).exit_code == 0
+    (target / "mynotes.txt").write_text("mine")
+    refused = run("report", out, "--to", target, "--overwrite")
+    assert refused.exit_code == 2 and "holds mynotes.txt, which a report never writes" in refused.stderr
+    assert (target / "mynotes.txt").read_text() == "mine"
+    # A rewrite's resume folder beside the target is not the report's to touch.
+    partial = tmp_path / ".next.dern-partial"
+    partial.mkdir()
+    (partial / "layer").write_text("kept")
+    assert run("report", out, "--to", tmp_path / "next").exit_code == 0
+    assert (partial / "layer").read_text() == "kept"
+
+
+def test_a_changed_or_garbled_record_is_one_line(reported, tmp_path):
+    _, out, _, _ = reported
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed, ignore=shutil.ignore_patterns("report"))
+    record = json.loads((changed / "dern_stream.json").read_text())
+    record["options"]["alpha"] = 0.9
+    (changed / "dern_stream.json").write_text(json.dumps(record))
+    result = run("report", changed)
+    assert result.exit_code == 2 and "was changed since the rewrite wrote it" in result.stderr
+    del record["record_checksum"]  # (as dern-stream 0.1 wrote them) and garbled
+    record["layers"]["0"]["transfers"] = [["x"]]
+    (changed / "dern_stream.json").write_text(json.dumps(record))
+    result = run("report", changed)
+    assert result.exit_code == 2 and "its entries are not what a rewrite writes" in result.stderr
+    assert "Traceback" not in result.output

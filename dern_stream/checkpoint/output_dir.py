@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import DernError, arg, describe, writing
 from ..locks import DirLock, empty_in_place
+from ..report import not_a_report
 from ..run_identity import key_differences
 from ..targets import check_apart, check_replaceable, is_mount_point
 from .locate import FOREIGN_WEIGHTS, INDEX_NAME
@@ -51,6 +52,8 @@ def not_rewrite_output(directory: Path) -> str | None:
         return (f"holds no {AUDIT_NAME} that lists the files a rewrite wrote (a folder of yours, or the output of "
                 "dern-stream 0.1, which did not list them)")
     for item in sorted(directory.iterdir()):
+        if item.is_dir() and not item.is_symlink() and not_a_report(item) is None:
+            continue  # `dern-stream report OUT` writes OUT/report: the tool's own output too
         if item.name not in {AUDIT_NAME, PROGRESS_NAME} and item.name not in written:
             return f"holds {item.name}, which the earlier rewrite did not write"
         if item.is_dir() or item.is_symlink():
