@@ -149,6 +149,11 @@ def evaluate(
             raise DernError(f"{arg('reference', str(ref.root))} ({ref.config.get('model_type')}) is not the same "
                             f"family as {ckpt.root} ({ckpt.config.get('model_type')})")
         dump = CalibDump(calib) if calib is not None else None
+        if dump is not None:  # (before the perplexity pass too)
+            try:
+                dumped_layers(ref, ckpt, dump)
+            except DernError as e:
+                raise DernError(f"{e} (checked against {arg('reference')})") from None
         report.reference = str(ref.root)
     if wants_ppl:
         if tokens is None:
@@ -199,14 +204,15 @@ def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device:
 
 
 @torch.no_grad()
-def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torch.device,
-                 dtype: torch.dtype | None, progress: bool) -> list[LayerError]:
+def dumped_layers(ref: Checkpoint, new: Checkpoint, dump: CalibDump) -> list[int]:
+    """The MoE layers whose error can be measured: those of the reference the dump holds inputs of, after
+    checking that the dump was made from the reference (its routers) and that `new` has them too."""
     family = family_for(ref.config)
     if family_for(new.config).model_type != family.model_type:
         raise DernError(f"{new.root} ({new.config.get('model_type')}) is not the same family as the reference "
                         f"{ref.root} ({ref.config.get('model_type')})")
     dump.check_matches(family.model_type, int(ref.config["hidden_size"]), family.num_experts(ref.config))
-    ref_model, new_model = StreamedModel(ref, device, dtype), StreamedModel(new, device, dtype)
+    ref_model, new_model = StreamedModel(ref, torch.device("cpu")), StreamedModel(new, torch.device("cpu"))
     dumped = set(dump.attrs.get("moe_layers") or [])
     layers = [i for i in ref_model.moe_layers() if i in dumped]
     if not layers:
@@ -216,6 +222,13 @@ def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torc
         raise DernError(f"{new.root} has no MoE block in layer(s) {missing}, which the reference has")
     for i in layers:
         dump.check_router(i, ref.load(family.router_name(i)))
+    return layers
+
+
+def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torch.device,
+                 dtype: torch.dtype | None, progress: bool) -> list[LayerError]:
+    layers = dumped_layers(ref, new, dump)
+    ref_model, new_model = StreamedModel(ref, device, dtype), StreamedModel(new, device, dtype)
     out = []
     for i in tqdm(layers, desc="layer errors", unit="layer", disable=not progress):
         diff_sq = ref_sq = 0.0

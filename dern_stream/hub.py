@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint.locate import FOREIGN_WEIGHTS, INDEX_NAME, REPO_ID, SINGLE_NAME
 from .checkpoint.output_dir import not_rewrite_output
-from .errors import DernError, arg
+from .errors import DernError
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Everything at the top level but weights and dot-files: config.json, the index, generation config,
@@ -149,6 +149,7 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     URL. The token is huggingface_hub's (HF_TOKEN, or `hf auth login`)."""
     root = Path(out).expanduser().resolve()
     check_repo_id(repo_id, "REPO")
+    check_push_token(repo_id)
     reason = not_rewrite_output(root) if root.is_dir() else "is not a directory"
     if reason is not None:
         raise DernError(f"not pushed to {repo_id}: {root} {reason}; only a rewrite's output is pushed")
@@ -210,15 +211,26 @@ def _pushing(target: str) -> Iterator[None]:
 
 
 def check_push_token(repo_id: str) -> None:
-    """Before a long rewrite that ends in a push: a token must be there (HF_TOKEN, or `hf auth login`), else the
-    push would fail only hours later. Whether it may write to `repo_id` is known only when the push runs."""
+    """Before a push, and before a long rewrite that ends in one: a token must be there (HF_TOKEN, or `hf auth
+    login`) and the Hub not be switched off (HF_HUB_OFFLINE), else the push would fail only after the work.
+    Whether the token may write to `repo_id` is known only when the push runs."""
     from huggingface_hub import get_token
 
+    if _offline():
+        raise DernError(f"cannot push to Hugging Face repo {repo_id}: HF_HUB_OFFLINE is set (checked before any work)")
     if get_token() is None:
-        raise DernError(f"{arg('push_to_hub', repo_id)} needs a Hugging Face token: log in with `hf auth login` or set "
-                        "HF_TOKEN (checked before the rewrite starts)")
+        raise DernError(f"pushing to Hugging Face repo {repo_id} needs a token: log in with `hf auth login` or set "
+                        "HF_TOKEN (checked before any work)")
 
 
 def check_repo_id(repo_id: str, option: str) -> None:
-    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id):
-        raise DernError(f"{option} needs a Hugging Face repo id such as me/Mixtral-4x, got {repo_id!r}")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str) or not REPO_ID.match(repo_id):
+            raise HFValidationError("")
+        validate_repo_id(repo_id)  # the Hub's own rules (no "--", "..", at most 96 characters...), offline
+    except HFValidationError as e:
+        why = f" ({str(e).split(':')[0]})" if str(e) else ""
+        raise DernError(f"{option} needs a Hugging Face repo id such as me/Mixtral-4x, got {repo_id!r}{why}") from None

@@ -152,6 +152,11 @@ def test_a_wrong_reference_is_refused_before_the_perplexity_pass(build, tmp_path
                  "--calib", built.calib)
     assert_error(result, "is not the same family")
     assert "eval layers" not in result.stderr
+    qwen = build("qwen2_moe")  # a dump of another model than the reference
+    result = run("eval", built.model_dir, "--text", texts / "heldout.txt", "--seq-len", 64, "--reference",
+                 built.model_dir, "--calib", qwen.calib)
+    assert_error(result, "(checked against --reference)")
+    assert "eval layers" not in result.stderr
 
 
 def test_sequences_longer_than_the_model_positions_get_a_note(build, caplog):

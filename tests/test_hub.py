@@ -140,7 +140,7 @@ def test_hf_home_and_hf_hub_offline_from_the_environment(hub, model, tmp_path):
     (["LOCAL", "--revision", "v2"], "--revision v2 is for a Hugging Face repo id; "),
     ([REPO, "--push-to-hub", "no id"], "--push-to-hub needs a Hugging Face repo id such as me/Mixtral-4x, got 'no id'"),
     ([REPO, "--private"], "--private goes with --push-to-hub"),
-    (["NO_TOKEN", REPO, "--push-to-hub", "me/x"], "--push-to-hub me/x needs a Hugging Face token"),
+    (["NO_TOKEN", REPO, "--push-to-hub", "me/x"], "pushing to Hugging Face repo me/x needs a token"),
 ])
 def test_hub_failures_are_one_line(args, message, hub, model, tmp_path, monkeypatch):
     if args[0] == "OFFLINE":
