@@ -38,8 +38,8 @@ _FM_CLOSE = "-->\n"
 _CARRIED = ("license", "license_name", "license_link", "language")  # from the base card's front matter
 _IMPORTANCE = {"routing": "routing statistics", "router-norm": "router weight norms",
                "not needed": "not needed (every expert kept)"}  # rewrite_plan's importance sources
-_EVAL_FIELDS = ("checkpoint", "perplexity", "nll_per_token", "tokens", "reference", "layer_errors", "mean_rel_l2",
-                "device")
+_EVAL_FIELDS = ("checkpoint", "perplexity", "nll_per_token", "tokens", "reference", "reference_perplexity", "kl_mean",
+                "kl_p99", "top1_agreement", "layer_errors", "mean_rel_l2", "device")
 
 
 @dataclass
@@ -249,15 +249,22 @@ def _evaluations(evaluations: list[dict]) -> list[str]:
         return []
     lines = ["## Evaluation", "", "Results of `dern-stream eval --json` (given to `dern-stream card --eval`). "
              "Perplexity is next-token perplexity over the tokens shown, of the text given to `eval` (the "
-             "report does not name it); the MoE-layer error is the relative L2 error of each MoE block's output "
-             "against the reference's, on a calibration dump's inputs.", "",
-             "| model | perplexity | tokens | NLL per token | mean MoE-layer error | against | device |",
-             "|---|---:|---:|---:|---:|---|---|"]
+             "report does not name it); with a reference, the reference's perplexity on the same tokens, the KL "
+             "divergence of the model's next-token distribution from the reference's (nats per token, mean and 99th "
+             "percentile) and the share of positions where both predict the same token; the MoE-layer error is the "
+             "relative L2 error of each MoE block's output against the reference's, on a calibration dump's "
+             "inputs.", "",
+             "| model | perplexity | tokens | NLL per token | reference perplexity | KL mean / p99 | top-1 agreement "
+             "| mean MoE-layer error | against | device |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for e in evaluations:
         measured = e.get("tokens") is not None
         ppl = _num(e.get("perplexity"), ".4f", "inf" if measured else "")
+        kl = f"{_num(e.get('kl_mean'), '.5f')} / {_num(e.get('kl_p99'), '.5f')}" if e.get("kl_mean") is not None else ""
+        top1 = f"{e['top1_agreement']:.2%}" if e.get("top1_agreement") is not None else ""
         lines.append(f"| {_cell(e['model'])} | {ppl} | {_num(e.get('tokens'), ',')} | "
-                     f"{_num(e.get('nll_per_token'), '.5f')} | {_num(e.get('mean_rel_l2'), '.6f')} | "
+                     f"{_num(e.get('nll_per_token'), '.5f')} | {_num(e.get('reference_perplexity'), '.4f')} | {kl} | "
+                     f"{top1} | {_num(e.get('mean_rel_l2'), '.6f')} | "
                      f"{_cell(e.get('reference_model') or '')} | {_cell(e.get('device') or '')} |")
     with_layers = [e for e in evaluations if e.get("layer_errors")]
     if with_layers:
@@ -342,7 +349,8 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
     if not isinstance(report, dict) or report.get("format") != EVAL_FORMAT:
         raise DernError(f"{arg('evals', str(path))} is not an eval report, the JSON file `dern-stream eval` writes "
                         f"(its format is not {EVAL_FORMAT})")
-    numbers = ("perplexity", "nll_per_token", "mean_rel_l2")
+    numbers = ("perplexity", "nll_per_token", "mean_rel_l2", "reference_perplexity", "kl_mean", "kl_p99",
+               "top1_agreement")
     valid = (isinstance(report.get("checkpoint"), str)
              and all(report.get(k) is None or _is_number(report[k]) for k in numbers)
              and (report.get("tokens") is None or type(report["tokens"]) is int)

@@ -145,7 +145,10 @@ def test_card_with_eval_results(rewritten, tmp_path):
     assert [r[0] for r in rows] == ["this model", "base model (tiny-base)"]
     for row, report in zip(rows, reports, strict=True):
         assert row[1] == f"{report['perplexity']:.4f}" and number(row[2]) == report["tokens"]
-    assert rows[0][4] == f"{reports[0]['mean_rel_l2']:.6f}" and rows[0][5] == "base model (tiny-base)"
+    assert rows[0][4] == f"{reports[0]['reference_perplexity']:.4f}"
+    assert rows[0][5] == f"{reports[0]['kl_mean']:.5f} / {reports[0]['kl_p99']:.5f}"
+    assert rows[0][6] == f"{reports[0]['top1_agreement']:.2%}" and rows[1][4:7] == ["", "", ""]
+    assert rows[0][7] == f"{reports[0]['mean_rel_l2']:.6f}" and rows[0][8] == "base model (tiny-base)"
     per_layer = table(card.text, "| layer | this model vs")
     assert per_layer == [[str(e["layer"]), f"{e['rel_l2']:.6f}"] for e in reports[0]["layer_errors"]]
     assert base_card_of(card.content) == BASE_CARD and card.text.count("Trained on | things.") == 1
