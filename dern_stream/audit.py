@@ -50,7 +50,7 @@ def audit_record(
             "device_type": device.type if device is not None else None,
             "device_name": _device_name(device),
             "torch_threads": torch.get_num_threads(),
-            "calibration_provenance": calib_provenance,
+            "calibration_provenance": _named(calib_provenance),
             "resume_key": run,
         },
         "method": options.method,
@@ -58,7 +58,9 @@ def audit_record(
         "options": options.method_record(),
         "source": {**source, "fingerprint": fingerprint, "model_type": model_type,
                    "num_experts": num_experts, "intermediate_size": intermediate},
-        "calibration": str(calib) if calib is not None else None,
+        # Names, not paths: the record travels with the output (to the Hub), the paths said where things lay on one
+        # machine; the dump's fingerprint in `reproduce` identifies it.
+        "calibration": calib.name if calib is not None else None,
         "num_experts": options.experts,
         "intermediate_size": options.intermediate_size or intermediate,
         "config_notes": config_notes,
@@ -67,6 +69,19 @@ def audit_record(
         # What verify checks every byte of the output against (README, "verify").
         "checksums": {**(checksums or {}), "tensors": dict(sorted(tensors.items()))},
     }
+
+
+def _named(provenance: dict | None) -> dict | None:
+    """The dump's provenance with its text and tokenizer named by file or folder name, not by path."""
+    if provenance is None:
+        return None
+    named = dict(provenance)
+    kind, sep, where = str(named.get("source") or "").partition(":")
+    if sep and kind == "text":
+        named["source"] = f"text:{Path(where).name}"
+    if isinstance(named.get("tokenizer"), str):
+        named["tokenizer"] = Path(named["tokenizer"]).name
+    return named
 
 
 def _device_name(device: torch.device | None) -> str | None:

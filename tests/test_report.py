@@ -36,7 +36,10 @@ def reported(build, tmp_path_factory):
 
 def test_report_numbers_are_the_rewrites(reported):
     built, out, report, summary = reported
-    record = json.loads((out / "dern_stream.json").read_text())
+    text = (out / "dern_stream.json").read_text()
+    record = json.loads(text)
+    assert str(built.model_dir.parent) not in text  # the dump, its text and tokenizer by name, not by path
+    assert record["calibration"] == built.calib.name
     data = json.loads((report / "report.json").read_text())
     assert summary.report.directory == report and len(summary.report.images) == 6
     h = built.config["intermediate_size"]
