@@ -21,6 +21,7 @@ from .locks import reading_dump
 from .optional import require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
+from .preflight import check_calib_choice
 from .report import check_report_target, write_report
 from .targets import JSON_FILE, check_apart, check_json_target, check_replaceable, not_json_of, read_paths
 
@@ -93,6 +94,7 @@ def rewrite(
     calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
     reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
     check_output_location(out_path, overwrite, reads)
+    check_calib_choice(chosen, calib)
     if report is not None:
         report = _report_target(report, out_path, overwrite, reads, source)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
@@ -158,6 +160,7 @@ def plan(
     if json_path is not None:
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})
+    check_calib_choice(chosen, calib)
     from .rewrite_plan import make_plan  # (loads torch: after the checks above)
 
     with _reading(calib):

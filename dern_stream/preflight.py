@@ -7,13 +7,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .calib.dump_files import not_a_dump
+from .calib.dump_files import check_dump_path, not_a_dump
 from .checkpoint.locate import check_checkpoint_ref
 from .errors import DernError, arg
 from .options import check_device_name, check_dtype_name, check_text_options, whole
 from .targets import check_apart, check_json_target, expand_user, read_paths
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
+
+
+def check_calib_choice(options, calib: Path | None) -> None:
+    """A rewrite's (or plan's) calibration dump against its options (RewriteOptions): needed unless the experts are
+    ranked by router norm, which no option reading the layers' inputs goes with; and readable."""
+    if options.importance == "router-norm":
+        if options.uses_layer_outputs:
+            raise DernError(f"{arg('method', options.method)} with these options needs the layers' cached inputs: "
+                            f"pass {arg('calib', metavar='DUMP')} instead of {arg('importance', 'router-norm')}")
+        if calib is not None:
+            raise DernError(f"{arg('importance', 'router-norm')} ignores the calibration dump; pass one or the other")
+        return
+    if calib is None:
+        raise DernError(f"{arg('calib', metavar='DUMP')} is required (a calibration dump of the MoE layers' inputs, "
+                        f"see the README), or pass {arg('importance', 'router-norm')} for the weaker parameter-only "
+                        "ranking")
+    check_dump_path(calib)
 
 
 def check_text_source(text: Path | None, dataset: str | None) -> None:

@@ -45,6 +45,7 @@ from .layout import (
 )
 from .methods import router_norm_importance, select_experts
 from .options import RewriteOptions
+from .preflight import check_calib_choice
 from .run_identity import files_stamp, run_key, tree_stamp
 from .storage import ExpertStorage, expert_storage
 from .storage.reading import check_fp8_tensors
@@ -255,18 +256,10 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
     """Open and check the dump before any work starts (a bad dump must not cost a long run).
 
     Layers the dump does not calibrate (a multi-token-prediction layer) are ranked by router norm."""
+    check_calib_choice(options, calib)
     if options.importance == "router-norm":
-        if options.uses_layer_outputs:
-            raise DernError(f"{arg('method', options.method)} with these options needs the layers' cached inputs: "
-                            f"pass {arg('calib', metavar='DUMP')} instead of {arg('importance', 'router-norm')}")
-        if calib is not None:
-            raise DernError(f"{arg('importance', 'router-norm')} ignores the calibration dump; pass one or the other")
         notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
         return None
-    if calib is None:
-        raise DernError(f"{arg('calib', metavar='DUMP')} is required (a calibration dump of the MoE layers' inputs, "
-                        f"see the README), or pass {arg('importance', 'router-norm')} for the weaker parameter-only "
-                        "ranking")
     dump = CalibDump(calib)
     dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
     available = set(dump.attrs.get("moe_layers") or [])

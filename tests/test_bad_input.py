@@ -117,7 +117,7 @@ CASES = {
     "no config.json": (no_config, [], "out", "has no config.json; is it a Hugging Face checkpoint directory?"),
     "unsupported model_type": (unsupported_family, [], "out",
                                "model_type 'dbrx' is not supported; supported families: deepseek, deepseek_v2, "),
-    "not an MoE model": (dense_model, ["--importance", "router-norm"], "out",
+    "not an MoE model": (dense_model, [], "out",
                          "model_type 'llama' is not a Mixture-of-Experts model (config.json has no expert count)"),
     "K < 1": (None, ["--experts", 0], "out", "--experts must be a positive integer, got 0"),
     "K > N": (None, ["--experts", 9], "out", "--experts 9 exceeds the model's 8 experts per layer"),

@@ -134,7 +134,10 @@ def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
              ["verify", str(model), "--against", str(tmp_path / "missing")],
              ["report", str(model)],
              ["card", str(model)],
-             ["push", str(model), "me/x"]]
+             ["push", str(model), "me/x"],
+             ["rewrite", str(model), str(tmp_path / "o"), "-k", "4"],
+             ["rewrite", str(model), str(tmp_path / "o"), "-k", "4", "--calib", str(tmp_path / "none.zarr")],
+             ["plan", str(model), "-k", "4", "--calib", str(text)]]
     code = ("import sys, json; from click.testing import CliRunner; from dern_stream.cli import main;"
             "codes = [CliRunner().invoke(main, args).exit_code for args in json.loads(sys.argv[1])];"
             "print(codes, 'torch' in sys.modules)")

@@ -6,7 +6,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import DernError
+
 FORMAT = "dern-stream-calib"
+
+
+def check_dump_path(path: Path) -> None:
+    """A readable calibration dump is there: it exists, and its zarr.json is a zarr v3 group's with dern-stream's
+    format attribute (what the store checks first, told without opening it)."""
+    path = Path(path)
+    if not path.exists():
+        raise DernError(f"calibration dump {path} does not exist")
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        attrs = meta["attributes"] if meta.get("zarr_format") == 3 and meta.get("node_type") == "group" else None
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        attrs = None
+    if not isinstance(attrs, dict):
+        raise DernError(f"{path} is not a zarr v3 calibration dump")
+    if attrs.get("format") != FORMAT:
+        raise DernError(f"{path} is not a dern-stream calibration dump (format attribute missing)")
 
 # What a dump directory holds: zarr's metadata and its three groups.
 _DUMP_ENTRIES = {"zarr.json", "moe_inputs", "tokens", "resume"}

@@ -30,7 +30,7 @@ import zarr
 from ..checkpoint.integrity import all_finite
 from ..errors import DernError, NonFinite, arg
 from ..locks import empty_in_place
-from .dump_files import FORMAT, not_a_dump
+from .dump_files import FORMAT, check_dump_path, not_a_dump
 
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_TOKENS = 4096
@@ -205,8 +205,7 @@ class CalibDump:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise DernError(f"calibration dump {self.path} does not exist")
+        check_dump_path(self.path)
         try:
             self.group = zarr.open_group(str(self.path), mode="r")
             attrs = self.group.attrs.asdict()
