@@ -64,7 +64,7 @@ def importance_heatmap(data: dict) -> Figure | str:
     chooser = "" if data["method"] in ("dern", "prune") else f", chosen by {data['method']}'s own criterion"
     ax.set_title(f"Expert importance ({layers[0]['importance_source']}); rings: the {data['experts_after']} kept"
                  + chooser)
-    ax.legend(loc="upper right", fontsize="small", facecolor="0.4", labelcolor="white")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08), fontsize="small", facecolor="0.4", labelcolor="white")
     return fig
 
 
@@ -184,7 +184,7 @@ def output_error(data: dict) -> Figure | str:
                 "each layer's error afterwards")
     x = np.arange(len(layers))
     after = [entry["error_after_refit"] for entry in layers]
-    fig = _figure(min(4 + len(layers) * 0.35, 18), 3.8)
+    fig = _figure(min(7 + len(layers) * 0.35, 18), 3.8)
     ax = fig.add_subplot()
     width = 0.4 if any(a is not None for a in after) else 0.8
     ax.bar(x - (width / 2 if width < 0.8 else 0), [entry["error_before_refit"] for entry in layers], width,
@@ -196,5 +196,5 @@ def output_error(data: dict) -> Figure | str:
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error of the MoE output")
     ax.set_title("Per-layer output error on the fit sample of cached inputs (in-sample)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
