@@ -141,7 +141,7 @@ def write_report(out: str | os.PathLike, directory: str | os.PathLike | None = N
     record = read_record(out)
     target = check_report_target(directory if directory is not None else Path(out).expanduser() / "report",
                                  overwrite, reads or {})
-    require_matplotlib()  # (after the checks: it takes a second to import)
+    require_matplotlib()
     from .report_page import render_page
     from .report_plots import draw_plots
 
