@@ -151,7 +151,7 @@ def evaluate(
         dump = CalibDump(calib) if calib is not None else None
         if dump is not None:  # (before the perplexity pass too)
             try:
-                dumped_layers(ref, ckpt, dump)
+                measured = dumped_layers(ref, ckpt, dump)
             except DernError as e:
                 raise DernError(f"{e} (checked against {arg('reference')})") from None
         report.reference = str(ref.root)
@@ -174,7 +174,7 @@ def evaluate(
         report.perplexity = _perplexity(nll / count)
     if dump is not None:
         with reading_dump(dump.path):
-            report.layer_errors = layer_errors(ref, ckpt, dump, compute, compute_dtype, progress)
+            report.layer_errors = layer_errors(ref, ckpt, dump, measured, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
     if json_path is not None:
         # Checked again: a file may have appeared there during the evaluation.
@@ -207,10 +207,7 @@ def perplexity_nll(ckpt: Checkpoint, ids: torch.Tensor, batch_size: int, device:
 def dumped_layers(ref: Checkpoint, new: Checkpoint, dump: CalibDump) -> list[int]:
     """The MoE layers whose error can be measured: those of the reference the dump holds inputs of, after
     checking that the dump was made from the reference (its routers) and that `new` has them too."""
-    family = family_for(ref.config)
-    if family_for(new.config).model_type != family.model_type:
-        raise DernError(f"{new.root} ({new.config.get('model_type')}) is not the same family as the reference "
-                        f"{ref.root} ({ref.config.get('model_type')})")
+    family = family_for(ref.config)  # (evaluate checked that `new` is of the same family)
     dump.check_matches(family.model_type, int(ref.config["hidden_size"]), family.num_experts(ref.config))
     ref_model, new_model = StreamedModel(ref, torch.device("cpu")), StreamedModel(new, torch.device("cpu"))
     dumped = set(dump.attrs.get("moe_layers") or [])
@@ -225,9 +222,9 @@ def dumped_layers(ref: Checkpoint, new: Checkpoint, dump: CalibDump) -> list[int
     return layers
 
 
-def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, device: torch.device,
+def layer_errors(ref: Checkpoint, new: Checkpoint, dump: CalibDump, layers: list[int], device: torch.device,
                  dtype: torch.dtype | None, progress: bool) -> list[LayerError]:
-    layers = dumped_layers(ref, new, dump)
+    """Each of `layers` (dumped_layers: checked against the dump) measured on the dump's inputs."""
     ref_model, new_model = StreamedModel(ref, device, dtype), StreamedModel(new, device, dtype)
     out = []
     for i in tqdm(layers, desc="layer errors", unit="layer", disable=not progress):

@@ -81,8 +81,8 @@ def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, n
                         f"agreement with it) and/or {arg('calib', metavar='DUMP')} (per-layer error)")
     if wants_ppl and not tokens_given:
         check_text_source(text, dataset)
-    if calib is not None and not Path(calib).is_dir():
-        raise DernError(f"calibration dump {calib} does not exist")
+    if calib is not None:
+        check_dump_path(calib)
     check_device_name(device)
     check_dtype_name(dtype)
     local = check_checkpoint_ref(src, revision)

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import DernError, arg
 from ..optional import require_transformers
+from ..preflight import check_text_source
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
 
@@ -38,9 +39,7 @@ def load_tokenizer(src: Path, tokenizer: str | Path | None = None):
 
 
 def text_documents(path: str | Path) -> Iterator[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise DernError(f"text file {path} does not exist")
+    path = Path(path)  # (tokens_from checked that it is a file)
     with open(path, encoding="utf-8", errors="replace") as f:
         if path.suffix == ".jsonl":
             for n, line in enumerate(f, 1):
@@ -124,8 +123,7 @@ def pack_tokens(documents: Iterator[str], tokenizer, num_tokens: int, seq_len: i
 def tokens_from(src: Path, *, text: str | Path | None, dataset: str | None, tokenizer: str | Path | None,
                 num_tokens: int, seq_len: int, allow_fewer: bool = False) -> torch.Tensor:
     """Token ids [sequences, seq_len] from `--text` or `--dataset`."""
-    if (text is None) == (dataset is None):
-        raise DernError(f"give exactly one of {arg('text', metavar='FILE')} or {arg('dataset', metavar='NAME')}")
+    check_text_source(Path(text) if text is not None else None, dataset)
     tok = load_tokenizer(src, tokenizer)
     if text is not None:
         docs = text_documents(text)
