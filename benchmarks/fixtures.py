@@ -9,10 +9,12 @@ Builds, once, and reuses afterwards (each step is cached under ROOT and skipped 
   by a hash of their path into train (90%), calib (5%) and heldout (5%): the held-out split is never
   seen by training or calibration;
 - a byte-level BPE tokenizer (4096 tokens) trained on the train split;
-- three models trained with transformers on the train split (fixed seeds and step counts):
+- four models trained with transformers on the train split (fixed seeds and step counts):
   `mixtral-scratch` (Mixtral-style, 8 experts top-2, from scratch), `qwen2moe-scratch`
-  (Qwen2-MoE-style, 16 experts top-4 plus a shared expert, from scratch) and `mixtral-upcycled`
-  (a dense model trained first, its FFN copied into all 8 experts, then trained as an MoE).
+  (Qwen2-MoE-style, 16 experts top-4 plus a shared expert, from scratch), `mixtral-upcycled`
+  (a dense model trained first, its FFN copied into all 8 experts, then trained as an MoE) and
+  `deepseek-scratch` (DeepSeek-V3-style: 16 fine-grained experts top-4 chosen by sigmoid scores in 4 groups of
+  which 2 are used, a shared expert, a dense first layer, balanced by its score-correction bias).
 
 Each takes about 10-15 minutes on 2 CPU cores. Output: ROOT/corpus/{train,calib,heldout}.txt,
 ROOT/tokenizer/, ROOT/<name>/model (a checkpoint with the tokenizer) and ROOT/<name>/train.json.
@@ -198,6 +200,13 @@ RECIPES = {
         Recipe("mixtral-upcycled", "mixtral",
                dict(_BASE, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
                     output_router_logits=True, router_aux_loss_coef=0.01), steps=600, dense_steps=500),
+        # DeepSeek-V3-style: fine-grained experts with sigmoid routing in groups, a shared expert, a dense first
+        # layer, MLA attention; balanced without an auxiliary loss, by its score-correction bias (_BiasBalancer).
+        Recipe("deepseek-scratch", "deepseek_v3",
+               dict(_BASE, moe_intermediate_size=64, intermediate_size=512, n_routed_experts=16,
+                    num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                    routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=64, kv_lora_rank=32,
+                    qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, head_dim=16), steps=1000),
     )
 }
 
@@ -210,8 +219,37 @@ def _batches(stream: torch.Tensor, batch: int, seed: int):
         yield torch.stack([stream[s:s + SEQ_LEN] for s in starts.tolist()])
 
 
+class _BiasBalancer:
+    """DeepSeek-V3's auxiliary-loss-free balancing: after every step, each router's score-correction bias moves by
+    `rate` towards the experts chosen less than average (up for them, down for the others)."""
+
+    def __init__(self, model, rate: float = 1e-3):
+        self.rate, self.gates, self.loads, self.hooks = rate, [], {}, []
+        for layer in model.model.layers:
+            gate = getattr(layer.mlp, "gate", None)
+            if hasattr(gate, "e_score_correction_bias"):
+                self.gates.append(gate)
+                self.hooks.append(gate.register_forward_hook(self._count))
+
+    def _count(self, gate, _args, out) -> None:
+        idx = out[2]
+        self.loads[gate] = self.loads.get(gate, 0) + torch.bincount(idx.reshape(-1), minlength=gate.num_experts)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for gate in self.gates:
+                load = self.loads.pop(gate, None)
+                if load is not None:
+                    gate.e_score_correction_bias += self.rate * torch.sign(load.float().mean() - load.float())
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
 def _train(model, stream: torch.Tensor, steps: int, batch: int, lr: float, seed: int, label: str) -> list[float]:
     """AdamW with warmup and cosine decay; returns the loss every 50 steps."""
+    balancer = _BiasBalancer(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -225,10 +263,12 @@ def _train(model, stream: torch.Tensor, steps: int, batch: int, lr: float, seed:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        balancer.step()
         if step % 50 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 4))
             print(f"  {label} step {step}/{steps} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
+    balancer.close()
     model.eval()
     return losses
 
@@ -284,6 +324,10 @@ def build_model(root: Path, recipe: Recipe, tokenizer, train_ids: torch.Tensor) 
     record["losses"] = _train(model, train_ids, recipe.steps, recipe.batch, lr, recipe.seed + 1, recipe.name)
     model.config.output_router_logits = False
     model_dir = save_model(model, out / "model")
+    if recipe.model_type == "deepseek_v3":  # what vLLM and this tool's loaders read beside DeepseekV3Config's keys
+        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
+        (model_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     tokenizer.save_pretrained(model_dir)
     record["seconds"] = round(time.perf_counter() - started, 1)
     record["parameters"] = sum(p.numel() for p in model.parameters())

@@ -56,6 +56,11 @@ CONFIGS: dict[str, dict] = {
     "prune +refit": dict(method="prune", refit=True),
     "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
     "best (recipe)": dict(recipe="best"),
+    # Quality v2 (issue 19): each option on top of the 2026-11 recipe, then together.
+    "best +sequential": dict(recipe="best", sequential=True),
+    "best +router": dict(recipe="best", refit_router=True),
+    "best +holdout": dict(recipe="best", holdout=0.2),
+    "best +seq +router +holdout": dict(recipe="best", sequential=True, refit_router=True, holdout=0.2),
 }
 
 
@@ -81,7 +86,7 @@ def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, d
     heldout_tokens = token_rows(tokenizer, root / "corpus/heldout.txt", EVAL_TOKENS)
     heldout_inputs = cached_dump(model, root / name / "heldout.zarr", heldout_tokens[:CALIB_TOKENS // SEQ_LEN])
     config = json.loads((model / "config.json").read_text())
-    experts = next(config[k] for k in ("num_local_experts", "num_experts") if k in config)
+    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
     base = dern_stream.evaluate(model, tokens=heldout_tokens, progress=False)
     print(f"\n{name}: {experts} experts, original held-out perplexity {base.perplexity:.3f} "
           f"({base.tokens} tokens)", flush=True)

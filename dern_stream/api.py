@@ -18,7 +18,7 @@ from .errors import DernError, arg
 from .host_memory import map_large_blocks
 from .hub import check_push_token, check_repo_id, push, source_record
 from .locks import reading_dump
-from .optional import require_matplotlib, require_ray
+from .optional import check_transformers, require_matplotlib, require_ray
 from .options import RewriteOptions, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
 from .preflight import check_calib_choice
@@ -84,6 +84,11 @@ def rewrite(
         if not isinstance(ray, str) or not ray:
             raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
         require_ray()
+    if chosen.sequential:
+        if workers != 1 or ray is not None:
+            raise DernError(f"{arg('sequential', True)} fits the layers in order, in one process: leave out "
+                            f"{arg('workers')} and {arg('ray')}")
+        check_transformers(f"{arg('sequential', True)} runs the model's forward and needs")
     if push_to_hub is not None:
         check_repo_id(push_to_hub, "--push-to-hub")
         check_push_token(push_to_hub)

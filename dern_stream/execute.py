@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .checkpoint.integrity import CHECKSUM, checksum
 from .checkpoint.source import INDEX_NAME
-from .errors import DernError, describe
+from .errors import DernError, arg, describe
 from .host_memory import return_freed_memory
 from .layer_pools import run_local, run_ray
 from .layer_rewrite import LayerInputs, read_layer
@@ -34,6 +34,7 @@ from .parameter_count import rewrite_parameters
 from .pipeline import run_pipeline
 from .report import ReportSummary
 from .rewrite_plan import RewritePlan
+from .sequential import SequentialForward, sequential_journaled
 from .stage_clock import StageClock
 
 log = logging.getLogger("dern_stream")
@@ -83,6 +84,9 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     worker processes, a layer each at a time; `ray_address`: one Ray task per layer on that cluster
     (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
+    if plan.options.sequential and (workers != 1 or ray_address is not None):
+        raise DernError(f"{arg('sequential', True)} fits the layers in order, in one process: leave out "
+                        f"{arg('workers')} and {arg('ray')}")
     with plan.open_source() as ckpt:
         return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
 
@@ -119,11 +123,23 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
                             record = write_outputs(plan, writer, ckpt, report)
                             # Journaled once flushed: a resumed run trusts exactly what is on disk.
                             writer.commit(lambda: stage.progress.add(report.index, record))
+                            if options.sequential:
+                                sequential_journaled(stage.path, report.index)
                         return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
                         bar.update()
                         bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
 
-                    if workers == 1 and ray_address is None:
+                    if options.sequential and todo:
+                        with clock("forward"):
+                            forward = SequentialForward(plan.source, plan.dump, options.fit_tokens, compute,
+                                                        stage.path, [int(i) for i in records])
+                        try:
+                            run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock, forward),
+                                         write)
+                        finally:
+                            forward.close()
+                        forward.remove_files()
+                    elif workers == 1 and ray_address is None:
                         run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock), write)
                     else:
                         indices = [layer.index for layer in todo]

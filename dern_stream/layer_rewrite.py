@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -14,6 +14,7 @@ from .checkpoint.integrity import all_finite
 from .checkpoint.safetensors_format import DTYPES
 from .families import PARTS, Family, GroupPlan
 from .fused_tensors import from_float, fused_tensors, to_float
+from .layer_fit import FitRows
 from .layout import ModelShape, MoELayer
 from .methods import (
     ExpertStack,
@@ -25,8 +26,9 @@ from .methods import (
     transfer_router,
 )
 from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
-from .methods.moe_forward import EvenSample, Gating, expert_stats, relative_error, routed_output
+from .methods.moe_forward import Gating, expert_stats, relative_error, routed_output
 from .methods.refit import refit_down
+from .methods.router_refit import refit_router
 from .options import RewriteOptions
 from .stage_clock import NO_CLOCK, StageClock
 from .storage import ExpertStorage, dequantize, quantize
@@ -109,14 +111,6 @@ def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: to
     return routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
 
 
-def fit_sample(dump: CalibDump, index: int, limit: int, device: torch.device) -> torch.Tensor:
-    """At most `limit` of layer `index`'s cached inputs, evenly spaced, float32 on `device`."""
-    sample = EvenSample(dump.layer(index).shape[0], limit)
-    for _ in sample.watch(dump.chunks(index, device)):
-        pass
-    return sample.tensor()
-
-
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
                  clock: StageClock = NO_CLOCK) -> ExpertStack:
     """The layer's routed experts as one stack on `device`, as stored: FP8 stays FP8 with its block scales
@@ -159,58 +153,135 @@ def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelS
                 target[e].copy_(tensor)
 
 
+# Fits the layer's options on `FitRows` (the caller's: from the dump, or the sequential forward) when given.
+FitSource = Callable[[torch.Tensor, "torch.Tensor | None", "ExpertStack"], FitRows]
+ROUTER_RIDGE = 0.01  # --refit-router's ridge, relative to the mean Gram diagonal (README, "Quality")
+RIDGE_FACTORS = (0.1, 0.3, 3.0)  # with --holdout, the down refit's ridge is also tried at these times --refit-ridge
+
+
 def compress_layer(
     inputs: LayerInputs,
     selection: LayerSelection,
     family: Family,
     shape: ModelShape,
-    dump: CalibDump | None,
+    rows: FitSource | None,
     groups: GroupPlan | None,
     options: RewriteOptions,
     device: torch.device,
     routing: LayerRouting,
     clock: StageClock = NO_CLOCK,
+    then: Callable[[Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
 ) -> LayerReport:
     """Build every candidate the options ask for from the layer's ranking (`selection`, made by the
-    plan), keep the best; all on `device`, with only the result leaving it (in the checkpoint's dtype).
-    `dump`: the layer's cached inputs, when the options fit on them (None for a layer the dump lacks)."""
+    plan), with every refit variant they ask for, and keep the one whose output is closest to the original
+    layer's (on held-out rows when `options.holdout`); all on `device`, with only the result leaving it (in
+    the checkpoint's dtype). `rows(router, bias, experts)`: the layer's fitting rows (None for a layer
+    without cached inputs). `then(replace)`: called with the chosen layer's output change
+    (x -> new routed output - original) while the experts are still on the device (sequential.py)."""
     index = inputs.layer.index
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
-    x = target = None
-    if dump is not None and options.uses_layer_outputs:
+    data = None
+    if rows is not None and options.uses_layer_outputs:
         with clock("fit"):
-            x = fit_sample(dump, index, options.fit_tokens, device)
-            target = routed_output(x, router, bias, routing.before, experts)
-            fit["fit_tokens"] = int(x.shape[0])
+            data = rows(router, bias, experts)
+            fit["fit_tokens"] = int(data.x.shape[0]) - data.held
+            if data.held:
+                fit["held_out_tokens"] = data.held
 
-    best: LayerResult | None = None
-    for label, result in _candidates(experts, router, bias, selection, x, groups, options, routing, clock):
-        if x is None:
+    best = chosen = None
+    fit_x = data.fitting()[0] if data is not None else None
+    for label, result in _candidates(experts, router, bias, selection, fit_x, groups, options, routing, clock):
+        if data is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
         with clock("fit"):
             kept_bias = output_bias(family, bias, result, shape.intermediate) if bias is not None else None
             stack = kept_stack(experts, result)
-            output = routed_output(x, result.router, kept_bias, routing.after, stack)
-            error = relative_error(output, target)
-            entry = {"candidate": label, "error": error}
-            if options.refit:
-                refitted = refit_down(x, target, result.router, kept_bias, routing.after, stack, options.refit_ridge,
-                                      current=output)
-                _take_refit(result, stack, refitted)
-                stack = refitted
-                entry["error_after_refit"] = error = relative_error(
-                    routed_output(x, result.router, kept_bias, routing.after, stack), target)
-            fit.setdefault("candidates", []).append(entry)
-            if best is None or error < fit["error"]:
-                best, fit["error"], fit["chosen"] = result, error, label
+            x, y = data.judging()
+            error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), y)
+            variants = _variants(options, bool(data.held))
+            while variants:
+                variant = variants.pop(0)
+                entry = {"candidate": label + variant.suffix, "error": error}
+                new_router, new_stack = variant.fit(data.fitting(), router, result, kept_bias, stack, shape,
+                                                    options, routing)
+                judged = error
+                if variant.refits:
+                    judged = entry["error_after_refit"] = relative_error(
+                        routed_output(x, new_router, kept_bias, routing.after, new_stack), y)
+                fit.setdefault("candidates", []).append(entry)
+                if best is None or judged < fit["error"]:
+                    best, chosen, fit["error"], fit["chosen"] = result, variant, judged, entry["candidate"]
+                    fitted = (kept_bias, stack, new_router, new_stack)
+                del new_stack
+                if not variants and data.held and chosen.down and best is result and chosen.ridge is None:
+                    # The ridge too is chosen on the held-out rows, for the best setting found so far.
+                    variants = [replace(chosen, ridge=options.refit_ridge * f) for f in RIDGE_FACTORS]
             del stack
+    if data is not None:
+        with clock("fit"):
+            kept_bias, stack, new_router, new_stack = fitted
+            del fitted
+            if data.held:  # chosen on the held-out rows: the chosen variant is fitted again on all of them
+                fit["error_on"] = "held-out rows"
+                new_router, new_stack = chosen.fit((data.x, data.target), router, best, kept_bias, stack, shape,
+                                                   options, routing)
+            best.router = new_router
+            _take_refit(best, stack, new_stack)
+            if then is not None:
+                then(_output_change(router, bias, routing, experts, best.router, kept_bias, new_stack))
     del experts
     scores = selection.scores.tolist() if selection.scores is not None else []
     return LayerReport(index, scores, selection.source, selection.tokens, best, fit)
+
+
+def _output_change(router, bias, routing, experts, new_router, new_bias, new_stack):
+    """x -> the compressed layer's routed output minus the original's, both on x."""
+    return lambda x: (routed_output(x, new_router, new_bias, routing.after, new_stack)
+                      - routed_output(x, router, bias, routing.before, experts))
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """What is refitted of a candidate: nothing, the down projections, the router rows, or both."""
+
+    down: bool
+    router: bool
+    ridge: float | None = None  # the down refit's, when not the option's
+
+    @property
+    def refits(self) -> bool:
+        return self.down or self.router
+
+    @property
+    def suffix(self) -> str:
+        ridge = f" ridge {self.ridge:g}" if self.ridge is not None else ""
+        return (" +router" if self.router else "") + ridge + ("" if self.refits else " (no refit)")
+
+    def fit(self, rows, router, result, kept_bias, stack, shape, options, routing):
+        """(router rows, expert stack) of `result` after this variant's refit on `rows` = (x, target)."""
+        x, target = rows
+        new_router = result.router
+        if self.router:
+            new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE)
+        if self.down:
+            ridge = options.refit_ridge if self.ridge is None else self.ridge
+            stack = refit_down(x, target, new_router, kept_bias, routing.after, stack, ridge)
+        return new_router, stack
+
+
+def _variants(options: RewriteOptions, held_out: bool) -> list[_Variant]:
+    """The refit variants each candidate is tried with: the options', both with and without the router
+    refit when --refit goes with it, and with nothing refitted when the choice is made on held-out rows."""
+    variants = [_Variant(options.refit, False)] if options.refit or not options.refit_router else []
+    if options.refit_router:
+        variants.append(_Variant(options.refit, True))
+    if held_out and all(v.refits for v in variants):
+        variants.append(_Variant(False, False))
+    return variants
 
 
 def _candidates(experts, router, bias, selection, x, groups, options, routing, clock):

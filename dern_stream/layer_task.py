@@ -11,15 +11,20 @@ from __future__ import annotations
 import functools
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .audit import layer_record
 from .checkpoint import Checkpoint, ShardedWriter
 from .host_memory import return_freed_memory
+from .layer_fit import dump_rows
 from .layer_rewrite import LayerInputs, LayerReport, compress_layer, copy_tensor, read_layer, write_layer
 from .rewrite_plan import RewritePlan
 from .stage_clock import StageClock
+
+if TYPE_CHECKING:
+    from .sequential import SequentialForward
 
 
 def run_pickled(plan: bytes, staged: Path, index: int) -> tuple[dict, dict[str, float]]:
@@ -53,12 +58,25 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
     return record, dict(clock.seconds)
 
 
-def compute_layer(plan: RewritePlan, inputs: LayerInputs, clock: StageClock) -> LayerReport:
-    """The layer's candidates built and the best kept, on the plan's device, from the plan's ranking."""
-    index = inputs.layer.index
-    dump = plan.dump if index in plan.calibrated else None
-    return compress_layer(inputs, plan.selection[index], plan.family, plan.shape, dump, plan.groups, plan.options,
-                          plan.device, plan.routing, clock)
+def compute_layer(plan: RewritePlan, inputs: LayerInputs, clock: StageClock,
+                  forward: SequentialForward | None = None) -> LayerReport:
+    """The layer's candidates built and the best kept, on the plan's device, from the plan's ranking;
+    fitted on the dump's inputs, or on the compressed model's with the sequential `forward`, which then
+    runs the layer as compressed."""
+    index, options = inputs.layer.index, plan.options
+    rows = then = None
+    if index in plan.calibrated and forward is not None:
+        def rows(router, bias, experts):
+            return forward.fit_rows(index, router, bias, plan.routing.before, experts, options.holdout)
+
+        def then(replace):
+            forward.advance(index, replace)
+    elif index in plan.calibrated:
+        def rows(router, bias, experts):
+            return dump_rows(plan.dump, index, options.fit_tokens, plan.device, router, bias, plan.routing.before,
+                             experts, options.holdout)
+    return compress_layer(inputs, plan.selection[index], plan.family, plan.shape, rows, plan.groups, options,
+                          plan.device, plan.routing, clock, then)
 
 
 def write_outputs(plan: RewritePlan, writer: ShardedWriter, ckpt: Checkpoint, report: LayerReport) -> dict:

@@ -8,13 +8,19 @@ from types import ModuleType
 from .errors import DernError, arg
 
 
-def require_transformers() -> ModuleType:
-    """transformers builds the model skeleton and loads tokenizers for `dump` and `eval` (not `rewrite`)."""
-    try:
-        import transformers
-    except ImportError:
-        raise DernError("dump and eval need transformers: pip install 'dern-stream[dump]'") from None
+def require_transformers(what: str = "dump and eval need") -> ModuleType:
+    """transformers builds the model skeleton and loads tokenizers for `dump`, `eval` and the sequential
+    rewrite (not for a plain `rewrite`)."""
+    check_transformers(what)
+    import transformers
+
     return transformers
+
+
+def check_transformers(what: str = "dump and eval need") -> None:
+    """A one-line error, without importing it, when transformers is not installed."""
+    if importlib.util.find_spec("transformers") is None:
+        raise DernError(f"{what} transformers: pip install 'dern-stream[dump]'")
 
 
 def require_ray() -> ModuleType:

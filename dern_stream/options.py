@@ -179,6 +179,15 @@ class RewriteOptions:
     refit: bool = option(False, "Refit the kept experts' down projections by ridge least squares on the cached "
                                 "inputs.", flag=True, shown="off")
     refit_ridge: float = option(1.0, "Ridge strength of --refit, relative to the mean Gram diagonal.")
+    refit_router: bool = option(False, "Refit the kept experts' router rows on the cached inputs so that the "
+                                       "compressed routing reproduces the original routing mass (a merged expert: "
+                                       "its members' summed mass); with --refit, each layer also tries it without.",
+                                flag=True, shown="off")
+    holdout: float = option(0.0, "Share of the cached inputs held out from fitting; the per-layer choice among "
+                                 "alphas and refit variants is made on it (0: on the fitting inputs).")
+    sequential: bool = option(False, "Fit each layer on the compressed model's own inputs: the rewrite runs the "
+                                     "forward from the dump's token ids, the layers compressed so far in place "
+                                     "(needs transformers).", flag=True, shown="off")
     fit_tokens: int = option(32768, "Cached inputs per layer used by the baselines, --alpha-candidates and --refit.")
     output_dtype: str | None = option(None, "Write a quantized (FP8, MXFP4) checkpoint dequantized, in this dtype, "
                                             "without quantization_config.", OUTPUT_DTYPES, shown="as stored")
@@ -204,7 +213,9 @@ class RewriteOptions:
         whole("fit_tokens", self.fit_tokens)
         if self.output_dtype is not None:
             choice("output_dtype", self.output_dtype, OUTPUT_DTYPES)
-        for name, flag in (("router_transfer", self.router_transfer), ("refit", self.refit)):
+        number("holdout", self.holdout, 0.0, 0.5)
+        for name, flag in (("router_transfer", self.router_transfer), ("refit", self.refit),
+                           ("refit_router", self.refit_router), ("sequential", self.sequential)):
             if not isinstance(flag, bool):
                 raise DernError(f"{arg(name)} must be true or false, got {flag!r}")
         if not isinstance(self.device, str):
@@ -217,6 +228,11 @@ class RewriteOptions:
         if self.intermediate_size is not None and self.method != "dern":
             raise DernError(f"{arg('intermediate_size')} needs {arg('method', 'dern')} ({self.method} keeps whole "
                             "experts)")
+        if (self.sequential or self.holdout) and not self.uses_layer_outputs:
+            name = "sequential" if self.sequential else "holdout"
+            raise DernError(f"{arg(name, getattr(self, name))} changes nothing without an option fitted on the "
+                            f"cached inputs: add {arg('refit', True)}, {arg('refit_router', True)} or "
+                            f"{arg('alpha_candidates')}, or use a baseline")
         object.__setattr__(self, "sim_components", parse_components(self.sim_components))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 
@@ -231,7 +247,8 @@ class RewriteOptions:
     @property
     def uses_layer_outputs(self) -> bool:
         """Whether the layer's outputs on the cached inputs are needed (baselines, choice, refit)."""
-        return self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
+        return (self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
+                or self.refit_router)
 
     def reads_expert_weights(self, num_experts: int, intermediate: int) -> bool:
         """Whether any expert weight must be read for computation. Not for pruning, nor for DERN when

@@ -81,6 +81,7 @@ def report_data(record: dict) -> dict:
             "error_before_refit": float(chosen["error"]) if chosen else None,
             "error_after_refit": float(chosen["error_after_refit"]) if chosen and "error_after_refit" in chosen
             else None,
+            "error_held_out": fit.get("error_on") == "held-out rows",
         })
     if any(t[0] not in range(len(e["importance"]) or 1 << 30) or t[1] not in e["kept"]
            for e in layers for t in e["transfers"]):

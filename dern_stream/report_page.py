@@ -14,8 +14,9 @@ CAPTIONS = {
                   "move; the rest are dropped.",
     "clusters": "Members per k-means cluster in the rebuilt experts: each cluster becomes one neuron.",
     "error": "Relative error of each layer's MoE output against the original layer's, for the setting kept, on "
-             "the cached inputs the options were fitted on (the fit sample: an in-sample measure), and after the "
-             "refit where there is one. `dern-stream eval --reference` measures it on other inputs.",
+             "the cached inputs the options were fitted on (the fit sample: an in-sample measure; with --holdout, "
+             "on the held-out rows the choice was made on), and after the refit where there is one. "
+             "`dern-stream eval --reference` measures it on other inputs.",
 }
 TITLES = {"importance": "Importance and kept experts", "reassigned": "Segments reassigned",
           "pairs": "Reassignment by expert pair", "similarity": "Similarity against alpha",

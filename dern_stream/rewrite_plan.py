@@ -160,6 +160,9 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
+    if options.sequential and family.remote_code:
+        raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
+                        f"{family.model_type} (it runs as remote code): leave it out")
     out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
     dropped = [name for name in ckpt.entries if family.is_dropped(name)]
     if dropped:
@@ -223,6 +226,8 @@ def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertSto
     if options.refit and family.fused is not None and family.fused.biased:
         raise DernError(f"{arg('refit')} does not model {family.model_type}'s expert biases yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit', False)})")
+    if options.refit_router and family.bias_in_logits:
+        raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out")
     if storage.mxfp4 and not dequantized and width is not None and width % 32:
         raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
                         f"or {arg('output_dtype', 'bf16')}")

@@ -36,6 +36,7 @@ def dump_from_model(
         num_experts=family.num_experts(config), moe_layers=layers,
         dtype=dtype, chunk_tokens=chunk_tokens, overwrite=overwrite,
     )
+    writer.write_tokens(input_ids)  # for a sequential rewrite, which runs the forward from them again
     hashes = {i: tensor_sha256(w) for i, w in routers.items()}
     captured: dict[int, torch.Tensor] = {}
     hooks = [

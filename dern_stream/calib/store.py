@@ -266,6 +266,31 @@ class CalibDump:
                 f"calibration dump {self.path} was made from another model (layer {layer} router weights differ)"
             )
 
+    def tokens(self) -> torch.Tensor:
+        """The token ids [sequences, seq_len] the dump was made from."""
+        try:
+            return torch.from_numpy(np.asarray(self.group["tokens"][:])).to(torch.int64)
+        except Exception:  # noqa: BLE001 - missing or damaged: zarr raises many types
+            raise DernError(f"calibration dump {self.path} holds no readable token ids (damaged, or made by "
+                            "another tool)") from None
+
+    def rows(self, layer: int, indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The layer's cached inputs at the given sorted row `indices`, float32 [len(indices), hidden] on
+        `device`, read in one pass over the layer's chunks."""
+        parts, start = [], 0
+        indices = indices.to(device)
+        for chunk in self.chunks(layer, device):
+            end = start + chunk.shape[0]
+            lo, hi = torch.searchsorted(indices, torch.tensor([start, end], device=device)).tolist()
+            if hi > lo:
+                parts.append(chunk[indices[lo:hi] - start])
+            start = end
+        out = torch.cat(parts) if parts else torch.empty(0, self.layer(layer).shape[1], device=device)
+        if out.shape[0] != indices.numel():
+            raise DernError(f"calibration dump {self.path}: layer {layer} holds {start} rows, fewer than its "
+                            "token ids")
+        return out
+
     def chunks(self, layer: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
         """The layer's tokens as float32 on `device`, in whole stored chunks of about 64 MB (as float32)
         at a time: one read per block, whose chunks zarr decodes concurrently."""

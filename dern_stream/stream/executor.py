@@ -169,14 +169,19 @@ class StreamedModel:
 
     @torch.no_grad()
     def run_layer(self, i: int, batches: list[torch.Tensor], store: HiddenStore,
-                  on_moe_input: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                  on_moe_input: Callable[[int, torch.Tensor], None] | None = None,
+                  moe_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Decoder layer i over every batch, in place in `store`. `on_moe_input(batch, x)` receives the
-        input of the layer's MoE block (the router's input), when it has one."""
+        input of the layer's MoE block (the router's input), when it has one; `moe_output(x, y)` replaces
+        the block's output y on input x (the sequential rewrite puts a compressed layer in this way)."""
         layer = self.layers[i]
-        hook = None
+        hooks = []
         if on_moe_input is not None:
-            block = self.moe_block(i)
-            hook = block.register_forward_pre_hook(lambda _m, args: on_moe_input(current[0], args[0]))
+            hooks.append(self.moe_block(i).register_forward_pre_hook(
+                lambda _m, args: on_moe_input(current[0], args[0])))
+        if moe_output is not None:
+            hooks.append(self.moe_block(i).register_forward_hook(
+                lambda _m, args, out: _replace_first(out, moe_output(args[0], _first(out)))))
         current = [0]
         try:
             with self.loaded(layer, self.decoder_prefix(i), layer=i):
@@ -185,8 +190,31 @@ class StreamedModel:
                     out = layer(store[b], **self._contexts[tuple(ids.shape)][i])
                     store[b] = out[0] if isinstance(out, tuple) else out
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
+
+    @torch.no_grad()
+    def moe_inputs(self, i: int, batches: list[torch.Tensor], store: HiddenStore) -> list[torch.Tensor]:
+        """The input of decoder layer i's MoE block for every batch, [tokens, hidden] each; `store` is left
+        as it was (the layer runs up to its MoE block only)."""
+        captured: list[torch.Tensor] = []
+
+        def capture(_m, args):
+            captured.append(args[0].reshape(-1, args[0].shape[-1]))
+            raise _ReachedMoE
+
+        hook = self.moe_block(i).register_forward_pre_hook(capture)
+        try:
+            with self.loaded(self.layers[i], self.decoder_prefix(i), layer=i):
+                for ids in batches:
+                    try:
+                        self.layers[i](store[len(captured)], **self._contexts[tuple(ids.shape)][i])
+                    except _ReachedMoE:
+                        continue
+                    raise DernError(f"decoder layer {i} did not call its MoE block")
+        finally:
+            hook.remove()
+        return captured
 
     @torch.no_grad()
     def nll(self, batches: list[torch.Tensor], store: HiddenStore) -> tuple[float, int]:
@@ -218,6 +246,19 @@ class StreamedModel:
 
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if moe_block_of(self.layers[i]) is not None]
+
+
+class _ReachedMoE(Exception):
+    """Stops a decoder layer's forward at its MoE block (StreamedModel.moe_inputs)."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out, value: torch.Tensor):
+    """A MoE block's output with its hidden states replaced (some blocks return (hidden, router_logits))."""
+    return (value, *out[1:]) if isinstance(out, tuple) else value
 
 
 _ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight")
