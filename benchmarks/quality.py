@@ -56,11 +56,12 @@ CONFIGS: dict[str, dict] = {
     "prune +refit": dict(method="prune", refit=True),
     "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
     "best (recipe)": dict(recipe="best"),
-    # Quality v2 (issue 19): each option on top of the 2026-11 recipe, then together.
+    # Quality v2 (issue 19): the 2026-11 recipe, then each new option on top of it, then the sequential fit.
+    "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0),
+    "2026-11 +router": dict(recipe="best", holdout=0.0),
+    "2026-11 +holdout": dict(recipe="best", refit_router=False),
     "best +sequential": dict(recipe="best", sequential=True),
-    "best +router": dict(recipe="best", refit_router=True),
-    "best +holdout": dict(recipe="best", holdout=0.2),
-    "best +seq +router +holdout": dict(recipe="best", sequential=True, refit_router=True, holdout=0.2),
+    "best +sequential model": dict(recipe="best", sequential=True, sequential_target="model"),
 }
 
 

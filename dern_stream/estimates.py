@@ -89,5 +89,9 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
     cluster = options.kmeans_iters * 2 * k * members * width * sim if clusters else 0
     candidates = len(options.alpha_candidates or ()) or 1
     forward = 2 * min(tokens, options.fit_tokens) * top_k * 3 * h * d
-    fit = forward * (candidates + 1 + 2 * options.refit) if options.uses_layer_outputs else 0
+    # Each candidate is judged once per refit variant; a down refit costs about two forwards (its sweeps); with a
+    # held-out share, nothing refitted is tried too, and the best setting's down refit at three more ridges.
+    variants = (1 + options.refit_router) if options.refit else 1
+    refits = candidates * variants * 2 * options.refit + (3 * 2 * options.refit if options.holdout else 0)
+    fit = forward * (candidates * variants + 1 + refits) if options.uses_layer_outputs else 0
     return LayerCompute(2 * tokens * n * d / 1e9, reassign / 1e9, cluster / 1e9, fit / 1e9)

@@ -34,7 +34,7 @@ from .parameter_count import rewrite_parameters
 from .pipeline import run_pipeline
 from .report import ReportSummary
 from .rewrite_plan import RewritePlan
-from .sequential import SequentialForward, sequential_journaled
+from .sequential import SequentialForward, remove_sequential_files, sequential_journaled
 from .stage_clock import StageClock
 
 log = logging.getLogger("dern_stream")
@@ -131,14 +131,14 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
 
                     if options.sequential and todo:
                         with clock("forward"):
-                            forward = SequentialForward(plan.source, plan.dump, options.fit_tokens, compute,
-                                                        stage.path, [int(i) for i in records])
+                            forward = SequentialForward(plan.source, plan.dump, options.fit_tokens,
+                                                        options.sequential_target, compute, stage.path,
+                                                        [int(i) for i in records])
                         try:
                             run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock, forward),
                                          write)
                         finally:
                             forward.close()
-                        forward.remove_files()
                     elif workers == 1 and ray_address is None:
                         run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock), write)
                     else:
@@ -154,6 +154,8 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
                                 clock.add(seconds)
                                 bar.update()
                                 bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
+                if options.sequential:
+                    remove_sequential_files(stage.path)
                 with clock("write"):
                     writer.finish()
             _finish(plan, ckpt, stage.path, writer, records, notes, compute)

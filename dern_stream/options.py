@@ -12,10 +12,12 @@ SIM_COMPONENTS = ("gate", "up", "down")
 IMPORTANCE_METHODS = ("routing", "router-norm")
 METHODS = ("dern", "prune", "reap", "msmoe", "hcsmoe")
 KMEANS_INITS = ("gate-linf", "own")
+SEQUENTIAL_TARGETS = ("layer", "model")
 # Named bundles of method options; explicit options given beside a recipe override its values.
 RECIPES: dict[str, dict] = {
     "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
-    "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True),
+    "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True,
+                 refit_router=True, holdout=0.2),
 }
 _SIZE_UNITS = {
     "": 1, "B": 1,
@@ -188,6 +190,10 @@ class RewriteOptions:
     sequential: bool = option(False, "Fit each layer on the compressed model's own inputs: the rewrite runs the "
                                      "forward from the dump's token ids, the layers compressed so far in place "
                                      "(needs transformers).", flag=True, shown="off")
+    sequential_target: str = option("layer", "With --sequential, what a layer is fitted to: 'layer', the original "
+                                             "layer's output on the compressed model's inputs (GPTQ-style); 'model', "
+                                             "its output on the original model's inputs (also works against the "
+                                             "drift of the layers before).", SEQUENTIAL_TARGETS)
     fit_tokens: int = option(32768, "Cached inputs per layer used by the baselines, --alpha-candidates and --refit.")
     output_dtype: str | None = option(None, "Write a quantized (FP8, MXFP4) checkpoint dequantized, in this dtype, "
                                             "without quantization_config.", OUTPUT_DTYPES, shown="as stored")
@@ -209,11 +215,12 @@ class RewriteOptions:
         choice("method", self.method, METHODS)
         choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
         choice("importance", self.importance, IMPORTANCE_METHODS)
+        choice("sequential_target", self.sequential_target, SEQUENTIAL_TARGETS)
         number("refit_ridge", self.refit_ridge, 0.0)
         whole("fit_tokens", self.fit_tokens)
         if self.output_dtype is not None:
             choice("output_dtype", self.output_dtype, OUTPUT_DTYPES)
-        number("holdout", self.holdout, 0.0, 0.5)
+        object.__setattr__(self, "holdout", number("holdout", self.holdout, 0.0, 0.5))
         for name, flag in (("router_transfer", self.router_transfer), ("refit", self.refit),
                            ("refit_router", self.refit_router), ("sequential", self.sequential)):
             if not isinstance(flag, bool):

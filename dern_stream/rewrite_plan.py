@@ -227,7 +227,8 @@ def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertSto
         raise DernError(f"{arg('refit')} does not model {family.model_type}'s expert biases yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit', False)})")
     if options.refit_router and family.bias_in_logits:
-        raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out")
+        raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
+                        f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")
     if storage.mxfp4 and not dequantized and width is not None and width % 32:
         raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
                         f"or {arg('output_dtype', 'bf16')}")

@@ -5,8 +5,10 @@ The dump's token ids (a subset of its sequences, about `fit_tokens` tokens) run 
 checkpoint's decoder layers one at a time with the streamed forward (stream/executor.py), every MoE layer
 already rewritten computing with its compressed experts and router. For MoE layer L this yields:
 - x: layer L's MoE inputs in the compressed model (its decoder layers 0..L-1 compressed);
-- the target: the original layer's routed output on the original model's inputs for the same tokens
-  (the dump's cached rows), so the fit of layer L also corrects what the earlier layers changed.
+- the target (`sequential_target`): "layer", the original layer's routed output on those same inputs x
+  (GPTQ's choice: the layer is fitted where it will run); or "model", its output on the original model's
+  inputs of the same tokens (the dump's cached rows), so the fit of layer L also works against what the
+  earlier layers changed. (README, "Quality": "model" measured worse on the fixtures.)
 Once layer L is compressed, `advance` runs it with the new experts (the block's output minus the original
 routed experts' output plus the compressed ones': shared experts and everything else stay the block's own)
 and the result feeds layer L+1. Memory: one decoder layer, plus the hidden states of the chosen sequences
@@ -17,6 +19,7 @@ resumed rewrite continues from the last layer journaled.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,11 +45,11 @@ def _hidden_file(folder: Path, after: int) -> Path:
 class SequentialForward:
     """See the module doc. `done`: the MoE layers already journaled by an interrupted run (a prefix)."""
 
-    def __init__(self, source: Path, dump: CalibDump, fit_tokens: int, device: torch.device, staging: Path,
-                 done: list[int]):
+    def __init__(self, source: Path, dump: CalibDump, fit_tokens: int, target: str, device: torch.device,
+                 staging: Path, done: list[int]):
         self.ckpt = Checkpoint(source)  # its own: the forward releases pages the layer reader prefetched
         self.model = StreamedModel(self.ckpt, device)  # (transformers checked by api.rewrite)
-        self.dump, self.device = dump, device
+        self.dump, self.device, self.target = dump, device, target
         ids = dump.tokens()
         sequences, seq_len = ids.shape
         wanted = max(1, min(sequences, -(-fit_tokens // seq_len)))
@@ -59,7 +62,7 @@ class SequentialForward:
         self.folder = staging / FOLDER
         self.folder.mkdir(exist_ok=True)
         self.store = HiddenStore([(*b.shape, hidden) for b in self.batches], self.model.dtype, device,
-                                 scratch_dir=staging)
+                                 scratch_dir=self.folder)
         self.after = max(done) if done else None  # the last layer whose output `store` holds
         if self.after is None:
             self.model.embed(self.batches, self.store)
@@ -76,11 +79,6 @@ class SequentialForward:
         self.store.close()
         self.ckpt.release()
 
-    def remove_files(self) -> None:
-        for f in self.folder.glob("*"):
-            f.unlink()
-        self.folder.rmdir()
-
     def _run_to(self, index: int) -> None:
         """Run the decoder layers after the last one done up to, not including, `index` (dense layers, or
         MoE layers this rewrite does not fit)."""
@@ -91,11 +89,11 @@ class SequentialForward:
 
     def fit_rows(self, index: int, router: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
                  experts: ExpertStack, holdout: float) -> FitRows:
-        """Layer `index`'s inputs in the compressed model, and the original layer's routed output on the
-        original model's inputs for the same tokens (the target)."""
+        """Layer `index`'s inputs in the compressed model, and the target: the original layer's routed output on
+        them (`target` "layer"), or on the original model's inputs for the same tokens ("model")."""
         self._run_to(index)
         x = torch.cat(self.model.moe_inputs(index, self.batches, self.store)).float()
-        if os.environ.get("DERN_SEQ_TARGET") == "own":  # EXPERIMENT
+        if self.target == "layer":
             return FitRows(x, routed_output(x, router, bias, gating, experts), holdout)
         original = self.dump.rows(index, self.rows, self.device)
         return FitRows(x, routed_output(original, router, bias, gating, experts), holdout)
@@ -116,6 +114,11 @@ class SequentialForward:
             os.fsync(f.fileno())
         os.replace(tmp, target)
 
+
+
+def remove_sequential_files(staging: Path) -> None:
+    """The saved hidden states (and any scratch file of a killed run): not part of the output."""
+    shutil.rmtree(staging / FOLDER, ignore_errors=True)
 
 
 def sequential_journaled(staging: Path, index: int) -> None:

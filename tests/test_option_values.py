@@ -73,7 +73,8 @@ def test_bad_dump_and_eval_option(command, case, build, tmp_path):
 _ANY = (st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=True, allow_infinity=True)
         | st.text(max_size=6) | st.lists(st.floats(allow_nan=True), max_size=3))
 _FIELDS = ("method", "alpha", "sim_components", "kmeans_iters", "intermediate_size", "importance", "router_transfer",
-           "kmeans_init", "alpha_candidates", "refit", "refit_ridge", "fit_tokens", "device", "max_shard_size")
+           "kmeans_init", "alpha_candidates", "refit", "refit_ridge", "fit_tokens", "device", "max_shard_size",
+           "refit_router", "holdout", "sequential", "sequential_target")
 
 
 @settings(max_examples=400, deadline=None)
@@ -93,3 +94,7 @@ def test_any_option_values_give_valid_options_or_one_line(experts, given_values,
     assert type(options.max_shard_size) is int and options.max_shard_size >= 1
     assert options.alpha_candidates is None or all(0.0 <= a <= 1.0 for a in options.alpha_candidates)
     assert isinstance(options.refit, bool) and isinstance(options.router_transfer, bool)
+    assert isinstance(options.refit_router, bool) and isinstance(options.sequential, bool)
+    assert isinstance(options.holdout, float) and 0.0 <= options.holdout <= 0.5
+    assert options.sequential_target in ("layer", "model")
+    assert options.uses_layer_outputs or not (options.sequential or options.holdout)

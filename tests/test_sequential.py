@@ -36,15 +36,16 @@ def _block_inputs(model, ids: torch.Tensor) -> dict[int, torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_each_layer_is_fitted_on_the_compressed_models_own_inputs(family, build, tmp_path):
-    """Per MoE layer, the recorded fit error equals ||y_new(x_new) - y(x)|| / ||y(x)||, where x_new is that layer's
-    input in the rewritten model (loaded whole in transformers), x the dump's cached input of the same token and y
-    the original block: so the rewrite ran the compressed layers in front of each layer, as the output has them.
-    (Shared experts, which no method changes, cancel in the difference.)"""
+@pytest.mark.parametrize(("family", "target"), [("mixtral", "model"), ("qwen2_moe", "layer"),
+                                                ("deepseek_v3", "model"), ("deepseek_v3", "layer")])
+def test_each_layer_is_fitted_on_the_compressed_models_own_inputs(family, target, build, tmp_path):
+    """Per MoE layer, the recorded fit error equals ||y_new(x_new) - y(r)|| / ||y(r)||, where x_new is that layer's
+    input in the rewritten model (loaded whole in transformers), y the original block, and r = x_new (target
+    "layer") or the dump's cached input of the same token (target "model"): so the rewrite ran the compressed layers
+    in front of each layer, as the output has them. (Shared experts, which no method changes, cancel.)"""
     built = build(family)
     out = tmp_path / "out"
-    dern_stream.rewrite(built.model_dir, out, calib=built.calib, **OPTIONS)
+    dern_stream.rewrite(built.model_dir, out, calib=built.calib, sequential_target=target, **OPTIONS)
     layers = json.loads((out / "dern_stream.json").read_text())["layers"]
     dump = CalibDump(built.calib)
     ids = dump.tokens()
@@ -57,7 +58,9 @@ def test_each_layer_is_fitted_on_the_compressed_models_own_inputs(family, build,
         fit = layers[str(i)]["output_error"]
         assert fit["fit_tokens"] == ids.numel()
         moved.append(float(torch.linalg.vector_norm(x_new - x) / torch.linalg.vector_norm(x)))
-        assert fit["error"] == pytest.approx(_routed_error(original, rewritten, i, x, x_new), rel=1e-3, abs=1e-6)
+        reference = x if target == "model" else x_new
+        assert fit["error"] == pytest.approx(_routed_error(original, rewritten, i, reference, x_new), rel=1e-3,
+                                             abs=1e-6)
     assert len(moved) > 1
     assert moved[0] < 1e-3  # the first MoE layer sees the original inputs (up to the dump's float16)
     assert all(m > 1e-3 for m in moved[1:])  # the others, what the compressed layers before them give
@@ -100,15 +103,16 @@ original = progress.Progress.add
 def add(self, layer, record):
     original(self, layer, record)
     seen[0] += 1
-    if seen[0] == 1:
-        os.kill(os.getpid(), signal.SIGKILL)  # layer 1 journaled; the hidden states after it saved
+    if seen[0] == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)  # this many layers journaled; the hidden states after them saved
 
 progress.Progress.add = add
-main(sys.argv[1:])
+main(sys.argv[2:])
 """
 
 
-def test_a_killed_sequential_rewrite_resumes_to_the_same_bytes(build, tmp_path):
+@pytest.mark.parametrize("journaled", [1, 3])  # of 3 MoE layers: 3 = killed before the output was finished
+def test_a_killed_sequential_rewrite_resumes_to_the_same_bytes(journaled, build, tmp_path):
     built = build("qwen3_moe")
     args = ["rewrite", str(built.model_dir), "OUT", "-k", "5", "--calib", str(built.calib), "--refit",
             "--sequential", "-q"]
@@ -117,11 +121,13 @@ def test_a_killed_sequential_rewrite_resumes_to_the_same_bytes(build, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-c", _KILLED, *[a if a != "OUT" else str(out) for a in args]],
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(journaled), *[a if a != "OUT" else str(out)
+                                                                               for a in args]],
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     partial = tmp_path / ".out.dern-partial"
-    assert sorted(p.name for p in (partial / ".sequential").iterdir())  # the saved hidden states are there
+    if journaled == 1:  # the hidden states after it are saved (the last layer's journal is written by the finish)
+        assert sorted(p.name for p in (partial / ".sequential").iterdir())
     resumed = subprocess.run([sys.executable, "-c", _RUN, *[a if a != "OUT" else str(out) for a in args]],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
