@@ -193,16 +193,23 @@ def compress_layer(
 
     best = chosen = None
     fit_x = data.fitting()[0] if data is not None else None
+    pruned_seen = False
     for label, result in _candidates(experts, router, bias, selection, fit_x, groups, options, routing, clock):
         if data is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
+        pruned = not result.segments_reassigned and all(e is None for e in result.experts)
+        if pruned and pruned_seen:
+            continue  # plain pruning again (an alpha that moved nothing): the same layer as before
+        pruned_seen |= pruned
         with clock("fit"):
             kept_bias = output_bias(family, bias, result, shape.intermediate) if bias is not None else None
             stack = kept_stack(experts, result)
             x, y = data.judging()
             error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), y)
-            variants = _variants(options, bool(data.held))
+            # Nothing merged: every kept expert's target logit is its own, so a router refit changes nothing.
+            variants = _variants(options, bool(data.held), merged=bool(result.segments_reassigned))
+            ridges_tried = False
             while variants:
                 variant = variants.pop(0)
                 entry = {"candidate": label + variant.suffix, "error": error}
@@ -217,9 +224,10 @@ def compress_layer(
                     best, chosen, fit["error"], fit["chosen"] = result, variant, judged, entry["candidate"]
                     fitted = (kept_bias, stack, new_router, new_stack)
                 del new_stack
-                if not variants and data.held and chosen.down and best is result and chosen.ridge is None:
+                if not variants and data.held and chosen.down and best is result and not ridges_tried:
                     # The ridge too is chosen on the held-out rows, for the best setting found so far.
-                    variants = [replace(chosen, ridge=options.refit_ridge * f) for f in RIDGE_FACTORS]
+                    variants, ridges_tried = [replace(chosen, ridge=options.refit_ridge * f)
+                                              for f in RIDGE_FACTORS], True
             del stack
     if data is not None:
         with clock("fit"):
@@ -273,11 +281,13 @@ class _Variant:
         return new_router, stack
 
 
-def _variants(options: RewriteOptions, held_out: bool) -> list[_Variant]:
+def _variants(options: RewriteOptions, held_out: bool, merged: bool) -> list[_Variant]:
     """The refit variants each candidate is tried with: the options', both with and without the router
-    refit when --refit goes with it, and with nothing refitted when the choice is made on held-out rows."""
-    variants = [_Variant(options.refit, False)] if options.refit or not options.refit_router else []
-    if options.refit_router:
+    refit when --refit goes with it (only where something `merged`), and with nothing refitted when the choice
+    is made on held-out rows."""
+    router = options.refit_router and merged
+    variants = [_Variant(options.refit, False)] if options.refit or not router else []
+    if router:
         variants.append(_Variant(options.refit, True))
     if held_out and all(v.refits for v in variants):
         variants.append(_Variant(False, False))
