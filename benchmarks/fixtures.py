@@ -206,7 +206,7 @@ RECIPES = {
                dict(_BASE, moe_intermediate_size=64, intermediate_size=512, n_routed_experts=16,
                     num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
                     routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=64, kv_lora_rank=32,
-                    qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, head_dim=16), steps=1000),
+                    qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, head_dim=16), steps=400),
     )
 }
 

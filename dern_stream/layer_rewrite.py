@@ -192,9 +192,10 @@ def compress_layer(
                 fit["held_out_tokens"] = data.held
 
     best = chosen = None
-    fit_x = data.fitting()[0] if data is not None else None
     pruned_seen = False
-    for label, result in _candidates(experts, router, bias, selection, fit_x, groups, options, routing, clock):
+    # The baselines' statistics use every row: they pick the experts, which the held-out rows do not judge.
+    all_x = data.x if data is not None else None
+    for label, result in _candidates(experts, router, bias, selection, all_x, groups, options, routing, clock):
         if data is None:
             best = result  # no cached inputs for this layer (an MTP layer): the first candidate, unchecked
             break
@@ -239,8 +240,9 @@ def compress_layer(
                                                    options, routing)
             best.router = new_router
             _take_refit(best, stack, new_stack)
-            if then is not None:
-                then(_output_change(router, bias, routing, experts, best.router, kept_bias, new_stack))
+            if then is not None:  # the layer as written: refitted projections in the experts' dtype
+                written = ExpertStack(new_stack.gate, new_stack.up, new_stack.down.to(stack.down.dtype))
+                then(_output_change(router, bias, routing, experts, best.router, kept_bias, written))
     del experts
     scores = selection.scores.tolist() if selection.scores is not None else []
     return LayerReport(index, scores, selection.source, selection.tokens, best, fit)
@@ -289,7 +291,9 @@ def _variants(options: RewriteOptions, held_out: bool, merged: bool) -> list[_Va
     variants = [_Variant(options.refit, False)] if options.refit or not router else []
     if router:
         variants.append(_Variant(options.refit, True))
-    if held_out and all(v.refits for v in variants):
+    # Judged on held-out rows, or a router refit alone (its objective is not the output error): nothing refitted
+    # competes too.
+    if (held_out or not options.refit) and all(v.refits for v in variants):
         variants.append(_Variant(False, False))
     return variants
 

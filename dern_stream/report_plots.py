@@ -195,7 +195,8 @@ def output_error(data: dict) -> Figure | str:
     _ticks(ax.set_xticks, [entry["layer"] for entry in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("relative error of the MoE output")
-    ax.set_title("Per-layer output error on held-out cached inputs (--holdout)" if layers[0]["error_held_out"]
+    held_out = any(entry["error_held_out"] for entry in layers)
+    ax.set_title("Per-layer output error on held-out cached inputs (--holdout)" if held_out
                  else "Per-layer output error on the fit sample of cached inputs (in-sample)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig

@@ -176,6 +176,8 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     routing = layer_routing(family, config, out_config)
     device = resolve_device(options.device)
     dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+    if options.sequential and dump is not None:
+        dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
     reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
     ranking = time.perf_counter()
     selection = _select(ckpt, family, layers, dump, options, routing, groups, device,

@@ -8,7 +8,7 @@ already rewritten computing with its compressed experts and router. For MoE laye
 - the target (`sequential_target`): "layer", the original layer's routed output on those same inputs x
   (GPTQ's choice: the layer is fitted where it will run); or "model", its output on the original model's
   inputs of the same tokens (the dump's cached rows), so the fit of layer L also works against what the
-  earlier layers changed. (README, "Quality": "model" measured worse on the fixtures.)
+  earlier layers changed. (README, "Quality v2": "model" measured worse on the fixtures.)
 Once layer L is compressed, `advance` runs it with the new experts (the block's output minus the original
 routed experts' output plus the compressed ones': shared experts and everything else stay the block's own)
 and the result feeds layer L+1. Memory: one decoder layer, plus the hidden states of the chosen sequences
@@ -27,7 +27,7 @@ import torch
 
 from .calib import CalibDump
 from .checkpoint import Checkpoint
-from .errors import DernError
+from .errors import DernError, arg
 from .layer_fit import FitRows
 from .methods.moe_forward import Gating, routed_output
 from .methods.segments import ExpertStack
@@ -71,7 +71,7 @@ class SequentialForward:
             saved = _hidden_file(self.folder, self.after)
             if not saved.exists():
                 raise DernError(f"{saved} is missing: the interrupted sequential rewrite cannot resume; pass "
-                                "restart=True to start it again")
+                                f"{arg('restart', True)} to start it again")
             for b, state in enumerate(torch.load(saved, weights_only=True)):
                 self.store[b] = state
 
@@ -113,6 +113,11 @@ class SequentialForward:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        folder = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)  # the rename too is on disk before the layer's journal entry
+        finally:
+            os.close(folder)
 
 
 

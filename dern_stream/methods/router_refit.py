@@ -40,8 +40,9 @@ def target_logits(logits: torch.Tensor, a: torch.Tensor, sigmoid: bool) -> torch
         # log(1 - s'_k) = sum_e a_ek log(1 - s_e), and log(1 - sigmoid(z)) = -softplus(z)
         miss = -torch.nn.functional.softplus(z) @ a
         return torch.logit((-torch.expm1(miss)).clamp(_CLIP, 1 - _CLIP))
-    log_a = torch.where(a > 0, a.log(), torch.full_like(a, float("-inf")))
-    t = torch.logsumexp(z[:, :, None] + log_a[None], dim=1)
+    # log sum_e a_ek exp(z_e), shifted by each token's largest logit: [T, K] products only (never [T, N, K]).
+    top = z.amax(dim=1, keepdim=True)
+    t = top + ((z - top).exp() @ a).clamp_min(1e-300).log()
     return t - t.mean(dim=1, keepdim=True)
 
 

@@ -10,7 +10,7 @@ recorders, so each family's conventions come from transformers itself, not from 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -193,6 +193,21 @@ class StreamedModel:
             for hook in hooks:
                 hook.remove()
 
+    @contextmanager
+    def _loaded_before_moe(self, i: int, block: torch.nn.Module) -> Iterator[None]:
+        """Decoder layer i with real weights in all but its MoE block (never run by moe_inputs), or whole when the
+        layer holds weights of its own beside its submodules."""
+        layer = self.layers[i]
+        if any(True for _ in layer.parameters(recurse=False)) or any(True for _ in layer.buffers(recurse=False)):
+            with self.loaded(layer, self.decoder_prefix(i), layer=i):
+                yield
+            return
+        with ExitStack() as parts:
+            for name, child in layer.named_children():
+                if child is not block:
+                    parts.enter_context(self.loaded(child, f"{self.decoder_prefix(i)}{name}.", layer=i))
+            yield
+
     @torch.no_grad()
     def moe_inputs(self, i: int, batches: list[torch.Tensor], store: HiddenStore) -> list[torch.Tensor]:
         """The input of decoder layer i's MoE block for every batch, [tokens, hidden] each; `store` is left
@@ -203,9 +218,10 @@ class StreamedModel:
             captured.append(args[0].reshape(-1, args[0].shape[-1]))
             raise _ReachedMoE
 
-        hook = self.moe_block(i).register_forward_pre_hook(capture)
+        block = self.moe_block(i)
+        hook = block.register_forward_pre_hook(capture)
         try:
-            with self.loaded(self.layers[i], self.decoder_prefix(i), layer=i):
+            with self._loaded_before_moe(i, block):
                 for ids in batches:
                     try:
                         self.layers[i](store[len(captured)], **self._contexts[tuple(ids.shape)][i])
