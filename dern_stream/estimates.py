@@ -71,6 +71,8 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
     work = held + 2 * results + blocks + fit
+    if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
+        work += held + min(tokens, options.fit_tokens) * d * 4
     host = BASELINE_BYTES + WRITER_BUFFER_BYTES
     if on_device:
         return Estimates(host + CUDA_CONTEXT_BYTES + results, work, _compute(shape, options, tokens, top_k))
