@@ -93,10 +93,11 @@ class SequentialForward:
         them (`target` "layer"), or on the original model's inputs for the same tokens ("model")."""
         self._run_to(index)
         x = torch.cat(self.model.moe_inputs(index, self.batches, self.store)).float()
+        seq_len = self.batches[0].shape[1]
         if self.target == "layer":
-            return FitRows(x, routed_output(x, router, bias, gating, experts), holdout)
+            return FitRows(x, routed_output(x, router, bias, gating, experts), holdout, seq_len)
         original = self.dump.rows(index, self.rows, self.device)
-        return FitRows(x, routed_output(original, router, bias, gating, experts), holdout)
+        return FitRows(x, routed_output(original, router, bias, gating, experts), holdout, seq_len)
 
     def advance(self, index: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Run layer `index` with its MoE block's routed output replaced by `replace(x)` (the new routed

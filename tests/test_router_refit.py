@@ -82,9 +82,27 @@ def test_refit_router_in_a_rewrite_is_chosen_per_layer_on_held_out_rows(build, t
         assert any(label.endswith("+router") for label in labels)
         assert any(label.endswith("(no refit)") for label in labels)
         assert fit["error_on"] == "held-out rows"
-        assert fit["held_out_tokens"] == tokens // 4 and fit["fit_tokens"] == tokens - tokens // 4
+        # a quarter, in blocks spread over the sample (at least 64 of them)
+        assert abs(fit["held_out_tokens"] - tokens / 4) <= tokens / 64 + 1
+        assert fit["fit_tokens"] == tokens - fit["held_out_tokens"]
         judged = [c.get("error_after_refit", c["error"]) for c in fit["candidates"]]
         assert fit["error"] == min(judged) and fit["chosen"] == labels[judged.index(min(judged))]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize(("rows", "share"), [(32768, 0.2), (1000, 0.25), (5, 0.2)])
+def test_held_out_rows_are_spread_over_the_sample(rows, share):
+    """The calibration text is ordered (documents of one domain after another): held-out rows taken from its end
+    would judge every layer on one domain. They are blocks spread over the whole sample, about `share` of it."""
+    from dern_stream.layer_fit import FitRows
+
+    order = torch.arange(rows, dtype=torch.float32)[:, None]  # each row's position, as its value
+    data = FitRows(order, order, share)
+    held = data.judging()[0][:, 0]
+    fitting = data.fitting()[0][:, 0]
+    assert held.numel() + fitting.numel() == rows and set(held.tolist()).isdisjoint(fitting.tolist())
+    assert abs(held.numel() - share * rows) <= max(1, rows / 64)
+    if rows >= 1000:
+        assert held.min() < rows / 5 and held.max() > 4 * rows / 5
