@@ -56,10 +56,12 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
                 for future in done:
                     record, seconds = future.result()
                     index = running.pop(future)
+                    # Handed over (and journaled) before the next submit: a submit to a pool broken meanwhile
+                    # raises, and a layer taken off `left` but never handed over would be lost.
+                    yield index, record, seconds
                     left.remove(index)
                     for i in itertools.islice(waiting, 1):
                         running[pool.submit(run_pickled, blob, staged, i)] = i
-                    yield index, record, seconds
             pool.shutdown()
         except BrokenProcessPool:
             stop_pool(pool)
