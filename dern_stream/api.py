@@ -19,7 +19,7 @@ from .host_memory import map_large_blocks
 from .hub import check_push_token, check_repo_id, push, source_record
 from .locks import reading_dump
 from .optional import check_transformers, require_matplotlib, require_ray
-from .options import RewriteOptions, option_fields, whole
+from .options import RewriteOptions, check_runs_in_one_process, option_fields, whole
 from .plan_report import PLAN_FORMAT, plan_record
 from .preflight import check_calib_choice
 from .report import check_report_target, write_report
@@ -84,10 +84,8 @@ def rewrite(
         if not isinstance(ray, str) or not ray:
             raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
         require_ray()
+    check_runs_in_one_process(chosen, workers, ray)
     if chosen.sequential:
-        if workers != 1 or ray is not None:
-            raise DernError(f"{arg('sequential', True)} fits the layers in order, in one process: leave out "
-                            f"{arg('workers')} and {arg('ray')}")
         check_transformers(f"{arg('sequential', True)} runs the model's forward and needs")
     if push_to_hub is not None:
         check_repo_id(push_to_hub, "--push-to-hub")

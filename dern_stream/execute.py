@@ -24,12 +24,13 @@ from .checkpoint import (
 )
 from .checkpoint.integrity import CHECKSUM, checksum
 from .checkpoint.source import INDEX_NAME
-from .errors import DernError, arg, describe
+from .errors import DernError, describe
 from .host_memory import return_freed_memory
 from .layer_pools import run_local, run_ray
 from .layer_rewrite import LayerInputs, read_layer
 from .layer_task import compute_layer, write_outputs
 from .model_card import BASE_CARD_NOTE, CARD_NAME, write_card
+from .options import check_runs_in_one_process
 from .parameter_count import rewrite_parameters
 from .pipeline import run_pipeline
 from .report import ReportSummary
@@ -84,9 +85,7 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     worker processes, a layer each at a time; `ray_address`: one Ray task per layer on that cluster
     (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
-    if plan.options.sequential and (workers != 1 or ray_address is not None):
-        raise DernError(f"{arg('sequential', True)} fits the layers in order, in one process: leave out "
-                        f"{arg('workers')} and {arg('ray')}")
+    check_runs_in_one_process(plan.options, workers, ray_address)
     with plan.open_source() as ckpt:
         return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
 

@@ -207,7 +207,11 @@ def compress_layer(
             kept_bias = output_bias(family, bias, result, shape.intermediate) if bias is not None else None
             stack = kept_stack(experts, result)
             x, y = data.judging()
-            error = relative_error(routed_output(x, result.router, kept_bias, routing.after, stack), y)
+            output = routed_output(x, result.router, kept_bias, routing.after, stack)
+            error = relative_error(output, y)
+            # Judged on the fitting rows themselves: the refit of the down projections starts from this output.
+            current = output if not data.held else None
+            del output
             # Nothing merged: every kept expert's target logit is its own, so a router refit changes nothing.
             variants = _variants(options, bool(data.held), merged=bool(result.segments_reassigned))
             ridges_tried = False
@@ -215,7 +219,7 @@ def compress_layer(
                 variant = variants.pop(0)
                 entry = {"candidate": label + variant.suffix, "error": error}
                 new_router, new_stack = variant.fit(data.fitting(), router, result, kept_bias, stack, shape,
-                                                    options, routing)
+                                                    options, routing, current)
                 judged = error
                 if variant.refits:
                     judged = entry["error_after_refit"] = relative_error(
@@ -271,15 +275,17 @@ class _Variant:
         ridge = f" ridge {self.ridge:g}" if self.ridge is not None else ""
         return (" +router" if self.router else "") + ridge + ("" if self.refits else " (no refit)")
 
-    def fit(self, rows, router, result, kept_bias, stack, shape, options, routing):
-        """(router rows, expert stack) of `result` after this variant's refit on `rows` = (x, target)."""
+    def fit(self, rows, router, result, kept_bias, stack, shape, options, routing, current=None):
+        """(router rows, expert stack) of `result` after this variant's refit on `rows` = (x, target). `current`:
+        the candidate's routed output on those rows, when the caller has it."""
         x, target = rows
         new_router = result.router
         if self.router:
             new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE)
+            current = None  # the routing changed
         if self.down:
             ridge = options.refit_ridge if self.ridge is None else self.ridge
-            stack = refit_down(x, target, new_router, kept_bias, routing.after, stack, ridge)
+            stack = refit_down(x, target, new_router, kept_bias, routing.after, stack, ridge, current=current)
         return new_router, stack
 
 

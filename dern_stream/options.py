@@ -282,6 +282,13 @@ class RewriteOptions:
         return rec
 
 
+def check_runs_in_one_process(options: RewriteOptions, workers: int, ray: str | None) -> None:
+    """The sequential rewrite fits the layers in order: it cannot be shared out to workers or Ray tasks."""
+    if options.sequential and (workers != 1 or ray is not None):
+        raise DernError(f"{arg('sequential', True)} fits the layers in order, in one process: leave out "
+                        f"{arg('workers')} and {arg('ray')}")
+
+
 def option_fields() -> list:
     """The RewriteOptions fields that are command-line options (all but `experts` and internal ones)."""
     return [f for f in fields(RewriteOptions) if "help" in f.metadata]

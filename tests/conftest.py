@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,13 @@ def edited_copy(model_dir: Path, dest: Path, **changes) -> Path:
             config[key] = value
     (dest / "config.json").write_text(json.dumps(config))
     return dest
+
+
+def cli_without(module: str, *args) -> subprocess.CompletedProcess:
+    """`dern-stream ARGS` in a new process where importing `module` fails, as if it were not installed."""
+    code = (f"import sys; sys.modules[{module!r}] = None; from dern_stream.cli import main; "
+            "sys.argv = ['dern-stream'] + sys.argv[1:]; main()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
 
 
 def assert_clean_failure(result, out: Path, message: str, code: int = 2) -> None:

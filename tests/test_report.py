@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure
+from conftest import assert_clean_failure, cli_without
 
 import dern_stream
 from dern_stream.cli import main
@@ -134,11 +133,8 @@ def test_report_target_refused_before_any_work(build, tmp_path):
 def test_without_matplotlib_the_report_is_one_line_before_any_work(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"
-    code = ("import sys; sys.modules['matplotlib'] = None; from dern_stream.cli import main; "
-            "sys.argv = ['dern-stream'] + sys.argv[1:]; main()")
-    result = subprocess.run([sys.executable, "-c", code, "rewrite", str(built.model_dir), str(out), "-k", "4",
-                             "--calib", str(built.calib), "--report", str(tmp_path / "r")],
-                            capture_output=True, text=True)
+    result = cli_without("matplotlib", "rewrite", built.model_dir, out, "-k", 4, "--calib", built.calib, "--report",
+                         tmp_path / "r")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: the report needs matplotlib: pip install "
                                                   "'dern-stream[report]'"]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import file_bytes
+from conftest import cli_without, file_bytes
 from transformers import AutoModelForCausalLM
 
 import dern_stream
@@ -151,10 +151,8 @@ def test_sequential_refusals(build, tmp_path):
 def test_without_transformers_the_sequential_rewrite_is_one_line(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"
-    code = ("import sys; sys.modules['transformers'] = None; from dern_stream.cli import main; "
-            "sys.argv = ['dern-stream'] + sys.argv[1:]; main()")
-    result = subprocess.run([sys.executable, "-c", code, "rewrite", str(built.model_dir), str(out), "-k", "4",
-                             "--calib", str(built.calib), "--refit", "--sequential"], capture_output=True, text=True)
+    result = cli_without("transformers", "rewrite", built.model_dir, out, "-k", 4, "--calib", built.calib, "--refit",
+                         "--sequential")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --sequential runs the model's forward and needs "
                                                   "transformers: pip install 'dern-stream[dump]'"]

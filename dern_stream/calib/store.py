@@ -137,7 +137,7 @@ class CalibWriter:
         arr[:] = ids.to(torch.int32).numpy()
 
     def tokens(self) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.group["tokens"][:])).to(torch.int64)
+        return _tokens(self.group)
 
     def save_residual(self, after_layer: int, shape: tuple[int, ...], dtype: torch.dtype,
                       batches: Iterable[torch.Tensor]) -> None:
@@ -198,6 +198,11 @@ def _raw(t: torch.Tensor) -> np.ndarray:
 
 
 _READ_BLOCK = 64 * 2**20
+
+
+def _tokens(group) -> torch.Tensor:
+    """The dump's token ids [sequences, seq_len] as int64 (stored as int32)."""
+    return torch.from_numpy(np.asarray(group["tokens"][:])).to(torch.int64)
 
 
 class CalibDump:
@@ -269,7 +274,7 @@ class CalibDump:
     def tokens(self) -> torch.Tensor:
         """The token ids [sequences, seq_len] the dump was made from."""
         try:
-            return torch.from_numpy(np.asarray(self.group["tokens"][:])).to(torch.int64)
+            return _tokens(self.group)
         except Exception:  # noqa: BLE001 - missing or damaged: zarr raises many types
             raise DernError(f"calibration dump {self.path} holds no readable token ids (damaged, or made by "
                             "another tool)") from None

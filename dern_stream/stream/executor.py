@@ -222,9 +222,9 @@ class StreamedModel:
         hook = block.register_forward_pre_hook(capture)
         try:
             with self._loaded_before_moe(i, block):
-                for ids in batches:
+                for b, ids in enumerate(batches):
                     try:
-                        self.layers[i](store[len(captured)], **self._contexts[tuple(ids.shape)][i])
+                        self.layers[i](store[b], **self._contexts[tuple(ids.shape)][i])
                     except _ReachedMoE:
                         continue
                     raise DernError(f"decoder layer {i} did not call its MoE block")
