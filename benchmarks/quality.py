@@ -57,11 +57,14 @@ CONFIGS: dict[str, dict] = {
     "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
     "best (recipe)": dict(recipe="best"),
     # Quality v2 (issue 19): the 2026-11 recipe, then each new option on top of it, then the sequential fit.
-    "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0),
-    "2026-11 +router": dict(recipe="best", holdout=0.0),
-    "2026-11 +holdout": dict(recipe="best", refit_router=False),
-    "best +sequential": dict(recipe="best", sequential=True),
-    "best +sequential model": dict(recipe="best", sequential=True, sequential_target="model"),
+    "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0, refit_steps=0),
+    "2026-11 +router": dict(recipe="best", holdout=0.0, refit_steps=0),
+    "2026-11 +holdout": dict(recipe="best", refit_router=False, refit_steps=0),
+    "best +sequential": dict(recipe="best", sequential=True, refit_steps=0),
+    "best +sequential model": dict(recipe="best", sequential=True, sequential_target="model", refit_steps=0),
+    # The recipe before --refit-steps joined it (2026-12-02, morning), and the step count halved.
+    "best -steps": dict(recipe="best", refit_steps=0),
+    "best steps 200": dict(recipe="best", refit_steps=200),
 }
 
 
@@ -128,7 +131,10 @@ def table(results: dict) -> str:
         for label in dict.fromkeys(r["config"] for r in res["runs"]):
             cells = []
             for ratio in ratios:
-                run = next(r for r in res["runs"] if r["config"] == label and r["ratio"] == ratio)
+                run = next((r for r in res["runs"] if r["config"] == label and r["ratio"] == ratio), None)
+                if run is None:  # not measured in this run
+                    cells.append("-")
+                    continue
                 kl = f"{run['kl_mean']:.4f} / {run['top1']:.1%}" if run.get("kl_mean") is not None else "- / -"
                 cells.append(f"{run['perplexity']:.2f} (x{run['ppl_ratio']:.3f}) / {kl} / {run['layer_error']:.3f} / "
                              f"{run['reassigned']:.0%}")

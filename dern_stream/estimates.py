@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .layout import ModelShape
+from .methods.gradient_refit import BATCH_ROWS, CHECK_EVERY
 from .options import RewriteOptions
 from .storage import ExpertStorage
 from .storage.fp8_blocks import scale_shape
@@ -70,6 +71,8 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     if options.uses_layer_outputs and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
+    if options.refit_steps and tokens:  # the kept experts' float32 weights, gradients, Adam moments; activations
+        fit += 16 * 3 * options.experts * shape.intermediate * d + 8 * BATCH_ROWS * top_k * shape.intermediate * 4
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
         work += held + min(tokens, options.fit_tokens) * d * 4
@@ -96,4 +99,8 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
     variants = (1 + options.refit_router) if options.refit else 1
     refits = candidates * variants * 2 * options.refit + (3 * 2 * options.refit if options.holdout else 0)
     fit = forward * (candidates * variants + 1 + refits) if options.uses_layer_outputs else 0
+    if options.refit_steps:  # a step is a forward and a backward (about 3 forwards) of a batch; chosen, then rerun
+        batch = min(tokens, options.fit_tokens, BATCH_ROWS) / max(1, min(tokens, options.fit_tokens))
+        fit += forward * options.refit_steps * (3 * batch * (1 + bool(options.holdout))
+                                                + (options.holdout / CHECK_EVERY))
     return LayerCompute(2 * tokens * n * d / 1e9, reassign / 1e9, cluster / 1e9, fit / 1e9)

@@ -26,6 +26,7 @@ from .methods import (
     transfer_router,
 )
 from .methods.baselines import hcsmoe_layer, msmoe_layer, prune_layer
+from .methods.gradient_refit import held_out_judge, refit_gradient
 from .methods.moe_forward import Gating, expert_stats, relative_error, routed_output
 from .methods.refit import refit_down
 from .methods.router_refit import refit_router
@@ -174,7 +175,8 @@ def compress_layer(
 ) -> LayerReport:
     """Build every candidate the options ask for from the layer's ranking (`selection`, made by the
     plan), with every refit variant they ask for, and keep the one whose output is closest to the original
-    layer's (on held-out rows when `options.holdout`); all on `device`, with only the result leaving it (in
+    layer's (on held-out rows when `options.holdout`), then move its projections by `options.refit_steps`
+    gradient steps (as many as the held-out rows favour); all on `device`, with only the result leaving it (in
     the checkpoint's dtype). `rows(router, bias, experts)`: the layer's fitting rows (None for a layer
     without cached inputs). `then(replace)`: called with the chosen layer's output change
     (x -> new routed output - original) while the experts are still on the device (sequential.py)."""
@@ -238,18 +240,39 @@ def compress_layer(
         with clock("fit"):
             kept_bias, stack, new_router, new_stack = fitted
             del fitted
+            steps = options.refit_steps
+            if data.held and steps:
+                steps = _held_out_steps(data, fit, steps, new_router, kept_bias, routing.after, new_stack)
             if data.held:  # chosen on the held-out rows: the chosen variant is fitted again on all of them
                 fit["error_on"] = "held-out rows"
                 new_router, new_stack = chosen.fit((data.x, data.target), router, best, kept_bias, stack, shape,
                                                    options, routing)
+            if steps:
+                new_stack, _ = refit_gradient(data.x, data.target, new_router, kept_bias, routing.after, new_stack,
+                                              steps)
+                if not data.held:  # judged on the rows it was fitted on, as the other refits are without a holdout
+                    fit["gradient_steps"] = steps
+                    fit["error"] = fit["error_after_gradient"] = relative_error(
+                        routed_output(data.x, new_router, kept_bias, routing.after, new_stack), data.target)
             best.router = new_router
             _take_refit(best, stack, new_stack)
             if then is not None:  # the layer as written: refitted projections in the experts' dtype
-                written = ExpertStack(new_stack.gate, new_stack.up, new_stack.down.to(stack.down.dtype))
+                written = ExpertStack(*(getattr(new_stack, p).to(stack.dtype) for p in PARTS))
                 then(_output_change(router, bias, routing, experts, best.router, kept_bias, written))
     del experts
     scores = selection.scores.tolist() if selection.scores is not None else []
     return LayerReport(index, scores, selection.source, selection.tokens, best, fit)
+
+
+def _held_out_steps(data: FitRows, fit: dict, steps: int, router, bias, gating: Gating, stack: ExpertStack) -> int:
+    """The number of gradient steps (at most `steps`) after which the chosen setting, fitted on the fitting rows,
+    is best on the held-out rows; recorded in `fit`."""
+    judge = held_out_judge(*data.judging(), router, bias, gating)
+    tuned, steps = refit_gradient(*data.fitting(), router, bias, gating, stack, steps, judge)
+    fit["gradient_steps"] = steps
+    if steps:
+        fit["error"] = fit["error_after_gradient"] = judge(tuned)
+    return steps
 
 
 def _output_change(router, bias, routing, experts, new_router, new_bias, new_stack):
@@ -371,16 +394,16 @@ class RequantizationError:
 
 
 def _take_refit(result: LayerResult, before: ExpertStack, after: ExpertStack) -> None:
-    """Store refitted down projections (in the experts' dtype); an expert the refit did not touch (no
-    tokens) stays as it was, a raw copy if it was one."""
+    """Store refitted projections (in the experts' dtype); an expert the refits did not touch (no tokens)
+    stays as it was, a raw copy if it was one."""
     for pos, rebuilt in enumerate(result.experts):
-        if torch.equal(before.down[pos].float(), after.down[pos]):
+        changed = [p for p in PARTS if not torch.equal(getattr(before, p)[pos].float(), getattr(after, p)[pos].float())]
+        if not changed:
             continue
-        down = after.down[pos].to(before.down.dtype)
         if rebuilt is None:
-            result.experts[pos] = RebuiltExpert(after.gate[pos], after.up[pos], down)
-        else:
-            rebuilt.down = down
+            rebuilt = result.experts[pos] = RebuiltExpert(before.gate[pos], before.up[pos], before.down[pos])
+        for p in changed:
+            setattr(rebuilt, p, getattr(after, p)[pos].to(before.dtype))
 
 
 def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[str]:

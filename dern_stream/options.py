@@ -17,7 +17,7 @@ SEQUENTIAL_TARGETS = ("layer", "model")
 RECIPES: dict[str, dict] = {
     "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
     "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True,
-                 refit_router=True, holdout=0.2),
+                 refit_router=True, holdout=0.2, refit_steps=400),
 }
 _SIZE_UNITS = {
     "": 1, "B": 1,
@@ -185,6 +185,9 @@ class RewriteOptions:
                                        "compressed routing reproduces the original routing mass (a merged expert: "
                                        "its members' summed mass); with --refit, each layer also tries it without.",
                                 flag=True, shown="off")
+    refit_steps: int = option(0, "After the other refits, move the kept experts' gate, up and down projections "
+                                 "by up to this many Adam steps on the output error (with --holdout, the number of "
+                                 "steps is chosen on the held-out rows).")
     holdout: float = option(0.0, "Share of the cached inputs held out from fitting; the per-layer choice among "
                                  "alphas and refit variants is made on it (0: on the fitting inputs).")
     sequential: bool = option(False, "Fit each layer on the compressed model's own inputs: the rewrite runs the "
@@ -218,6 +221,7 @@ class RewriteOptions:
         choice("sequential_target", self.sequential_target, SEQUENTIAL_TARGETS)
         number("refit_ridge", self.refit_ridge, 0.0)
         whole("fit_tokens", self.fit_tokens)
+        whole("refit_steps", self.refit_steps, minimum=0)
         if self.output_dtype is not None:
             choice("output_dtype", self.output_dtype, OUTPUT_DTYPES)
         object.__setattr__(self, "holdout", number("holdout", self.holdout, 0.0, 0.5))
@@ -255,7 +259,7 @@ class RewriteOptions:
     def uses_layer_outputs(self) -> bool:
         """Whether the layer's outputs on the cached inputs are needed (baselines, choice, refit)."""
         return (self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
-                or self.refit_router)
+                or self.refit_router or bool(self.refit_steps))
 
     def reads_expert_weights(self, num_experts: int, intermediate: int) -> bool:
         """Whether any expert weight must be read for computation. Not for pruning, nor for DERN when

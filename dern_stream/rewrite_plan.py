@@ -228,6 +228,9 @@ def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertSto
     if options.refit and family.fused is not None and family.fused.biased:
         raise DernError(f"{arg('refit')} does not model {family.model_type}'s expert biases yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit', False)})")
+    if options.refit_steps and family.fused is not None and family.fused.biased:
+        raise DernError(f"{arg('refit_steps')} does not model {family.model_type}'s expert biases yet; leave it out "
+                        f"({arg('recipe', 'best')} uses it: give {arg('refit_steps', 0)})")
     if options.refit_router and family.bias_in_logits:
         raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")

@@ -3,6 +3,8 @@ device (then `benchmarks/gpu_check.py` is the first thing to run on a machine th
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,20 @@ def test_dern_on_cuda_matches_the_cpu(family, build, tmp_path):
     with torch.no_grad():
         cpu, gpu = (AutoModelForCausalLM.from_pretrained(tmp_path / d)(ids).logits for d in ("cpu", "cuda"))
     assert torch.linalg.vector_norm(gpu - cpu) / torch.linalg.vector_norm(cpu) < 2e-2
+
+
+def test_the_recipe_with_gradient_steps_on_cuda_fits_as_well_as_on_the_cpu(build, tmp_path):
+    """The minibatches are drawn by each device's own generator, so the weights differ; the fit must not."""
+    built = build("qwen2_moe")
+    errors = {}
+    for device in ("cpu", "cuda"):
+        dern_stream.rewrite(built.model_dir, tmp_path / device, experts=4, calib=built.calib, recipe="best",
+                            refit_steps=50, device=device, progress=False)
+        record = json.loads((tmp_path / device / "dern_stream.json").read_text())
+        errors[device] = [layer["output_error"]["error"] for layer in record["layers"].values()]
+        AutoModelForCausalLM.from_pretrained(tmp_path / device)
+    for cpu, gpu in zip(errors["cpu"], errors["cuda"], strict=True):
+        assert gpu == pytest.approx(cpu, rel=0.1)
 
 
 def test_dump_on_cuda_matches_the_cpu(build, tmp_path):
