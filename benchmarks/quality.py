@@ -57,14 +57,18 @@ CONFIGS: dict[str, dict] = {
     "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
     "best (recipe)": dict(recipe="best"),
     # Quality v2 (issue 19): the 2026-11 recipe, then each new option on top of it, then the sequential fit.
-    "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0, refit_steps=0),
-    "2026-11 +router": dict(recipe="best", holdout=0.0, refit_steps=0),
-    "2026-11 +holdout": dict(recipe="best", refit_router=False, refit_steps=0),
-    "best +sequential": dict(recipe="best", sequential=True, refit_steps=0),
-    "best +sequential model": dict(recipe="best", sequential=True, sequential_target="model", refit_steps=0),
-    # The recipe before --refit-steps joined it (2026-12-02, morning), and the step count halved.
-    "best -steps": dict(recipe="best", refit_steps=0),
+    "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0, refit_steps=0, groups="keep"),
+    "2026-11 +router": dict(recipe="best", holdout=0.0, refit_steps=0, groups="keep"),
+    "2026-11 +holdout": dict(recipe="best", refit_router=False, refit_steps=0, groups="keep"),
+    "best +sequential": dict(recipe="best", sequential=True, refit_steps=0, groups="keep"),
+    "best +sequential model": dict(recipe="best", sequential=True, sequential_target="model", refit_steps=0,
+                                   groups="keep"),
+    # The recipe before --refit-steps and --groups auto joined it (2026-12-02, morning), and the step count halved.
+    "best -steps": dict(recipe="best", refit_steps=0, groups="keep"),
     "best steps 200": dict(recipe="best", refit_steps=200),
+    # Group-limited routing collapsed (DeepSeek-V3-style fixtures only; elsewhere the same as without it).
+    "prune +collapse": dict(method="prune", groups="collapse"),
+    "best +collapse": dict(recipe="best", groups="collapse"),
 }
 
 

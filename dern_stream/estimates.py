@@ -71,8 +71,11 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     if options.uses_layer_outputs and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
-    if options.refit_steps and tokens:  # the kept experts' float32 weights, gradients, Adam moments; activations
-        fit += 16 * 3 * options.experts * shape.intermediate * d + 8 * BATCH_ROWS * top_k * shape.intermediate * 4
+    if options.refit_steps and tokens:
+        # Per kept weight, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
+        # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.
+        params = 3 * options.experts * width * d
+        fit += 22 * params + 8 * BATCH_ROWS * top_k * width * 4 + 2 * min(tokens, options.fit_tokens) * d * 4
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
         work += held + min(tokens, options.fit_tokens) * d * 4

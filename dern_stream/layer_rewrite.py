@@ -248,12 +248,17 @@ def compress_layer(
                 new_router, new_stack = chosen.fit((data.x, data.target), router, best, kept_bias, stack, shape,
                                                    options, routing)
             if steps:
-                new_stack, _ = refit_gradient(data.x, data.target, new_router, kept_bias, routing.after, new_stack,
-                                              steps)
-                if not data.held:  # judged on the rows it was fitted on, as the other refits are without a holdout
-                    fit["gradient_steps"] = steps
-                    fit["error"] = fit["error_after_gradient"] = relative_error(
-                        routed_output(data.x, new_router, kept_bias, routing.after, new_stack), data.target)
+                tuned, _ = refit_gradient(data.x, data.target, new_router, kept_bias, routing.after, new_stack, steps)
+                if data.held:
+                    new_stack = tuned
+                else:  # judged on the rows it was fitted on, as the other refits are without a holdout
+                    error = relative_error(routed_output(data.x, new_router, kept_bias, routing.after, tuned),
+                                           data.target)
+                    fit["error_after_gradient"] = error
+                    fit["gradient_steps"] = steps if error < fit["error"] else 0
+                    if error < fit["error"]:  # (minibatch steps may not lower the error on all the rows)
+                        new_stack, fit["error"] = tuned, error
+                del tuned
             best.router = new_router
             _take_refit(best, stack, new_stack)
             if then is not None:  # the layer as written: refitted projections in the experts' dtype

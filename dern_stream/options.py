@@ -13,11 +13,12 @@ IMPORTANCE_METHODS = ("routing", "router-norm")
 METHODS = ("dern", "prune", "reap", "msmoe", "hcsmoe")
 KMEANS_INITS = ("gate-linf", "own")
 SEQUENTIAL_TARGETS = ("layer", "model")
+GROUP_CHOICES = ("keep", "auto", "collapse")
 # Named bundles of method options; explicit options given beside a recipe override its values.
 RECIPES: dict[str, dict] = {
     "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
     "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True,
-                 refit_router=True, holdout=0.2, refit_steps=400),
+                 refit_router=True, holdout=0.2, refit_steps=400, groups="auto"),
 }
 _SIZE_UNITS = {
     "": 1, "B": 1,
@@ -197,6 +198,11 @@ class RewriteOptions:
                                              "layer's output on the compressed model's inputs (GPTQ-style); 'model', "
                                              "its output on the original model's inputs (also works against the "
                                              "drift of the layers before).", SEQUENTIAL_TARGETS)
+    groups: str = option("keep", "Group-limited routing (DeepSeek-V3): 'keep' keeps K / n_group experts in each "
+                                 "group where the groups still route (else they collapse); 'collapse' keeps the K "
+                                 "best overall and routes over all of them (n_group = topk_group = 1); 'auto' "
+                                 "also collapses where the groups a token may use would hold just top_k experts "
+                                 "(no routing choice left).", GROUP_CHOICES)
     fit_tokens: int = option(32768, "Cached inputs per layer used by the baselines, --alpha-candidates and --refit.")
     output_dtype: str | None = option(None, "Write a quantized (FP8, MXFP4) checkpoint dequantized, in this dtype, "
                                             "without quantization_config.", OUTPUT_DTYPES, shown="as stored")
@@ -219,6 +225,7 @@ class RewriteOptions:
         choice("kmeans_init", self.kmeans_init, KMEANS_INITS)
         choice("importance", self.importance, IMPORTANCE_METHODS)
         choice("sequential_target", self.sequential_target, SEQUENTIAL_TARGETS)
+        choice("groups", self.groups, GROUP_CHOICES)
         number("refit_ridge", self.refit_ridge, 0.0)
         whole("fit_tokens", self.fit_tokens)
         whole("refit_steps", self.refit_steps, minimum=0)

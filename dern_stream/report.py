@@ -79,8 +79,10 @@ def report_data(record: dict) -> dict:
             "cluster_sizes": [[int(size), int(count)] for size, count in entry.get("cluster_sizes", [])],
             "chosen": fit.get("chosen"),
             "error_before_refit": float(chosen["error"]) if chosen else None,
-            "error_after_refit": float(chosen["error_after_refit"]) if chosen and "error_after_refit" in chosen
-            else None,
+            # after every refit the layer went through: the gradient steps' result where they ran
+            "error_after_refit": float(fit["error_after_gradient"]) if fit.get("gradient_steps")
+            else float(chosen["error_after_refit"]) if chosen and "error_after_refit" in chosen else None,
+            "gradient_steps": int(fit.get("gradient_steps") or 0),
             "error_held_out": fit.get("error_on") == "held-out rows",
         })
     if any(t[0] not in range(len(e["importance"]) or 1 << 30) or t[1] not in e["kept"]

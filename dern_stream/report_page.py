@@ -15,8 +15,9 @@ CAPTIONS = {
     "clusters": "Members per k-means cluster in the rebuilt experts: each cluster becomes one neuron.",
     "error": "Relative error of each layer's MoE output against the original layer's, for the setting kept, on "
              "the cached inputs the options were fitted on (the fit sample: an in-sample measure; with --holdout, "
-             "on the held-out rows the choice was made on), and after the refit where there is one. "
-             "`dern-stream eval --reference` measures it on other inputs.",
+             "on the held-out rows the choice was made on), and after the refits where there are any (the "
+             "least-squares refit, then the gradient steps). `dern-stream eval --reference` measures it on other "
+             "inputs.",
 }
 TITLES = {"importance": "Importance and kept experts", "reassigned": "Segments reassigned",
           "pairs": "Reassignment by expert pair", "similarity": "Similarity against alpha",
@@ -62,10 +63,12 @@ def _layer_table(data: dict) -> str:
     for entry in data["layers"]:
         before, after = entry["error_before_refit"], entry["error_after_refit"]
         rows.append((entry["layer"], " ".join(map(str, entry["kept"])), entry["segments_reassigned"],
-                     " ".join(map(str, entry["rebuilt_experts"])) or "-", entry["chosen"] or "-",
+                     " ".join(map(str, entry["rebuilt_experts"])) or "-",
+                     (entry["chosen"] or "-") + (f" +{entry['gradient_steps']} steps" if entry.get("gradient_steps")
+                                                 else ""),
                      f"{before:.4f}" if before is not None else "-", f"{after:.4f}" if after is not None else "-"))
     return _table(["layer", "kept experts", "segments moved", "rebuilt experts", "chosen setting", "output error",
-                   "after the refit"], rows)
+                   "after the refits"], rows)
 
 
 def _table(headings: list[str], rows: list[tuple], header: bool = True) -> str:

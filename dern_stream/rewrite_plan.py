@@ -98,7 +98,7 @@ class RewritePlan:
         self.__dict__.update(state)
         self.family = family_for(self.config)
         self.routing = layer_routing(self.family, self.config, self.out_config)
-        self.groups = self.family.group_plan(self.config, self.options.experts)
+        self.groups = self.family.group_plan(self.config, self.options.experts, self.options.groups)
         self.dump = CalibDump(self.calib) if self.calibrated else None
 
     @property
@@ -163,7 +163,8 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     if options.sequential and family.remote_code:
         raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
                         f"{family.model_type} (it runs as remote code): leave it out")
-    out_config, notes = family.output_config(config, options.experts, options.intermediate_size)
+    out_config, notes = family.output_config(config, options.experts, options.intermediate_size,
+                                             options.groups)
     dropped = [name for name in ckpt.entries if family.is_dropped(name)]
     if dropped:
         notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
@@ -172,7 +173,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         del out_config["quantization_config"]
         notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
                      "quantization_config")
-    groups = family.group_plan(config, options.experts)
+    groups = family.group_plan(config, options.experts, options.groups)
     routing = layer_routing(family, config, out_config)
     device = resolve_device(options.device)
     dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)

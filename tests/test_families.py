@@ -94,6 +94,42 @@ def test_deepseek_v3_collapses_groups_when_k_does_not_fit(build, tmp_path):
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
 
+@pytest.mark.parametrize("groups", ["collapse", "auto"])
+def test_deepseek_v3_groups_collapse_on_request_and_keep_the_best_overall(groups, build, tmp_path):
+    """Where "keep" keeps the groups (K=4: 2 per group, topk_group 1, top-2): "collapse", and "auto" because the one
+    group a token may use would hold just its top-2 (no choice left), keep the K experts with the highest
+    routing importance whatever their group, routed over all of them; the output loads and computes."""
+    built = build("deepseek_v3")
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, groups=groups,
+                                  progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_experts_per_tok"] == 2
+    assert (cfg["n_group"], cfg["topk_group"], cfg["n_routed_experts"]) == (1, 1, 4)
+    assert any("collapsed" in n and "groups" in n for n in summary.notes)
+    for rec in json.loads((out / "dern_stream.json").read_text())["layers"].values():
+        ranked = sorted(range(len(rec["importance"])), key=lambda e: -rec["importance"][e])
+        assert sorted(rec["kept"]) == sorted(ranked[:4])
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+
+
+def test_auto_groups_keep_the_groups_where_the_router_still_chooses(build, tmp_path):
+    built = build("deepseek_v3")
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=6, calib=built.calib, groups="auto", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["n_group"], cfg["topk_group"], cfg["n_routed_experts"]) == (2, 1, 6)  # 3 per group for a top-2
+
+
+def test_collapsing_groups_changes_nothing_without_grouped_routing(build, tmp_path):
+    built = build("mixtral")
+    for groups in ("keep", "collapse"):
+        dern_stream.rewrite(built.model_dir, tmp_path / groups, experts=4, calib=built.calib, groups=groups,
+                            progress=False)
+    assert raw_bytes(tmp_path / "keep") == raw_bytes(tmp_path / "collapse")
+
+
 def test_top_k_is_clipped_to_k(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"

@@ -74,7 +74,7 @@ _ANY = (st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=Tr
         | st.text(max_size=6) | st.lists(st.floats(allow_nan=True), max_size=3))
 _FIELDS = ("method", "alpha", "sim_components", "kmeans_iters", "intermediate_size", "importance", "router_transfer",
            "kmeans_init", "alpha_candidates", "refit", "refit_ridge", "fit_tokens", "device", "max_shard_size",
-           "refit_router", "holdout", "sequential", "sequential_target", "refit_steps")
+           "refit_router", "holdout", "sequential", "sequential_target", "refit_steps", "groups")
 
 
 @settings(max_examples=400, deadline=None)
@@ -98,4 +98,5 @@ def test_any_option_values_give_valid_options_or_one_line(experts, given_values,
     assert isinstance(options.holdout, float) and 0.0 <= options.holdout <= 0.5
     assert options.sequential_target in ("layer", "model")
     assert type(options.refit_steps) is int and options.refit_steps >= 0
+    assert options.groups in ("keep", "collapse")
     assert options.uses_layer_outputs or not (options.sequential or options.holdout)

@@ -200,16 +200,22 @@ class Family:
             raise DernError(f"config.json has no valid {self.intermediate_key}")
         return h
 
-    def group_plan(self, config: dict, experts: int) -> GroupPlan | None:
-        """None for ungrouped routing; else how K experts fit the groups (see GroupPlan)."""
+    def group_plan(self, config: dict, experts: int, mode: str = "keep") -> GroupPlan | None:
+        """None for ungrouped routing; else how K experts fit the groups (see GroupPlan). `mode` (--groups):
+        "keep" the groups where they still route; "collapse" always; "auto" also where the groups a token may use
+        would hold exactly top_k experts, so that the router no longer chooses among them."""
         if not self.grouped_routing(config):
             return None
+        if mode == "collapse":
+            return GroupPlan(1, 1, False)
         defaults = self.group_defaults or (None, None)
         n_group, topk_group = int(config["n_group"]), int(config.get("topk_group", defaults[1]))
         per_group, new_top_k = divmod(experts, n_group), min(self.top_k(config), experts)
         # Each group needs >= 2 experts (V3 scores a group by its top-2; vLLM requires it for all),
-        # and the groups a token may use must hold at least top_k experts.
-        if per_group[1] == 0 and per_group[0] >= 2 and topk_group * per_group[0] >= new_top_k:
+        # and the groups a token may use must hold at least top_k experts ("auto": more than top_k).
+        reachable = topk_group * per_group[0]
+        if per_group[1] == 0 and per_group[0] >= 2 and reachable >= new_top_k and (
+                mode != "auto" or reachable > new_top_k):
             return GroupPlan(n_group, topk_group, True)
         return GroupPlan(1, 1, False)
 
@@ -248,7 +254,8 @@ class Family:
         raise DernError(f"{arg('experts', experts)} gives a {self.model_type} model that cannot route ({problem}); "
                         f"K values that work for this model: {_ranges(works) or 'none'}")
 
-    def output_config(self, config: dict, experts: int, intermediate_size: int | None) -> tuple[dict, list[str]]:
+    def output_config(self, config: dict, experts: int, intermediate_size: int | None,
+                      groups: str = "keep") -> tuple[dict, list[str]]:
         """config.json for the output, and notes for the user about each non-obvious change."""
         out, notes = dict(config), []
         present = [k for k in self.expert_count_keys if k in config]
@@ -274,13 +281,12 @@ class Family:
                     )
                 out[count_key] = shared // intermediate_size
                 notes.append(f"{count_key} set to {out[count_key]} so shared experts keep width {shared}")
-        plan = self.group_plan(config, experts)
+        plan = self.group_plan(config, experts, groups)
         if plan is not None and not plan.balanced:
             out["n_group"], out["topk_group"] = 1, 1
-            notes.append(
-                f"group-limited routing collapsed to one group (n_group={config['n_group']} does not leave "
-                f"at least 2 kept experts per group at K={experts})"
-            )
+            why = (f"{arg('groups', groups)}" if self.group_plan(config, experts).balanced else
+                   f"n_group={config['n_group']} does not leave at least 2 kept experts per group at K={experts}")
+            notes.append(f"group-limited routing collapsed to one group ({why})")
         return out, notes
 
 

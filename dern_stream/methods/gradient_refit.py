@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import DernError, arg
+from ..families import PARTS
 from .moe_forward import Gating, relative_error, routed_output
 from .segments import ExpertStack
 
@@ -33,12 +34,21 @@ def refit_gradient(x: torch.Tensor, target: torch.Tensor, router_weight: torch.T
     held-out error), the stack after the best of 0, CHECK_EVERY, 2*CHECK_EVERY, ... `steps` steps by it."""
     if experts.down_bias is not None:
         raise DernError(f"{arg('refit_steps')} does not model experts with biases (gpt-oss) yet")
+    try:
+        return _adam(x, target, router_weight, bias, gating, experts, steps, judge)
+    except torch.OutOfMemoryError:
+        raise DernError(f"{arg('refit_steps')}: the kept experts' float32 weights, gradients and Adam moments "
+                        f"(four copies) do not fit in {x.device} memory; give {arg('refit_steps', 0)} or "
+                        f"{arg('device', 'cpu')}") from None
+
+
+def _adam(x, target, router_weight, bias, gating, experts, steps, judge):
     every = slice(None)
     params = [experts.weight(p, every).to(torch.float32, copy=True).requires_grad_(True)
               for p in ("gate", "up", "down")]
     groups = [{"params": [p], "lr": LEARNING_RATE * float(p.detach().square().mean().sqrt()) + 1e-12}
               for p in params]
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam(groups, foreach=False)  # one tensor's temporaries at a time: less memory
     generator = torch.Generator(device=x.device).manual_seed(0)
     scale = float(target.square().sum(dim=-1).mean()) + 1e-30
     rows = x.shape[0]
@@ -48,7 +58,7 @@ def refit_gradient(x: torch.Tensor, target: torch.Tensor, router_weight: torch.T
     for step in range(1, steps + 1):
         pick = torch.randint(rows, (min(BATCH_ROWS, rows),), generator=generator, device=x.device)
         with torch.enable_grad():
-            out = routed_output(x[pick], router_weight, bias, gating, ExpertStack(*params))
+            out = routed_output(x[pick], router_weight, bias, gating, _PerExpert(params))
             loss = (out - target[pick]).square().sum(dim=-1).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -61,6 +71,21 @@ def refit_gradient(x: torch.Tensor, target: torch.Tensor, router_weight: torch.T
     if judge is None:
         best = ([p.detach() for p in params], steps)
     return ExpertStack(*best[0]), best[1]
+
+
+class _PerExpert(ExpertStack):
+    """The stacked leaves read one expert at a time through `unbind` views, whose backward gathers every
+    expert's gradient in one allocation; indexing the stacked leaf instead allocates a whole-stack gradient per
+    expert (K times the memory traffic)."""
+
+    def __init__(self, leaves: list[torch.Tensor]):
+        super().__init__(*leaves)
+        self._experts = [t.unbind(0) for t in leaves]
+
+    def weight(self, part: str, experts: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(experts, int):
+            return self._experts[PARTS.index(part)][experts]
+        return super().weight(part, experts)
 
 
 def held_out_judge(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None,
