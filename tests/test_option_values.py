@@ -98,5 +98,5 @@ def test_any_option_values_give_valid_options_or_one_line(experts, given_values,
     assert isinstance(options.holdout, float) and 0.0 <= options.holdout <= 0.5
     assert options.sequential_target in ("layer", "model")
     assert type(options.refit_steps) is int and options.refit_steps >= 0
-    assert options.groups in ("keep", "collapse")
+    assert options.groups in ("keep", "auto", "collapse")
     assert options.uses_layer_outputs or not (options.sequential or options.holdout)
