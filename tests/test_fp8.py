@@ -237,6 +237,20 @@ def test_fitted_candidates_are_requantized(fp8, tmp_path):
     assert not verify(out, model, progress=False).problems
 
 
+def test_gradient_steps_requantize_the_experts_they_moved(fp8, tmp_path):
+    """--refit-steps moves gate and up too: the experts it moved are written rebuilt, requantized to the same
+    FP8 layout, and the checkpoint loads and verifies."""
+    model, calib = fp8("qwen3_moe")
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=1.0, refit_steps=20, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    for record in audit["layers"].values():
+        assert record["output_error"]["gradient_steps"] == 20
+        assert record["rebuilt_experts"] and 0 < record["requantization_error"] < 0.05
+    _load(out)
+    assert not verify(out, model, progress=False).problems
+
+
 def _fp8_stack(n: int, h: int, d: int, block: tuple[int, int]):
     """An FP8 stack (weights and block scales, partial edge blocks) and the same experts dequantized, dense."""
     from dern_stream.methods import ExpertStack
