@@ -254,9 +254,9 @@ def compress_layer(
                 else:  # judged on the rows it was fitted on, as the other refits are without a holdout
                     error = relative_error(routed_output(data.x, new_router, kept_bias, routing.after, tuned),
                                            data.target)
-                    fit["error_after_gradient"] = error
-                    fit["gradient_steps"] = steps if error < fit["error"] else 0
-                    if error < fit["error"]:  # (minibatch steps may not lower the error on all the rows)
+                    lowered = error < fit["error"]  # (minibatch steps may not lower the error on all the rows)
+                    fit["error_after_gradient"], fit["gradient_steps"] = error, steps if lowered else 0
+                    if lowered:
                         new_stack, fit["error"] = tuned, error
                 del tuned
             best.router = new_router

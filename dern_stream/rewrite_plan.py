@@ -226,12 +226,11 @@ def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertSto
         raise DernError(f"{arg('intermediate_size', width)} splits the FP8 scale blocks {list(storage.block)}: use a "
                         f"multiple of {max(storage.block)}, at most {min(storage.block)}, or "
                         f"{arg('output_dtype', 'bf16')}")
-    if options.refit and family.fused is not None and family.fused.biased:
-        raise DernError(f"{arg('refit')} does not model {family.model_type}'s expert biases yet; leave it out "
-                        f"({arg('recipe', 'best')} uses it: give {arg('refit', False)})")
-    if options.refit_steps and family.fused is not None and family.fused.biased:
-        raise DernError(f"{arg('refit_steps')} does not model {family.model_type}'s expert biases yet; leave it out "
-                        f"({arg('recipe', 'best')} uses it: give {arg('refit_steps', 0)})")
+    if family.fused is not None and family.fused.biased:
+        for name, off in (("refit", False), ("refit_steps", 0)):  # both fit experts without biases
+            if getattr(options, name):
+                raise DernError(f"{arg(name)} does not model {family.model_type}'s expert biases yet; leave it out "
+                                f"({arg('recipe', 'best')} uses it: give {arg(name, off)})")
     if options.refit_router and family.bias_in_logits:
         raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")

@@ -44,8 +44,7 @@ def refit_gradient(x: torch.Tensor, target: torch.Tensor, router_weight: torch.T
 
 def _adam(x, target, router_weight, bias, gating, experts, steps, judge):
     every = slice(None)
-    params = [experts.weight(p, every).to(torch.float32, copy=True).requires_grad_(True)
-              for p in ("gate", "up", "down")]
+    params = [experts.weight(p, every).to(torch.float32, copy=True).requires_grad_(True) for p in PARTS]
     groups = [{"params": [p], "lr": LEARNING_RATE * float(p.detach().square().mean().sqrt()) + 1e-12}
               for p in params]
     optimizer = torch.optim.Adam(groups, foreach=False)  # one tensor's temporaries at a time: less memory
