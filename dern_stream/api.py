@@ -102,10 +102,11 @@ def rewrite(
         report = _report_target(report, out_path, overwrite, reads, source)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
+    from .device import deterministic_kernels
     from .execute import execute
     from .rewrite_plan import make_plan
 
-    with _reading(calib):
+    with _reading(calib), deterministic_kernels(chosen.device):
         made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision))
         for note in made.notes:
             log.warning("note: %s", note)
@@ -164,9 +165,10 @@ def plan(
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})
     check_calib_choice(chosen, calib)
+    from .device import deterministic_kernels
     from .rewrite_plan import make_plan  # (loads torch: after the checks above)
 
-    with _reading(calib):
+    with _reading(calib), deterministic_kernels(chosen.device):
         made = make_plan(source, None, chosen, calib, progress, source_record(source, revision))
     if json_path is not None:
         check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from . import __version__
 from .checkpoint import write_durably
 from .checksums import record_checksum, sealed_record
+from .device import device_name
 from .layer_rewrite import LayerReport
 from .options import RewriteOptions
 from .run_identity import versions
@@ -48,7 +48,7 @@ def audit_record(
         # inputs with these fingerprints (`resume_key` is what an interrupted run must match to be resumed).
         "reproduce": {
             "device_type": device.type if device is not None else None,
-            "device_name": _device_name(device),
+            "device_name": device_name(device),
             "torch_threads": torch.get_num_threads(),
             "calibration_provenance": _named(calib_provenance),
             "resume_key": run,
@@ -82,14 +82,6 @@ def _named(provenance: dict | None) -> dict | None:
     if isinstance(named.get("tokenizer"), str):
         named["tokenizer"] = Path(named["tokenizer"]).name
     return named
-
-
-def _device_name(device: torch.device | None) -> str | None:
-    if device is None:
-        return None
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.machine()
 
 
 def layer_record(report: LayerReport) -> dict:

@@ -35,10 +35,25 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             if ctx.params.get("debug"):
                 raise
-            resumable = ctx.invoked_subcommand in ("rewrite", "dump")
-            click.echo("error: interrupted" + ("; finished layers are kept: run the same command again to resume"
-                                               if resumable else ""), err=True)
+            click.echo("error: interrupted" + _RESUME.get(ctx.invoked_subcommand, ""), err=True)
             sys.exit(130)
+        except RuntimeError as e:  # torch.OutOfMemoryError, by name: this module does not import torch
+            if ctx.params.get("debug") or type(e).__name__ != "OutOfMemoryError":
+                raise
+            # torch's message: "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ..." (the first two)
+            what = ". ".join(str(e).strip().split(". ")[:2]).splitlines()[0] if str(e).strip() else "out of memory"
+            click.echo(f"error: the device ran out of memory ({what}); "
+                       + _OUT_OF_MEMORY.get(ctx.invoked_subcommand, "free the GPU's memory, or pass --device cpu"),
+                       err=True)
+            sys.exit(2)
+
+
+_RESUME = dict.fromkeys(("rewrite", "dump"), "; finished layers are kept: run the same command again to resume")
+# The device is part of what a resumed rewrite must match: on the CPU it starts over.
+_OUT_OF_MEMORY = {"rewrite": "finished layers are kept: free the GPU's memory and run the same command again to "
+                             "resume, or start over on the CPU with --device cpu --restart",
+                  "dump": "finished layers are kept: free the GPU's memory and run the same command again to "
+                          "resume, or pass --device cpu"}
 
 
 def flag_names(command: click.Command | None) -> dict[str, str]:

@@ -36,7 +36,9 @@ def download(repo_id: str, revision: str | None = None) -> Path:
 
     with _fetching(repo_id, revision):
         snapshot = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=_SIDE_FILES_ONLY))
-        shards = _shard_names(snapshot)
+        # Shards already in the snapshot are complete (the cache links a file there only once it is whole): asking
+        # again would cost a listing of the repo, which huggingface_hub 1.x refuses offline even for a cached commit.
+        shards = [name for name in _shard_names(snapshot) if not (snapshot / name).is_file()]
         if shards:  # pinned to the commit already resolved: a branch moving meanwhile cannot mix two commits
             snapshot_download(repo_id, revision=snapshot.name, allow_patterns=[glob.escape(s) for s in shards])
     return snapshot.resolve()

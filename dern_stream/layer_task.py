@@ -17,6 +17,7 @@ import torch
 
 from .audit import layer_record
 from .checkpoint import Checkpoint, ShardedWriter
+from .device import deterministic_kernels
 from .host_memory import return_freed_memory
 from .layer_fit import dump_rows
 from .layer_rewrite import LayerInputs, LayerReport, compress_layer, copy_tensor, read_layer, write_layer
@@ -47,8 +48,8 @@ def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[s
     torch.set_num_threads(plan.threads)
     clock = StageClock(plan.device)
     # Leaving the block flushes every shard written to disk before the record leaves (or raises the error).
-    with plan.open_source() as ckpt, ShardedWriter(staged, plan.specs, plan.options.max_shard_size,
-                                                   resume=True) as writer:
+    with deterministic_kernels(plan.device), plan.open_source() as ckpt, \
+            ShardedWriter(staged, plan.specs, plan.options.max_shard_size, resume=True) as writer:
         inputs = read_layer(ckpt, plan.family, plan.layer(index), plan.shape, plan.reads_experts, clock)
         report = compute_layer(plan, inputs, clock)
         del inputs

@@ -20,7 +20,7 @@ from .calib import CalibDump
 from .checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
 from .checkpoint.safetensors_format import dtype_size
 from .checkpoint.writer import ShardLayout, layout_shards
-from .device import resolve_device
+from .device import device_name, resolve_device
 from .errors import DernError, arg
 from .estimates import Estimates, estimate
 from .families import Family, GroupPlan, family_for
@@ -195,7 +195,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     fingerprint = ckpt.fingerprint()
     run = run_key(
         options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
-        source_fingerprint=fingerprint,
+        device_name=device_name(device), threads=torch.get_num_threads(), source_fingerprint=fingerprint,
         source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
         calib_files=tree_stamp(calib) if dump is not None else None,
     )

@@ -2,8 +2,9 @@
 reproducibility facts recorded in dern_stream.json.
 
 The key covers everything that decides the output bytes: the options that set values, the shard
-size (it sets the layout), the device type (CPU and CUDA kernels round differently), the versions
-of this tool and torch, and the inputs. Inputs are identified by structure (config, tensor names,
+size (it sets the layout), the device type and model (CPU and CUDA kernels round differently, and so
+may two GPU models), torch's thread count (CPU kernels split their sums by it), the versions of this
+tool and torch, and the inputs. Inputs are identified by structure (config, tensor names,
 dtypes, shapes) and by each file's size and modification time, so a checkpoint or dump replaced in
 place (a new download, a rerun dump) is caught without reading hundreds of GB.
 """
@@ -47,12 +48,13 @@ def _stamp(paths: list[Path], label) -> str:
     return h.hexdigest()
 
 
-def run_key(*, options_record: dict, max_shard_size: int, device_type: str, source_fingerprint: str,
-            source_files: str, calib_files: str | None) -> dict:
+def run_key(*, options_record: dict, max_shard_size: int, device_type: str, device_name: str | None, threads: int,
+            source_fingerprint: str, source_files: str, calib_files: str | None) -> dict:
     """The facts two runs must share for one to continue the other's partial output."""
     v = versions()
     return {
         "dern_stream": v["dern_stream"], "torch": v["torch"], "device_type": device_type,
+        "device_name": device_name, "threads": threads,
         "options": options_record, "max_shard_size": max_shard_size,
         "source": {"fingerprint": source_fingerprint, "files": source_files},
         "calibration": calib_files,

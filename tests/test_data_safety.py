@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import assert_clean_failure, file_bytes, read_tensors
 from safetensors.torch import save_file
@@ -450,7 +451,9 @@ def limited(*args) -> list[str]:
 
 
 def many_shards_args(src: Path, calib: Path, out: Path) -> list:
-    return ["rewrite", src, out, "--experts", 4, "--calib", calib, "--alpha", 0.2, "--max-shard-size", "5KB", "-q"]
+    # On the CPU: CUDA alone needs more file descriptors than the limit (it is the shards that are under test).
+    return ["rewrite", src, out, "--experts", 4, "--calib", calib, "--alpha", 0.2, "--max-shard-size", "5KB", "-q",
+            "--device", "cpu"]
 
 
 @pytest.mark.parametrize("source", ["one file", "75 shards"])
@@ -585,6 +588,35 @@ def test_full_disk_in_dump_then_the_same_command_resumes(world, monkeypatch, cap
     world.made(world.dump(alone, "--batch-size", 4))
     assert file_bytes(dump) == file_bytes(alone)
     assert without(digest(world.root), "d.zarr", "alone.zarr") == before
+
+
+def test_device_out_of_memory_mid_run_is_one_line_and_the_same_command_resumes(world, monkeypatch):
+    """torch's OutOfMemoryError from a layer's computation (what a GPU too small for a layer raises) ends in one
+    line that says how to go on; the finished layers are kept and the same command completes the output."""
+    from dern_stream import layer_rewrite
+
+    out, whole = world.root / "out", world.root / "whole"
+    real, calls = layer_rewrite.dern_layer, []
+
+    def out_of_memory_in_the_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 23.5 GiB of which 1.2 GiB is free.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layer_rewrite, "dern_layer", out_of_memory_in_the_second_layer)
+    result = run(*world.rewrite(out))
+    assert result.exit_code == 2, result.output
+    line = error_line(result.exit_code, result.stderr, result.output, "error: the device ran out of memory (CUDA "
+                      "out of memory. Tried to allocate 2.00 GiB); finished layers are kept: free the GPU's memory and "
+                      "run the same command again to resume, or start over on the CPU with --device cpu --restart")
+    assert line and not out.exists() and (world.root / ".out.dern-partial").is_dir()
+
+    monkeypatch.setattr(layer_rewrite, "dern_layer", real)
+    assert run(*world.rewrite(out)).exit_code == 0
+    world.made(world.rewrite(whole))
+    assert file_bytes(out) == file_bytes(whole)
 
 
 def test_a_folder_named_like_a_moved_aside_output_is_left_alone(world):

@@ -45,8 +45,8 @@ def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
                 scores, logits = routed
                 idx = torch.topk(logits, fam.top_k(model.config.to_dict()), dim=-1).indices
                 weights = scores.gather(1, idx)
-            else:
-                _, weights, idx = routed
+            else:  # (logits, weights, indices); transformers before 5.2x gave (indices, weights, logits)
+                _, weights, idx = routed if routed[2].dtype in (torch.int32, torch.int64) else routed[::-1]
         elif hasattr(block, "e_score_correction_bias"):  # MiniMax-M2 hands its bias to the router
             _, weights, idx = block.gate(x, block.e_score_correction_bias)
         else:

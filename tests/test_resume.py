@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import assert_clean_failure, file_bytes
 
@@ -113,6 +114,21 @@ def test_changed_command_is_refused_then_restarted(reference, tmp_path, caplog):
     assert "resuming" not in caplog.text and file_bytes(out) == expected
 
 
+def test_resume_with_another_thread_count_is_refused(reference, tmp_path):
+    """CPU kernels split their sums by torch's thread count: layers computed with another count could differ in
+    the last bits from the ones already written, so the run key holds it."""
+    built, args, _ = reference
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()  # the killed run's count too: a fresh process on this machine
+    assert killed_run("after-journal", 1, "rewrite", built.model_dir, out, *args).returncode == -9
+    torch.set_num_threads(threads + 1)
+    try:
+        result = run("rewrite", built.model_dir, out, *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert_clean_failure(result, out, f"different options or inputs (threads: {threads} -> {threads + 1})")
+
+
 def test_changed_input_is_refused(reference, tmp_path):
     built, args, _ = reference
     out = tmp_path / "out"
@@ -159,3 +175,18 @@ def test_partial_files_are_not_copied_as_side_files(reference, tmp_path):
     """The journal and lock are dot-files of the staging directory: none reaches OUT."""
     _, _, expected = reference
     assert not [name for name in expected if Path(name).name.startswith(".dern")]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "cpu"])
+def test_cuda_computes_with_deterministic_kernels_and_restores_the_setting(device, monkeypatch):
+    """(No GPU needed: the setting is torch's flag.) On CUDA, index_add_ would otherwise add with atomics in any
+    order, and a resumed run would differ in the last bits from the layers already written."""
+    from dern_stream.device import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(torch.device(device)):
+        on = torch.are_deterministic_algorithms_enabled()
+        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    assert (on, workspace) == ((True, ":4096:8") if device != "cpu" else (False, None))
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -70,7 +70,9 @@ def test_kl_and_top1_against_the_reference_equal_the_full_models(family, build, 
     ref_log, log = (x.log_softmax(-1) for x in logits)
     kl = (ref_log.exp() * (ref_log - log)).sum(-1).double()
     targets = ids[:, 1:].reshape(-1, 1)
-    report = dern_stream.evaluate(out, tokens=ids, batch_size=2, reference=built.model_dir, progress=False)
+    # On the CPU, as the whole models above: the streaming is under test, not how two devices round.
+    report = dern_stream.evaluate(out, tokens=ids, batch_size=2, reference=built.model_dir, device="cpu",
+                                  progress=False)
     assert report.tokens == kl.numel() == 5 * 23
     assert report.kl_mean == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-7) and report.kl_mean > 0
     assert report.kl_p99 == pytest.approx(float(np.percentile(kl.numpy(), 99)), rel=1e-4, abs=1e-7)

@@ -1,6 +1,6 @@
 """torch against numba for the two CPU kernels of the k-means, on one Mixtral-like expert's sizes.
 
-    python benchmarks/kernels.py [--members 3072] [--k 1536] [--hidden 1024] [--repeat 3]
+    python benchmarks/kmeans_kernels.py [--members 3072] [--k 1536] [--hidden 1024] [--repeat 3]
 
 1. assignment: the most similar centroid of every member (cosine on the up|down part):
    torch = blocked matmul + argmax (BLAS); numba = one fused parallel loop that never stores the
