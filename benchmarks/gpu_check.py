@@ -10,7 +10,8 @@ per expert), in this order:
      relative difference of every output tensor);
   3. `rewrite --recipe best` (gradient steps included) on CUDA: wall time against step 2's DERN on CUDA,
      and peak device memory against the plan's estimate;
-  4. `pytest tests/test_cuda.py` (the CUDA tests that are skipped on machines without a GPU).
+  4. `pytest tests/test_cuda.py` (the CUDA tests that are skipped on machines without a GPU);
+  5. with `--suite`, the whole default test suite, which computes on CUDA where it is present (`--device auto`).
 Sized to finish in a few minutes on one GPU and a 16-core host. `--device cpu` runs the same steps with
 the CPU on both sides (to check the script itself where there is no GPU).
 """
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--suite", action="store_true", help="also run the whole default test suite (a few minutes)")
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("torch sees no CUDA device here: nothing to check (see --device cpu)")
@@ -136,6 +138,12 @@ def main() -> None:
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_cuda.py"],
                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
         print("tests/test_cuda.py:", (run.stdout.strip().splitlines() or ["no output"])[-1])
+    if a.suite:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        print("the default suite on this machine:",
+              *[line for line in run.stdout.splitlines() if line.startswith("FAILED")],
+              (run.stdout.strip().splitlines() or ["no output"])[-1], sep="\n  ")
     print(f"gpu_check took {time.perf_counter() - started:.0f} s")
 
 
