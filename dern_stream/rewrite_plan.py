@@ -193,9 +193,10 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
               for layer in out_layers}
     check_plan_complete(specs, writes)
     fingerprint = ckpt.fingerprint()
+    threads = torch.get_num_threads()  # every worker computes with as many, and a resume must too
     run = run_key(
         options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
-        device_name=device_name(device), threads=torch.get_num_threads(), source_fingerprint=fingerprint,
+        device_name=device_name(device), threads=threads, source_fingerprint=fingerprint,
         source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
         calib_files=tree_stamp(calib) if dump is not None else None,
     )
@@ -209,7 +210,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
         out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
-        dump=dump, config=config, ranking_seconds=ranking, threads=torch.get_num_threads(), origin=origin,
+        dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
     )
 
 
