@@ -21,6 +21,7 @@ Everything runs through the same out-of-core pipeline a user runs (`dern_stream.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -37,7 +38,8 @@ import fixtures  # noqa: E402
 
 import dern_stream  # noqa: E402
 
-CALIB_TOKENS = 32768
+CALIB_TOKENS = 131072  # the calibration split's first tokens (--calib-tokens; 32768 until 2026-12-04)
+HELDOUT_INPUT_TOKENS = 32768  # held-out MoE inputs for the layer error
 EVAL_TOKENS = 65536
 SEQ_LEN = fixtures.SEQ_LEN
 
@@ -66,15 +68,22 @@ CONFIGS: dict[str, dict] = {
     # The recipe before --refit-steps and --groups auto joined it (2026-12-02, morning), and the step count halved.
     "best -steps": dict(recipe="best", refit_steps=0, groups="keep"),
     "best steps 200": dict(recipe="best", refit_steps=200),
+    # The recipe with the fit sample it had until 2026-12-04 (before it took --fit-tokens 131072).
+    "best fit 32768": dict(recipe="best", fit_tokens=32768),
     # Group-limited routing collapsed (DeepSeek-V3-style fixtures only; elsewhere the same as without it).
     "prune +collapse": dict(method="prune", groups="collapse"),
     "best +collapse": dict(recipe="best", groups="collapse"),
 }
 
 
-def token_rows(tokenizer, path: Path, count: int) -> torch.Tensor:
-    """The split's documents as [n, SEQ_LEN] rows (BOS/EOS around documents), up to `count` tokens."""
-    stream = fixtures.token_stream(tokenizer, fixtures.documents(path))
+def token_rows(tokenizer, path: Path, count: int, mixed: bool = False) -> torch.Tensor:
+    """The split's documents as [n, SEQ_LEN] rows (BOS/EOS around documents), up to `count` tokens. The split
+    holds its domains one after another, so its first tokens are English manual pages; `mixed` takes the
+    documents in the order of their SHA-256 instead, every domain spread over the rows."""
+    docs = fixtures.documents(path)
+    if mixed:
+        docs = sorted(docs, key=lambda d: hashlib.sha256(d.encode()).digest())
+    stream = fixtures.token_stream(tokenizer, docs)
     rows = min(count, stream.numel()) // SEQ_LEN
     return stream[:rows * SEQ_LEN].view(rows, SEQ_LEN)
 
@@ -86,19 +95,28 @@ def cached_dump(model: Path, path: Path, tokens: torch.Tensor) -> Path:
     return path
 
 
-def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, dict], work: Path) -> dict:
+def calib_dump_path(root: Path, name: str, tokens: int, mixed: bool = False) -> Path:
+    if mixed:
+        return root / name / f"calib-mixed-{tokens}.zarr"
+    return root / name / ("calib.zarr" if tokens == 32768 else f"calib-{tokens}.zarr")
+
+
+def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, dict], work: Path,
+                calib_tokens: int = CALIB_TOKENS, mixed: bool = False) -> dict:
     model = fixtures.build_all(root, [name])[name]
     tokenizer = fixtures.build_tokenizer(root, root / "corpus")
-    calib = cached_dump(model, root / name / "calib.zarr", token_rows(tokenizer, root / "corpus/calib.txt",
-                                                                       CALIB_TOKENS))
-    heldout_tokens = token_rows(tokenizer, root / "corpus/heldout.txt", EVAL_TOKENS)
-    heldout_inputs = cached_dump(model, root / name / "heldout.zarr", heldout_tokens[:CALIB_TOKENS // SEQ_LEN])
+    calib = cached_dump(model, calib_dump_path(root, name, calib_tokens, mixed),
+                        token_rows(tokenizer, root / "corpus/calib.txt", calib_tokens, mixed))
+    heldout_tokens = token_rows(tokenizer, root / "corpus/heldout.txt", EVAL_TOKENS, mixed)
+    heldout_inputs = cached_dump(model, root / name / ("heldout-mixed.zarr" if mixed else "heldout.zarr"),
+                                 heldout_tokens[:HELDOUT_INPUT_TOKENS // SEQ_LEN])
     config = json.loads((model / "config.json").read_text())
     experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
     base = dern_stream.evaluate(model, tokens=heldout_tokens, progress=False)
     print(f"\n{name}: {experts} experts, original held-out perplexity {base.perplexity:.3f} "
           f"({base.tokens} tokens)", flush=True)
-    out = {"experts": experts, "perplexity": base.perplexity, "tokens": base.tokens, "runs": []}
+    out = {"experts": experts, "perplexity": base.perplexity, "tokens": base.tokens, "calib_tokens": calib_tokens,
+           "mixed_domains": mixed, "runs": []}
     for ratio in ratios:
         keep = max(1, round(experts * ratio))
         for label, kwargs in configs.items():
@@ -153,6 +171,11 @@ def main() -> None:
     parser.add_argument("--fixtures", nargs="*", default=list(fixtures.RECIPES), choices=list(fixtures.RECIPES))
     parser.add_argument("--ratios", nargs="*", type=float, default=[0.75, 0.5, 0.25])
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS,
+                        help="Calibration tokens dumped from the calib split (at most what it holds).")
+    parser.add_argument("--mixed-domains", action="store_true",
+                        help="Take the calib and held-out splits' documents in hash order, every domain spread "
+                             "over the tokens (by default the first tokens are the first domains: token_rows).")
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "quality.json")
     parser.add_argument("--report", nargs="*", type=Path,
                         help="Print the table from JSON files of earlier runs (one per fixture is fine), run nothing.")
@@ -166,7 +189,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dern-quality-") as work:
         for name in args.fixtures:
             results[name] = run_fixture(name, args.root, args.ratios, {c: CONFIGS[c] for c in args.configs},
-                                        Path(work))
+                                        Path(work), args.calib_tokens, args.mixed_domains)
     print("\n" + table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"results": results, "seconds": round(time.perf_counter() - started, 1),

@@ -48,12 +48,15 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--configs", nargs="*", default=["dern (paper)", "best (recipe)"],
                         choices=list(quality.CONFIGS))
+    parser.add_argument("--calib-tokens", type=int, default=quality.CALIB_TOKENS,
+                        help="Which calibration dump of quality.py to use (its --calib-tokens).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = fixtures.build_all(args.root, [args.fixture])[args.fixture]
-    calib = args.root / args.fixture / "calib.zarr"
+    calib = quality.calib_dump_path(args.root, args.fixture, args.calib_tokens)
     if not calib.exists():
-        raise SystemExit(f"{calib} is missing: run benchmarks/quality.py --fixtures {args.fixture} first")
+        raise SystemExit(f"{calib} is missing: run benchmarks/quality.py --fixtures {args.fixture} "
+                         f"--calib-tokens {args.calib_tokens} first")
     config = json.loads((model / "config.json").read_text())
     experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
     keep = max(1, round(experts * args.ratio))

@@ -18,7 +18,7 @@ from .calib import CalibWriter, tensor_sha256
 from .calib.dump_files import FORMAT, not_a_dump
 from .calib.text import check_vocabulary, file_sha256, note_long_sequences, tokens_from
 from .checkpoint import Checkpoint, resolve_checkpoint
-from .device import resolve_device
+from .device import device_name, resolve_device
 from .dump_workers import dump_in_workers, split_sequences
 from .errors import DernError, NonFinite, arg, describe
 from .families import family_for, require_forward
@@ -99,7 +99,9 @@ def dump(
     if model.moe_layers() != moe_layers:
         raise DernError(f"the checkpoint's routers (layers {moe_layers}) and the model transformers builds from "
                         f"config.json (MoE layers {model.moe_layers()}) disagree")
-    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens)
+    # What computes the forward: a dump resumed on another device or in another dtype would mix two models' rows.
+    forward = f"{device_name(compute)}, {str(model.dtype).removeprefix('torch.')}"
+    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens, forward)
     writer, ids, resumed, lock = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
     last = moe_layers[-1]
     if workers > 1 and resumed is None:
@@ -186,6 +188,7 @@ class _Request:
     seq_len: int
     store_dtype: str
     chunk_tokens: int
+    forward: str  # the device and dtype of the forward
 
     def provenance(self, ckpt: Checkpoint) -> dict:
         """What must match for an interrupted dump to be continued (and what the dump records)."""
@@ -201,7 +204,8 @@ class _Request:
         return {
             "checkpoint_fingerprint": ckpt.fingerprint(), "source": source, "source_sha256": sha,
             "tokenizer": None if self.tokens is not None else str(self.tokenizer or ckpt.root),
-            "num_tokens": num_tokens, "seq_len": seq_len, "dtype": self.store_dtype, "dern_stream": __version__,
+            "num_tokens": num_tokens, "seq_len": seq_len, "dtype": self.store_dtype, "forward": self.forward,
+            "dern_stream": __version__,
         }
 
 
@@ -267,6 +271,11 @@ def _request_tokens(ckpt: Checkpoint, request: _Request) -> torch.Tensor:
     return ids
 
 
+# provenance keys that must match for a dump to be continued
+_RESUME_KEYS = ("checkpoint_fingerprint", "source", "source_sha256", "tokenizer", "num_tokens", "seq_len", "dtype",
+                "forward")
+
+
 def _resumable(path: Path, provenance: dict) -> CalibWriter:
     import zarr
 
@@ -279,9 +288,10 @@ def _resumable(path: Path, provenance: dict) -> CalibWriter:
     if attrs.get("complete"):
         raise DernError(f"dump {path} already exists and is complete; pass {arg('overwrite', True)} to make it again")
     before = attrs.get("provenance") or {}
-    changed = [k for k in ("checkpoint_fingerprint", "source", "source_sha256", "tokenizer", "num_tokens",
-                           "seq_len", "dtype") if before.get(k) != provenance.get(k)]
+    changed = [k for k in _RESUME_KEYS if before.get(k) != provenance.get(k)]
     if changed:
-        raise DernError(f"{path} holds an interrupted dump made with a different {', '.join(changed)}; "
+        detail = f" ({before.get('forward')} -> {provenance['forward']})" if "forward" in changed else ""
+        changed = [k if k != "forward" else "forward device or dtype" for k in changed]
+        raise DernError(f"{path} holds an interrupted dump made with a different {', '.join(changed)}{detail}; "
                         f"rerun that command to resume it, or pass {arg('overwrite', True)} to start again")
     return CalibWriter.reopen(path)

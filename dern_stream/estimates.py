@@ -75,6 +75,10 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     if options.uses_layer_outputs and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
+        # One kept expert's rows at a time in the forwards and the down refit (methods/refit.py): their gate and up
+        # activations and features (width each) and four row-sized copies; up to twice the mean load per expert.
+        rows = min(tokens, options.fit_tokens)
+        fit += min(rows, 2 * rows * top_k // max(1, k)) * (3 * width + 4 * d) * 4
     if options.refit_steps and tokens:
         # Per kept weight, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
         # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.

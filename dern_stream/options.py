@@ -18,7 +18,7 @@ GROUP_CHOICES = ("keep", "auto", "collapse")
 RECIPES: dict[str, dict] = {
     "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
     "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True,
-                 refit_router=True, holdout=0.2, refit_steps=400, groups="auto"),
+                 refit_router=True, holdout=0.2, refit_steps=400, groups="auto", fit_tokens=131072),
 }
 _SIZE_UNITS = {
     "": 1, "B": 1,

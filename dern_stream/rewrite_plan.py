@@ -285,4 +285,9 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
             notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")
         else:
             raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
+    rows = min((dump.layer(i).shape[0] for i in layer_indices if i in available), default=0)
+    if options.refit_steps and 0 < rows < options.fit_tokens:
+        # The steps learn a small sample's tokens (README, "Quality v3"): worth saying before a long run.
+        notes.append(f"the dump holds {rows} inputs per layer, fewer than --fit-tokens {options.fit_tokens}: the "
+                     f"gradient refit generalises better from a dump of {options.fit_tokens} tokens or more")
     return dump

@@ -243,6 +243,32 @@ def test_own_init_survives_near_duplicate_experts_where_gate_linf_init_collapses
     assert errors["gate-linf"] > 0.05
 
 
+def test_recipe_fits_on_up_to_131072_cached_inputs(build, tmp_path):
+    """The recipe's fit sample is four times the paper's default (README, "Quality v3"): a dump of more than 32768
+    tokens is used whole, where --fit-tokens given beside the recipe takes that many of its rows."""
+    from dern_stream.tiny_models import calibration_tokens
+
+    built = build("mixtral")
+    ids = calibration_tokens(built.config["vocab_size"], sequences=260, length=128)
+    calib = tmp_path / "calib.zarr"
+    dern_stream.dump(built.model_dir, calib, tokens=ids, seq_len=128, progress=False)
+    for given, expected in [({}, ids.numel()), ({"fit_tokens": ids.numel() // 2}, ids.numel() // 2)]:
+        out = tmp_path / f"out-{expected}"
+        dern_stream.rewrite(built.model_dir, out, experts=4, calib=calib, recipe="best", refit=False,
+                            refit_router=False, refit_steps=0, alpha_candidates=(1.0,), progress=False, **given)
+        record = json.loads((out / "dern_stream.json").read_text())
+        assert record["options"]["fit_tokens"] == given.get("fit_tokens", 131072)
+        for layer in record["layers"].values():
+            fit = layer["output_error"]
+            assert fit["fit_tokens"] + fit["held_out_tokens"] == expected
+    # With its gradient steps, a dump smaller than the recipe's sample is worth a note before the run.
+    small = dern_stream.plan(built.model_dir, experts=4, calib=calib, recipe="best", progress=False)
+    assert any(f"holds {ids.numel()} inputs per layer, fewer than --fit-tokens 131072" in n for n in small.notes)
+    enough = dern_stream.plan(built.model_dir, experts=4, calib=calib, recipe="best", fit_tokens=ids.numel(),
+                              progress=False)
+    assert not any("fewer than" in n for n in enough.notes)
+
+
 def test_recipe_values_can_be_overridden_and_bad_combinations_are_refused(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"

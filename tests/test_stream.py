@@ -152,6 +152,9 @@ def test_resume_with_other_options_is_refused(build, tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(dern_stream.DernError, match="made with a different num_tokens, seq_len"):
         dern_stream.dump(built.model_dir, out, text=text, num_tokens=1024, seq_len=32, progress=False)
+    with pytest.raises(dern_stream.DernError, match=r"a different forward device or dtype \(.*, float32 -> .*, "
+                                                    r"bfloat16\)"):
+        dern_stream.dump(built.model_dir, out, text=text, num_tokens=512, seq_len=64, dtype="bfloat16", progress=False)
     dern_stream.dump(built.model_dir, out, text=text, num_tokens=1024, seq_len=32, overwrite=True, progress=False)
     with pytest.raises(dern_stream.DernError, match="already exists and is complete"):
         dern_stream.dump(built.model_dir, out, text=text, num_tokens=1024, seq_len=32, progress=False)

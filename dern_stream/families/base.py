@@ -284,7 +284,8 @@ class Family:
         plan = self.group_plan(config, experts, groups)
         if plan is not None and not plan.balanced:
             out["n_group"], out["topk_group"] = 1, 1
-            why = (f"{arg('groups', groups)}" if self.group_plan(config, experts).balanced else
+            # (plain text: notes are logged and written to the audit and the card, never rendered as errors are)
+            why = (f"--groups {groups}" if self.group_plan(config, experts).balanced else
                    f"n_group={config['n_group']} does not leave at least 2 kept experts per group at K={experts}")
             notes.append(f"group-limited routing collapsed to one group ({why})")
         return out, notes
