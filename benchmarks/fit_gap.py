@@ -49,9 +49,7 @@ def main() -> None:
     dumped = calib_all[:quality.CALIB_TOKENS // quality.SEQ_LEN]
     sets = {"fit": None, "unseen": calib_all[-rows:],
             "held-out": quality.token_rows(tokenizer, args.root / "corpus/heldout.txt", SAMPLE, mixed=True)}
-    config = json.loads((model / "config.json").read_text())
-    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
-    keep = max(1, round(experts * args.ratio))
+    keep = max(1, round(quality.expert_count(model) * args.ratio))
     results = []
     with tempfile.TemporaryDirectory(prefix="dern-gap-") as work:
         for label in args.configs:
@@ -67,7 +65,8 @@ def main() -> None:
                 tokens = ids[:rows] if tokens is None else tokens
                 report = dern_stream.evaluate(out, tokens=tokens, reference=model, progress=False)
                 row[name] = report.kl_mean
-            row["held-out ppl ratio"] = report.perplexity / report.reference_perplexity
+                if name == "held-out":
+                    row["held-out ppl ratio"] = report.perplexity / report.reference_perplexity
             results.append(row)
             print(f"{label:<20} fit on {ids.numel():>6} tokens: KL on fit tokens {row['fit']:.4f}, unseen calibration "
                   f"tokens {row['unseen']:.4f}, held-out {row['held-out']:.4f} (perplexity x"

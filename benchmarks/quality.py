@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fixtures  # noqa: E402
 
 import dern_stream  # noqa: E402
+from dern_stream.families import family_for  # noqa: E402
 
 CALIB_TOKENS = 131072  # the calibration split's first tokens (--calib-tokens; 32768 until 2026-12-04)
 HELDOUT_INPUT_TOKENS = 32768  # held-out MoE inputs for the layer error
@@ -95,6 +96,12 @@ def cached_dump(model: Path, path: Path, tokens: torch.Tensor) -> Path:
     return path
 
 
+def expert_count(model: Path) -> int:
+    """Routed experts per MoE layer of a fixture, as its family reads config.json."""
+    config = json.loads((model / "config.json").read_text())
+    return family_for(config).num_experts(config)
+
+
 def calib_dump_path(root: Path, name: str, tokens: int, mixed: bool = False) -> Path:
     if mixed:
         return root / name / f"calib-mixed-{tokens}.zarr"
@@ -110,8 +117,7 @@ def run_fixture(name: str, root: Path, ratios: list[float], configs: dict[str, d
     heldout_tokens = token_rows(tokenizer, root / "corpus/heldout.txt", EVAL_TOKENS, mixed)
     heldout_inputs = cached_dump(model, root / name / ("heldout-mixed.zarr" if mixed else "heldout.zarr"),
                                  heldout_tokens[:HELDOUT_INPUT_TOKENS // SEQ_LEN])
-    config = json.loads((model / "config.json").read_text())
-    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
+    experts = expert_count(model)
     base = dern_stream.evaluate(model, tokens=heldout_tokens, progress=False)
     print(f"\n{name}: {experts} experts, original held-out perplexity {base.perplexity:.3f} "
           f"({base.tokens} tokens)", flush=True)

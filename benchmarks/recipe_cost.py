@@ -57,9 +57,7 @@ def main() -> None:
     if not calib.exists():
         raise SystemExit(f"{calib} is missing: run benchmarks/quality.py --fixtures {args.fixture} "
                          f"--calib-tokens {args.calib_tokens} first")
-    config = json.loads((model / "config.json").read_text())
-    experts = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if k in config)
-    keep = max(1, round(experts * args.ratio))
+    keep = max(1, round(quality.expert_count(model) * args.ratio))
     rows = []
     with tempfile.TemporaryDirectory(prefix="dern-cost-") as work:
         for label in args.configs:

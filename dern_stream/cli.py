@@ -50,10 +50,10 @@ class _Group(click.Group):
 
 _RESUME = dict.fromkeys(("rewrite", "dump"), "; finished layers are kept: run the same command again to resume")
 # The device is part of what a resumed rewrite must match: on the CPU it starts over.
-_OUT_OF_MEMORY = {"rewrite": "finished layers are kept: free the GPU's memory and run the same command again to "
-                             "resume, or start over on the CPU with --device cpu --restart",
-                  "dump": "finished layers are kept: free the GPU's memory and run the same command again to "
-                          "resume, or pass --device cpu"}
+_OUT_OF_MEMORY = {command: "finished layers are kept: free the GPU's memory and run the same command again to resume, "
+                           f"or {on_cpu}"
+                  for command, on_cpu in (("rewrite", "start over on the CPU with --device cpu --restart"),
+                                          ("dump", "pass --device cpu"))}
 
 
 def flag_names(command: click.Command | None) -> dict[str, str]:

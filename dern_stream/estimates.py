@@ -71,22 +71,22 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     results = expert_bytes(shape, k, width, result_bytes, ExpertStorage()) if reads_experts else 0
     # The reassignment's kept, pooled and cosine buffers, and the temporaries of the products over them.
     blocks = 4 * options.similarity_block_bytes if reads_experts else 0
+    rows = min(tokens, options.fit_tokens)  # the fit sample
     fit = 0
     if options.uses_layer_outputs and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
-        fit = 4 * min(tokens, options.fit_tokens) * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
+        fit = 4 * rows * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
         # One kept expert's rows at a time in the forwards and the down refit (methods/refit.py): their gate and up
         # activations and features (width each) and four row-sized copies; up to twice the mean load per expert.
-        rows = min(tokens, options.fit_tokens)
         fit += min(rows, 2 * rows * top_k // max(1, k)) * (3 * width + 4 * d) * 4
     if options.refit_steps and tokens:
         # Per kept weight, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
         # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.
         params = 3 * options.experts * width * d
-        fit += 22 * params + 8 * BATCH_ROWS * top_k * width * 4 + 2 * min(tokens, options.fit_tokens) * d * 4
+        fit += 22 * params + 8 * BATCH_ROWS * top_k * width * 4 + 2 * rows * d * 4
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
-        work += held + min(tokens, options.fit_tokens) * d * 4
+        work += held + rows * d * 4
     host = BASELINE_BYTES + WRITER_BUFFER_BYTES
     if on_device:
         return Estimates(host + CUDA_CONTEXT_BYTES + results, work + DEVICE_THREADS * CUBLAS_WORKSPACE_BYTES,
