@@ -71,6 +71,16 @@ CONFIGS: dict[str, dict] = {
     "best steps 200": dict(recipe="best", refit_steps=200),
     # The recipe with the fit sample it had until 2026-12-04 (before it took --fit-tokens 131072).
     "best fit 32768": dict(recipe="best", fit_tokens=32768),
+    # A larger fit sample (with --calib-tokens 262144) and more steps: what closes the gap on unseen text.
+    "best fit 262144": dict(recipe="best", fit_tokens=262144),
+    "best steps 800": dict(recipe="best", refit_steps=800),
+    # The gradient refit moving two kept experts at a time (--refit-group: less memory on large models).
+    "best group 2": dict(recipe="best", refit_group=2),
+    # Leave-one-out on the recipe as it ships (2026-12-04): which option gives what.
+    "recipe -steps": dict(recipe="best", refit_steps=0),
+    "recipe -refit": dict(recipe="best", refit=False),
+    "recipe -holdout": dict(recipe="best", holdout=0.0),
+    "recipe -groups": dict(recipe="best", groups="keep"),
     # Group-limited routing collapsed (DeepSeek-V3-style fixtures only; elsewhere the same as without it).
     "prune +collapse": dict(method="prune", groups="collapse"),
     "best +collapse": dict(recipe="best", groups="collapse"),

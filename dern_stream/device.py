@@ -46,6 +46,17 @@ def device_name(device: torch.device | None) -> str | None:
     return platform.machine()
 
 
+def memory_size(device: torch.device) -> int | None:
+    """Bytes of memory the computation on `device` can use at most: the GPU's, or the machine's RAM (None where
+    the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
+
+
 @contextmanager
 def deterministic_kernels(device: torch.device | str) -> Iterator[None]:
     """On CUDA, torch's deterministic kernels while the block runs, so that two runs (a resumed one, another

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .layout import ModelShape
 from .methods.gradient_refit import BATCH_ROWS, CHECK_EVERY
+from .methods.moe_forward import row_block
 from .options import RewriteOptions
 from .storage import ExpertStorage
 from .storage.fp8_blocks import scale_shape
@@ -76,14 +77,21 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     if options.uses_layer_outputs and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * rows * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
-        # One kept expert's rows at a time in the forwards and the down refit (methods/refit.py): their gate and up
-        # activations and features (width each) and four row-sized copies; up to twice the mean load per expert.
-        fit += min(rows, 2 * rows * top_k // max(1, k)) * (3 * width + 4 * d) * 4
+        # One block of one kept expert's rows at a time in the forwards and the down refit (methods/moe_forward.py):
+        # their gate and up activations and features (width each) and four row-sized copies; an expert takes up to
+        # twice the mean load.
+        fit += min(rows, 2 * rows * top_k // max(1, k), row_block(width, d)) * (3 * width + 4 * d) * 4
+    if options.refit and tokens:
+        # The down refit's normal equations of one expert: the Gram matrix in float32 and float64 and the solver's
+        # copy (width x width), the right-hand side, the solution and a temporary (width x d, float64).
+        fit += 20 * width * width + 24 * width * d
     if options.refit_steps and tokens:
-        # Per kept weight, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
+        # Per weight moved, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
         # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.
-        params = 3 * options.experts * width * d
-        fit += 22 * params + 8 * BATCH_ROWS * top_k * width * 4 + 2 * rows * d * 4
+        group = min(options.refit_group or k, k)
+        fit += 22 * 3 * group * width * d + 8 * BATCH_ROWS * top_k * width * 4 + 2 * rows * d * 4
+        if group < k:  # the float32 result, the layer's output, and a group's rows and target
+            fit += 4 * 3 * k * width * d + 3 * rows * d * 4
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
         work += held + rows * d * 4

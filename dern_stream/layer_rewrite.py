@@ -242,20 +242,23 @@ def compress_layer(
             del fitted
             steps = options.refit_steps
             if data.held and steps:
-                steps = _held_out_steps(data, fit, steps, new_router, kept_bias, routing.after, new_stack)
+                steps = _held_out_steps(data, fit, steps, new_router, kept_bias, routing.after, new_stack,
+                                        options.refit_group)
             if data.held:  # chosen on the held-out rows: the chosen variant is fitted again on all of them
                 fit["error_on"] = "held-out rows"
                 new_router, new_stack = chosen.fit((data.x, data.target), router, best, kept_bias, stack, shape,
                                                    options, routing)
-            if steps:
-                tuned, _ = refit_gradient(data.x, data.target, new_router, kept_bias, routing.after, new_stack, steps)
+            if any(_as_list(steps)):
+                tuned, _ = refit_gradient(data.x, data.target, new_router, kept_bias, routing.after, new_stack, steps,
+                                          group=options.refit_group)
                 if data.held:
                     new_stack = tuned
                 else:  # judged on the rows it was fitted on, as the other refits are without a holdout
                     error = relative_error(routed_output(data.x, new_router, kept_bias, routing.after, tuned),
                                            data.target)
                     lowered = error < fit["error"]  # (minibatch steps may not lower the error on all the rows)
-                    fit["error_after_gradient"], fit["gradient_steps"] = error, steps if lowered else 0
+                    fit["error_after_gradient"] = error
+                    _record_steps(fit, steps if lowered else 0)
                     if lowered:
                         new_stack, fit["error"] = tuned, error
                 del tuned
@@ -269,15 +272,27 @@ def compress_layer(
     return LayerReport(index, scores, selection.source, selection.tokens, best, fit)
 
 
-def _held_out_steps(data: FitRows, fit: dict, steps: int, router, bias, gating: Gating, stack: ExpertStack) -> int:
-    """The number of gradient steps (at most `steps`) after which the chosen setting, fitted on the fitting rows,
-    is best on the held-out rows; recorded in `fit`."""
-    judge = held_out_judge(*data.judging(), router, bias, gating)
-    tuned, steps = refit_gradient(*data.fitting(), router, bias, gating, stack, steps, judge)
-    fit["gradient_steps"] = steps
-    if steps:
-        fit["error"] = fit["error_after_gradient"] = judge(tuned)
-    return steps
+def _held_out_steps(data: FitRows, fit: dict, steps: int, router, bias, gating: Gating, stack: ExpertStack,
+                    group: int | None) -> list[int]:
+    """The number of gradient steps (at most `steps`) of each group of experts (one group without `group`) after
+    which the chosen setting, fitted on the fitting rows, is best on the held-out rows; recorded in `fit`."""
+    tuned, taken = refit_gradient(*data.fitting(), router, bias, gating, stack, steps, data.judging(), group)
+    _record_steps(fit, taken)
+    if any(taken):
+        fit["error"] = fit["error_after_gradient"] = held_out_judge(*data.judging(), router, bias, gating)(tuned)
+    return taken
+
+
+def _as_list(steps: int | list[int]) -> list[int]:
+    return [steps] if isinstance(steps, int) else steps
+
+
+def _record_steps(fit: dict, steps: int | list[int]) -> None:
+    """The audit's step count: the most any group of experts took, and each group's when there are several."""
+    steps = _as_list(steps)
+    fit["gradient_steps"] = max(steps)
+    if len(steps) > 1:
+        fit["gradient_steps_per_group"] = steps
 
 
 def _output_change(router, bias, routing, experts, new_router, new_bias, new_stack):

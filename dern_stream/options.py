@@ -189,6 +189,9 @@ class RewriteOptions:
     refit_steps: int = option(0, "After the other refits, move the kept experts' gate, up and down projections "
                                  "by up to this many Adam steps on the output error (with --holdout, the number of "
                                  "steps is chosen on the held-out rows).")
+    refit_group: int | None = option(None, "Experts --refit-steps moves at a time (default: all of a layer's kept "
+                                           "experts): smaller groups, each fitted in turn against the others' "
+                                           "output, hold less memory.", shown="all")
     holdout: float = option(0.0, "Share of the cached inputs held out from fitting; the per-layer choice among "
                                  "alphas and refit variants is made on it (0: on the fitting inputs).")
     sequential: bool = option(False, "Fit each layer on the compressed model's own inputs: the rewrite runs the "
@@ -229,6 +232,8 @@ class RewriteOptions:
         number("refit_ridge", self.refit_ridge, 0.0)
         whole("fit_tokens", self.fit_tokens)
         whole("refit_steps", self.refit_steps, minimum=0)
+        if self.refit_group is not None:
+            whole("refit_group", self.refit_group)
         if self.output_dtype is not None:
             choice("output_dtype", self.output_dtype, OUTPUT_DTYPES)
         object.__setattr__(self, "holdout", number("holdout", self.holdout, 0.0, 0.5))
@@ -251,6 +256,8 @@ class RewriteOptions:
             raise DernError(f"{arg(name, getattr(self, name))} changes nothing without an option fitted on the "
                             f"cached inputs: add {arg('refit', True)}, {arg('refit_router', True)} or "
                             f"{arg('alpha_candidates')}, or use a baseline")
+        if self.refit_group is not None and not self.refit_steps:
+            raise DernError(f"{arg('refit_group', self.refit_group)} changes nothing without {arg('refit_steps')}")
         object.__setattr__(self, "sim_components", parse_components(self.sim_components))
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
 

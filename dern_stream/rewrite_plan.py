@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from .calib import CalibDump
 from .checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
 from .checkpoint.safetensors_format import dtype_size
 from .checkpoint.writer import ShardLayout, layout_shards
-from .device import device_name, resolve_device
+from .device import device_name, memory_size, resolve_device
 from .errors import DernError, arg
 from .estimates import Estimates, estimate
 from .families import Family, GroupPlan, family_for
@@ -202,8 +203,13 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     )
     tokens = max((s.tokens for s in selection.values()), default=0)
     stored = dtype_size(layers[0].dtype) if not storage.mxfp4 else 0.5
-    costs = estimate(shape, options, storage, stored, tokens, family.top_k(config), reads_experts,
-                     device.type != "cpu")
+    def costs_of(o: RewriteOptions) -> Estimates:
+        return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu")
+
+    costs = costs_of(options)
+    note = _memory_note(costs, options, device, tokens, costs_of)
+    if note is not None:
+        notes.append(note)
     return RewritePlan(
         source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
         layers=layers, out_layers=out_layers, selection=selection, specs=specs,
@@ -212,6 +218,37 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
         dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
     )
+
+
+def _peak(costs: Estimates) -> int:
+    return costs.device_peak if costs.device_peak is not None else costs.host_peak
+
+
+def _memory_note(costs: Estimates, options: RewriteOptions, device: torch.device, tokens: int,
+                 costs_of: Callable[[RewriteOptions], Estimates]) -> str | None:
+    """Said before a run whose estimated peak exceeds the memory it computes in, with what lowers the peak."""
+    peak = _peak(costs)
+    total = memory_size(device)
+    if total is None or peak <= total:
+        return None
+    where = str(device) if costs.device_peak is not None else "host memory"
+    lower = []
+    if options.refit_steps and tokens:
+        # The gradient refit's Adam state is the largest part on large models: the largest group of experts that fits.
+        group = (options.refit_group or options.experts) // 2
+        while group >= 1 and _peak(costs_of(replace(options, refit_group=group))) > total:
+            group //= 2
+        if group >= 1:
+            lower.append(f"--refit-group {group} (the gradient refit holds about 22 bytes per weight of the experts "
+                         "it moves together)")
+        lower.append("--refit-steps 0")
+    if options.uses_layer_outputs and tokens:
+        lower.append(f"a smaller --fit-tokens (now {min(tokens, options.fit_tokens)} rows per layer)")
+    if costs.device_peak is not None:
+        lower.append("--device cpu")
+    advice = f"; lower it with {', or '.join(lower)}" if lower else ""
+    return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
+            f"stop out of memory{advice} (README, \"Memory\")")
 
 
 def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStorage, family: Family,

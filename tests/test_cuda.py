@@ -41,13 +41,15 @@ def test_dern_on_cuda_matches_the_cpu(family, build, tmp_path):
     assert torch.linalg.vector_norm(gpu - cpu) / torch.linalg.vector_norm(cpu) < 2e-2
 
 
-def test_the_recipe_with_gradient_steps_on_cuda_fits_as_well_as_on_the_cpu(build, tmp_path):
-    """The minibatches are drawn by each device's own generator, so the weights differ; the fit must not."""
+@pytest.mark.parametrize("group", [None, 2])
+def test_the_recipe_with_gradient_steps_on_cuda_fits_as_well_as_on_the_cpu(group, build, tmp_path):
+    """The minibatches are drawn by each device's own generator, so the weights differ; the fit must not. With
+    `refit_group`, the experts move two at a time."""
     built = build("qwen2_moe")
     errors = {}
     for device in ("cpu", "cuda"):
         dern_stream.rewrite(built.model_dir, tmp_path / device, experts=4, calib=built.calib, recipe="best",
-                            refit_steps=50, device=device, progress=False)
+                            refit_steps=50, refit_group=group, device=device, progress=False)
         record = json.loads((tmp_path / device / "dern_stream.json").read_text())
         errors[device] = [layer["output_error"]["error"] for layer in record["layers"].values()]
         AutoModelForCausalLM.from_pretrained(tmp_path / device)
@@ -55,7 +57,9 @@ def test_the_recipe_with_gradient_steps_on_cuda_fits_as_well_as_on_the_cpu(build
         assert gpu == pytest.approx(cpu, rel=0.1)
 
 
-@pytest.mark.parametrize("options", [{}, {"recipe": "best", "refit_steps": 50}], ids=["dern", "recipe"])
+@pytest.mark.parametrize("options", [{}, {"recipe": "best", "refit_steps": 50},
+                                     {"recipe": "best", "refit_steps": 50, "refit_group": 2}],
+                         ids=["dern", "recipe", "recipe-groups"])
 def test_two_rewrites_on_cuda_write_the_same_bytes(options, build, tmp_path):
     """What resuming on CUDA rests on: deterministic kernels (device.deterministic_kernels), the gradient steps'
     backward included."""

@@ -16,7 +16,7 @@ import dern_stream
 from dern_stream.calib import CalibDump, dump_from_model
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.errors import DernError
-from dern_stream.families import family_for
+from dern_stream.families import PARTS, family_for
 from dern_stream.layer_rewrite import kept_stack, layer_routing, read_experts
 from dern_stream.layout import ModelShape, check_moe_layers
 from dern_stream.methods.baselines import prune_layer
@@ -63,7 +63,7 @@ def test_gradient_steps_beat_the_least_squares_refit_on_unseen_rows(family_name,
     fitting, held, router, bias, gating, stack = _pruned_layer(built, calib, 1, [0, 2, 5, 7])
     judge = held_out_judge(*held, router, bias, gating)
     start = judge(stack)
-    tuned, steps = refit_gradient(*fitting, router, bias, gating, stack, 150, judge)
+    tuned, [steps] = refit_gradient(*fitting, router, bias, gating, stack, 150, held)
     assert steps % CHECK_EVERY == 0 and 0 < steps <= 150
     assert judge(tuned) < 0.98 * start
     # gate and up moved too (the least-squares refit moves only down)
@@ -75,7 +75,7 @@ def test_the_step_count_chosen_is_the_best_checkpoint_and_a_rerun_is_identical(b
     built = build("qwen2_moe")
     fitting, held, router, bias, gating, stack = _pruned_layer(built, built.calib, 1, [1, 3, 4, 6])
     judge = held_out_judge(*held, router, bias, gating)
-    chosen, steps = refit_gradient(*fitting, router, bias, gating, stack, 100, judge)
+    chosen, [steps] = refit_gradient(*fitting, router, bias, gating, stack, 100, held)
     # Each checkpoint the choice looked at, run again without a judge: the chosen one is the lowest.
     errors = {n: judge(refit_gradient(*fitting, router, bias, gating, stack, n)[0])
               for n in range(0, 101, CHECK_EVERY)}
@@ -87,14 +87,37 @@ def test_the_step_count_chosen_is_the_best_checkpoint_and_a_rerun_is_identical(b
 
 
 @pytest.mark.parametrize("family_name", ["mixtral", "deepseek_v3"])
-def test_the_written_checkpoint_computes_the_recorded_error(family_name, build, tmp_path):
+def test_experts_moved_a_group_at_a_time_also_beat_the_least_squares_refit_on_unseen_rows(family_name, build,
+                                                                                          tmp_path):
+    """`group`: each group of kept experts fitted in turn against the others' output, its step count chosen on the
+    held-out rows; rerun with those counts and no held-out rows, the same weights (what the rewrite does)."""
+    built = build(family_name)
+    calib = _larger_dump(built, tmp_path / "calib.zarr")
+    fitting, held, router, bias, gating, stack = _pruned_layer(built, calib, 1, [0, 2, 5, 7])
+    judge = held_out_judge(*held, router, bias, gating)
+    joint, _ = refit_gradient(*fitting, router, bias, gating, stack, 150, held)
+    tuned, steps = refit_gradient(*fitting, router, bias, gating, stack, 150, held, group=3)
+    assert len(steps) == 2 and all(n % CHECK_EVERY == 0 for n in steps) and any(steps)
+    assert judge(tuned) < 0.98 * judge(stack)
+    assert judge(tuned) < 1.1 * judge(joint)  # close to moving all four together
+    for part in PARTS:  # every group's experts moved
+        moved = (getattr(tuned, part) != stack.weight(part, slice(None)).float()).flatten(1).any(dim=1)
+        assert moved.tolist() == [bool(steps[0])] * 3 + [bool(steps[1])]
+    again, taken = refit_gradient(*fitting, router, bias, gating, stack, steps, group=3)
+    assert taken == steps
+    for part in PARTS:
+        assert torch.equal(getattr(again, part), getattr(tuned, part))
+
+
+@pytest.mark.parametrize(("family_name", "group"), [("mixtral", None), ("deepseek_v3", None), ("mixtral", 1)])
+def test_the_written_checkpoint_computes_the_recorded_error(family_name, group, build, tmp_path):
     """Without a held-out share, each layer's recorded error is its routed output's error on the dump rows after
     the gradient steps: recomputed here from the rewritten checkpoint loaded in transformers. Gate and up of the
     kept experts differ from the original's, so they were written."""
     built = build(family_name)
     out = tmp_path / "out"
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, refit=True, refit_steps=50,
-                        fit_tokens=10**6, progress=False)
+                        refit_group=group, fit_tokens=10**6, progress=False)
     layers = json.loads((out / "dern_stream.json").read_text())["layers"]
     rewritten = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(built.model_dir, dtype=torch.float32)
@@ -147,6 +170,7 @@ def test_device_memory_running_out_in_the_steps_is_one_line(build, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 90.00 GiB")
 
     monkeypatch.setattr(torch.optim, "Adam", no_memory)
-    with pytest.raises(DernError, match=r"refit_steps: .* do not fit in cpu memory; give refit_steps=0") as e:
+    with pytest.raises(DernError, match=r"refit_steps: .* of 4 experts do not fit in cpu memory; give a smaller "
+                                        r"refit_group, refit_steps=0 or device='cpu'") as e:
         refit_gradient(*fitting, router, bias, gating, stack, 10)
     assert "\n" not in str(e.value)

@@ -17,9 +17,12 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.families import family_for
-from dern_stream.layer_rewrite import layer_routing, read_experts
+from dern_stream.layer_rewrite import kept_stack, layer_routing, read_experts
 from dern_stream.layout import ModelShape, check_moe_layers
+from dern_stream.methods import moe_forward
+from dern_stream.methods.baselines import prune_layer
 from dern_stream.methods.moe_forward import EvenSample, expert_stats, routed_output
+from dern_stream.methods.refit import refit_down
 from dern_stream.stream.executor import moe_block_of
 
 
@@ -86,6 +89,49 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
             out = out[0] if isinstance(out, tuple) else out  # Llama-4 also returns its router logits
             reference = out.reshape(x.shape) - _shared_part(block, x)
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_an_experts_rows_computed_a_block_at_a_time_give_the_same_outputs_stats_and_refit(family, build,
+                                                                                         monkeypatch):
+    """The forwards, statistics and down refit hold one block of an expert's rows at a time, so their memory does
+    not grow with the fit sample; with blocks of a few rows the output still equals transformers' block, and the
+    statistics and refit equal those computed on all rows at once."""
+    built = build(family)
+    ckpt, fam, shape, layers = _setup(built)
+    out_config, _ = fam.output_config(ckpt.config, 4, None)
+    routing = layer_routing(fam, ckpt.config, out_config)
+    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    layer = layers[-1]
+    x = _layer_inputs(built, layer.index)
+    router = ckpt.load(fam.router_name(layer.index)).float()
+    bias = ckpt.load(fam.bias_name(layer.index)).reshape(-1).float() if layer.bias is not None else None
+    experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
+    keep = [0, 2, 5, 7]
+    kept = kept_stack(experts, prune_layer(router, keep, router.shape[0]))
+
+    def compute():
+        y = routed_output(x, router, bias, routing.before, experts)
+        stats = expert_stats(x, router, bias, routing.before, experts)
+        fitted = refit_down(x, y, router[keep], bias[keep] if bias is not None else None, routing.after, kept, 0.1)
+        return y, stats, fitted.down
+
+    whole = compute()
+    rows_per_block = 5
+    monkeypatch.setattr(moe_forward, "ACTIVATION_BLOCK_BYTES",
+                        rows_per_block * 4 * (3 * shape.intermediate + 4 * shape.hidden))
+    assert moe_forward.row_block(shape.intermediate, shape.hidden) == rows_per_block
+    blocked = compute()
+    block = moe_block_of(model.model.layers[layer.index])
+    with torch.no_grad():
+        out = block(x[None])
+        reference = (out[0] if isinstance(out, tuple) else out).reshape(x.shape) - _shared_part(block, x)
+    torch.testing.assert_close(blocked[0], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-6)
+    for name in ("frequency", "reap", "mean_output"):
+        torch.testing.assert_close(getattr(blocked[1], name), getattr(whole[1], name), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(blocked[2], whole[2], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(blocked[2], kept.down.float())  # the refit moved the weights
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])

@@ -26,6 +26,8 @@ REWRITE = {
     "kmeans-iters 0": (["--kmeans-iters", "0"], "--kmeans-iters must be an integer of at least 1, got 0"),
     "fit-tokens 0": (["--refit", "--fit-tokens", "0"], "--fit-tokens must be an integer of at least 1, got 0"),
     "intermediate-size 0": (["--intermediate-size", "0"], "--intermediate-size must be an integer of at least 1"),
+    "refit-group 0": (["--refit-steps", "5", "--refit-group", "0"], "--refit-group must be an integer of at least 1"),
+    "refit-group alone": (["--refit-group", "4"], "--refit-group 4 changes nothing without --refit-steps"),
     "max-shard-size 0": (["--max-shard-size", "0"], "size must be positive"),
     "max-shard-size NaN": (["--max-shard-size", "nanGB"], "cannot read size 'nanGB'"),
     "max-shard-size negative": (["--max-shard-size", "-5MB"], "cannot read size '-5MB'"),
@@ -74,7 +76,7 @@ _ANY = (st.none() | st.booleans() | st.integers(-3, 70) | st.floats(allow_nan=Tr
         | st.text(max_size=6) | st.lists(st.floats(allow_nan=True), max_size=3))
 _FIELDS = ("method", "alpha", "sim_components", "kmeans_iters", "intermediate_size", "importance", "router_transfer",
            "kmeans_init", "alpha_candidates", "refit", "refit_ridge", "fit_tokens", "device", "max_shard_size",
-           "refit_router", "holdout", "sequential", "sequential_target", "refit_steps", "groups")
+           "refit_router", "holdout", "sequential", "sequential_target", "refit_steps", "groups", "refit_group")
 
 
 @settings(max_examples=400, deadline=None)
@@ -99,4 +101,6 @@ def test_any_option_values_give_valid_options_or_one_line(experts, given_values,
     assert options.sequential_target in ("layer", "model")
     assert type(options.refit_steps) is int and options.refit_steps >= 0
     assert options.groups in ("keep", "auto", "collapse")
+    assert options.refit_group is None or (type(options.refit_group) is int and options.refit_group >= 1
+                                           and options.refit_steps > 0)
     assert options.uses_layer_outputs or not (options.sequential or options.holdout)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import assert_clean_failure
 
 import dern_stream
+from dern_stream import rewrite_plan
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
+from dern_stream.device import memory_size
 from dern_stream.errors import DernError
 from dern_stream.options import option_fields
 
@@ -140,3 +144,34 @@ def test_an_unknown_api_option_is_one_line(build, tmp_path):
     with pytest.raises(DernError, match="unknown rewrite option 'alhpa'"):
         dern_stream.rewrite(build("mixtral").model_dir, tmp_path / "out", experts=4, alhpa=0.5)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_whose_estimated_peak_exceeds_the_memory_here_says_so_and_what_lowers_it(tmp_path, monkeypatch):
+    """The machine's memory is the one thing set here (a test machine has plenty); the estimates are the plan's own.
+    The largest group of experts the gradient refit can move together within that memory is named."""
+    assert memory_size(torch.device("cpu")) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") > 2**30
+    src = write_synthetic(tmp_path / "ck", layers=2, hidden=512, intermediate=1024, experts=16, vocab=2048)
+    dump = write_synthetic_dump(src, tmp_path / "calib.zarr", tokens=1024)
+
+    def peak(**options) -> int:
+        return dern_stream.plan(src, experts=8, calib=dump, recipe="best", device="cpu", progress=False,
+                                **options).estimates.host_peak
+
+    whole, by_four, by_two = peak(), peak(refit_group=4), peak(refit_group=2)
+    assert whole > by_four > by_two  # the Adam state of fewer experts at a time
+    args = ["plan", str(src), "-k", "8", "--calib", str(dump), "--recipe", "best", "--device", "cpu", "-q"]
+    for total, shown in ((whole, None), (whole - 1, 4), (by_four, 4), (by_four - 1, 2)):
+        monkeypatch.setattr(rewrite_plan, "memory_size", lambda device, total=total: total)
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        if shown is None:
+            assert "may stop out of memory" not in result.output
+            continue
+        assert (f"note: the estimated peak of {whole / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of host memory: "
+                f"the run may stop out of memory; lower it with --refit-group {shown} (the gradient refit holds about "
+                f"22 bytes per weight of the experts it moves together), or --refit-steps 0, or a smaller "
+                f"--fit-tokens (now 1024 rows per layer)") in " ".join(result.output.split())
+    # Without the gradient refit, none of its advice.
+    monkeypatch.setattr(rewrite_plan, "memory_size", lambda device: 2**20)
+    result = CliRunner().invoke(main, [*args, "--refit-steps", "0"])
+    assert "may stop out of memory" in result.output and "refit" not in result.output.split("may stop")[1]

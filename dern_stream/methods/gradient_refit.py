@@ -9,11 +9,15 @@ Adam's step is per element and scale-free, so each tensor's learning rate is a f
 number of steps is the regulariser: chosen on held-out rows when the caller has them (an early stop), and
 the caller then runs that many steps on all rows. Minibatches are drawn by a seeded generator, so a rerun
 (a resume) gives the same weights.
+
+Adam holds about 22 bytes per weight it moves (README, "Memory"): 124 GB for half of DeepSeek-V3's experts in
+one layer. With `group`, the experts move a group at a time, each against what the others leave of the target,
+on the rows routed to it; the step count is then chosen per group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,21 +32,70 @@ CHECK_EVERY = 25  # steps between two looks at the held-out error
 
 
 def refit_gradient(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None,
-                   gating: Gating, experts: ExpertStack, steps: int,
-                   judge: Callable[[ExpertStack], float] | None = None) -> tuple[ExpertStack, int]:
-    """(new float32 stack, steps taken). Without `judge`, exactly `steps` steps. With `judge(stack)` (the
-    held-out error), the stack after the best of 0, CHECK_EVERY, 2*CHECK_EVERY, ... `steps` steps by it."""
+                   gating: Gating, experts: ExpertStack, steps: int | Sequence[int],
+                   held: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   group: int | None = None) -> tuple[ExpertStack, list[int]]:
+    """(new float32 stack, steps taken by each group of experts). The kept experts move `group` at a time (all
+    together by default); each group in turn against the others' output as it stands (block Gauss-Seidel, as the
+    down refit), so only one group's gradients and Adam moments exist at once. `steps`: a count for every group, or
+    one per group. Without `held`, exactly that many steps; with held-out rows `held` = (x, target), each group's
+    weights after the best of 0, CHECK_EVERY, 2*CHECK_EVERY, ... steps by the layer's error on those rows."""
     if experts.down_bias is not None:
         raise DernError(f"{arg('refit_steps')} does not model experts with biases (gpt-oss) yet")
+    k = experts.gate.shape[0]
+    size = min(group or k, k)
+    members = [range(s, min(s + size, k)) for s in range(0, k, size)]
+    counts = [steps] * len(members) if isinstance(steps, int) else list(steps)
     try:
-        return _adam(x, target, router_weight, bias, gating, experts, steps, judge)
+        if len(members) == 1:
+            judge = held_out_judge(*held, router_weight, bias, gating) if held is not None else None
+            stack, taken = _adam(x, target, router_weight, bias, gating, experts, counts[0], judge)
+            return stack, [taken]
+        return _by_groups(x, target, router_weight, bias, gating, experts, counts, held, members)
     except torch.OutOfMemoryError:
-        raise DernError(f"{arg('refit_steps')}: the kept experts' float32 weights, gradients and Adam moments "
-                        f"(four copies) do not fit in {x.device} memory; give {arg('refit_steps', 0)} or "
-                        f"{arg('device', 'cpu')}") from None
+        raise DernError(f"{arg('refit_steps')}: the float32 weights, gradients and Adam moments of "
+                        f"{size} experts do not fit in {x.device} memory; give a smaller {arg('refit_group')}, "
+                        f"{arg('refit_steps', 0)} or {arg('device', 'cpu')}") from None
 
 
-def _adam(x, target, router_weight, bias, gating, experts, steps, judge):
+def _by_groups(x, target, router_weight, bias, gating, experts, counts, held, members):
+    """Each group of experts fitted in turn on the rows routed to it, to what the layer's output still lacks
+    with the other experts as they stand (their output kept up to date as each group moves)."""
+    every = slice(None)
+    result = [experts.weight(p, every).to(torch.float32, copy=True) for p in PARTS]
+    sets = [(x, target)] + ([held] if held is not None else [])
+    # Per set of rows: the layer's output now, and each row's experts.
+    current = [routed_output(r, router_weight, bias, gating, ExpertStack(*result)) for r, _ in sets]
+    chosen = [gating.weights(r, router_weight, bias)[0] for r, _ in sets]
+    taken = []
+    for g, count in zip(members, counts, strict=True):
+        part = ExpertStack(*(t[g.start:g.stop] for t in result))
+        rows = [((i >= g.start) & (i < g.stop)).any(dim=1).nonzero().squeeze(1) for i in chosen]
+        if rows[0].numel() == 0:  # no fitting row reaches the group
+            taken.append(0)
+            continue
+        own = [routed_output(r[n], router_weight, bias, gating, part, g) for (r, _), n in zip(sets, rows, strict=True)]
+        # What the group should produce on its rows: the target less the other experts' output.
+        goals = [(y[n] - c[n] + o) for (_, y), c, n, o in zip(sets, current, rows, own, strict=True)]
+        judge = None
+        if held is not None:
+            judge = _group_judge(held[0][rows[1]], goals[1], router_weight, bias, gating, g)
+        fitted, steps = _adam(x[rows[0]], goals[0], router_weight, bias, gating, part, count, judge, g)
+        taken.append(steps)
+        for (r, _), c, n, o in zip(sets, current, rows, own, strict=True):
+            c[n] += routed_output(r[n], router_weight, bias, gating, fitted, g) - o
+        for t, new in zip(result, (fitted.gate, fitted.up, fitted.down), strict=True):
+            t[g.start:g.stop] = new
+        del own, goals, fitted, judge
+    return ExpertStack(*result), taken
+
+
+def _group_judge(x, goal, router_weight, bias, gating, members):
+    """A group's stack -> its error on the held-out rows it reaches (the layer's, up to a factor)."""
+    return lambda stack: relative_error(routed_output(x, router_weight, bias, gating, stack, members), goal)
+
+
+def _adam(x, target, router_weight, bias, gating, experts, steps, judge, members=None):
     every = slice(None)
     params = [experts.weight(p, every).to(torch.float32, copy=True).requires_grad_(True) for p in PARTS]
     groups = [{"params": [p], "lr": LEARNING_RATE * float(p.detach().square().mean().sqrt()) + 1e-12}
@@ -57,7 +110,7 @@ def _adam(x, target, router_weight, bias, gating, experts, steps, judge):
     for step in range(1, steps + 1):
         pick = torch.randint(rows, (min(BATCH_ROWS, rows),), generator=generator, device=x.device)
         with torch.enable_grad():
-            out = routed_output(x[pick], router_weight, bias, gating, _PerExpert(params))
+            out = routed_output(x[pick], router_weight, bias, gating, _PerExpert(params), members)
             loss = (out - target[pick]).square().sum(dim=-1).mean() / scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,6 +19,22 @@ from ..families.base import Router
 from .segments import ExpertStack
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+# One expert's rows are computed a block at a time, so the activations held do not grow with the fit sample: a
+# Mixtral-8x7B expert's busiest share of 131072 rows would otherwise hold 20 GB of them (README, "Memory").
+ACTIVATION_BLOCK_BYTES = 2**30
+
+
+def row_block(width: int, hidden: int) -> int:
+    """Rows of one expert computed together: their gate and up activations and features (`width` floats each)
+    and four row-sized copies (`hidden` each), float32, within ACTIVATION_BLOCK_BYTES."""
+    return max(1, ACTIVATION_BLOCK_BYTES // (4 * (3 * width + 4 * hidden)))
+
+
+def routed_rows(idx: torch.Tensor, e: int, block: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, their slot in `idx`) of the rows routed to expert e, in blocks of at most `block` rows."""
+    tok, slot = (idx == e).nonzero(as_tuple=True)
+    for start in range(0, tok.numel(), block):
+        yield tok[start:start + block], slot[start:start + block]
 
 
 @dataclass(frozen=True)
@@ -109,15 +125,18 @@ def routed_contribution(x: torch.Tensor, w: torch.Tensor, experts: ExpertStack, 
 
 
 def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
-                  experts: ExpertStack) -> torch.Tensor:
-    """sum over selected experts e of w_e(x) E_e(x), for x [T, d]; float32 [T, d]."""
+                  experts: ExpertStack, members: range | None = None) -> torch.Tensor:
+    """sum over selected experts e of w_e(x) E_e(x), for x [T, d]; float32 [T, d]. With `members`, the sum over
+    those experts only, whose weights `experts` then holds (expert e at position e - members.start)."""
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
     out = torch.zeros_like(x)
-    for e in range(experts.gate.shape[0]):
-        tok, slot = (idx == e).nonzero(as_tuple=True)
-        if tok.numel():
-            out.index_add_(0, tok, routed_contribution(x[tok], w[tok, slot], experts, e, gating, act))
+    block = row_block(experts.intermediate, x.shape[1])
+    members = members if members is not None else range(experts.gate.shape[0])
+    for e in members:
+        for tok, slot in routed_rows(idx, e, block):
+            out.index_add_(0, tok, routed_contribution(x[tok], w[tok, slot], experts, e - members.start, gating,
+                                                       act))
     return out
 
 
@@ -148,13 +167,18 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
     freq = torch.zeros(n, dtype=torch.float64, device=x.device)
     reap = torch.zeros(n, dtype=torch.float64, device=x.device)
     mean_out = torch.zeros(n, x.shape[1], dtype=torch.float64, device=x.device)
+    block = row_block(experts.intermediate, x.shape[1])
     for e in range(n):
-        y = expert_output(x, experts, e, act)  # every token: HC-SMoE's feature averages over all of them
-        mean_out[e] = y.double().mean(dim=0)
-        tok, slot = (idx == e).nonzero(as_tuple=True)
-        freq[e] = tok.numel() / x.shape[0]
-        if tok.numel():
-            routed = routed_contribution(x[tok], score[tok, slot], experts, e, gating, act)
-            reap[e] = torch.linalg.vector_norm(routed.double(), dim=-1).mean()
+        for start in range(0, x.shape[0], block):  # every token: HC-SMoE's feature averages over all of them
+            mean_out[e] += expert_output(x[start:start + block], experts, e, act).double().sum(dim=0)
+        mean_out[e] /= x.shape[0]
+        routed = 0
+        for tok, slot in routed_rows(idx, e, block):
+            contribution = routed_contribution(x[tok], score[tok, slot], experts, e, gating, act)
+            reap[e] += torch.linalg.vector_norm(contribution.double(), dim=-1).sum()
+            routed += tok.numel()
+        freq[e] = routed / x.shape[0]
+        if routed:
+            reap[e] /= routed
     logits = (x @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import DernError, arg
-from .moe_forward import Gating, routed_features, routed_output
+from .moe_forward import Gating, routed_features, routed_output, routed_rows, row_block
 from .segments import ExpertStack
 
 
@@ -33,19 +33,35 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
     if current is None:
         current = routed_output(x, router_weight, bias, gating, experts)
     residual = target - current
+    block = row_block(experts.intermediate, x.shape[1])
     for _ in range(sweeps):
         for e in range(down.shape[0]):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
+            blocks = list(routed_rows(idx, e, block))
+            if not blocks:
                 continue
-            feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
-            goal = residual[tok] + feats @ down[e].T  # what this expert should produce, others fixed
-            gram = (feats.T @ feats).double()
+            # The normal equations of what this expert should produce with the others fixed (residual + its own
+            # output), summed over its rows a block at a time; one block's features are kept for the update.
+            gram = rhs = feats = None
+            for tok, slot in blocks:
+                feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
+                goal = residual[tok] + feats @ down[e].T
+                if gram is None:
+                    gram, rhs = (feats.T @ feats).double(), (feats.T @ goal).double()
+                else:  # in place: a second h x h double matrix would cost 1.6 GB on Mixtral-8x7B
+                    gram.add_(feats.T @ feats)
+                    rhs.add_(feats.T @ goal)
             lam = ridge * float(gram.diagonal().mean()) + 1e-12
-            rhs = (feats.T @ goal).double() + lam * down[e].T.double()
+            rhs += lam * down[e].T.double()
             gram.diagonal().add_(lam)
             new = torch.linalg.solve(gram, rhs).T.to(down.dtype)  # [d, h]
-            residual[tok] = goal - feats @ new.T
+            last = (feats, goal)  # the last block's, still at hand
+            for i, (tok, slot) in enumerate(blocks):
+                if i < len(blocks) - 1:
+                    feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
+                    goal = residual[tok] + feats @ down[e].T
+                else:
+                    feats, goal = last
+                residual[tok] = goal - feats @ new.T
             down[e] = new
     every = slice(None)
     return ExpertStack(experts.weight("gate", every), experts.weight("up", every), down)
