@@ -5,7 +5,8 @@ alone (dern_stream.estimates: the figure `dern-stream plan` prints; not a measur
                                          [--groups 0 32 8]
 
 For each shape, fit-sample size and `--refit-group` (0: all kept experts together), the estimated peak of device
-memory on a GPU (bf16 experts; the dump's default 262144 tokens per layer).
+memory on a GPU (experts stored as published: bf16, or FP8 with block scales; the dump's default 262144 tokens
+per layer).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from dern_stream.layout import ModelShape
 from dern_stream.options import RewriteOptions
 from dern_stream.storage import ExpertStorage
 
-# name: (routed experts, hidden, expert intermediate, experts per token), from the models' config.json
+# name: (routed experts, hidden, expert intermediate, experts per token, FP8 scale block or None for bf16), from the
+# models' config.json as published
 SHAPES = {
-    "Mixtral-8x7B": (8, 4096, 14336, 2),
-    "Qwen3-30B-A3B": (128, 2048, 768, 8),
-    "GLM-4.5-Air": (128, 4096, 1408, 8),
-    "DeepSeek-V3": (256, 7168, 2048, 8),
+    "Mixtral-8x7B": (8, 4096, 14336, 2, None),
+    "Qwen3-30B-A3B": (128, 2048, 768, 8, None),
+    "GLM-4.5-Air": (128, 4096, 1408, 8, None),
+    "DeepSeek-V3": (256, 7168, 2048, 8, (128, 128)),
 }
 
 
@@ -33,7 +35,8 @@ def main() -> None:
     ap.add_argument("--fit-tokens", type=int, nargs="+", default=[131072, 32768])
     ap.add_argument("--groups", type=int, nargs="+", default=[0, 32, 8])
     a = ap.parse_args()
-    for name, (n, d, h, top_k) in SHAPES.items():
+    for name, (n, d, h, top_k, block) in SHAPES.items():
+        storage = ExpertStorage(block=block)
         k = max(1, round(n * a.ratio))
         cells = []
         for fit in a.fit_tokens:
@@ -41,10 +44,11 @@ def main() -> None:
                 if group >= k:
                     continue
                 options = RewriteOptions.build(k, "best", fit_tokens=fit, refit_group=group or None)
-                peak = estimate(ModelShape(n, d, h), options, ExpertStorage(), 2, a.dump_tokens, top_k, True,
-                                True).device_peak
+                peak = estimate(ModelShape(n, d, h), options, storage, 1 if block else 2, a.dump_tokens, top_k,
+                                True, True).device_peak
                 cells.append(f"fit {fit}, group {group or 'all'}: {peak / 1e9:.1f} GB")
-        print(f"{name} ({n} experts, hidden {d}, intermediate {h}, top-{top_k}) -> {k}: " + "; ".join(cells))
+        stored = "FP8" if block else "bf16"
+        print(f"{name} ({n} {stored} experts, hidden {d}, intermediate {h}, top-{top_k}) -> {k}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import torch
 
@@ -46,15 +47,26 @@ def device_name(device: torch.device | None) -> str | None:
     return platform.machine()
 
 
+# A container's memory limit (cgroup v2, then v1; "max" or a huge number where there is none).
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def memory_size(device: torch.device) -> int | None:
-    """Bytes of memory the computation on `device` can use at most: the GPU's, or the machine's RAM (None where
-    the system does not say)."""
+    """Bytes of memory the computation on `device` can use at most: the GPU's, or the machine's RAM or the
+    container's limit if lower (None where the system does not say)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX
-        return None
+    sizes = []
+    with suppress(ValueError, OSError, AttributeError):  # not POSIX
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            sizes.append(int(text))
+    return min(sizes, default=None)
 
 
 @contextmanager

@@ -90,8 +90,8 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
         # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.
         group = min(options.refit_group or k, k)
         fit += 22 * 3 * group * width * d + 8 * BATCH_ROWS * top_k * width * 4 + 2 * rows * d * 4
-        if group < k:  # the float32 result, the layer's output, and a group's rows and target
-            fit += 4 * 3 * k * width * d + 3 * rows * d * 4
+        if group < k:  # the float32 result; the layer's output, a group's own output, inputs and target, held-out too
+            fit += 4 * 3 * k * width * d + 5 * rows * d * 4
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
         work += held + rows * d * 4
@@ -121,6 +121,16 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
     fit = forward * (candidates * variants + 1 + refits) if options.uses_layer_outputs else 0
     if options.refit_steps:  # a step is a forward and a backward (about 3 forwards) of a batch; chosen, then rerun
         batch = min(tokens, options.fit_tokens, BATCH_ROWS) / max(1, min(tokens, options.fit_tokens))
-        fit += forward * options.refit_steps * (3 * batch * (1 + bool(options.holdout))
+        fit += forward * options.refit_steps * (3 * batch * (1 + bool(options.holdout)) * _group_work(options, k, top_k)
                                                 + (options.holdout / CHECK_EVERY))
     return LayerCompute(2 * tokens * n * d / 1e9, reassign / 1e9, cluster / 1e9, fit / 1e9)
+
+
+def _group_work(options: RewriteOptions, k: int, top_k: int) -> float:
+    """The steps' work with --refit-group against all experts moved together: every group takes the full step count
+    with full batches of the rows routed to it, and computes only its own experts' share of their slots."""
+    group = min(options.refit_group or k, k)
+    if group >= k:
+        return 1.0
+    share = group / k
+    return -(-k // group) * share / (1 - (1 - share) ** min(top_k, k))

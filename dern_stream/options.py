@@ -190,8 +190,9 @@ class RewriteOptions:
                                  "by up to this many Adam steps on the output error (with --holdout, the number of "
                                  "steps is chosen on the held-out rows).")
     refit_group: int | None = option(None, "Experts --refit-steps moves at a time (default: all of a layer's kept "
-                                           "experts): smaller groups, each fitted in turn against the others' "
-                                           "output, hold less memory.", shown="all")
+                                           "experts), each group fitted in turn against the others' output: its "
+                                           "Adam state is that of one group (less memory where experts are large).",
+                                     shown="all")
     holdout: float = option(0.0, "Share of the cached inputs held out from fitting; the per-layer choice among "
                                  "alphas and refit variants is made on it (0: on the fitting inputs).")
     sequential: bool = option(False, "Fit each layer on the compressed model's own inputs: the rewrite runs the "

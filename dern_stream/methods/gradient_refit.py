@@ -71,7 +71,8 @@ def _by_groups(x, target, router_weight, bias, gating, experts, counts, held, me
     for g, count in zip(members, counts, strict=True):
         part = ExpertStack(*(t[g.start:g.stop] for t in result))
         rows = [((i >= g.start) & (i < g.stop)).any(dim=1).nonzero().squeeze(1) for i in chosen]
-        if rows[0].numel() == 0:  # no fitting row reaches the group
+        # Not moved: no steps asked, no fitting row reaches the group, or no held-out row could judge the steps.
+        if not count or any(n.numel() == 0 for n in rows):
             taken.append(0)
             continue
         own = [routed_output(r[n], router_weight, bias, gating, part, g) for (r, _), n in zip(sets, rows, strict=True)]
@@ -82,11 +83,15 @@ def _by_groups(x, target, router_weight, bias, gating, experts, counts, held, me
             judge = _group_judge(held[0][rows[1]], goals[1], router_weight, bias, gating, g)
         fitted, steps = _adam(x[rows[0]], goals[0], router_weight, bias, gating, part, count, judge, g)
         taken.append(steps)
+        del goals, judge
         for (r, _), c, n, o in zip(sets, current, rows, own, strict=True):
-            c[n] += routed_output(r[n], router_weight, bias, gating, fitted, g) - o
+            change = routed_output(r[n], router_weight, bias, gating, fitted, g)
+            change -= o
+            c.index_add_(0, n, change)
+            del change
         for t, new in zip(result, (fitted.gate, fitted.up, fitted.down), strict=True):
             t[g.start:g.stop] = new
-        del own, goals, fitted, judge
+        del own, fitted
     return ExpertStack(*result), taken
 
 

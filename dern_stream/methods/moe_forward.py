@@ -20,7 +20,7 @@ from .segments import ExpertStack
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 # One expert's rows are computed a block at a time, so the activations held do not grow with the fit sample: a
-# Mixtral-8x7B expert's busiest share of 131072 rows would otherwise hold 20 GB of them (README, "Memory").
+# Mixtral-8x7B expert taking all of 131072 rows would otherwise hold 22.5 GB of them (README, "Memory").
 ACTIVATION_BLOCK_BYTES = 2**30
 
 

@@ -41,8 +41,9 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
                 continue
             # The normal equations of what this expert should produce with the others fixed (residual + its own
             # output), summed over its rows a block at a time; one block's features are kept for the update.
-            gram = rhs = feats = None
+            gram = rhs = None
             for tok, slot in blocks:
+                feats = goal = None  # one block's features alive at a time
                 feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
                 goal = residual[tok] + feats @ down[e].T
                 if gram is None:
@@ -54,13 +55,13 @@ def refit_down(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tenso
             rhs += lam * down[e].T.double()
             gram.diagonal().add_(lam)
             new = torch.linalg.solve(gram, rhs).T.to(down.dtype)  # [d, h]
-            last = (feats, goal)  # the last block's, still at hand
-            for i, (tok, slot) in enumerate(blocks):
-                if i < len(blocks) - 1:
-                    feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
-                    goal = residual[tok] + feats @ down[e].T
-                else:
-                    feats, goal = last
+            # The last block first, its features and goal still at hand; then the others, computed again. (The
+            # blocks' rows are disjoint: each token routes to an expert once.)
+            residual[blocks[-1][0]] = goal - feats @ new.T
+            for tok, slot in blocks[:-1]:
+                feats = goal = None
+                feats = routed_features(x[tok], w[tok, slot], experts, e, gating, act)
+                goal = residual[tok] + feats @ down[e].T
                 residual[tok] = goal - feats @ new.T
             down[e] = new
     every = slice(None)
