@@ -13,7 +13,6 @@ first 32768 of those tokens; "unseen" the 32768 calibration tokens past quality.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -31,14 +30,7 @@ SAMPLE = 32768  # tokens per measured set
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=fixtures.ROOT)
-    parser.add_argument("--fixture", default="mixtral-scratch", choices=list(fixtures.RECIPES))
-    parser.add_argument("--ratio", type=float, default=0.75)
-    parser.add_argument("--configs", nargs="*", default=["best fit 32768", "best (recipe)"],
-                        choices=list(quality.CONFIGS))
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = quality.fixture_parser(__doc__.splitlines()[0], 0.75, ["best fit 32768", "best (recipe)"]).parse_args()
     model = fixtures.build_all(args.root, [args.fixture])[args.fixture]
     tokenizer = fixtures.build_tokenizer(args.root, args.root / "corpus")
     rows = SAMPLE // quality.SEQ_LEN

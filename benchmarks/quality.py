@@ -112,6 +112,18 @@ def expert_count(model: Path) -> int:
     return family_for(config).num_experts(config)
 
 
+def fixture_parser(description: str, ratio: float, configs: list[str]) -> argparse.ArgumentParser:
+    """The options of the scripts that measure configurations on one fixture at one ratio (recipe_cost.py,
+    fit_gap.py): --root, --fixture, --ratio, --configs (names from CONFIGS) and --json."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--root", type=Path, default=fixtures.ROOT)
+    parser.add_argument("--fixture", default="mixtral-scratch", choices=list(fixtures.RECIPES))
+    parser.add_argument("--ratio", type=float, default=ratio)
+    parser.add_argument("--configs", nargs="*", default=configs, choices=list(CONFIGS))
+    parser.add_argument("--json", type=Path)
+    return parser
+
+
 def calib_dump_path(root: Path, name: str, tokens: int, mixed: bool = False) -> Path:
     if mixed:
         return root / name / f"calib-mixed-{tokens}.zarr"

@@ -10,7 +10,6 @@ wall time around `dern_stream.rewrite`. Prints each against the first configurat
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -42,15 +41,9 @@ def measure(model: Path, calib: Path, keep: int, kwargs: dict, work: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=fixtures.ROOT)
-    parser.add_argument("--fixture", default="mixtral-scratch", choices=list(fixtures.RECIPES))
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--configs", nargs="*", default=["dern (paper)", "best (recipe)"],
-                        choices=list(quality.CONFIGS))
+    parser = quality.fixture_parser(__doc__.splitlines()[0], 0.5, ["dern (paper)", "best (recipe)"])
     parser.add_argument("--calib-tokens", type=int, default=quality.CALIB_TOKENS,
                         help="Which calibration dump of quality.py to use (its --calib-tokens).")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     model = fixtures.build_all(args.root, [args.fixture])[args.fixture]
     calib = quality.calib_dump_path(args.root, args.fixture, args.calib_tokens)

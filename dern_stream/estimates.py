@@ -88,7 +88,7 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     if options.refit_steps and tokens:
         # Per weight moved, float32: the weight, its gradient, Adam's two moments, the best so far, and one tensor's
         # temporaries; a batch's activations; the fitting and held-out rows copied out of the sample.
-        group = min(options.refit_group or k, k)
+        group = _group_size(options, k)
         fit += 22 * 3 * group * width * d + 8 * BATCH_ROWS * top_k * width * 4 + 2 * rows * d * 4
         if group < k:  # the float32 result; the layer's output, a group's own output, inputs and target, held-out too
             fit += 4 * 3 * k * width * d + 5 * rows * d * 4
@@ -129,8 +129,13 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
 def _group_work(options: RewriteOptions, k: int, top_k: int) -> float:
     """The steps' work with --refit-group against all experts moved together: every group takes the full step count
     with full batches of the rows routed to it, and computes only its own experts' share of their slots."""
-    group = min(options.refit_group or k, k)
+    group = _group_size(options, k)
     if group >= k:
         return 1.0
     share = group / k
     return -(-k // group) * share / (1 - (1 - share) ** min(top_k, k))
+
+
+def _group_size(options: RewriteOptions, k: int) -> int:
+    """Kept experts the gradient refit moves together (methods/gradient_refit.py)."""
+    return min(options.refit_group or k, k)

@@ -276,10 +276,11 @@ def _held_out_steps(data: FitRows, fit: dict, steps: int, router, bias, gating: 
                     group: int | None) -> list[int]:
     """The number of gradient steps (at most `steps`) of each group of experts (one group without `group`) after
     which the chosen setting, fitted on the fitting rows, is best on the held-out rows; recorded in `fit`."""
-    tuned, taken = refit_gradient(*data.fitting(), router, bias, gating, stack, steps, data.judging(), group)
+    held = data.judging()
+    tuned, taken = refit_gradient(*data.fitting(), router, bias, gating, stack, steps, held, group)
     _record_steps(fit, taken)
     if any(taken):
-        fit["error"] = fit["error_after_gradient"] = held_out_judge(*data.judging(), router, bias, gating)(tuned)
+        fit["error"] = fit["error_after_gradient"] = held_out_judge(*held, router, bias, gating)(tuned)
     return taken
 
 

@@ -79,8 +79,8 @@ def _by_groups(x, target, router_weight, bias, gating, experts, counts, held, me
         # What the group should produce on its rows: the target less the other experts' output.
         goals = [(y[n] - c[n] + o) for (_, y), c, n, o in zip(sets, current, rows, own, strict=True)]
         judge = None
-        if held is not None:
-            judge = _group_judge(held[0][rows[1]], goals[1], router_weight, bias, gating, g)
+        if held is not None:  # the group's error on the held-out rows it reaches (the layer's, up to a factor)
+            judge = held_out_judge(held[0][rows[1]], goals[1], router_weight, bias, gating, g)
         fitted, steps = _adam(x[rows[0]], goals[0], router_weight, bias, gating, part, count, judge, g)
         taken.append(steps)
         del goals, judge
@@ -93,11 +93,6 @@ def _by_groups(x, target, router_weight, bias, gating, experts, counts, held, me
             t[g.start:g.stop] = new
         del own, fitted
     return ExpertStack(*result), taken
-
-
-def _group_judge(x, goal, router_weight, bias, gating, members):
-    """A group's stack -> its error on the held-out rows it reaches (the layer's, up to a factor)."""
-    return lambda stack: relative_error(routed_output(x, router_weight, bias, gating, stack, members), goal)
 
 
 def _adam(x, target, router_weight, bias, gating, experts, steps, judge, members=None):
@@ -146,6 +141,7 @@ class _PerExpert(ExpertStack):
 
 
 def held_out_judge(x: torch.Tensor, target: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None,
-                   gating: Gating) -> Callable[[ExpertStack], float]:
-    """stack -> its routed output's relative error on (x, target)."""
-    return lambda stack: relative_error(routed_output(x, router_weight, bias, gating, stack), target)
+                   gating: Gating, members: range | None = None) -> Callable[[ExpertStack], float]:
+    """stack -> its routed output's relative error on (x, target); with `members`, the output of those experts
+    only, which the stack then holds (moe_forward.routed_output)."""
+    return lambda stack: relative_error(routed_output(x, router_weight, bias, gating, stack, members), target)
