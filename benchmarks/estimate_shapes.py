@@ -1,5 +1,5 @@
 """The plan's memory estimate of `--recipe best` on the layer shapes of large public MoE models, from the shapes
-alone (dern_stream.estimates: the figure `dern-stream plan` prints; not a measurement).
+alone (dern_stream.rewriter.estimates: the figure `dern-stream plan` prints; not a measurement).
 
     python benchmarks/estimate_shapes.py [--ratio 0.5] [--dump-tokens 262144] [--fit-tokens 131072 32768]
                                          [--groups 0 32 8]
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from dern_stream.estimates import estimate
-from dern_stream.layout import ModelShape
+from dern_stream.layout.moe_layers import ModelShape
 from dern_stream.options import RewriteOptions
+from dern_stream.rewriter.estimates import estimate
 from dern_stream.storage import ExpertStorage
 
 # name: (routed experts, hidden, expert intermediate, experts per token, FP8 scale block or None for bf16), from the

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dern_stream.methods.kmeans import _nearest, _Workspace, spherical_weighted_kmeans
+from dern_stream.experts.kmeans import _nearest, _Workspace, spherical_weighted_kmeans
 
 
 def numba_kernels():

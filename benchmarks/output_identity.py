@@ -28,13 +28,7 @@ from pathlib import Path
 import torch
 
 import dern_stream
-from dern_stream.tiny_models import (
-    FAMILY_CONFIGS,
-    build_demo,
-    save_deepseek_moe_16b,
-    save_fp8_copy,
-    save_mxfp4_copy,
-)
+from dern_stream.tiny_models import FAMILY_CONFIGS, build_demo, save_deepseek_moe_16b, save_fp8_copy, save_mxfp4_copy
 
 TOKENS, SEQ_LEN = 1024, 64
 RECIPE_FAMILIES = ("mixtral", "deepseek_v3")

@@ -5,19 +5,19 @@ line's `--help` do not pay for torch, transformers and zarr."""
 
 from __future__ import annotations
 
-from .lazy_exports import lazy_exports
+from .runtime.lazy_exports import lazy_exports
 
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "CardReport": ".model_card", "card": ".model_card",
+    "CardReport": ".publish.card", "card": ".publish.card",
     "DernError": ".errors",
-    "DumpSummary": ".dump_pipeline", "dump": ".dump_pipeline",
-    "EvalReport": ".eval_pipeline", "evaluate": ".eval_pipeline",
-    "RewritePlan": ".rewrite_plan",
-    "push": ".hub",
-    "RewriteSummary": ".api", "plan": ".api", "rewrite": ".api",
-    "ReportSummary": ".report", "write_report": ".report",
+    "DumpSummary": ".calib.dump", "dump": ".calib.dump",
+    "EvalReport": ".evaluation.evaluation", "evaluate": ".evaluation.evaluation",
+    "RewritePlan": ".rewriter.plan",
+    "push": ".publish.hub",
+    "RewriteSummary": ".rewriter.execute", "plan": ".api", "rewrite": ".api",
+    "ReportSummary": ".publish.report", "write_report": ".publish.report",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING
 
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
-from .durable_files import write_replacing
 from .errors import DernError, arg
-from .host_memory import map_large_blocks
-from .hub import check_push_token, check_repo_id, push, source_record
-from .locks import reading_dump
-from .optional import check_transformers, require_matplotlib, require_ray
 from .options import RewriteOptions, check_runs_in_one_process, option_fields, whole
-from .plan_report import PLAN_FORMAT, plan_record
 from .preflight import check_calib_choice
-from .report import check_report_target, write_report
-from .targets import JSON_FILE, check_apart, check_json_target, check_replaceable, not_json_of, read_paths
+from .publish.hub import check_push_token, check_repo_id, push, source_record
+from .publish.report import check_report_target, write_report
+from .rewriter.plan_record import PLAN_FORMAT, plan_record
+from .runtime.durable_files import write_replacing
+from .runtime.host_memory import map_large_blocks
+from .runtime.locks import reading_dump
+from .runtime.optional_packages import check_transformers, require_matplotlib, require_ray
+from .runtime.targets import JSON_FILE, check_apart, check_json_target, check_replaceable, not_json_of, read_paths
 
 if TYPE_CHECKING:
-    from .execute import RewriteSummary
-    from .rewrite_plan import RewritePlan
+    from .rewriter.execute import RewriteSummary
+    from .rewriter.plan import RewritePlan
 
 log = logging.getLogger("dern_stream")
 
@@ -102,9 +102,9 @@ def rewrite(
         report = _report_target(report, out_path, overwrite, reads, source)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
-    from .device import deterministic_kernels
-    from .execute import execute
-    from .rewrite_plan import make_plan
+    from .rewriter.execute import execute
+    from .rewriter.plan import make_plan
+    from .runtime.device import deterministic_kernels
 
     with _reading(calib), deterministic_kernels(chosen.device):
         made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision))
@@ -165,8 +165,8 @@ def plan(
         json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
                                       {**read_paths("the input checkpoint", source), "the calibration dump": calib})
     check_calib_choice(chosen, calib)
-    from .device import deterministic_kernels
-    from .rewrite_plan import make_plan  # (loads torch: after the checks above)
+    from .rewriter.plan import make_plan  # (loads torch: after the checks above)
+    from .runtime.device import deterministic_kernels
 
     with _reading(calib), deterministic_kernels(chosen.device):
         made = make_plan(source, None, chosen, calib, progress, source_record(source, revision))

@@ -146,7 +146,7 @@ def report(out, directory, overwrite) -> None:
     """Write the report of the finished rewrite OUT (from its dern_stream.json): an HTML page with plots of
     the experts' importance and the kept ones, the segments reassigned, the similarities against alpha, the
     k-means cluster sizes and the per-layer output error, and report.json. Needs dern-stream[report]."""
-    from .report import write_report
+    from .publish.report import write_report
 
     click.echo(str(write_report(out, directory, overwrite=overwrite)))
 
@@ -164,7 +164,7 @@ def plan(src, experts, calib, revision, json_path, overwrite, quiet, **options) 
     change, the output size and free disk it needs, the peak memory and the compute per layer. Without
     --calib the experts are ranked by router norm (a rewrite uses the dump's routing statistics)."""
     from .api import plan as make_plan
-    from .plan_report import describe
+    from .rewriter.plan_record import describe
 
     made = make_plan(src, experts=experts, calib=calib, json_path=json_path, overwrite=overwrite,
                      progress=not quiet, revision=revision, **options)
@@ -212,7 +212,7 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
     check_dump_arguments(src, out, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,
                          num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
                          workers=workers, revision=revision)  # before torch loads: a refusal answers at once
-    from .dump_pipeline import dump as run_dump
+    from .calib.dump import dump as run_dump
 
     summary = run_dump(src, out, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens,
                        seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, overwrite=overwrite,
@@ -243,7 +243,7 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
                          num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, reference=reference,
                          calib=calib, device=device, dtype=dtype, json_path=json_path, overwrite=overwrite,
                          revision=revision, reference_revision=reference_revision)
-    from .eval_pipeline import evaluate
+    from .evaluation.evaluation import evaluate
 
     report = evaluate(src, text=text, dataset=dataset, tokenizer=tokenizer, num_tokens=num_tokens, seq_len=seq_len,
                       batch_size=batch_size, reference=reference, calib=calib, device=device, dtype=dtype,
@@ -264,7 +264,7 @@ def verify_(out, against, revision, quiet) -> None:
     from .preflight import check_verify_arguments
 
     check_verify_arguments(out, against, revision)  # before torch loads
-    from .verify import verify
+    from .publish.verify import verify
 
     report = verify(out, against=against, progress=not quiet, revision=revision)
     click.echo(str(report))
@@ -282,7 +282,7 @@ def verify_(out, against, revision, quiet) -> None:
 def push(out, repo, private, revision, quiet) -> None:
     """Verify rewrite output OUT (every byte against the checksums in its dern_stream.json) and, if it passes,
     upload it to the Hugging Face model repo REPO (created if needed). Nothing is uploaded otherwise."""
-    from .hub import push as run_push
+    from .publish.hub import push as run_push
 
     click.echo(f"verified and pushed: {run_push(out, repo, private=private, revision=revision, progress=not quiet)}")
 
@@ -295,7 +295,7 @@ def push(out, repo, private, revision, quiet) -> None:
 def card_(out, evals) -> None:
     """Rebuild OUT/README.md, the model card of rewrite output OUT, from its dern_stream.json (the base model's
     card in it is kept), and record its checksum there so that verify still passes."""
-    from .model_card import card
+    from .publish.card import card
 
     click.echo(str(card(out, evals=list(evals) or None)))
 

@@ -285,7 +285,7 @@ class RewriteOptions:
 
     def dern_params(self, alpha: float | None = None):
         """The DERN part of these options (methods.DernParams), with `alpha` instead of the option's if given."""
-        from .methods.dern import DernParams
+        from .experts.recombine import DernParams
 
         return DernParams(self.alpha if alpha is None else alpha, self.sim_components, self.kmeans_iters,
                           self.kmeans_init, self.router_transfer, self.intermediate_size, self.similarity_block_bytes)

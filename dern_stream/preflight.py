@@ -11,7 +11,7 @@ from .calib.dump_files import check_dump_path, not_a_dump
 from .checkpoint.locate import check_checkpoint_ref
 from .errors import DernError, arg
 from .options import check_device_name, check_dtype_name, check_text_options, whole
-from .targets import check_apart, check_json_target, expand_user, read_paths
+from .runtime.targets import check_apart, check_json_target, expand_user, read_paths
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from dern_stream.cli import main
 from dern_stream.families import FAMILIES
-from dern_stream.families.config_check import rules_for
+from dern_stream.families.config_rules import rules_for
 
 COMMANDS = ("rewrite", "dump", "eval", "verify")
 

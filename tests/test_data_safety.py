@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from dern_stream.calib import CalibWriter
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
-from dern_stream.locks import DirLock
+from dern_stream.runtime.locks import DirLock
 
 CLI = [sys.executable, "-m", "dern_stream.cli"]
 DUMP_OPTIONS = ("--num-tokens", 256, "--seq-len", 32, "-q")  # 8 sequences: a dump takes well under a second
@@ -347,7 +347,7 @@ def test_two_dumps_into_the_same_new_dump(world):
 def test_a_dump_finished_meanwhile_is_not_replaced_without_overwrite(world, monkeypatch):
     """Process A checks that DUMP is new and tokenizes its text; meanwhile process B (another command)
     makes DUMP, complete. A, started without --overwrite, must then refuse, not replace B's dump."""
-    from dern_stream import dump_pipeline
+    from dern_stream.calib import dump as dump_pipeline
 
     dump, real, seen = world.root / "d.zarr", dump_pipeline._request_tokens, {}
 
@@ -593,7 +593,7 @@ def test_full_disk_in_dump_then_the_same_command_resumes(world, monkeypatch, cap
 def test_device_out_of_memory_mid_run_is_one_line_and_the_same_command_resumes(world, monkeypatch):
     """torch's OutOfMemoryError from a layer's computation (what a GPU too small for a layer raises) ends in one
     line that says how to go on; the finished layers are kept and the same command completes the output."""
-    from dern_stream import layer_rewrite
+    from dern_stream.rewriter import layer as layer_rewrite
 
     out, whole = world.root / "out", world.root / "whole"
     real, calls = layer_rewrite.dern_layer, []

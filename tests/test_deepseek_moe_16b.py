@@ -14,8 +14,8 @@ from conftest import raw_bytes, read_tensors
 import dern_stream
 from dern_stream.calib.store import CalibWriter, tensor_sha256
 from dern_stream.cli import main
+from dern_stream.publish.verify import verify
 from dern_stream.tiny_models import DEEPSEEK_MOE_16B_CONFIG, save_deepseek_moe_16b
-from dern_stream.verify import verify
 
 N, TOP_K, LAYERS = 8, 3, (1, 2)
 

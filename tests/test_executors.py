@@ -21,7 +21,7 @@ from dern_stream.cli import main
 _DYING_WORKER = r"""
 import os, signal, sys
 from pathlib import Path
-import dern_stream.layer_pools as pools
+import dern_stream.rewriter.executors as pools
 
 original = pools.run_pickled
 
@@ -156,7 +156,7 @@ def test_a_dump_split_among_workers_is_the_same_dump(family, build, tmp_path):
 
 
 def test_split_sequences_in_whole_batches_and_chunks():
-    from dern_stream.dump_workers import split_sequences
+    from dern_stream.calib.dump_workers import split_sequences
 
     parts = split_sequences(sequences=11, seq_len=8, batch_size=2, chunk_tokens=16, workers=3)
     assert parts == [(0, 4), (4, 8), (8, 11)]

@@ -16,9 +16,9 @@ import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.families import family_for
+from dern_stream.publish.verify import verify
 from dern_stream.storage import dequantize
 from dern_stream.tiny_models import calibration_tokens, save_fp8_copy
-from dern_stream.verify import verify
 
 FAMILIES = ["deepseek_v3", "qwen3_moe"]
 BLOCK = (128, 128)
@@ -253,7 +253,7 @@ def test_gradient_steps_requantize_the_experts_they_moved(fp8, tmp_path):
 
 def _fp8_stack(n: int, h: int, d: int, block: tuple[int, int]):
     """An FP8 stack (weights and block scales, partial edge blocks) and the same experts dequantized, dense."""
-    from dern_stream.methods import ExpertStack
+    from dern_stream.experts.segments import ExpertStack
     from dern_stream.storage import quantize
 
     torch.manual_seed(5)
@@ -272,9 +272,9 @@ def _fp8_stack(n: int, h: int, d: int, block: tuple[int, int]):
 def test_fp8_stack_reads_equal_the_dequantized_experts():
     """The rewrite holds FP8 experts as stored and dequantizes what each method reads: every accessor must
     give what the fully dequantized (float32) experts give, edge blocks included."""
+    from dern_stream.experts.forward import Gating, routed_output
+    from dern_stream.experts.segments import reassign_segments
     from dern_stream.families.routing import SoftmaxTopK
-    from dern_stream.methods import reassign_segments
-    from dern_stream.methods.moe_forward import Gating, routed_output
 
     n, h, d = 5, 40, 24
     stack, dense = _fp8_stack(n, h, d, (16, 8))

@@ -12,8 +12,8 @@ from conftest import raw_bytes
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.families import family_for
-from dern_stream.layer_rewrite import read_experts
-from dern_stream.layout import ModelShape, check_moe_layers
+from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
+from dern_stream.rewriter.layer import read_experts
 
 FUSED = ["granitemoe", "llama4_text"]
 

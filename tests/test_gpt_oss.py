@@ -10,8 +10,9 @@ import torch
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
+from dern_stream.experts.recombine import DernParams, dern_layer
+from dern_stream.experts.segments import ExpertStack
 from dern_stream.families import FAMILIES
-from dern_stream.methods import DernParams, ExpertStack, dern_layer
 
 LAYER = "model.layers.1.mlp."
 

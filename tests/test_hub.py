@@ -18,8 +18,8 @@ from fake_hub import FakeHub, oid
 import dern_stream
 from dern_stream.cli import main
 from dern_stream.errors import DernError
-from dern_stream.model_card import base_card_of
-from dern_stream.verify import verify
+from dern_stream.publish.card import base_card_of
+from dern_stream.publish.verify import verify
 
 REPO = "org/tiny-moe"
 # What a model repo holds beside the checkpoint: side files the output copies, and what no command reads.

@@ -13,15 +13,9 @@ from conftest import FAMILIES, raw_bytes, read_tensors
 from transformers import AutoModelForCausalLM
 
 import dern_stream
+from dern_stream.experts.kmeans import gate_linf_init, spherical_weighted_kmeans
+from dern_stream.experts.segments import ExpertStack, reassign_segments, transfer_counts, transfer_router
 from dern_stream.families import family_for
-from dern_stream.methods import (
-    ExpertStack,
-    gate_linf_init,
-    reassign_segments,
-    spherical_weighted_kmeans,
-    transfer_counts,
-    transfer_router,
-)
 from dern_stream.stream.executor import moe_block_of, router_weight
 
 

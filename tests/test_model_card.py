@@ -16,7 +16,7 @@ import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.families import family_for
-from dern_stream.model_card import base_card_of
+from dern_stream.publish.card import base_card_of
 
 # IN's own card: front matter the new card takes license and language from, and text that must survive
 # byte for byte (a table pipe, a heading, no newline at the end).
@@ -213,8 +213,8 @@ def test_a_hub_snapshot_is_the_base_model_by_repo_id(build, tmp_path):
 
 
 def test_card_runs_without_torch(rewritten, tmp_path):
-    from dern_stream import model_card
-    from dern_stream.eval_pipeline import EVAL_FORMAT  # (the one eval writes)
+    from dern_stream.evaluation.evaluation import EVAL_FORMAT  # (the one eval writes)
+    from dern_stream.publish import card as model_card
 
     assert model_card.EVAL_FORMAT == EVAL_FORMAT
     out = tmp_path / "out"

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, Mxfp4Config
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
+from dern_stream.publish.verify import verify
 from dern_stream.storage import mxfp4
 from dern_stream.tiny_models import calibration_tokens, save_mxfp4_copy
-from dern_stream.verify import verify
 
 LAYER = "model.layers.1.mlp.experts."
 

@@ -13,8 +13,8 @@ from conftest import raw_bytes
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.errors import DernError
-from dern_stream.methods.kmeans import batched_spherical_kmeans, spherical_weighted_kmeans
-from dern_stream.pipeline import run_pipeline
+from dern_stream.experts.kmeans import batched_spherical_kmeans, spherical_weighted_kmeans
+from dern_stream.rewriter.pipeline import run_pipeline
 
 
 def test_pipeline_keeps_order_and_stays_bounded():

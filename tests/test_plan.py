@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from conftest import assert_clean_failure
 
 import dern_stream
-from dern_stream import rewrite_plan
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
-from dern_stream.device import memory_size
 from dern_stream.errors import DernError
 from dern_stream.options import option_fields
+from dern_stream.rewriter import plan as rewrite_plan
+from dern_stream.runtime.device import memory_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from synthetic import write_sparse, write_synthetic, write_synthetic_dump  # noqa: E402

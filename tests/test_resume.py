@@ -181,7 +181,7 @@ def test_partial_files_are_not_copied_as_side_files(reference, tmp_path):
 def test_cuda_computes_with_deterministic_kernels_and_restores_the_setting(device, monkeypatch):
     """(No GPU needed: the setting is torch's flag.) On CUDA, index_add_ would otherwise add with atomics in any
     order, and a resumed run would differ in the last bits from the layers already written."""
-    from dern_stream.device import deterministic_kernels
+    from dern_stream.runtime.device import deterministic_kernels
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()

@@ -11,9 +11,9 @@ import torch
 import dern_stream
 from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
+from dern_stream.experts.merging import prune_layer
 from dern_stream.families import family_for
-from dern_stream.methods.baselines import prune_layer
-from dern_stream.methods.router_refit import membership, refit_router
+from dern_stream.fit.router_refit import membership, refit_router
 
 
 def _layer(built, index: int):
@@ -99,7 +99,7 @@ def test_refit_router_in_a_rewrite_is_chosen_per_layer_on_held_out_rows(build, t
 def test_held_out_rows_are_spread_over_the_sample(rows, share):
     """The calibration text is ordered (documents of one domain after another): held-out rows taken from its end
     would judge every layer on one domain. They are blocks spread over the whole sample, about `share` of it."""
-    from dern_stream.layer_fit import FitRows
+    from dern_stream.fit.rows import FitRows
 
     order = torch.arange(rows, dtype=torch.float32)[:, None]  # each row's position, as its value
     data = FitRows(order, order, share)

@@ -5,7 +5,7 @@ The names load their modules on first use (PEP 562): the command line checks a d
 
 from __future__ import annotations
 
-from ..lazy_exports import lazy_exports
+from ..runtime.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "dump_from_model": ".capture",

@@ -29,7 +29,7 @@ import zarr
 
 from ..checkpoint.integrity import all_finite
 from ..errors import DernError, NonFinite, arg
-from ..locks import empty_in_place
+from ..runtime.locks import empty_in_place
 from .dump_files import FORMAT, check_dump_path, not_a_dump
 
 FORMAT_VERSION = 1

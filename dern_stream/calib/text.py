@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError, arg
-from ..optional import require_transformers
 from ..preflight import check_text_source
+from ..runtime.optional_packages import require_transformers
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
 

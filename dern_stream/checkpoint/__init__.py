@@ -5,7 +5,7 @@ locate) without loading torch, which the reader and the writer need."""
 
 from __future__ import annotations
 
-from ..lazy_exports import lazy_exports
+from ..runtime.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "StagedOutput": ".output_dir", "check_free_space": ".output_dir", "check_output_location": ".output_dir",
@@ -13,7 +13,7 @@ _EXPORTS = {
     "resolve_checkpoint": ".locate",
     "Checkpoint": ".source",
     "NonFiniteTensor": ".writer", "ShardedWriter": ".writer", "TensorSpec": ".writer",
-    "write_durably": "..durable_files",
+    "write_durably": "..runtime.durable_files",
 }
 
 __all__ = sorted(_EXPORTS)

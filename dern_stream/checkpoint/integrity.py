@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..checksums import CHECKSUM, checksum, new_hasher
+from .checksums import CHECKSUM, checksum, new_hasher
 from .safetensors_format import DTYPES
 
 __all__ = ["CHECKSUM", "all_finite", "bytes_finite", "checksum", "new_hasher"]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..durable_files import write_durably
 from ..errors import DernError, NonFinite, arg, writing
+from ..runtime.durable_files import write_durably
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size

@@ -1,9 +1,9 @@
 """Model families, chosen by config.json's `model_type` (catalog.py lists them, and says how to add one)."""
 
 from ..errors import DernError
-from .base import PARTS, Family, GroupPlan
 from .catalog import ALL
-from .config_check import check_config, check_model_type
+from .config_rules import check_config, check_model_type
+from .record import PARTS, Family, GroupPlan
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in ALL}
 

@@ -13,8 +13,8 @@ Everything not named here (attention, norms, shared experts and their gates, den
 
 from __future__ import annotations
 
-from ..methods.activations import ClampedSwiGLU
-from .base import Family, FusedExperts, grouped_if
+from .activations import ClampedSwiGLU
+from .record import Family, FusedExperts, grouped_if
 from .routing import (
     SigmoidGroupLimited,
     SigmoidTopK,

@@ -1,9 +1,9 @@
 """Compression methods over shared segment and k-means code."""
 
-from .dern import DernParams, LayerResult, RebuiltExpert, dern_layer
-from .importance import router_norm_importance, routing_importance, select_experts
-from .kmeans import gate_linf_init, spherical_weighted_kmeans
-from .segments import ExpertStack, reassign_segments, transfer_counts, transfer_router
+from ..experts.importance import router_norm_importance, routing_importance, select_experts
+from ..experts.kmeans import gate_linf_init, spherical_weighted_kmeans
+from ..experts.recombine import DernParams, LayerResult, RebuiltExpert, dern_layer
+from ..experts.segments import ExpertStack, reassign_segments, transfer_counts, transfer_router
 
 __all__ = [
     "DernParams", "ExpertStack", "LayerResult", "RebuiltExpert", "dern_layer", "gate_linf_init", "reassign_segments",

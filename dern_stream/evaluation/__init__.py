@@ -1,0 +1,1 @@
+"""Out-of-core quality checks of a checkpoint: perplexity, agreement with a reference, per-layer error."""

@@ -1,0 +1,274 @@
+"""Checkpoint layout: check each MoE layer's tensors against the config, and plan the output tensors."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from ..checkpoint import Checkpoint, TensorSpec
+from ..checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
+from ..errors import DernError
+from ..families import PARTS, Family
+from ..storage import ExpertStorage, mxfp4
+from ..storage.formats import SCALE_SUFFIX
+from ..storage.fp8_blocks import scale_shape
+from ..storage.reading import is_fp8_scale, is_scaled_fp8
+from .fused_tensors import fused_tensors
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    index: int
+    router: TensorEntry
+    bias: TensorEntry | None
+    dtype: str  # experts' stored dtype
+    storage: ExpertStorage = ExpertStorage()
+    scale_dtype: str | None = None  # FP8: the block scales' stored dtype
+
+    def expert_entry(self, ckpt: Checkpoint, family: Family, expert: int, part: str) -> TensorEntry:
+        return ckpt.entries[family.expert_name(self.index, expert, part)]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_experts: int
+    hidden: int
+    intermediate: int
+
+
+def natural_key(name: str) -> list:
+    """model.layers.2 sorts before model.layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def moe_layer_indices(ckpt: Checkpoint, family: Family, below: int | None = None) -> list[int]:
+    """Indices of the layers holding routed experts (those below `below`, if given); none is an error."""
+    indices = [i for i in family.moe_layers(ckpt.entries) if below is None or i < below]
+    if not indices:
+        raise DernError(
+            f"no MoE layers found: no tensor named like {family.router_name(0)!r}; is this an MoE checkpoint?"
+        )
+    return indices
+
+
+def check_decoder_layers(ckpt: Checkpoint) -> None:
+    """config.json's layer count and vocabulary against the tensors the shards hold, before any model is
+    built from it (a count of 10**9 would otherwise build, and a wrong one drop or invent layers).
+    Layers past num_hidden_layers are accepted only as multi-token-prediction layers the config
+    declares (DeepSeek-V3's num_nextn_predict_layers)."""
+    config = ckpt.config
+    n = config["num_hidden_layers"]  # a positive integer: config_check.py
+    present = sorted({i for i in map(layer_of, ckpt.entries) if i is not None})
+    below = [i for i in present if i < n]
+    if len(below) < n:
+        missing = next(i for i in range(n) if i >= len(below) or below[i] != i)
+        raise DernError(f"config.json says num_hidden_layers {n}, but the shards hold no tensor of layer {missing} "
+                        f"(they hold {len(below)} decoder layers)")
+    extra = [i for i in present if i >= n]
+    predicts = config.get("num_nextn_predict_layers")
+    predicts = predicts if type(predicts) is int and predicts >= 0 else 0
+    if extra and extra[-1] >= n + predicts:
+        raise DernError(f"the shards hold layer {extra[-1]}, past config.json's num_hidden_layers {n}"
+                        + (f" and its {predicts} prediction layer(s)" if predicts else ""))
+    embed = ckpt.entries.get("model.embed_tokens.weight")
+    expected = (config.get("vocab_size"), config.get("hidden_size"))
+    if embed is not None and None not in expected and embed.shape != expected:
+        raise DernError(f"model.embed_tokens.weight has shape {list(embed.shape)}, config.json implies "
+                        f"[vocab_size {expected[0]}, hidden_size {expected[1]}]")
+
+
+def check_moe_placement(ckpt: Checkpoint, family: Family) -> None:
+    """The decoder layers holding a router are those config.json makes MoE layers (else transformers would
+    build a dense MLP where the shards hold experts, or the reverse, and the output could not load)."""
+    if family.moe_layer is None:
+        return
+    n = ckpt.config["num_hidden_layers"]
+    found = [i for i in family.moe_layers(ckpt.entries) if i < n]
+    try:
+        expected = [i for i in range(n) if family.moe_layer(ckpt.config, i)]
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise DernError(f"config.json's MoE layer placement cannot be read ({e})") from None
+    if found != expected:
+        raise DernError(f"config.json makes layers {_show(expected)} MoE layers, but the shards hold routers "
+                        f"in layers {_show(found)}")
+
+
+def _show(layers: list[int]) -> str:
+    return str(layers) if len(layers) <= 8 else f"[{', '.join(map(str, layers[:8]))}, ...] ({len(layers)})"
+
+
+def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
+                     storage: ExpertStorage | None = None) -> list[MoELayer]:
+    """Every routed-expert tensor present, with the shapes the config implies and one dtype of `storage`
+    (FP8: each weight with its block scales)."""
+    storage = storage or ExpertStorage()
+    check_moe_placement(ckpt, family)
+    if family.fused is not None and storage.fp8:
+        raise DernError(f"FP8 {family.model_type} checkpoints (fused experts) are not supported yet")
+    if storage.mxfp4 and not (family.fused is not None and family.fused.biased):
+        raise DernError(f"MXFP4 is gpt-oss's storage; {family.model_type} checkpoints in it are not supported")
+    indices = moe_layer_indices(ckpt, family)
+    n, d = shape.num_experts, shape.hidden
+    layers = []
+    for i in indices:
+        router = ckpt.entries[family.router_name(i)]
+        if router.shape != (n, d):
+            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
+        if family.fused is not None:
+            dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape, storage), set()
+        else:
+            dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage)
+        allowed = storage.weight_dtypes()
+        if len(dtypes) != 1 or not dtypes <= set(allowed):
+            raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; "
+                            + (f"config.json's quantization_config needs {allowed[0]}" if storage.fp8
+                               else f"supported: one of {', '.join(FLOAT_DTYPES)}, the same for all"))
+        if len(scale_dtypes) > 1 or not scale_dtypes <= {"F32", "BF16"}:
+            raise DernError(f"layer {i} expert scales are stored as {sorted(scale_dtypes)}; "
+                            "supported: F32 or BF16, the same for all")
+        bias_name = family.bias_name(i)
+        bias = ckpt.entries.get(bias_name) if bias_name else None
+        if bias is not None and bias.shape not in ((n,), (1, n)):
+            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
+        layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None))
+    return layers
+
+
+def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape,
+                      storage: ExpertStorage) -> tuple[set[str], set[str]]:
+    """A layer's per-expert tensors (and FP8 scales): all there, nothing else, shapes as the config implies.
+    Returns the weights' and the scales' dtypes."""
+    n, d, h = shape.num_experts, shape.hidden, shape.intermediate
+    expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
+    expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
+    scales = {name + SCALE_SUFFIX: p for name, p in expected.items()} if storage.fp8 else {}
+    present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
+    if present - set(expected) - set(scales):
+        extra = min(present - set(expected) - set(scales), key=natural_key)
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
+                        + (" (config.json declares no quantization_config)"
+                           if extra.endswith(SCALE_SUFFIX) and not storage.fp8 else ""))
+    if (set(expected) | set(scales)) - present:
+        missing = min((set(expected) | set(scales)) - present, key=natural_key)
+        raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
+                        + (f", FP8 with {list(storage.block)} block scales)" if storage.fp8 else ")"))
+    dtypes, scale_dtypes = set(), set()
+    for name, p in expected.items():
+        entry = ckpt.entries[name]
+        if entry.shape != expected_shape[p]:
+            raise DernError(f"{name} has shape {list(entry.shape)}, config implies {list(expected_shape[p])}")
+        dtypes.add(entry.dtype)
+    for name, p in scales.items():
+        entry, grid = ckpt.entries[name], scale_shape(expected_shape[p], storage.block)
+        if entry.shape != grid:
+            raise DernError(f"{name} has shape {list(entry.shape)}; {list(storage.block)} blocks of "
+                            f"{list(expected_shape[p])} need {list(grid)}")
+        scale_dtypes.add(entry.dtype)
+    return dtypes, scale_dtypes
+
+
+def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage) -> set[str]:
+    """A fused layer's expert tensors: present, [N, ...] with the slice shapes the config implies (MXFP4:
+    bytes); nothing else beside them and the router (an unknown bias or scale would be copied with N rows).
+    Returns the float tensors' dtypes."""
+    tensors = fused_tensors(family, i, shape.hidden, shape.intermediate, storage)
+    known = {*(t.name for t in tensors), family.router_name(i), family.bias_name(i)}
+    module = f"model.layers.{i}.{family.fused.module}"
+    extra = sorted((n for n in ckpt.entries if n.startswith(module) and n not in known), key=natural_key)
+    if extra:
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
+                        + (" (config.json declares no quantization_config)"
+                           if extra[0].endswith((mxfp4.BLOCKS, mxfp4.SCALES, SCALE_SUFFIX)) and not storage.mxfp4
+                           else ""))
+    dtypes = set()
+    for t in tensors:
+        entry = ckpt.entries.get(t.name)
+        if entry is None:
+            raise DernError(f"layer {i} is missing expert tensor {t.name}"
+                            + (" (config.json declares MXFP4)" if storage.mxfp4 else ""))
+        if entry.shape != (shape.num_experts, *t.slice_shape):
+            raise DernError(f"{t.name} has shape {list(entry.shape)}, config implies "
+                            f"{[shape.num_experts, *t.slice_shape]}")
+        if t.dtype is not None and entry.dtype != t.dtype:
+            raise DernError(f"{t.name} is stored as {entry.dtype}; MXFP4 blocks and scales are {t.dtype}")
+        if t.dtype is None:
+            dtypes.add(entry.dtype)
+    return dtypes
+
+
+def plan_output(
+    ckpt: Checkpoint, family: Family, layers: list[MoELayer], experts: int, intermediate: int,
+    dequantized: bool = False,
+) -> tuple[list[TensorSpec], list[str]]:
+    """Output tensor specs in natural order (a layer's new experts where its router was), and the input
+    tensors that are copied (unchanged, or dequantized to bf16 where `dequantized`: their FP8 scales are
+    then dropped). `layers` describe the output's experts (output_layers)."""
+    by_router = {family.router_name(layer.index): layer for layer in layers}  # by name: entries may compare equal
+    biases = {family.bias_name(layer.index) for layer in layers if layer.bias is not None}
+    moe_indices = [layer.index for layer in layers]
+    specs, copied = [], []
+    for name in sorted(ckpt.entries, key=natural_key):
+        entry = ckpt.entries[name]
+        layer_index = layer_of(name)
+        if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
+            continue
+        if (dequantized and is_fp8_scale(ckpt, name)) or family.is_dropped(name):
+            continue
+        if name in by_router:
+            layer = by_router[name]
+            specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
+            d = entry.shape[1]
+            if family.fused is not None:
+                for t in fused_tensors(family, layer.index, d, intermediate, layer.storage):
+                    specs.append(TensorSpec(t.name, t.dtype or layer.dtype, (experts, *t.slice_shape)))
+                continue
+            for e in range(experts):
+                for part in PARTS:
+                    shape = (d, intermediate) if part == "down" else (intermediate, d)
+                    name = family.expert_name(layer.index, e, part)
+                    specs.append(TensorSpec(name, layer.dtype, shape))
+                    if layer.storage.fp8:
+                        specs.append(TensorSpec(name + SCALE_SUFFIX, layer.scale_dtype,
+                                                scale_shape(shape, layer.storage.block)))
+        elif name in biases:
+            specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
+        else:
+            dtype = "BF16" if dequantized and is_scaled_fp8(ckpt, name) else entry.dtype
+            specs.append(TensorSpec(name, dtype, entry.shape))
+            copied.append(name)
+    return specs, copied
+
+
+def output_layers(layers: list[MoELayer], dequantized: bool) -> list[MoELayer]:
+    """How the output stores each layer's experts: as the input, or dequantized to bf16."""
+    return [replace(layer, dtype="BF16", storage=ExpertStorage(), scale_dtype=None) if dequantized else layer
+            for layer in layers]
+
+
+def check_plan_complete(specs: list[TensorSpec], writes: dict[int, list[str]]) -> None:
+    """Every planned output tensor is written by exactly one layer's write step, before any work starts
+    (a gap would otherwise show only at the end, as an output that cannot be finished)."""
+    planned = Counter(spec.name for spec in specs)
+    written = Counter(name for names in writes.values() for name in names)
+    if written != planned or max(planned.values(), default=1) > 1:
+        odd = sorted((planned - written) + (written - planned) + Counter(n for n, c in planned.items() if c > 1))
+        raise DernError(f"internal error: the output plan and the layer writes disagree (e.g. {odd[0]}); "
+                        "nothing was written")
+
+
+def copies_by_layer(names: list[str], moe_layers: list[int]) -> dict[int, list[str]]:
+    """Untouched tensors grouped with the MoE layer whose write copies them: a decoder layer's own
+    tensors with the first MoE layer at or after it (the last, past the end), others with the first."""
+    groups: dict[int, list[str]] = {i: [] for i in moe_layers}
+    for name in names:
+        layer = layer_of(name)
+        later = [i for i in moe_layers if layer is not None and i >= layer]
+        groups[later[0] if later else (moe_layers[-1] if layer is not None else moe_layers[0])].append(name)
+    return groups
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer index of `model.layers.N.` tensors, else None."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None

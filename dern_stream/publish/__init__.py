@@ -1,0 +1,1 @@
+"""What follows a finished rewrite: verify, the model card, the report, the Hub push."""

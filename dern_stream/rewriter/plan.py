@@ -1,0 +1,330 @@
+"""What a rewrite will do, decided before any expert weight is read: the RewritePlan.
+
+Built from the shard headers, config.json, the routers and the calibration dump: every check, the kept
+experts of each MoE layer, the tensors copied untouched, the output shards with each tensor's byte
+offset, the output config, the notes, the run key a resumed run must match, and the expected cost.
+An executor (execute.py) turns it into an output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calib import CalibDump
+from ..checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
+from ..checkpoint.run_identity import files_stamp, run_key, tree_stamp
+from ..checkpoint.safetensors_format import dtype_size
+from ..checkpoint.writer import ShardLayout, layout_shards
+from ..errors import DernError, arg
+from ..experts.importance import router_norm_importance, select_experts
+from ..families import Family, GroupPlan, family_for
+from ..layout.moe_layers import (
+    ModelShape,
+    MoELayer,
+    check_decoder_layers,
+    check_moe_layers,
+    check_plan_complete,
+    copies_by_layer,
+    output_layers,
+    plan_output,
+)
+from ..options import RewriteOptions
+from ..preflight import check_calib_choice
+from ..publish.hub import source_record
+from ..runtime.device import device_name, memory_size, resolve_device
+from ..storage import ExpertStorage, expert_storage
+from ..storage.reading import check_fp8_tensors
+from .estimates import Estimates, estimate
+from .layer import (
+    LayerRouting,
+    LayerSelection,
+    expert_tensor_names,
+    layer_importance,
+    layer_output_names,
+    layer_routing,
+)
+
+log = logging.getLogger("dern_stream")
+
+ROUTING, ROUTER_NORM, NOT_NEEDED = "routing", "router-norm", "not needed"
+
+
+@dataclass
+class RewritePlan:
+    source: Path
+    out: Path | None  # None for `dern-stream plan`, which writes nothing
+    calib: Path | None
+    options: RewriteOptions
+    family: Family
+    storage: ExpertStorage
+    shape: ModelShape
+    layers: list[MoELayer]  # the input's MoE layers, in order
+    out_layers: list[MoELayer]  # the same, as the output stores them
+    selection: dict[int, LayerSelection]
+    specs: list[TensorSpec]  # every output tensor, in file order
+    shards: list[ShardLayout]
+    copy_with: dict[int, list[str]]  # untouched tensors, copied by the write step of this MoE layer
+    writes: dict[int, list[str]]  # every output tensor each MoE layer's write step writes
+    out_config: dict
+    notes: list[str]
+    run: dict  # what a resumed run must match (run_identity.run_key)
+    fingerprint: str
+    device: torch.device
+    groups: GroupPlan | None
+    routing: LayerRouting
+    reads_experts: bool  # whether any expert weight is read for computation
+    estimates: Estimates
+    side_bytes: int  # tokenizer and other files copied beside the shards
+    dump: CalibDump | None  # open, checked against the model
+    config: dict  # the input's config.json
+    ranking_seconds: float  # spent on Stage 1 (the importance pass over the dump)
+    threads: int  # torch's thread count where the plan was made: every worker computes with as many
+    origin: dict  # how dern_stream.json names the input (hub.source_record: repo and commit, or directory name)
+
+    # Pickled for worker processes and Ray tasks without what is derived from the config (a Family holds
+    # functions) or open (the dump): each worker derives and opens them again.
+    _DERIVED = ("family", "routing", "groups", "dump")
+
+    def __getstate__(self) -> dict:
+        return {k: (None if k in self._DERIVED else v) for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.family = family_for(self.config)
+        self.routing = layer_routing(self.family, self.config, self.out_config)
+        self.groups = self.family.group_plan(self.config, self.options.experts, self.options.groups)
+        self.dump = CalibDump(self.calib) if self.calibrated else None
+
+    @property
+    def dequantized(self) -> bool:
+        return self.options.output_dtype is not None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def calibrated(self) -> set[int]:
+        """The MoE layers whose cached inputs the dump holds."""
+        return {i for i, s in self.selection.items() if s.source == ROUTING}
+
+    def layer(self, index: int) -> MoELayer:
+        """The input's MoE layer `index`."""
+        return next(layer for layer in self.layers if layer.index == index)
+
+    def open_source(self) -> Checkpoint:
+        """The input checkpoint, checked to be the one this plan was made from (its headers' fingerprint)."""
+        ckpt = Checkpoint(self.source)
+        if ckpt.fingerprint() != self.fingerprint:
+            ckpt.release()
+            raise DernError(f"{self.source} changed after the plan was made: plan again")
+        return ckpt
+
+    def read_ahead(self, layer: MoELayer) -> list[str]:
+        """What a layer's work reads from the input: its copied tensors, and its experts when all of them
+        will be read (by the computation, or copied because every expert is kept)."""
+        names = list(self.copy_with[layer.index])
+        if self.reads_experts or self.options.experts == self.shape.num_experts:
+            names += expert_tensor_names(self.family, layer, self.shape.num_experts)
+        return names
+
+
+def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib: Path | None,
+              progress: bool = False, origin: dict | None = None) -> RewritePlan:
+    """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
+    input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump.
+    `origin`: how the record names the input (default: hub.source_record of the directory)."""
+    source = resolve_checkpoint(src)
+    with Checkpoint(source) as ckpt:
+        return _plan(ckpt, source, out, options, calib, progress, origin or source_record(source))
+
+
+def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
+          progress: bool, origin: dict) -> RewritePlan:
+    config = ckpt.config
+    family = family_for(config)
+    storage = expert_storage(config)
+    check_fp8_tensors(ckpt)
+    dequantized = options.output_dtype is not None
+    if dequantized and not storage.quantized:
+        raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
+                        f"{source} is not quantized (config.json has no quantization_config): leave it out")
+    shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
+    _check_widths(options, shape, storage, family, dequantized)
+    check_decoder_layers(ckpt)
+    layers = check_moe_layers(ckpt, family, shape, storage)
+    family.check_expressible(config, options.experts)
+    if options.sequential and family.remote_code:
+        raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
+                        f"{family.model_type} (it runs as remote code): leave it out")
+    out_config, notes = family.output_config(config, options.experts, options.intermediate_size,
+                                             options.groups)
+    dropped = [name for name in ckpt.entries if family.is_dropped(name)]
+    if dropped:
+        notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
+                     f"load) are not carried over: their routed experts would disagree with K")
+    if dequantized:
+        del out_config["quantization_config"]
+        notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
+                     "quantization_config")
+    groups = family.group_plan(config, options.experts, options.groups)
+    routing = layer_routing(family, config, out_config)
+    device = resolve_device(options.device)
+    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+    if options.sequential and dump is not None:
+        dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
+    reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+    ranking = time.perf_counter()
+    selection = _select(ckpt, family, layers, dump, options, routing, groups, device,
+                        reads_experts or options.experts < shape.num_experts, progress)
+    ranking = time.perf_counter() - ranking
+
+    width = options.intermediate_size or shape.intermediate
+    out_layers = output_layers(layers, dequantized)
+    specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
+    copy_with = copies_by_layer(copied, [layer.index for layer in layers])
+    writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
+              for layer in out_layers}
+    check_plan_complete(specs, writes)
+    fingerprint = ckpt.fingerprint()
+    threads = torch.get_num_threads()  # every worker computes with as many, and a resume must too
+    run = run_key(
+        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
+        device_name=device_name(device), threads=threads, source_fingerprint=fingerprint,
+        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
+        calib_files=tree_stamp(calib) if dump is not None else None,
+    )
+    tokens = max((s.tokens for s in selection.values()), default=0)
+    stored = dtype_size(layers[0].dtype) if not storage.mxfp4 else 0.5
+    def costs_of(o: RewriteOptions) -> Estimates:
+        return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu")
+
+    costs = costs_of(options)
+    note = _memory_note(costs, options, device, tokens, costs_of)
+    if note is not None:
+        notes.append(note)
+    return RewritePlan(
+        source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
+        layers=layers, out_layers=out_layers, selection=selection, specs=specs,
+        shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
+        out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
+        routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
+        dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
+    )
+
+
+def _peak(costs: Estimates) -> int:
+    return costs.device_peak if costs.device_peak is not None else costs.host_peak
+
+
+def _memory_note(costs: Estimates, options: RewriteOptions, device: torch.device, tokens: int,
+                 costs_of: Callable[[RewriteOptions], Estimates]) -> str | None:
+    """Said before a run whose estimated peak exceeds the memory it computes in, with what lowers the peak."""
+    peak = _peak(costs)
+    total = memory_size(device)
+    if total is None or peak <= total:
+        return None
+    where = str(device) if costs.device_peak is not None else "host memory"
+    lower = []
+    if options.refit_steps and tokens:
+        # The gradient refit's Adam state is the largest part on large models: the largest group of experts that fits.
+        group = (options.refit_group or options.experts) // 2
+        while group >= 1 and _peak(costs_of(replace(options, refit_group=group))) > total:
+            group //= 2
+        if group >= 1:
+            lower.append(f"--refit-group {group} (the gradient refit holds about 22 bytes per weight of the experts "
+                         "it moves together)")
+        lower.append("--refit-steps 0")
+    if options.uses_layer_outputs and tokens:
+        lower.append(f"a smaller --fit-tokens (now {min(tokens, options.fit_tokens)} rows per layer)")
+    if costs.device_peak is not None:
+        lower.append("--device cpu")
+    advice = f"; lower it with {', or '.join(lower)}" if lower else ""
+    return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
+            f"stop out of memory{advice} (README, \"Memory\")")
+
+
+def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStorage, family: Family,
+                  dequantized: bool) -> None:
+    if options.experts > shape.num_experts:
+        raise DernError(f"{arg('experts', options.experts)} exceeds the model's {shape.num_experts} experts per layer")
+    if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
+        raise DernError(f"{arg('intermediate_size', options.intermediate_size)} exceeds the experts' current "
+                        f"{shape.intermediate}; it can only shrink them")
+    width = options.intermediate_size
+    if storage.fp8 and not dequantized and width is not None and any(width > b and width % b for b in storage.block):
+        # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
+        raise DernError(f"{arg('intermediate_size', width)} splits the FP8 scale blocks {list(storage.block)}: use a "
+                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or "
+                        f"{arg('output_dtype', 'bf16')}")
+    if family.fused is not None and family.fused.biased:
+        for name, off in (("refit", False), ("refit_steps", 0)):  # both fit experts without biases
+            if getattr(options, name):
+                raise DernError(f"{arg(name)} does not model {family.model_type}'s expert biases yet; leave it out "
+                                f"({arg('recipe', 'best')} uses it: give {arg(name, off)})")
+    if options.refit_router and family.bias_in_logits:
+        raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
+                        f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")
+    if storage.mxfp4 and not dequantized and width is not None and width % 32:
+        raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
+                        f"or {arg('output_dtype', 'bf16')}")
+
+
+def _select(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
+            options: RewriteOptions, routing: LayerRouting, groups: GroupPlan | None, device: torch.device,
+            ranked: bool, progress: bool) -> dict[int, LayerSelection]:
+    """Every layer's ranking (on the compute device, as the executor would compute it) and kept experts."""
+    n = family.num_experts(ckpt.config)
+    chooses_later = options.method in ("reap", "msmoe", "hcsmoe")
+    available = set(dump.attrs.get("moe_layers") or []) if dump is not None else set()
+    out: dict[int, LayerSelection] = {}
+    for layer in tqdm(layers, desc="rank experts", unit="layer", disable=not progress or not ranked):
+        if not ranked:
+            out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
+            continue
+        router = ckpt.load(family.router_name(layer.index))
+        if layer.index in available:
+            bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
+            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
+            source = ROUTING
+        else:
+            scores, tokens, source = router_norm_importance(router), 0, ROUTER_NORM
+        kept = None if chooses_later else select_experts(scores, options.experts, groups)
+        out[layer.index] = LayerSelection(scores, tokens, source, kept)
+    return out
+
+
+def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:
+    """Open and check the dump before any work starts (a bad dump must not cost a long run).
+
+    Layers the dump does not calibrate (a multi-token-prediction layer) are ranked by router norm."""
+    check_calib_choice(options, calib)
+    if options.importance == "router-norm":
+        notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
+        return None
+    dump = CalibDump(calib)
+    dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
+    available = set(dump.attrs.get("moe_layers") or [])
+    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    for i in layer_indices:
+        if i in available:
+            dump.layer(i)  # complete and non-empty, or a clear error now
+            dump.check_router(i, ckpt.load(family.router_name(i)))  # routers are small: check all up front
+        elif i >= decoder_layers:
+            # DeepSeek-V3's multi-token-prediction layer sits past the decoder; no forward pass reaches it.
+            notes.append(f"layer {i} (multi-token prediction) has no calibration inputs: ranked by router norm")
+        else:
+            raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
+    rows = min((dump.layer(i).shape[0] for i in layer_indices if i in available), default=0)
+    if options.refit_steps and 0 < rows < options.fit_tokens:
+        # The steps learn a small sample's tokens (README, "Quality v3"): worth saying before a long run.
+        notes.append(f"the dump holds {rows} inputs per layer, fewer than --fit-tokens {options.fit_tokens}: the "
+                     f"gradient refit generalises better from a dump of {options.fit_tokens} tokens or more")
+    return dump
