@@ -8,7 +8,10 @@ The matrix, on tiny random checkpoints built offline with transformers' own clas
   `eval` of the DERN output against the input (perplexity, KL, top-1, per-layer error);
 - `--recipe best` on mixtral and deepseek_v3;
 - FP8 block inputs (deepseek_v3 and qwen3_moe: prune, DERN, DERN with `--output-dtype bf16`) and MXFP4 (gpt-oss:
-  prune, DERN, and `eval` of the DERN output).
+  prune, DERN, and `eval` of the DERN output);
+- on mixtral and deepseek_v3, the other methods (reap, msmoe, hcsmoe) and the fitting options one at a time
+  (alpha candidates with the down refit, gradient steps without a held-out share, a narrower width), and on mixtral
+  the recipe with `--refit-group`, `--sequential`, `--workers 2` and the `plan --json` record.
 Each case records the SHA-256 of every file the command wrote (dern_stream.json and the model card included),
 and `eval` its numbers. `--compare` exits 1 and names every case that differs. The families' remote-code
 member (`deepseek`) has no transformers class: it is ranked by router norm, without a dump or eval.
@@ -32,6 +35,17 @@ from dern_stream.tiny_models import FAMILY_CONFIGS, build_demo, save_deepseek_mo
 
 TOKENS, SEQ_LEN = 1024, 64
 RECIPE_FAMILIES = ("mixtral", "deepseek_v3")
+OPTION_CASES = {  # on RECIPE_FAMILIES
+    "reap": dict(method="reap"), "msmoe": dict(method="msmoe"), "hcsmoe": dict(method="hcsmoe"),
+    "alphas-refit": dict(alpha_candidates=(1.0, 0.6, 0.2), refit=True),
+    "steps": dict(refit_steps=20, fit_tokens=512),
+}
+MIXTRAL_CASES = {
+    "width": dict(intermediate_size=16),
+    "best-group": dict(recipe="best", fit_tokens=512, refit_steps=20, refit_group=2),
+    "sequential": dict(refit=True, sequential=True),
+    "workers": dict(workers=2),
+}
 FP8_FAMILIES = ("deepseek_v3", "qwen3_moe")
 MXFP4_FAMILY = "gpt_oss"
 
@@ -44,10 +58,10 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 def _stable_bytes(path: Path) -> bytes:
-    if path.name != "dern_stream.json":
+    if path.name not in ("dern_stream.json", "plan.json"):
         return path.read_bytes()
     record = json.loads(path.read_text())
-    key = record["reproduce"]["resume_key"]
+    key = record["reproduce"]["resume_key"] if path.name == "dern_stream.json" else record["run_key"]
     key["source"]["files"] = key["calibration"] = "(input file times)"
     record.pop("record_checksum", None)  # (a checksum of the record, times included)
     return json.dumps(record, sort_keys=True).encode()
@@ -94,6 +108,13 @@ def family_cases(family: str, work: Path) -> dict[str, dict]:
     if family in RECIPE_FAMILIES:
         cases[f"{family}/best"] = _rewrite(model, base / "best", experts=k, recipe="best", calib=calib,
                                            fit_tokens=512, refit_steps=40)
+        for name, options in OPTION_CASES.items():
+            cases[f"{family}/{name}"] = _rewrite(model, base / name, experts=k, calib=calib, **options)
+    if family == "mixtral":
+        for name, options in MIXTRAL_CASES.items():
+            cases[f"{family}/{name}"] = _rewrite(model, base / name, experts=k, calib=calib, **options)
+        dern_stream.plan(model, experts=k, calib=calib, json_path=base / "plan.json", progress=False, device="cpu")
+        cases[f"{family}/plan"] = {"plan.json": hashlib.sha256(_stable_bytes(base / "plan.json")).hexdigest()}
     if family in FP8_FAMILIES:
         fp8 = save_fp8_copy(model, base / "fp8", block=(16, 16))
         for method in ("prune", "dern"):

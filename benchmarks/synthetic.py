@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from dern_stream.calib import CalibWriter, tensor_sha256
-from dern_stream.options import parse_size
+from dern_stream.runtime.arguments import parse_size
 from dern_stream.storage import quantize
 
 # fp8: projections stored as DeepSeek-V3's FP8 release stores them (float8_e4m3fn + float32 scales per 128x128

@@ -11,19 +11,22 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint.hub_cache import source_record
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
 from .errors import DernError, arg
-from .options import RewriteOptions, check_runs_in_one_process, option_fields, whole
-from .preflight import check_calib_choice
-from .publish.hub import check_push_token, check_repo_id, push, source_record
+from .options import RewriteOptions, option_fields
+from .publish.hub import check_push_token, check_repo_id, push
 from .publish.report import check_report_target, write_report
+from .rewriter.checks import check_calib_choice, check_runs_in_one_process
 from .rewriter.plan_record import PLAN_FORMAT, plan_record
+from .runtime.arguments import whole
 from .runtime.durable_files import write_replacing
 from .runtime.host_memory import map_large_blocks
 from .runtime.locks import reading_dump
 from .runtime.optional_packages import check_transformers, require_matplotlib, require_ray
-from .runtime.targets import JSON_FILE, check_apart, check_json_target, check_replaceable, not_json_of, read_paths
+from .runtime.own_outputs import not_json_of
+from .runtime.targets import JSON_FILE, check_apart, check_json_target, check_replaceable, read_paths
 
 if TYPE_CHECKING:
     from .rewriter.execute import RewriteSummary

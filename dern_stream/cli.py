@@ -207,7 +207,7 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
     """Write the calibration dump DUMP (zarr) of checkpoint IN's MoE-layer inputs, one layer at a time.
 
     Run again after an interruption, with the same arguments, to continue from the last finished layer."""
-    from .preflight import check_dump_arguments
+    from .calib.checks import check_dump_arguments
 
     check_dump_arguments(src, out, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,
                          num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
@@ -237,7 +237,7 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
     """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens); with
     --reference too, the KL divergence from the reference's next-token distribution and the top-1 agreement;
     with --reference and --calib, the per-MoE-layer output error on the inputs cached in the dump."""
-    from .preflight import check_eval_arguments
+    from .evaluation.checks import check_eval_arguments
 
     check_eval_arguments(src, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,
                          num_tokens=num_tokens, seq_len=seq_len, batch_size=batch_size, reference=reference,
@@ -261,7 +261,7 @@ def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device
 def verify_(out, against, revision, quiet) -> None:
     """Check that checkpoint OUT is whole: config-implied tensors present with the right shapes, index and
     shards in agreement, no NaN/Inf, dern_stream.json consistent; exit status 1 on any problem."""
-    from .preflight import check_verify_arguments
+    from .publish.checks import check_verify_arguments
 
     check_verify_arguments(out, against, revision)  # before torch loads
     from .publish.verify import verify

@@ -13,7 +13,7 @@ import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.families import family_for
 from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
-from dern_stream.rewriter.layer import read_experts
+from dern_stream.rewriter.layer_io import read_experts
 
 FUSED = ["granitemoe", "llama4_text"]
 

@@ -16,13 +16,13 @@ import dern_stream
 from dern_stream.calib import CalibDump, dump_from_model
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.errors import DernError
-from dern_stream.experts.forward import routed_output
-from dern_stream.experts.merging import prune_layer
+from dern_stream.experts.forward import layer_routing, routed_output
+from dern_stream.experts.result import kept_stack, prune_layer
 from dern_stream.families import PARTS, family_for
 from dern_stream.fit.down_refit import refit_down
 from dern_stream.fit.gradient_refit import CHECK_EVERY, held_out_judge, refit_gradient
 from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
-from dern_stream.rewriter.layer import kept_stack, layer_routing, read_experts
+from dern_stream.rewriter.layer_io import read_experts
 from dern_stream.storage import ExpertStorage
 from dern_stream.tiny_models import calibration_tokens
 

@@ -17,12 +17,12 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.experts import forward as moe_forward
-from dern_stream.experts.forward import EvenSample, expert_stats, routed_output
-from dern_stream.experts.merging import prune_layer
+from dern_stream.experts.forward import EvenSample, expert_stats, layer_routing, routed_output
+from dern_stream.experts.result import kept_stack, prune_layer
 from dern_stream.families import family_for
 from dern_stream.fit.down_refit import refit_down
 from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
-from dern_stream.rewriter.layer import kept_stack, layer_routing, read_experts
+from dern_stream.rewriter.layer_io import read_experts
 from dern_stream.stream.executor import moe_block_of
 
 

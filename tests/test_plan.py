@@ -18,7 +18,7 @@ from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.errors import DernError
 from dern_stream.options import option_fields
-from dern_stream.rewriter import plan as rewrite_plan
+from dern_stream.rewriter import estimates
 from dern_stream.runtime.device import memory_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -162,7 +162,7 @@ def test_a_plan_whose_estimated_peak_exceeds_the_memory_here_says_so_and_what_lo
     assert whole > by_four > by_two  # the Adam state of fewer experts at a time
     args = ["plan", str(src), "-k", "8", "--calib", str(dump), "--recipe", "best", "--device", "cpu", "-q"]
     for total, shown in ((whole, None), (whole - 1, 4), (by_four, 4), (by_four - 1, 2)):
-        monkeypatch.setattr(rewrite_plan, "memory_size", lambda device, total=total: total)
+        monkeypatch.setattr(estimates, "memory_size", lambda device, total=total: total)
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         if shown is None:
@@ -173,6 +173,6 @@ def test_a_plan_whose_estimated_peak_exceeds_the_memory_here_says_so_and_what_lo
                 f"22 bytes per weight of the experts it moves together), or --refit-steps 0, or a smaller "
                 f"--fit-tokens (now 1024 rows per layer)") in " ".join(result.output.split())
     # Without the gradient refit, none of its advice.
-    monkeypatch.setattr(rewrite_plan, "memory_size", lambda device: 2**20)
+    monkeypatch.setattr(estimates, "memory_size", lambda device: 2**20)
     result = CliRunner().invoke(main, [*args, "--refit-steps", "0"])
     assert "may stop out of memory" in result.output and "refit" not in result.output.split("may stop")[1]

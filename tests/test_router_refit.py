@@ -11,7 +11,7 @@ import torch
 import dern_stream
 from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
-from dern_stream.experts.merging import prune_layer
+from dern_stream.experts.result import prune_layer
 from dern_stream.families import family_for
 from dern_stream.fit.router_refit import membership, refit_router
 

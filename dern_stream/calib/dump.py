@@ -18,8 +18,7 @@ from ..checkpoint import Checkpoint, resolve_checkpoint
 from ..errors import DernError, NonFinite, arg, describe
 from ..families import family_for, require_forward
 from ..layout.moe_layers import check_decoder_layers, moe_layer_indices
-from ..options import choice, whole
-from ..preflight import check_dump_arguments
+from ..runtime.arguments import choice, whole
 from ..runtime.device import device_name, resolve_device
 from ..runtime.locks import DirLock
 from ..runtime.targets import check_apart, expand_user, read_paths
@@ -27,6 +26,7 @@ from ..storage.reading import check_fp8_tensors
 from ..stream import HiddenStore, StreamedModel
 from ..stream.executor import batched, parse_dtype
 from . import CalibWriter, tensor_sha256
+from .checks import check_dump_arguments
 from .dump_files import FORMAT, not_a_dump
 from .dump_workers import dump_in_workers, split_sequences
 from .text import check_vocabulary, file_sha256, note_long_sequences, tokens_from

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError, arg
-from ..preflight import check_text_source
 from ..runtime.optional_packages import require_transformers
+from .checks import check_text_source
 
 _PLAIN_BLOCK_CHARS = 64 << 10  # plain text is tokenized in blocks of whole lines of about this size
 

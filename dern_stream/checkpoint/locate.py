@@ -22,7 +22,7 @@ def resolve_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> P
     path = check_checkpoint_ref(ref, revision)
     if path is not None:
         return path
-    from ..publish.hub import download
+    from .hub_cache import download
 
     return download(str(ref), revision)
 

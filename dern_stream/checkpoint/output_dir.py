@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import DernError, arg, describe, writing
-from ..publish.report import not_a_report
 from ..runtime.locks import DirLock, empty_in_place
+from ..runtime.own_outputs import not_a_report
 from ..runtime.targets import check_apart, check_replaceable, is_mount_point
 from .locate import FOREIGN_WEIGHTS, INDEX_NAME
 from .progress import PROGRESS_NAME, Progress

@@ -24,15 +24,16 @@ from ..checkpoint import Checkpoint, resolve_checkpoint
 from ..errors import DernError, arg, describe
 from ..families import family_for, require_forward
 from ..layout.moe_layers import check_decoder_layers
-from ..preflight import EVAL_FORMAT, check_eval_arguments
 from ..runtime.device import resolve_device
 from ..runtime.durable_files import write_replacing
 from ..runtime.locks import reading_dump
-from ..runtime.targets import JSON_FILE, check_json_target, check_replaceable, expand_user, not_json_of, read_paths
+from ..runtime.own_outputs import not_json_of
+from ..runtime.targets import JSON_FILE, check_json_target, check_replaceable, expand_user, read_paths
 from ..storage.reading import check_fp8_tensors
 from ..stream import HiddenStore, StreamedModel
 from ..stream.executor import batched, parse_dtype
 from .agreement import compare_predictions
+from .checks import EVAL_FORMAT, check_eval_arguments
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DernError
+from ..families import Family
 from ..families.record import Router
 from .segments import ExpertStack
 
@@ -182,3 +183,21 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
             reap[e] /= routed
     logits = (x @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """The family's routing as the model applies it, before (N experts) and after (K experts) the rewrite."""
+
+    before: Gating
+    after: Gating
+
+
+def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRouting:
+    act = str(config.get("hidden_act", "silu"))
+
+    def gating(c: dict) -> Gating:
+        return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act,
+                      family.scales_expert_input, family.make_glu(c) if family.make_glu else None)
+
+    return LayerRouting(gating(config), gating(out_config))

@@ -15,15 +15,8 @@ from scipy.optimize import linear_sum_assignment
 from ..families import GroupPlan
 from .forward import ExpertStats
 from .importance import select_experts
-from .recombine import LayerResult, RebuiltExpert
+from .result import LayerResult, RebuiltExpert
 from .segments import ExpertStack
-
-
-def prune_layer(router: torch.Tensor, kept: list[int], num_experts: int) -> LayerResult:
-    """Stage 1 only: keep the chosen experts and their router rows, unchanged."""
-    dropped = [e for e in range(num_experts) if e not in set(kept)]
-    counts = torch.zeros(len(dropped), len(kept), dtype=torch.long)
-    return LayerResult(kept, router[kept].clone(), [None] * len(kept), counts, dropped, [0] * len(kept))
 
 
 def _routing_groups(num_experts: int, groups: GroupPlan | None) -> list[list[int]]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..runtime.stage_clock import NO_CLOCK, StageClock
 from .kmeans import batched_spherical_kmeans, gate_linf_init
+from .result import LayerResult, RebuiltExpert
 from .segments import ExpertStack, best_kept_experts, component_columns, transfer_counts, transfer_router
 
 
@@ -22,38 +23,6 @@ class DernParams:
     router_transfer: bool = True  # Eq. 8
     intermediate_size: int | None = None  # neurons per rebuilt expert (None: as now)
     block_bytes: int = 16 * 2**20  # the largest float32 block the similarity and k-means allocate
-
-
-@dataclass
-class RebuiltExpert:
-    """A kept expert's new weights, in the checkpoint's dtype: gate and up [k, d], down [d, k] (views,
-    possibly strided); `bias` [k, 2], each neuron's gate and up bias, where the family has them."""
-
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None  # [d] for a merged expert (baselines); None keeps the kept expert's
-
-
-@dataclass
-class LayerResult:
-    kept: list[int]
-    router: torch.Tensor  # [K, d] in the router's stored dtype
-    # One entry per kept expert: new weights, or None where the expert is written unchanged.
-    experts: list[RebuiltExpert | None]
-    counts: torch.Tensor  # [len(dropped), K] segments moved from each dropped to each kept expert
-    dropped: list[int] = field(default_factory=list)
-    kmeans_iterations: list[int] = field(default_factory=list)
-    router_transferred: bool = False  # Eq. 8 applied (a router bias in the logits then follows it too)
-    # For the report: pooled segments per bin of their best similarity (SIMILARITY_BINS over [-1, 1]),
-    # and [members, clusters with that many] over the rebuilt experts' k-means clusters.
-    similarity_histogram: list[int] = field(default_factory=list)
-    cluster_sizes: list[list[int]] = field(default_factory=list)
-
-    @property
-    def segments_reassigned(self) -> int:
-        return int(self.counts.sum())
 
 
 def dern_layer(

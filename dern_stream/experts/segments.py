@@ -224,3 +224,5 @@ def transfer_router(
     touched = counts.sum(dim=0) > 0
     out[touched] = (out[touched].float() + delta[touched]).to(router.dtype)
     return out
+
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..experts.recombine import LayerResult
+from ..experts.result import LayerResult
 from ..families.routing import SigmoidGroupLimited, SigmoidTopK
 
 _SIGMOID_ROUTERS = (SigmoidGroupLimited, SigmoidTopK)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..checkpoint.checksums import CHECKSUM, checksum, record_checksum, sealed_record
 from ..checkpoint.output_dir import AUDIT_NAME
 from ..errors import DernError, arg
-from ..preflight import EVAL_FORMAT
+from ..evaluation.checks import EVAL_FORMAT
 from ..runtime.durable_files import write_replacing
 
 CARD_NAME = "README.md"

@@ -13,12 +13,10 @@ from ..checkpoint.checksums import record_checksum
 from ..errors import DernError
 from ..runtime.durable_files import write_durably
 from ..runtime.optional_packages import require_matplotlib
+from ..runtime.own_outputs import REPORT_FORMAT, not_a_report
 from ..runtime.targets import check_apart, check_replaceable
 
-REPORT_FORMAT = "dern-stream report 1"
 RECORD_NAME = "dern_stream.json"
-PLOTS = ("importance", "reassigned", "pairs", "similarity", "clusters", "error")
-REPORT_FILES = {"report.json", "index.html", *(f"{name}.png" for name in PLOTS)}
 
 
 @dataclass
@@ -119,21 +117,6 @@ def check_report_target(directory: str | os.PathLike, overwrite: bool, reads: di
     if not target.parent.is_dir():
         raise DernError(f"report directory {target}: the folder {target.parent} does not exist")
     return target
-
-
-def not_a_report(path: Path) -> str | None:
-    """Why the directory `path` is not a report that dern-stream wrote (None when it is): its report.json says
-    so, and it holds nothing but the files a report writes (so replacing it deletes nothing of anyone's)."""
-    try:
-        own = json.loads((path / "report.json").read_text()).get("format") == REPORT_FORMAT
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        own = False
-    if not own:
-        return "is not a report that dern-stream wrote"
-    for item in sorted(path.iterdir()):
-        if item.name not in REPORT_FILES or item.is_symlink() or not item.is_file():
-            return f"holds {item.name}, which a report never writes"
-    return None
 
 
 def write_report(out: str | os.PathLike, directory: str | os.PathLike | None = None, *, overwrite: bool = False,

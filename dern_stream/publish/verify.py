@@ -37,11 +37,11 @@ from ..errors import DernError, arg
 from ..families import PARTS, family_for
 from ..layout.fused_tensors import fused_tensors
 from ..layout.moe_layers import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
-from ..preflight import check_verify_arguments
 from ..rewriter.audit import record_checksum
 from ..storage import expert_storage
 from ..storage.formats import SCALE_SUFFIX
 from ..storage.reading import check_fp8_tensors, is_scaled_fp8, load_weight
+from .checks import check_verify_arguments
 
 _COMPARE_CHUNK = 64 * 2**20
 

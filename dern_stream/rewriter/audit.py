@@ -12,7 +12,7 @@ from ..checkpoint.checksums import record_checksum, sealed_record
 from ..checkpoint.run_identity import versions
 from ..options import RewriteOptions
 from ..runtime.device import device_name
-from .layer import LayerReport
+from .layer_report import LayerReport
 
 
 def audit_record(

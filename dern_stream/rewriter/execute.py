@@ -25,14 +25,14 @@ from ..checkpoint.integrity import CHECKSUM, checksum
 from ..checkpoint.source import INDEX_NAME
 from ..errors import DernError, describe
 from ..layout.parameter_count import rewrite_parameters
-from ..options import check_runs_in_one_process
 from ..publish.card import BASE_CARD_NOTE, CARD_NAME, write_card
 from ..publish.report import ReportSummary
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.stage_clock import StageClock
 from .audit import audit_record, write_audit
+from .checks import check_runs_in_one_process
 from .executors import run_local, run_ray
-from .layer import LayerInputs, read_layer
+from .layer_io import LayerInputs, read_layer
 from .layer_task import compute_layer, write_outputs
 from .pipeline import run_pipeline
 from .plan import RewritePlan

@@ -21,7 +21,9 @@ from ..runtime.device import deterministic_kernels
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.stage_clock import StageClock
 from .audit import layer_record
-from .layer import LayerInputs, LayerReport, compress_layer, copy_tensor, read_layer, write_layer
+from .layer import compress_layer
+from .layer_io import LayerInputs, copy_tensor, read_layer, write_layer
+from .layer_report import LayerReport
 from .plan import RewritePlan
 
 if TYPE_CHECKING:

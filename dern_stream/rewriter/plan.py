@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..calib import CalibDump
 from ..checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
+from ..checkpoint.hub_cache import source_record
 from ..checkpoint.run_identity import files_stamp, run_key, tree_stamp
 from ..checkpoint.safetensors_format import dtype_size
 from ..checkpoint.writer import ShardLayout, layout_shards
 from ..errors import DernError, arg
-from ..experts.importance import router_norm_importance, select_experts
+from ..experts.forward import LayerRouting, layer_routing
 from ..families import Family, GroupPlan, family_for
 from ..layout.moe_layers import (
     ModelShape,
@@ -36,24 +35,17 @@ from ..layout.moe_layers import (
     plan_output,
 )
 from ..options import RewriteOptions
-from ..preflight import check_calib_choice
-from ..publish.hub import source_record
-from ..runtime.device import device_name, memory_size, resolve_device
+from ..runtime.device import device_name, resolve_device
 from ..storage import ExpertStorage, expert_storage
 from ..storage.reading import check_fp8_tensors
-from .estimates import Estimates, estimate
-from .layer import (
-    LayerRouting,
-    LayerSelection,
-    expert_tensor_names,
-    layer_importance,
-    layer_output_names,
-    layer_routing,
-)
+from .checks import check_calib_choice, check_widths
+from .estimates import Estimates, estimate, memory_note
+from .layer_io import expert_tensor_names, layer_output_names
+from .layer_report import ROUTING, LayerSelection
+from .selection import select_experts_of_layers
 
 log = logging.getLogger("dern_stream")
 
-ROUTING, ROUTER_NORM, NOT_NEEDED = "routing", "router-norm", "not needed"
 
 
 @dataclass
@@ -157,7 +149,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
-    _check_widths(options, shape, storage, family, dequantized)
+    check_widths(options, shape, storage, family, dequantized)
     check_decoder_layers(ckpt)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
@@ -182,7 +174,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
     reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
     ranking = time.perf_counter()
-    selection = _select(ckpt, family, layers, dump, options, routing, groups, device,
+    selection = select_experts_of_layers(ckpt, family, layers, dump, options, routing, groups, device,
                         reads_experts or options.experts < shape.num_experts, progress)
     ranking = time.perf_counter() - ranking
 
@@ -207,7 +199,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu")
 
     costs = costs_of(options)
-    note = _memory_note(costs, options, device, tokens, costs_of)
+    note = memory_note(costs, options, device, tokens, costs_of)
     if note is not None:
         notes.append(note)
     return RewritePlan(
@@ -218,87 +210,6 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
         dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
     )
-
-
-def _peak(costs: Estimates) -> int:
-    return costs.device_peak if costs.device_peak is not None else costs.host_peak
-
-
-def _memory_note(costs: Estimates, options: RewriteOptions, device: torch.device, tokens: int,
-                 costs_of: Callable[[RewriteOptions], Estimates]) -> str | None:
-    """Said before a run whose estimated peak exceeds the memory it computes in, with what lowers the peak."""
-    peak = _peak(costs)
-    total = memory_size(device)
-    if total is None or peak <= total:
-        return None
-    where = str(device) if costs.device_peak is not None else "host memory"
-    lower = []
-    if options.refit_steps and tokens:
-        # The gradient refit's Adam state is the largest part on large models: the largest group of experts that fits.
-        group = (options.refit_group or options.experts) // 2
-        while group >= 1 and _peak(costs_of(replace(options, refit_group=group))) > total:
-            group //= 2
-        if group >= 1:
-            lower.append(f"--refit-group {group} (the gradient refit holds about 22 bytes per weight of the experts "
-                         "it moves together)")
-        lower.append("--refit-steps 0")
-    if options.uses_layer_outputs and tokens:
-        lower.append(f"a smaller --fit-tokens (now {min(tokens, options.fit_tokens)} rows per layer)")
-    if costs.device_peak is not None:
-        lower.append("--device cpu")
-    advice = f"; lower it with {', or '.join(lower)}" if lower else ""
-    return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
-            f"stop out of memory{advice} (README, \"Memory\")")
-
-
-def _check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStorage, family: Family,
-                  dequantized: bool) -> None:
-    if options.experts > shape.num_experts:
-        raise DernError(f"{arg('experts', options.experts)} exceeds the model's {shape.num_experts} experts per layer")
-    if options.intermediate_size is not None and options.intermediate_size > shape.intermediate:
-        raise DernError(f"{arg('intermediate_size', options.intermediate_size)} exceeds the experts' current "
-                        f"{shape.intermediate}; it can only shrink them")
-    width = options.intermediate_size
-    if storage.fp8 and not dequantized and width is not None and any(width > b and width % b for b in storage.block):
-        # Loaders infer the block from the scale grid (transformers) or require whole blocks (vLLM).
-        raise DernError(f"{arg('intermediate_size', width)} splits the FP8 scale blocks {list(storage.block)}: use a "
-                        f"multiple of {max(storage.block)}, at most {min(storage.block)}, or "
-                        f"{arg('output_dtype', 'bf16')}")
-    if family.fused is not None and family.fused.biased:
-        for name, off in (("refit", False), ("refit_steps", 0)):  # both fit experts without biases
-            if getattr(options, name):
-                raise DernError(f"{arg(name)} does not model {family.model_type}'s expert biases yet; leave it out "
-                                f"({arg('recipe', 'best')} uses it: give {arg(name, off)})")
-    if options.refit_router and family.bias_in_logits:
-        raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
-                        f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")
-    if storage.mxfp4 and not dequantized and width is not None and width % 32:
-        raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
-                        f"or {arg('output_dtype', 'bf16')}")
-
-
-def _select(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
-            options: RewriteOptions, routing: LayerRouting, groups: GroupPlan | None, device: torch.device,
-            ranked: bool, progress: bool) -> dict[int, LayerSelection]:
-    """Every layer's ranking (on the compute device, as the executor would compute it) and kept experts."""
-    n = family.num_experts(ckpt.config)
-    chooses_later = options.method in ("reap", "msmoe", "hcsmoe")
-    available = set(dump.attrs.get("moe_layers") or []) if dump is not None else set()
-    out: dict[int, LayerSelection] = {}
-    for layer in tqdm(layers, desc="rank experts", unit="layer", disable=not progress or not ranked):
-        if not ranked:
-            out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
-            continue
-        router = ckpt.load(family.router_name(layer.index))
-        if layer.index in available:
-            bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
-            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
-            source = ROUTING
-        else:
-            scores, tokens, source = router_norm_importance(router), 0, ROUTER_NORM
-        kept = None if chooses_later else select_experts(scores, options.experts, groups)
-        out[layer.index] = LayerSelection(scores, tokens, source, kept)
-    return out
 
 
 def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:

@@ -64,7 +64,7 @@ def _dropped(plan: RewritePlan, kept: list[int] | None) -> list[int] | None:
 
 def describe(plan: RewritePlan) -> str:
     """A few lines: what changes, the output and the disk it needs, memory, compute."""
-    from .plan import ROUTER_NORM
+    from .layer_report import ROUTER_NORM
 
     shape, options, est = plan.shape, plan.options, plan.estimates
     changed = [i for i, s in plan.selection.items() if s.kept is None or len(s.kept) < shape.num_experts]

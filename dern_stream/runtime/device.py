@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError, arg
-from ..options import check_device_name
+from .arguments import check_device_name
 
 
 def resolve_device(name: str) -> torch.device:

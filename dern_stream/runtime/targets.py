@@ -4,12 +4,12 @@ which each command recognises by its own marker (`own_output` below)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DernError, arg
+from .own_outputs import not_json_of
 
 JSON_FILE = f"{arg('json_path')} file"  # what plan and eval call their report's path in messages
 
@@ -79,17 +79,6 @@ def is_mount_point(path: Path) -> bool:
     """A mount point cannot be renamed or replaced by a rename."""
     path = Path(path)
     return path.is_dir() and (os.path.ismount(path) or os.stat(path).st_dev != os.stat(path.parent).st_dev)
-
-
-def not_json_of(fmt: str, command: str) -> Callable[[Path], str | None]:
-    """For check_replaceable: why an existing file is not a JSON report with "format": `fmt` (None when it is)."""
-    def why(path: Path) -> str | None:
-        try:
-            own = json.loads(path.read_text()).get("format") == fmt
-        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-            own = False
-        return None if own else f"is not a report that {command} wrote"
-    return why
 
 
 def check_json_target(path: str | os.PathLike, overwrite: bool, fmt: str, command: str,

@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
 from ..families import family_for, require_forward
-from ..options import check_dtype_name
+from ..runtime.arguments import check_dtype_name
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.optional_packages import require_transformers
 from ..storage.reading import check_fp8_tensors

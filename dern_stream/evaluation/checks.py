@@ -1,0 +1,50 @@
+"""`eval`'s checks that need no tensors (paths, option values, an occupied --json target), torch-free: the command
+line runs them before torch loads, and `evaluate` starts with them (one set of checks, one set of messages)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..calib.checks import check_text_source
+from ..calib.dump_files import check_dump_path
+from ..checkpoint.locate import check_checkpoint_ref
+from ..errors import DernError, arg
+from ..runtime.arguments import check_device_name, check_dtype_name, check_text_options
+from ..runtime.targets import check_json_target, expand_user, read_paths
+
+EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
+
+
+def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, num_tokens: int, seq_len: int,
+                         batch_size: int, reference, calib, device: str, dtype: str, json_path, overwrite: bool,
+                         revision: str | None, reference_revision: str | None) -> Path | None:
+    """`eval`'s arguments; returns the --json target, resolved (None without one)."""
+    check_text_options(num_tokens, seq_len, batch_size)
+    text, tokenizer, calib = expand_user(text), expand_user(tokenizer), expand_user(calib)
+    wants_ppl = text is not None or dataset is not None or tokens_given
+    if calib is not None and reference is None:
+        raise DernError(f"{arg('calib')} needs {arg('reference', metavar='IN')}: the per-layer error compares this "
+                        "checkpoint's MoE blocks with the reference's on the dump's inputs")
+    if not wants_ppl and reference is None:
+        raise DernError(f"nothing to evaluate: give {arg('text')} or {arg('dataset')} for perplexity, or "
+                        f"{arg('reference', metavar='IN')} with {arg('calib', metavar='DUMP')}")
+    if reference is not None and calib is None and not wants_ppl:
+        raise DernError(f"with {arg('reference')}, give {arg('text')} or {arg('dataset')} (KL divergence and top-1 "
+                        f"agreement with it) and/or {arg('calib', metavar='DUMP')} (per-layer error)")
+    if wants_ppl and not tokens_given:
+        check_text_source(text, dataset)
+    if calib is not None:
+        check_dump_path(calib)
+    check_device_name(device)
+    check_dtype_name(dtype)
+    local = check_checkpoint_ref(src, revision)
+    if reference is not None:
+        try:
+            check_checkpoint_ref(reference, reference_revision)
+        except DernError as e:
+            raise DernError(f"{arg('reference')}: {e}") from None
+    if json_path is None:
+        return None
+    return check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
+        **(read_paths("the checkpoint", local) if local else {}), "the reference": reference,
+        "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})

@@ -1,0 +1,48 @@
+"""Stage 1 for every layer, as the plan decides it: each layer's experts ranked by their routing on the cached
+inputs (or by router norm), and the ones kept."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..calib import CalibDump
+from ..checkpoint import Checkpoint
+from ..experts.forward import Gating, LayerRouting
+from ..experts.importance import router_norm_importance, routing_importance, select_experts
+from ..families import Family, GroupPlan
+from ..layout.moe_layers import MoELayer
+from ..options import RewriteOptions
+from .layer_report import NOT_NEEDED, ROUTER_NORM, ROUTING, LayerSelection
+
+
+def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
+                     device: torch.device) -> tuple[torch.Tensor, int]:
+    """Routing statistics (Eq. 1) of layer `index` over all its cached inputs: (scores on the CPU, tokens).
+    The router (and bias) move to `device` unless they are there already."""
+    bias = bias.to(device) if bias is not None else None
+    return routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
+
+
+def select_experts_of_layers(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
+            options: RewriteOptions, routing: LayerRouting, groups: GroupPlan | None, device: torch.device,
+            ranked: bool, progress: bool) -> dict[int, LayerSelection]:
+    """Every layer's ranking (on the compute device, as the executor would compute it) and kept experts."""
+    n = family.num_experts(ckpt.config)
+    chooses_later = options.method in ("reap", "msmoe", "hcsmoe")
+    available = set(dump.attrs.get("moe_layers") or []) if dump is not None else set()
+    out: dict[int, LayerSelection] = {}
+    for layer in tqdm(layers, desc="rank experts", unit="layer", disable=not progress or not ranked):
+        if not ranked:
+            out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
+            continue
+        router = ckpt.load(family.router_name(layer.index))
+        if layer.index in available:
+            bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
+            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
+            source = ROUTING
+        else:
+            scores, tokens, source = router_norm_importance(router), 0, ROUTER_NORM
+        kept = None if chooses_later else select_experts(scores, options.experts, groups)
+        out[layer.index] = LayerSelection(scores, tokens, source, kept)
+    return out
