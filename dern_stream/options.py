@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import DernError, arg
+from .methods import all_methods, method_named, method_names
 from .runtime.arguments import choice, number, parse_size, whole
 
 SIM_COMPONENTS = ("gate", "up", "down")
 IMPORTANCE_METHODS = ("routing", "router-norm")
-METHODS = ("dern", "prune", "reap", "msmoe", "hcsmoe")
+METHODS = method_names()
 KMEANS_INITS = ("gate-linf", "own")
 SEQUENTIAL_TARGETS = ("layer", "model")
 GROUP_CHOICES = ("keep", "auto", "collapse")
@@ -77,7 +78,8 @@ class RewriteOptions:
     described once for the Python API and the command line."""
 
     experts: int
-    method: str = option("dern", "dern, or a baseline: prune, reap, msmoe, hcsmoe (see the README).", METHODS)
+    method: str = option(METHODS[0], f"{METHODS[0]}, or a baseline: {', '.join(METHODS[1:])} (docs/method.md, "
+                                      "\"Methods\").", METHODS)
     recipe: str | None = option(None, "A bundle of method options: 'paper' is the paper's DERN; 'best', the "
                                       f"recommended setting, is {_as_flags(RECIPES['best'])}. Options given beside "
                                       "it override its values.", tuple(sorted(RECIPES)))
@@ -163,14 +165,14 @@ class RewriteOptions:
                 raise DernError(f"{arg(name)} must be true or false, got {flag!r}")
         if not isinstance(self.device, str):
             raise DernError(f"{arg('device')} must be a device name such as auto, cpu or cuda:0, got {self.device!r}")
+        recombines = " or ".join(arg("method", m.name) for m in all_methods() if m.recombines_neurons)
         if self.alpha_candidates is not None:
             cands = parse_floats(self.alpha_candidates, "alpha_candidates")
-            if self.method != "dern":
-                raise DernError(f"{arg('alpha_candidates')} applies to {arg('method', 'dern')} only")
+            if not method_named(self.method).recombines_neurons:
+                raise DernError(f"{arg('alpha_candidates')} applies to {recombines} only")
             object.__setattr__(self, "alpha_candidates", cands)
-        if self.intermediate_size is not None and self.method != "dern":
-            raise DernError(f"{arg('intermediate_size')} needs {arg('method', 'dern')} ({self.method} keeps whole "
-                            "experts)")
+        if self.intermediate_size is not None and not method_named(self.method).recombines_neurons:
+            raise DernError(f"{arg('intermediate_size')} needs {recombines} ({self.method} keeps whole experts)")
         if (self.sequential or self.holdout) and not self.uses_layer_outputs:
             name = "sequential" if self.sequential else "holdout"
             raise DernError(f"{arg(name, getattr(self, name))} changes nothing without an option fitted on the "
@@ -192,22 +194,15 @@ class RewriteOptions:
     @property
     def uses_layer_outputs(self) -> bool:
         """Whether the layer's outputs on the cached inputs are needed (baselines, choice, refit)."""
-        return (self.method in ("reap", "msmoe", "hcsmoe") or bool(self.alpha_candidates) or self.refit
+        return (method_named(self.method).keeps_from_outputs or bool(self.alpha_candidates) or self.refit
                 or self.refit_router or bool(self.refit_steps))
 
     def reads_expert_weights(self, num_experts: int, intermediate: int) -> bool:
-        """Whether any expert weight must be read for computation. Not for pruning, nor for DERN when
-        no segment can move (K = N, or alpha = 1): kept experts are then copied as raw bytes."""
+        """Whether any expert weight must be read for computation: for the layer's outputs, a narrower width, or
+        the method's own work. Else (pruning; DERN when no segment can move) kept experts are copied as raw bytes."""
         if self.uses_layer_outputs or (self.intermediate_size is not None and self.intermediate_size < intermediate):
             return True
-        return self.method == "dern" and self.experts < num_experts and self.alpha < 1.0
-
-    def dern_params(self, alpha: float | None = None):
-        """The DERN part of these options (methods.DernParams), with `alpha` instead of the option's if given."""
-        from .experts.recombine import DernParams
-
-        return DernParams(self.alpha if alpha is None else alpha, self.sim_components, self.kmeans_iters,
-                          self.kmeans_init, self.router_transfer, self.intermediate_size, self.similarity_block_bytes)
+        return method_named(self.method).reads_expert_weights(self, num_experts)
 
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""

@@ -13,51 +13,13 @@ from pathlib import Path
 
 import torch
 
+from .families import FAMILIES
+
 # vocab_size: the byte-level tokenizer's 256 bytes and 3 special tokens, and 125 merges (build_tokenizer).
 _COMMON = dict(vocab_size=384, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, tie_word_embeddings=False)
-_DEEPSEEK = dict(moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
-                 kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
-FAMILY_CONFIGS: dict[str, dict] = {
-    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=48,
-                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
-    "qwen3_moe": dict(moe_intermediate_size=32, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=True, head_dim=16),
-    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1),
-    "deepseek_v2": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=None,
-                        topk_method="greedy"),
-    "deepseek_v3": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24,
-                        n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5),
-    "deepseek_v32": dict(_DEEPSEEK, n_routed_experts=8, num_experts_per_tok=2, q_lora_rank=24, n_group=2,
-                         topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, index_n_heads=2,
-                         index_head_dim=16, index_topk=64, num_key_value_heads=4),
-    "glm4_moe": dict(moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2,
-                     n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16,
-                     routed_scaling_factor=1.5, pad_token_id=1, bos_token_id=1, eos_token_id=2),
-    "minimax_m2": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                       bos_token_id=1, eos_token_id=2),
-    "phimoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
-    "qwen3_next": dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=32,
-                       num_experts=8, num_experts_per_tok=2, head_dim=16, linear_num_value_heads=4,
-                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-                       layer_types=["linear_attention", "full_attention", "linear_attention"]),
-    "qwen3_5_moe_text": dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
-                             num_experts_per_tok=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
-                             linear_key_head_dim=16, linear_value_head_dim=16,
-                             layer_types=["linear_attention", "full_attention", "linear_attention"]),
-    "hunyuan_v1_moe": dict(intermediate_size=32, num_experts=8, moe_topk=2, head_dim=16),
-    "granitemoe": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
-    "llama4_text": dict(intermediate_size=32, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
-                        head_dim=16, interleave_moe_layer_step=2, num_hidden_layers=4, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0),
-    "gpt_oss": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-                    sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-    "ernie4_5_moe": dict(moe_intermediate_size=32, intermediate_size=96, moe_num_experts=8, moe_k=2,
-                         moe_layer_start_index=1, moe_num_shared_experts=1),
-}
-# vLLM reads these from config.json although DeepseekV3Config does not carry them (its DeepSeek-V3 loader).
-_EXTRA_CONFIG_KEYS = {"deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
+# Each family's own tiny config (its record: families/catalog/), for the families transformers builds.
+FAMILY_CONFIGS: dict[str, dict] = {f.model_type: dict(f.tiny_config) for f in FAMILIES.values() if not f.remote_code}
 
 
 def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -87,7 +49,7 @@ def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Pa
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    extra = _EXTRA_CONFIG_KEYS.get(model.config.model_type)
+    extra = FAMILIES[model.config.model_type].tiny_config_extra
     if extra:
         cfg = json.loads((path / "config.json").read_text())
         cfg.update(extra)
@@ -95,21 +57,7 @@ def save_model(model, path: str | Path, max_shard_size: str | None = None) -> Pa
     return path
 
 
-# DeepSeek-MoE-16B's published config.json (deepseek-ai/deepseek-moe-16b-base), with the sizes scaled down.
-DEEPSEEK_MOE_16B_CONFIG = {
-    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
-                 "AutoModel": "modeling_deepseek.DeepseekModel",
-                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
-    "aux_loss_alpha": 0.001, "bos_token_id": 1, "eos_token_id": 2, "first_k_dense_replace": 1,
-    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
-    "max_position_embeddings": 128, "model_type": "deepseek", "moe_intermediate_size": 32, "moe_layer_freq": 1,
-    "n_routed_experts": 8, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 4,
-    "num_experts_per_tok": 3, "num_hidden_layers": 3, "num_key_value_heads": 4, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
-    "vocab_size": 256,
-}
+DEEPSEEK_MOE_16B_CONFIG = FAMILIES["deepseek"].tiny_config  # its published config.json, scaled down
 
 
 def save_deepseek_moe_16b(path: str | Path, *, seed: int = 0) -> Path:

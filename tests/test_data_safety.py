@@ -593,10 +593,10 @@ def test_full_disk_in_dump_then_the_same_command_resumes(world, monkeypatch, cap
 def test_device_out_of_memory_mid_run_is_one_line_and_the_same_command_resumes(world, monkeypatch):
     """torch's OutOfMemoryError from a layer's computation (what a GPU too small for a layer raises) ends in one
     line that says how to go on; the finished layers are kept and the same command completes the output."""
-    from dern_stream.rewriter import layer as layer_rewrite
+    from dern_stream.experts import recombine
 
     out, whole = world.root / "out", world.root / "whole"
-    real, calls = layer_rewrite.dern_layer, []
+    real, calls = recombine.dern_layer, []
 
     def out_of_memory_in_the_second_layer(*args, **kwargs):
         calls.append(1)
@@ -605,7 +605,7 @@ def test_device_out_of_memory_mid_run_is_one_line_and_the_same_command_resumes(w
                                          "capacity of 23.5 GiB of which 1.2 GiB is free.")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(layer_rewrite, "dern_layer", out_of_memory_in_the_second_layer)
+    monkeypatch.setattr(recombine, "dern_layer", out_of_memory_in_the_second_layer)
     result = run(*world.rewrite(out))
     assert result.exit_code == 2, result.output
     line = error_line(result.exit_code, result.stderr, result.output, "error: the device ran out of memory (CUDA "
@@ -613,7 +613,7 @@ def test_device_out_of_memory_mid_run_is_one_line_and_the_same_command_resumes(w
                       "run the same command again to resume, or start over on the CPU with --device cpu --restart")
     assert line and not out.exists() and (world.root / ".out.dern-partial").is_dir()
 
-    monkeypatch.setattr(layer_rewrite, "dern_layer", real)
+    monkeypatch.setattr(recombine, "dern_layer", real)
     assert run(*world.rewrite(out)).exit_code == 0
     world.made(world.rewrite(whole))
     assert file_bytes(out) == file_bytes(whole)

@@ -1,11 +1,11 @@
-"""Model families, chosen by config.json's `model_type` (catalog.py lists them, and says how to add one)."""
+"""Model families, one record each (record.py; every record: catalog/), chosen by config.json's `model_type`."""
 
 from ..errors import DernError
-from .catalog import ALL
+from .catalog import all_families
 from .config_rules import check_config, check_model_type
 from .record import PARTS, Family, GroupPlan
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in ALL}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in all_families()}
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 

@@ -1,6 +1,7 @@
 """config.json value types, checked before any work: a wrong type or range is one clear line, not a traceback.
 
-One table per family: key -> the kind of value it must hold, whether the family cannot do without it
+A table of the keys every family shares here, and one per family in its record (catalog/): key -> the kind of
+value it must hold, whether the family cannot do without it
 (`required`), and whether null is allowed (only where the family's transformers config class treats
 null as "use the default" or as a meaningful choice, e.g. DeepSeek's `q_lora_rank: null` = no query
 compression). Ints are not floats' only spelling (a positive number may be written `2`), but a bool is
@@ -15,13 +16,48 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import DernError
-from .record import Family
+
+if TYPE_CHECKING:
+    from .record import Family
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(v) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def nonnegative_int(v) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def positive_number(v) -> bool:
+    return _is_number(v) and v > 0
+
+
+def nonnegative_number(v) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def boolean(v) -> bool:
+    return isinstance(v, bool)
+
+
+def string(v) -> bool:
+    return isinstance(v, str)
+
+
+def json_object(v) -> bool:
+    return isinstance(v, dict)
 
 
 @dataclass(frozen=True)
@@ -30,15 +66,13 @@ class Kind:
     accepts: Callable[[object], bool]
 
 
-POS_INT = Kind("a positive integer", lambda v: _is_int(v) and v >= 1)
-NONNEG_INT = Kind("a non-negative integer", lambda v: _is_int(v) and v >= 0)
-POS_FLOAT = Kind("a positive number",
-                 lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0)
-NONNEG_FLOAT = Kind("a non-negative number",
-                    lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
-BOOL = Kind("true or false", lambda v: isinstance(v, bool))
-STR = Kind("a string", lambda v: isinstance(v, str))
-OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
+POS_INT = Kind("a positive integer", positive_int)
+NONNEG_INT = Kind("a non-negative integer", nonnegative_int)
+POS_FLOAT = Kind("a positive number", positive_number)
+NONNEG_FLOAT = Kind("a non-negative number", nonnegative_number)
+BOOL = Kind("true or false", boolean)
+STR = Kind("a string", string)
+OBJECT = Kind("a JSON object", json_object)
 
 
 @dataclass(frozen=True)
@@ -74,127 +108,10 @@ COMMON: dict[str, Rule] = {
     "quantization_config": opt(OBJECT, nullable=True),
 }
 
-_DEEPSEEK: dict[str, Rule] = {
-    "intermediate_size": opt(POS_INT),  # the dense layers' MLP
-    "num_key_value_heads": opt(POS_INT, nullable=True),  # null: as many as attention heads
-    "n_shared_experts": opt(NONNEG_INT),
-    "first_k_dense_replace": opt(NONNEG_INT),  # null builds no model in transformers (compared with a layer index)
-    "routed_scaling_factor": opt(POS_FLOAT),
-    "norm_topk_prob": opt(BOOL, nullable=True),
-    "q_lora_rank": opt(POS_INT, nullable=True),  # null: no query compression
-    "kv_lora_rank": opt(POS_INT),
-    "qk_nope_head_dim": opt(POS_INT),
-    "qk_rope_head_dim": opt(POS_INT),
-    "v_head_dim": opt(POS_INT),
-}
-
-PER_FAMILY: dict[str, dict[str, Rule]] = {
-    "mixtral": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT, nullable=True),  # null: hidden_size / num_attention_heads
-    },
-    "qwen2_moe": {
-        "num_key_value_heads": opt(POS_INT),
-        "intermediate_size": opt(POS_INT),
-        "shared_expert_intermediate_size": opt(POS_INT),
-        "decoder_sparse_step": opt(POS_INT),
-        "norm_topk_prob": opt(BOOL),
-    },
-    "qwen3_moe": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT),
-        "intermediate_size": opt(POS_INT),
-        "decoder_sparse_step": opt(POS_INT),
-        "norm_topk_prob": opt(BOOL),
-    },
-    "olmoe": {
-        "num_key_value_heads": opt(POS_INT, nullable=True),
-        "norm_topk_prob": opt(BOOL),
-    },
-    "deepseek_v2": {
-        **_DEEPSEEK,
-        # null: greedy routing does not use groups (group_limited_greedy needs both: _check_groups)
-        "n_group": opt(POS_INT, nullable=True),
-        "topk_group": opt(POS_INT, nullable=True),
-        "topk_method": opt(STR, choices=("greedy", "group_limited_greedy")),
-    },
-    "deepseek_v3": {
-        **_DEEPSEEK,
-        # Always group-limited; absent, transformers would assume 8 groups of which 4 are used.
-        "n_group": req(POS_INT),
-        "topk_group": req(POS_INT),
-    },
-    "deepseek_v32": {
-        **_DEEPSEEK,
-        "n_group": req(POS_INT),  # as deepseek_v3
-        "topk_group": req(POS_INT),
-        "index_topk": opt(POS_INT),
-        "index_n_heads": opt(POS_INT),
-        "index_head_dim": opt(POS_INT),
-    },
-    "glm4_moe": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT, nullable=True),
-        "intermediate_size": opt(POS_INT),
-        "n_shared_experts": opt(NONNEG_INT),
-        "first_k_dense_replace": opt(NONNEG_INT),
-        "routed_scaling_factor": opt(POS_FLOAT),
-        "norm_topk_prob": opt(BOOL),
-        "n_group": opt(POS_INT),  # absent: 1 (Glm4MoeConfig's default)
-        "topk_group": opt(POS_INT),
-        "num_nextn_predict_layers": opt(NONNEG_INT),
-    },
-    "minimax_m2": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT, nullable=True),
-    },
-    "phimoe": {
-        "num_key_value_heads": opt(POS_INT),
-        "router_jitter_noise": opt(NONNEG_FLOAT),
-    },
-    "qwen3_next": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT),
-        "intermediate_size": opt(POS_INT),
-        "shared_expert_intermediate_size": opt(POS_INT),
-        "decoder_sparse_step": opt(POS_INT),
-        "norm_topk_prob": opt(BOOL),
-    },
-    "qwen3_5_moe_text": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT),
-        "shared_expert_intermediate_size": opt(POS_INT),
-    },
-    "hunyuan_v1_moe": {
-        "num_key_value_heads": opt(POS_INT),
-        "head_dim": opt(POS_INT, nullable=True),
-        "num_shared_expert": opt(NONNEG_INT),
-    },
-    "ernie4_5_moe": {
-        "num_key_value_heads": opt(POS_INT),
-        "intermediate_size": opt(POS_INT),
-        "moe_num_shared_experts": opt(NONNEG_INT),
-        "moe_layer_start_index": opt(NONNEG_INT),
-        "moe_layer_end_index": opt(Kind("an integer from -1 (the last layer) up",
-                                        lambda v: _is_int(v) and v >= -1)),
-        "moe_layer_interval": opt(POS_INT),
-        "moe_norm_min": opt(POS_FLOAT),
-    },
-    "deepseek": {
-        "num_key_value_heads": opt(POS_INT),
-        "intermediate_size": opt(POS_INT),
-        "n_shared_experts": opt(NONNEG_INT, nullable=True),
-        "first_k_dense_replace": opt(NONNEG_INT),
-        "moe_layer_freq": opt(POS_INT),
-        "norm_topk_prob": opt(BOOL),
-        "scoring_func": opt(STR, choices=("softmax",)),
-    },
-}
-
 def rules_for(family: Family) -> dict[str, Rule]:
     """The table for `family`: common keys, its expert count and width keys, its own keys."""
     return {**COMMON, **{k: opt(POS_INT) for k in (*family.expert_count_keys, *family.top_k_keys)},
-            family.intermediate_key: req(POS_INT), **PER_FAMILY.get(family.model_type, {})}
+            family.intermediate_key: req(POS_INT), **family.config_rules}
 
 
 def show(value) -> str:

@@ -1,15 +1,18 @@
-"""What a model family looks like on disk: tensor names, config keys, routing, output config rules."""
+"""What a model family looks like on disk, as one plain record: tensor names, config keys and their value rules,
+routing, output config rules, and the tiny model the tests build of it. Records hold data and named functions only
+(no lambdas), so a plan pickles whole for worker processes and Ray tasks. Every record: catalog/."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import DernError, arg
 from ..storage import mxfp4
+from .config_rules import Rule
 from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
 
 Router = SoftmaxTopK | SoftmaxGroupLimited | SigmoidGroupLimited
@@ -83,9 +86,26 @@ class FusedExperts:
         return out
 
 
-@dataclass(frozen=True)
+def always(config: dict) -> bool:
+    return True
+
+
+def never(config: dict) -> bool:
+    return False
+
+
+def norm_topk_prob(config: dict, default: bool = False) -> bool:
+    """Whether the scores are renormalised over A(x): config.json's norm_topk_prob, else the config class's default."""
+    return bool(config.get("norm_topk_prob", default))
+
+
+def unit_scale(config: dict) -> float:
+    return 1.0
+
+
+@dataclass(frozen=True, eq=False)
 class Family:
-    """One MoE family as data (see catalog.py for every entry and how to add one).
+    """One MoE family as data (catalog/ holds every record; docs/architecture.md says how to add one).
 
     Tensor names are templates under the decoder layer `model.layers.{i}.`: `router` and `bias` as they
     are, `experts` with `{e}` (the expert) and `{proj}` (one of `proj_names`, in PARTS order)."""
@@ -107,13 +127,13 @@ class Family:
     shared_count_key: str | None = None
     # Why --intermediate-size cannot change the experts' width, when another module reads the same key.
     fixed_width: str | None = None
-    grouped_routing: Callable[[dict], bool] = lambda config: False  # more than one routing group in use
-    uses_groups: Callable[[dict], bool] = lambda config: False  # the router reads n_group / topk_group
+    grouped_routing: Callable[[dict], bool] = never  # more than one routing group in use
+    uses_groups: Callable[[dict], bool] = never  # the router reads n_group / topk_group
     group_defaults: tuple[int, int] | None = None  # n_group, topk_group when config.json leaves them out
     # How the model combines the selected experts' outputs (only the output-error options need it):
     # scores renormalised over A(x)? then times what? (docs/method.md, "Notation")
-    renormalises: Callable[[dict], bool] = lambda config: bool(config.get("norm_topk_prob", False))
-    routed_scale: Callable[[dict], float] = lambda config: 1.0
+    renormalises: Callable[[dict], bool] = norm_topk_prob
+    routed_scale: Callable[[dict], float] = unit_scale
     # Experts every routing group must hold (n_group groups, or one): DeepSeek-V3 scores a group by the
     # sum of its top two experts, so a group of one cannot be routed (transformers: "selected index k
     # out of range").
@@ -131,6 +151,22 @@ class Family:
     bias_in_logits: bool = False  # `bias` is part of the router's logits (gpt-oss), not a correction for the choice
     make_glu: Callable[[dict], Callable] | None = None  # experts' glu(g, u) when not act(g) * u (gpt-oss)
     scales_expert_input: bool = False  # the router's score scales the expert's input, not its output (Llama-4)
+    # The family's own config.json keys and the values they take (config_rules.py), checked before any work beside
+    # the keys every family shares; the expert count, top-k and width keys are checked from the fields above.
+    config_rules: Mapping[str, Rule] = field(default_factory=dict)
+    # The tiny random model the tests and the demo build of this family (tiny_models.py): its config class's values
+    # beside the shared small sizes, and keys written into its config.json that the config class does not keep.
+    # A remote-code family's is its whole config.json.
+    tiny_config: Mapping[str, object] = field(default_factory=dict)
+    tiny_config_extra: Mapping[str, object] = field(default_factory=dict)
+
+    # One record per model_type: two records are the same family when their model_type is (a record that a worker
+    # unpickled holds equal, not identical, partial functions).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Family) and other.model_type == self.model_type
+
+    def __hash__(self) -> int:
+        return hash(self.model_type)
 
     # --- tensor names -------------------------------------------------------------------------
     def router_name(self, layer: int) -> str:
@@ -245,7 +281,7 @@ class Family:
 
     def check_expressible(self, config: dict, experts: int) -> None:
         """Refuse, before any work, a K whose output config could not route; name the K values that can.
-        (The input config's own routing is checked with its other values: config_check.py.)"""
+        (The input config's own routing is checked with its other values: config_rules.py.)"""
         problem = self.routing_problem(self.output_config(config, experts, None)[0])
         if problem is None:
             return

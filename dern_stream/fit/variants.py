@@ -4,14 +4,15 @@ ridge), and what each refits (docs/method.md, "Beyond the paper")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..options import RewriteOptions
 from .down_refit import refit_down
 from .router_refit import refit_router
 
-ROUTER_RIDGE = 0.01  # --refit-router's ridge, relative to the mean Gram diagonal (README, "Quality")
+if TYPE_CHECKING:
+    from ..options import RewriteOptions
 
-
+ROUTER_RIDGE = 0.01  # --refit-router's ridge, relative to the mean Gram diagonal (docs/method.md, "Beyond the paper")
 RIDGE_FACTORS = (0.1, 0.3, 3.0)  # with --holdout, the down refit's ridge is also tried at these times --refit-ridge
 
 

@@ -10,6 +10,8 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from ..methods import method_named, method_names
+
 PAIR_PANELS = 8  # layers shown as (dropped, kept) matrices: the ones that moved the most segments
 DPI = 110
 
@@ -61,7 +63,9 @@ def importance_heatmap(data: dict) -> Figure | str:
     ax.set_yticks(range(len(layers)), [str(entry["layer"]) for entry in layers])
     ax.set_xlabel("expert (original index)")
     ax.set_ylabel("layer")
-    chooser = "" if data["method"] in ("dern", "prune") else f", chosen by {data['method']}'s own criterion"
+    method = data["method"]
+    own = method in method_names() and method_named(method).keeps_from_outputs
+    chooser = f", chosen by {method}'s own criterion" if own else ""
     ax.set_title(f"Expert importance ({layers[0]['importance_source']}); rings: the {data['experts_after']} kept"
                  + chooser)
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08), fontsize="small", facecolor="0.4", labelcolor="white")

@@ -9,12 +9,17 @@ compare the host figure, and on CUDA the device figure, with a measured rewrite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
 
 from ..experts.forward import row_block
 from ..fit.gradient_refit import BATCH_ROWS, CHECK_EVERY
 from ..layout.moe_layers import ModelShape
+from ..methods import method_named
 from ..options import RewriteOptions
+from ..runtime.device import memory_size
 from ..storage import ExpertStorage
 from ..storage.fp8_blocks import scale_shape
 
@@ -104,14 +109,7 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
 
 def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int) -> LayerCompute:
     n, k, h, d = shape.num_experts, options.experts, shape.intermediate, shape.hidden
-    width = options.intermediate_size or h
-    sim = len(options.sim_components) * d
-    dern = options.method == "dern"
-    moves = dern and k < n and options.alpha < 1.0
-    reassign = 2 * (n - k) * h * k * h * sim if moves else 0
-    members = h + ((n - k) * h / k if moves else 0)
-    clusters = dern and (moves or width < h)
-    cluster = options.kmeans_iters * 2 * k * members * width * sim if clusters else 0
+    reassign, cluster = method_named(options.method).compute_gflop(shape, options)
     candidates = len(options.alpha_candidates or ()) or 1
     forward = 2 * min(tokens, options.fit_tokens) * top_k * 3 * h * d
     # Each candidate is judged once per refit variant; a down refit costs about two forwards (its sweeps); with a
@@ -123,7 +121,7 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
         batch = min(tokens, options.fit_tokens, BATCH_ROWS) / max(1, min(tokens, options.fit_tokens))
         fit += forward * options.refit_steps * (3 * batch * (1 + bool(options.holdout)) * _group_work(options, k, top_k)
                                                 + (options.holdout / CHECK_EVERY))
-    return LayerCompute(2 * tokens * n * d / 1e9, reassign / 1e9, cluster / 1e9, fit / 1e9)
+    return LayerCompute(2 * tokens * n * d / 1e9, reassign, cluster, fit / 1e9)
 
 
 def _group_work(options: RewriteOptions, k: int, top_k: int) -> float:
@@ -139,3 +137,34 @@ def _group_work(options: RewriteOptions, k: int, top_k: int) -> float:
 def _group_size(options: RewriteOptions, k: int) -> int:
     """Kept experts the gradient refit moves together (methods/gradient_refit.py)."""
     return min(options.refit_group or k, k)
+
+
+def _peak(costs: Estimates) -> int:
+    return costs.device_peak if costs.device_peak is not None else costs.host_peak
+
+
+def memory_note(costs: Estimates, options: RewriteOptions, device: torch.device, tokens: int,
+                 costs_of: Callable[[RewriteOptions], Estimates]) -> str | None:
+    """Said before a run whose estimated peak exceeds the memory it computes in, with what lowers the peak."""
+    peak = _peak(costs)
+    total = memory_size(device)
+    if total is None or peak <= total:
+        return None
+    where = str(device) if costs.device_peak is not None else "host memory"
+    lower = []
+    if options.refit_steps and tokens:
+        # The gradient refit's Adam state is the largest part on large models: the largest group of experts that fits.
+        group = (options.refit_group or options.experts) // 2
+        while group >= 1 and _peak(costs_of(replace(options, refit_group=group))) > total:
+            group //= 2
+        if group >= 1:
+            lower.append(f"--refit-group {group} (the gradient refit holds about 22 bytes per weight of the experts "
+                         "it moves together)")
+        lower.append("--refit-steps 0")
+    if options.uses_layer_outputs and tokens:
+        lower.append(f"a smaller --fit-tokens (now {min(tokens, options.fit_tokens)} rows per layer)")
+    if costs.device_peak is not None:
+        lower.append("--device cpu")
+    advice = f"; lower it with {', or '.join(lower)}" if lower else ""
+    return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
+            f"stop out of memory{advice} (README, \"Memory\")")

@@ -80,20 +80,6 @@ class RewritePlan:
     threads: int  # torch's thread count where the plan was made: every worker computes with as many
     origin: dict  # how dern_stream.json names the input (hub.source_record: repo and commit, or directory name)
 
-    # Pickled for worker processes and Ray tasks without what is derived from the config (a Family holds
-    # functions) or open (the dump): each worker derives and opens them again.
-    _DERIVED = ("family", "routing", "groups", "dump")
-
-    def __getstate__(self) -> dict:
-        return {k: (None if k in self._DERIVED else v) for k, v in self.__dict__.items()}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.family = family_for(self.config)
-        self.routing = layer_routing(self.family, self.config, self.out_config)
-        self.groups = self.family.group_plan(self.config, self.options.experts, self.options.groups)
-        self.dump = CalibDump(self.calib) if self.calibrated else None
-
     @property
     def dequantized(self) -> bool:
         return self.options.output_dtype is not None

@@ -12,6 +12,7 @@ from ..experts.forward import Gating, LayerRouting
 from ..experts.importance import router_norm_importance, routing_importance, select_experts
 from ..families import Family, GroupPlan
 from ..layout.moe_layers import MoELayer
+from ..methods import method_named
 from ..options import RewriteOptions
 from .layer_report import NOT_NEEDED, ROUTER_NORM, ROUTING, LayerSelection
 
@@ -29,7 +30,7 @@ def select_experts_of_layers(ckpt: Checkpoint, family: Family, layers: list[MoEL
             ranked: bool, progress: bool) -> dict[int, LayerSelection]:
     """Every layer's ranking (on the compute device, as the executor would compute it) and kept experts."""
     n = family.num_experts(ckpt.config)
-    chooses_later = options.method in ("reap", "msmoe", "hcsmoe")
+    chooses_later = method_named(options.method).keeps_from_outputs
     available = set(dump.attrs.get("moe_layers") or []) if dump is not None else set()
     out: dict[int, LayerSelection] = {}
     for layer in tqdm(layers, desc="rank experts", unit="layer", disable=not progress or not ranked):

@@ -1,0 +1,171 @@
+"""DeepSeek's MoE block and the families built on it: DeepSeek-MoE-16B (remote code), DeepSeek-V2 (softmax, greedy
+or group-limited), DeepSeek-V3/V3.2 and GLM-4.5/4.6 (sigmoid scores, the choice on scores + correction bias within
+the best groups). Shared experts keep their width by rescaling `n_shared_experts`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, opt, req
+from ..record import Family, always, grouped_if, never, norm_topk_prob
+from ..routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK, softmax_top_k
+
+EXPERT_KEYS = ("n_routed_experts", "num_local_experts")
+_RULES = {
+    "intermediate_size": opt(POS_INT),  # the dense layers' MLP
+    "num_key_value_heads": opt(POS_INT, nullable=True),  # null: as many as attention heads
+    "n_shared_experts": opt(NONNEG_INT),
+    "first_k_dense_replace": opt(NONNEG_INT),  # null builds no model in transformers (compared with a layer index)
+    "routed_scaling_factor": opt(POS_FLOAT),
+    "norm_topk_prob": opt(BOOL, nullable=True),
+    "q_lora_rank": opt(POS_INT, nullable=True),  # null: no query compression
+    "kv_lora_rank": opt(POS_INT),
+    "qk_nope_head_dim": opt(POS_INT),
+    "qk_rope_head_dim": opt(POS_INT),
+    "v_head_dim": opt(POS_INT),
+}
+_TINY = dict(moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, n_routed_experts=8,
+             num_experts_per_tok=2)
+# DeepSeek-MoE-16B's published config.json (deepseek-ai/deepseek-moe-16b-base), with the sizes scaled down.
+DEEPSEEK_MOE_16B_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                 "AutoModel": "modeling_deepseek.DeepseekModel",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"},
+    "aux_loss_alpha": 0.001, "bos_token_id": 1, "eos_token_id": 2, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 96,
+    "max_position_embeddings": 128, "model_type": "deepseek", "moe_intermediate_size": 32, "moe_layer_freq": 1,
+    "n_routed_experts": 8, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 4,
+    "num_experts_per_tok": 3, "num_hidden_layers": 3, "num_key_value_heads": 4, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.36.0", "use_cache": True,
+    "vocab_size": 256,
+}
+
+
+def routed_scaling_factor(config: dict, default: float = 1.0) -> float:
+    value = config.get("routed_scaling_factor", default)
+    return float(default if value is None else value)
+
+
+def after_dense(config: dict, i: int, default: int = 0) -> bool:
+    """The first `first_k_dense_replace` layers are dense (absent: the config class's default)."""
+    return i >= (config.get("first_k_dense_replace", default) or 0)
+
+
+def deepseek_moe_layer(config: dict, i: int) -> bool:
+    """DeepSeek-MoE-16B: after the dense layers, every `moe_layer_freq`-th layer."""
+    return i >= (config.get("first_k_dense_replace") or 0) and i % (config.get("moe_layer_freq") or 1) == 0
+
+
+def v2_router(config: dict) -> SoftmaxTopK | SoftmaxGroupLimited:
+    if config.get("topk_method", "greedy") == "group_limited_greedy":
+        return SoftmaxGroupLimited(config["num_experts_per_tok"], config["n_group"], config["topk_group"])
+    return softmax_top_k(config)
+
+
+def v2_uses_groups(config: dict) -> bool:
+    return config.get("topk_method") == "group_limited_greedy"
+
+
+def v2_grouped(config: dict) -> bool:
+    return v2_uses_groups(config) and grouped_if(config)
+
+
+def sigmoid_grouped_router(config: dict) -> SigmoidGroupLimited:
+    """DeepSeek-V3 `noaux_tc`: sigmoid scores, the choice on scores + bias within the best groups."""
+    return SigmoidGroupLimited(config["num_experts_per_tok"], config.get("n_group") or 1, config.get("topk_group") or 1)
+
+
+def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tuple[int, int] | None = None,
+            dense: int = 3, tiny_extra: dict | None = None) -> Family:
+    """DeepSeek-V3 and the families built on its MoE block. `scale`: the config class's default
+    routed_scaling_factor; `groups`: its default n_group, topk_group where it may leave them out; `dense`: its
+    default first_k_dense_replace."""
+    return Family(
+        model_type=model_type,
+        expert_count_keys=EXPERT_KEYS,
+        intermediate_key="moe_intermediate_size",
+        make_router=sigmoid_grouped_router,
+        bias="mlp.gate.e_score_correction_bias",
+        shared_count_key="n_shared_experts",
+        grouped_routing=grouped_if,
+        uses_groups=always,
+        group_defaults=groups,
+        moe_layer=partial(after_dense, default=dense),
+        min_group_experts=2,
+        renormalises=partial(norm_topk_prob, default=True),
+        routed_scale=partial(routed_scaling_factor, default=scale),
+        config_rules=rules,
+        tiny_config=tiny,
+        tiny_config_extra=tiny_extra or {},
+    )
+
+
+_V3_GROUPS = {"n_group": req(POS_INT), "topk_group": req(POS_INT)}  # absent, transformers would assume 8 and 4
+_V3_TINY = dict(_TINY, q_lora_rank=24, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+
+FAMILIES = (
+    # DeepSeek-MoE-16B (the DERN paper's third model): remote code only, so its on-disk layout is all there is to go
+    # by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.
+    Family(
+        model_type="deepseek",
+        moe_layer=deepseek_moe_layer,
+        expert_count_keys=("n_routed_experts",),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        shared_count_key="n_shared_experts",
+        remote_code=True,
+        config_rules={
+            "num_key_value_heads": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "n_shared_experts": opt(NONNEG_INT, nullable=True),
+            "first_k_dense_replace": opt(NONNEG_INT),
+            "moe_layer_freq": opt(POS_INT),
+            "norm_topk_prob": opt(BOOL),
+            "scoring_func": opt(STR, choices=("softmax",)),
+        },
+        tiny_config=DEEPSEEK_MOE_16B_CONFIG,
+    ),
+    Family(
+        model_type="deepseek_v2",
+        moe_layer=after_dense,
+        expert_count_keys=EXPERT_KEYS,
+        intermediate_key="moe_intermediate_size",
+        make_router=v2_router,
+        shared_count_key="n_shared_experts",
+        grouped_routing=v2_grouped,
+        uses_groups=v2_uses_groups,
+        renormalises=never,  # transformers' DeepSeek-V2 ignores norm_topk_prob
+        routed_scale=routed_scaling_factor,
+        config_rules={
+            **_RULES,
+            # null: greedy routing does not use groups (group_limited_greedy needs both: record.routing_problem)
+            "n_group": opt(POS_INT, nullable=True),
+            "topk_group": opt(POS_INT, nullable=True),
+            "topk_method": opt(STR, choices=("greedy", "group_limited_greedy")),
+        },
+        tiny_config=dict(_TINY, q_lora_rank=None, topk_method="greedy"),
+    ),
+    # vLLM reads scoring_func and topk_method from config.json although DeepseekV3Config does not keep them.
+    v3_like("deepseek_v3", 2.5, {**_RULES, **_V3_GROUPS}, _V3_TINY,
+            tiny_extra={"scoring_func": "sigmoid", "topk_method": "noaux_tc"}),
+    v3_like("deepseek_v32", 2.5, {**_RULES, **_V3_GROUPS, "index_topk": opt(POS_INT), "index_n_heads": opt(POS_INT),
+                                  "index_head_dim": opt(POS_INT)},
+            dict(_V3_TINY, index_n_heads=2, index_head_dim=16, index_topk=64, num_key_value_heads=4)),
+    v3_like("glm4_moe", 1.0, {
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT, nullable=True),
+        "intermediate_size": opt(POS_INT),
+        "n_shared_experts": opt(NONNEG_INT),
+        "first_k_dense_replace": opt(NONNEG_INT),
+        "routed_scaling_factor": opt(POS_FLOAT),
+        "norm_topk_prob": opt(BOOL),
+        "n_group": opt(POS_INT),  # absent: 1 (Glm4MoeConfig's default)
+        "topk_group": opt(POS_INT),
+        "num_nextn_predict_layers": opt(NONNEG_INT),
+    }, dict(moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16,
+            routed_scaling_factor=1.5, pad_token_id=1, bos_token_id=1, eos_token_id=2), groups=(1, 1), dense=1),
+)

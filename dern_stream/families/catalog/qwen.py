@@ -1,0 +1,90 @@
+"""Qwen-MoE: Qwen1.5/Qwen2-MoE, Qwen3-MoE, Qwen3-Next (hybrid linear attention, copied like any attention) and
+Qwen3.5-MoE's text model. The shared expert and its gate are left as they are."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ..config_rules import BOOL, POS_INT, opt
+from ..record import Family, always, norm_topk_prob
+from ..routing import softmax_top_k
+
+_LINEAR_ATTENTION = dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                         linear_value_head_dim=16,
+                         layer_types=["linear_attention", "full_attention", "linear_attention"])
+
+
+def qwen_sparse(config: dict, i: int) -> bool:
+    """Qwen-MoE's MoE layers: every `decoder_sparse_step`-th layer, except `mlp_only_layers`."""
+    return i not in (config.get("mlp_only_layers") or []) and (i + 1) % (config.get("decoder_sparse_step") or 1) == 0
+
+
+FAMILIES = (
+    Family(
+        model_type="qwen2_moe",
+        moe_layer=qwen_sparse,
+        expert_count_keys=("num_experts",),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        config_rules={
+            "num_key_value_heads": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "shared_expert_intermediate_size": opt(POS_INT),
+            "decoder_sparse_step": opt(POS_INT),
+            "norm_topk_prob": opt(BOOL),
+        },
+        tiny_config=dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=48,
+                         num_experts=8, num_experts_per_tok=2, norm_topk_prob=False),
+    ),
+    # transformers 5 writes `num_local_experts` where Hub checkpoints say `num_experts`: either is read.
+    Family(
+        model_type="qwen3_moe",
+        moe_layer=qwen_sparse,
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        config_rules={
+            "num_key_value_heads": opt(POS_INT),
+            "head_dim": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "decoder_sparse_step": opt(POS_INT),
+            "norm_topk_prob": opt(BOOL),
+        },
+        tiny_config=dict(moe_intermediate_size=32, intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                         norm_topk_prob=True, head_dim=16),
+    ),
+    Family(
+        model_type="qwen3_next",
+        moe_layer=qwen_sparse,
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        renormalises=partial(norm_topk_prob, default=True),
+        drops_mtp=True,
+        config_rules={
+            "num_key_value_heads": opt(POS_INT),
+            "head_dim": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "shared_expert_intermediate_size": opt(POS_INT),
+            "decoder_sparse_step": opt(POS_INT),
+            "norm_topk_prob": opt(BOOL),
+        },
+        tiny_config=dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=32,
+                         num_experts=8, num_experts_per_tok=2, **_LINEAR_ATTENTION),
+    ),
+    Family(  # the text model of Qwen3.5-MoE, as transformers builds it
+        model_type="qwen3_5_moe_text",
+        expert_count_keys=("num_experts", "num_local_experts"),
+        intermediate_key="moe_intermediate_size",
+        make_router=softmax_top_k,
+        renormalises=always,
+        drops_mtp=True,
+        config_rules={
+            "num_key_value_heads": opt(POS_INT),
+            "head_dim": opt(POS_INT),
+            "shared_expert_intermediate_size": opt(POS_INT),
+        },
+        tiny_config=dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                         num_experts_per_tok=2, **_LINEAR_ATTENTION),
+    ),
+)
