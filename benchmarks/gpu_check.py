@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from synthetic import write_synthetic
 
 import dern_stream
 from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
+from dern_stream.synthetic import write_synthetic
 
 
 def dump_both(src: Path, tmp: Path, device: str, tokens: int) -> Path:

@@ -31,7 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from synthetic import parse_size, write_synthetic, write_synthetic_dump
+from dern_stream.runtime.arguments import parse_size
+from dern_stream.synthetic import write_synthetic, write_synthetic_dump
 
 _CHILD = r"""
 import json, os, shutil, sys, time

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from synthetic import write_synthetic, write_synthetic_dump
+from dern_stream.synthetic import write_synthetic, write_synthetic_dump
 
 # Runs in the measured child process: a sampler thread tracks RssAnon, VmHWM is the kernel's exact peak.
 _CHILD = r"""

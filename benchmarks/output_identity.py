@@ -50,17 +50,22 @@ FP8_FAMILIES = ("deepseek_v3", "qwen3_moe")
 MXFP4_FAMILY = "gpt_oss"
 
 
+WORKDIR = Path(".")  # where the checkpoints are built: written as WORKDIR into what is hashed (a dump names its text)
+
+
 def file_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of every file under `root`, by path relative to it. dern_stream.json is hashed without the input
-    files' modification times that its resume key holds (the inputs are built anew at every run)."""
+    """SHA-256 of every file under `root`, by path relative to it, with the work directory's path written as
+    WORKDIR. dern_stream.json and plan.json are hashed without the input files' modification times that their
+    resume keys hold (the inputs are built anew at every run)."""
     return {str(p.relative_to(root)): hashlib.sha256(_stable_bytes(p)).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _stable_bytes(path: Path) -> bytes:
+    data = path.read_bytes().replace(str(WORKDIR.resolve()).encode(), b"WORKDIR")
     if path.name not in ("dern_stream.json", "plan.json"):
-        return path.read_bytes()
-    record = json.loads(path.read_text())
+        return data
+    record = json.loads(data)
     key = record["reproduce"]["resume_key"] if path.name == "dern_stream.json" else record["run_key"]
     key["source"]["files"] = key["calibration"] = "(input file times)"
     record.pop("record_checksum", None)  # (a checksum of the record, times included)
@@ -133,6 +138,8 @@ def family_cases(family: str, work: Path) -> dict[str, dict]:
 
 
 def record(work: Path, families: list[str]) -> dict:
+    global WORKDIR
+    WORKDIR = work
     torch.set_num_threads(2)  # the output depends on it (dern_stream.json records it): the same in every run
     started = time.perf_counter()
     cases: dict[str, dict] = {}

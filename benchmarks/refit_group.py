@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from synthetic import write_synthetic, write_synthetic_dump
+from dern_stream.synthetic import write_synthetic, write_synthetic_dump
 
 _CHILD = r"""
 import json, resource, sys, time

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from synthetic import write_sparse, write_synthetic, write_synthetic_dump
+from dern_stream.synthetic import write_sparse, write_synthetic, write_synthetic_dump
 
 _RAY_RUN = r"""
 import sys, ray, dern_stream

@@ -53,12 +53,10 @@ def rewrite(
     **options,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
-    MoE layer, built by DERN (or by `method`; `recipe="best"` is the recommended setting, see the
-    README). `options` are RewriteOptions' fields (method, recipe, alpha, sim_components, kmeans_iters,
-    intermediate_size, importance, router_transfer, kmeans_init, alpha_candidates, refit, refit_ridge,
-    fit_tokens, output_dtype, device, max_shard_size), each documented there; left out or None, they
-    take the recipe's value, else the paper's default. Raises DernError, with a one-line message, for any
-    bad input; `out` is then left as it was.
+    MoE layer, built by DERN (or by `method`; `recipe="best"` is the recommended setting: docs/method.md,
+    "Recipes"). `options` are RewriteOptions' fields (options.py, docs/cli.md), each documented there; left
+    out or None, they take the recipe's value, else the paper's default. Raises DernError, with a one-line
+    message, for any bad input; `out` is then left as it was.
 
     An interrupted run (killed, disk full, Ctrl-C) leaves its finished layers in `.OUT.dern-partial`
     beside `out`; the same call resumes from them, and the result is byte-identical to an
@@ -73,36 +71,15 @@ def rewrite(
     uploaded to that Hub repo (created if needed, `private` if so asked); if verify finds a problem,
     nothing is uploaded and a DernError says what. The summary's `pushed` is the commit's URL.
 
-    `report="DIR"` writes the report of the finished output into DIR (report.py; needs matplotlib:
+    `report="DIR"` writes the report of the finished output into DIR (publish/report.py; needs matplotlib:
     `pip install 'dern-stream[report]'`); DIR is checked before any work.
 
     Sets glibc's mmap threshold to 4 MiB for the process (host_memory.map_large_blocks)."""
     started = time.perf_counter()
     map_large_blocks()
     chosen = _options(experts, options)
-    whole("workers", workers)
-    if ray is not None:
-        if workers != 1:
-            raise DernError(f"{arg('workers')} and {arg('ray')} do not go together: Ray decides where the layers run")
-        if not isinstance(ray, str) or not ray:
-            raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
-        require_ray()
-    check_runs_in_one_process(chosen, workers, ray)
-    if chosen.sequential:
-        check_transformers(f"{arg('sequential', True)} runs the model's forward and needs")
-    if push_to_hub is not None:
-        check_repo_id(push_to_hub, "--push-to-hub")
-        check_push_token(push_to_hub)
-    elif private:
-        raise DernError(f"{arg('private', True)} goes with {arg('push_to_hub')} (it makes the repo pushed to private)")
-    source = resolve_checkpoint(src, revision)
-    out_path = Path(out).expanduser().resolve()
-    calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
-    reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
-    check_output_location(out_path, overwrite, reads)
-    check_calib_choice(chosen, calib)
-    if report is not None:
-        report = _report_target(report, out_path, overwrite, reads, source)
+    _check_run(chosen, workers, ray, push_to_hub, private)
+    source, out_path, calib, reads, report = _check_paths(src, out, calib, report, chosen, revision, overwrite)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
     from .rewriter.execute import execute
@@ -115,18 +92,59 @@ def rewrite(
             log.warning("note: %s", note)
         summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
                           workers=workers, ray_address=ray)
+    _publish(summary, out_path, report, overwrite, reads, push_to_hub, private, source, progress)
+    return summary
+
+
+def _check_paths(src, out, calib, report, options: RewriteOptions, revision: str | None, overwrite: bool
+                 ) -> tuple[Path, Path, Path | None, dict, Path | None]:
+    """IN (fetched if a Hub repo id), OUT, the dump and the report directory, resolved and checked: OUT and the
+    report directory apart from what the rewrite reads, and free or the tool's own earlier output."""
+    source = resolve_checkpoint(src, revision)
+    out_path = Path(out).expanduser().resolve()
+    calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
+    reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
+    check_output_location(out_path, overwrite, reads)
+    check_calib_choice(options, calib)
+    if report is not None:
+        report = _report_target(report, out_path, overwrite, reads, source)
+    return source, out_path, calib, reads, report
+
+
+def _check_run(options: RewriteOptions, workers: int, ray: str | None, push_to_hub: str | None,
+               private: bool) -> None:
+    """How the rewrite is to run and what follows it, checked before anything else."""
+    whole("workers", workers)
+    if ray is not None:
+        if workers != 1:
+            raise DernError(f"{arg('workers')} and {arg('ray')} do not go together: Ray decides where the layers run")
+        if not isinstance(ray, str) or not ray:
+            raise DernError(f"{arg('ray')} must be a cluster address such as auto or ray://host:10001, got {ray!r}")
+        require_ray()
+    check_runs_in_one_process(options, workers, ray)
+    if options.sequential:
+        check_transformers(f"{arg('sequential', True)} runs the model's forward and needs")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, "--push-to-hub")
+        check_push_token(push_to_hub)
+    elif private:
+        raise DernError(f"{arg('private', True)} goes with {arg('push_to_hub')} (it makes the repo pushed to private)")
+
+
+def _publish(summary: RewriteSummary, out: Path, report: Path | None, overwrite: bool, reads: dict,
+             push_to_hub: str | None, private: bool, source: Path, progress: bool) -> None:
+    """The report and the Hub push of the finished output; a failure says that the rewrite itself is complete."""
     try:
         if report is not None:
-            summary.report = write_report(out_path, report, overwrite=overwrite, reads=reads)
+            summary.report = write_report(out, report, overwrite=overwrite, reads=reads)
         if push_to_hub is not None:
-            summary.pushed = push(out_path, push_to_hub, private=private, against=source, progress=progress)
+            summary.pushed = push(out, push_to_hub, private=private, against=source, progress=progress)
     except DernError as e:
-        raise DernError(f"{e} (the rewrite itself is complete in {out_path})") from e
+        raise DernError(f"{e} (the rewrite itself is complete in {out})") from e
     except KeyboardInterrupt:
-        raise DernError(f"interrupted after the rewrite was complete in {out_path}; "
+        raise DernError(f"interrupted after the rewrite was complete in {out}; "
                         + ("the report was not written" if summary.report is None and report is not None
                            else "nothing was pushed")) from None
-    return summary
 
 
 def _report_target(report: str | os.PathLike, out: Path, overwrite: bool, reads: dict, source: Path) -> Path:

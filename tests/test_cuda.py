@@ -98,11 +98,7 @@ def test_fp8_experts_read_on_cuda_as_on_the_cpu():
 def test_plan_bounds_the_device_memory_of_a_rewrite(options, tmp_path):
     """The plan's device-memory estimate against torch's peak allocation during a rewrite on CUDA (the recipe's
     gradient steps included)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from synthetic import write_synthetic, write_synthetic_dump
+    from dern_stream.synthetic import write_synthetic, write_synthetic_dump
 
     src = write_synthetic(tmp_path / "ck", layers=2, hidden=512, intermediate=1024, experts=16, upcycled=0.3,
                           vocab=2048)

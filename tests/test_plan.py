@@ -20,9 +20,7 @@ from dern_stream.errors import DernError
 from dern_stream.options import option_fields
 from dern_stream.rewriter import estimates
 from dern_stream.runtime.device import memory_size
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from synthetic import write_sparse, write_synthetic, write_synthetic_dump  # noqa: E402
+from dern_stream.synthetic import write_sparse, write_synthetic, write_synthetic_dump
 
 
 def _read_bytes() -> int:

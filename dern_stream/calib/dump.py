@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoint import Checkpoint, resolve_checkpoint
 from ..errors import DernError, NonFinite, arg, describe
-from ..families import family_for, require_forward
+from ..families import Family, family_for, require_forward
 from ..layout.moe_layers import check_decoder_layers, moe_layer_indices
 from ..runtime.arguments import choice, whole
 from ..runtime.device import device_name, resolve_device
@@ -85,6 +85,28 @@ def dump(
     text, tokenizer = expand_user(text), expand_user(tokenizer)
     whole("chunk_tokens", chunk_tokens)
     choice("store_dtype", store_dtype, ("float16", "float32"))
+    ckpt, family, moe_layers = _open_checkpoint(src, revision, out_path, text, tokenizer)
+    compute, model = _streamed_model(ckpt, moe_layers, device, dtype)
+    # What computes the forward: a dump resumed on another device or in another dtype would mix two models' rows.
+    forward = f"{device_name(compute)}, {str(model.dtype).removeprefix('torch.')}"
+    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens, forward)
+    writer, ids, resumed, lock = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
+    if workers > 1 and resumed is None:
+        try:
+            _dump_in_workers(ckpt, family, writer, ids, moe_layers, batch_size, compute, dtype, workers, progress)
+        finally:
+            ckpt.release()
+            lock.release()
+    else:
+        _dump_streamed(out_path, ckpt, family, model, writer, ids, moe_layers, resumed, lock, batch_size, progress)
+    return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], resumed,
+                       time.perf_counter() - started, str(compute))
+
+
+def _open_checkpoint(src: str | os.PathLike, revision: str | None, out_path: Path, text: str | os.PathLike | None,
+                     tokenizer: str | os.PathLike | None) -> tuple[Checkpoint, Family, list[int]]:
+    """The checkpoint `src`, checked for a streamed forward, with its family and the MoE layers a forward
+    reaches; after checking that the dump `out_path` is apart from everything it reads."""
     ckpt = Checkpoint(resolve_checkpoint(src, revision))
     family = family_for(ckpt.config)
     require_forward(family)
@@ -94,49 +116,41 @@ def dump(
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
     check_apart(out_path, "DUMP", {**read_paths("the input checkpoint", ckpt.root), "the text": text,
                                    "the tokenizer": tokenizer})  # (again: a Hub repo's files are known only now)
+    return ckpt, family, moe_layers
+
+
+def _streamed_model(ckpt: Checkpoint, moe_layers: list[int], device: str,
+                    dtype: str) -> tuple[torch.device, StreamedModel]:
+    """The compute device and the streamed model of `ckpt` on it, after checking that the model has its MoE
+    blocks in `moe_layers`, where the checkpoint has its routers."""
     compute, compute_dtype = resolve_device(device), parse_dtype(dtype)  # bad options fail before any work
     model = StreamedModel(ckpt, compute, compute_dtype)  # meta device: cheap, and checks config.json
     if model.moe_layers() != moe_layers:
         raise DernError(f"the checkpoint's routers (layers {moe_layers}) and the model transformers builds from "
                         f"config.json (MoE layers {model.moe_layers()}) disagree")
-    # What computes the forward: a dump resumed on another device or in another dtype would mix two models' rows.
-    forward = f"{device_name(compute)}, {str(model.dtype).removeprefix('torch.')}"
-    request = _Request(text, dataset, tokens, tokenizer, num_tokens, seq_len, store_dtype, chunk_tokens, forward)
-    writer, ids, resumed, lock = _open_or_resume(out_path, ckpt, family, moe_layers, request, overwrite)
-    last = moe_layers[-1]
-    if workers > 1 and resumed is None:
-        try:
-            _dump_in_workers(ckpt, family, writer, ids, moe_layers, batch_size, compute, dtype, workers, progress)
-        finally:
-            ckpt.release()
-            lock.release()
-        return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], None,
-                           time.perf_counter() - started, str(compute))
+    return compute, model
+
+
+def _dump_streamed(out_path: Path, ckpt: Checkpoint, family: Family, model: StreamedModel, writer: CalibWriter,
+                   ids: torch.Tensor, moe_layers: list[int], resumed: int | None, lock: DirLock, batch_size: int,
+                   progress: bool) -> None:
+    """Run the decoder layers one after another over all batches in this process, appending each MoE layer's
+    inputs to `writer` and saving the residual stream after each layer so that an interrupted dump resumes
+    after its last finished layer. Releases `lock` on every path, and `ckpt` and the store once it is made."""
     try:
         batches = batched(ids, batch_size)
         hidden = int(ckpt.config["hidden_size"])
-        store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, compute, scratch_dir=out_path.parent)
+        store = HiddenStore([(*b.shape, hidden) for b in batches], model.dtype, model.device,
+                            scratch_dir=out_path.parent)
     except BaseException:
         lock.release()
         raise
+    last = moe_layers[-1]
     try:
-        if resumed is None:
-            model.embed(batches, store)
-            start = 0
-        else:
-            model.prepare(batches)
-            for b, state in enumerate(writer.load_residual([b.shape[0] for b in batches])):
-                store[b] = state
-            start = resumed + 1
-            log.warning("note: resuming %s after decoder layer %d", out_path, resumed)
+        start = _first_layer(out_path, model, writer, batches, store, resumed)
         for i in tqdm(range(start, last + 1), desc="dump layers", unit="layer", disable=not progress,
                       initial=start, total=last + 1):
-            if i in moe_layers:
-                sha = tensor_sha256(ckpt.load(family.router_name(i)))
-                model.run_layer(i, batches, store, lambda _b, x, i=i, sha=sha: writer.append(i, x, router_sha256=sha))
-                writer.finish_layer(i)
-            else:
-                model.run_layer(i, batches, store)
+            _dump_layer(i, ckpt, family, model, writer, batches, store, moe_layers)
             if i < last:
                 rows = (ids.shape[0], ids.shape[1], hidden)
                 writer.save_residual(i, rows, model.dtype, (store[b] for b in range(len(batches))))
@@ -153,11 +167,34 @@ def dump(
         store.close()
         ckpt.release()
         lock.release()
-    return DumpSummary(out_path, len(moe_layers), ids.shape[0], ids.shape[1], resumed,
-                       time.perf_counter() - started, str(compute))
 
 
-def _dump_in_workers(ckpt: Checkpoint, family, writer: CalibWriter, ids: torch.Tensor, moe_layers: list[int],
+def _first_layer(out_path: Path, model: StreamedModel, writer: CalibWriter, batches: list[torch.Tensor],
+                 store: HiddenStore, resumed: int | None) -> int:
+    """Fill `store` with the residual stream the next layer reads (the embeddings, or the state saved after
+    layer `resumed`) and return that layer."""
+    if resumed is None:
+        model.embed(batches, store)
+        return 0
+    model.prepare(batches)
+    for b, state in enumerate(writer.load_residual([b.shape[0] for b in batches])):
+        store[b] = state
+    log.warning("note: resuming %s after decoder layer %d", out_path, resumed)
+    return resumed + 1
+
+
+def _dump_layer(i: int, ckpt: Checkpoint, family: Family, model: StreamedModel, writer: CalibWriter,
+                batches: list[torch.Tensor], store: HiddenStore, moe_layers: list[int]) -> None:
+    """Run decoder layer `i` over all batches; for an MoE layer, record its inputs and finish it in the dump."""
+    if i in moe_layers:
+        sha = tensor_sha256(ckpt.load(family.router_name(i)))
+        model.run_layer(i, batches, store, lambda _b, x, i=i, sha=sha: writer.append(i, x, router_sha256=sha))
+        writer.finish_layer(i)
+    else:
+        model.run_layer(i, batches, store)
+
+
+def _dump_in_workers(ckpt: Checkpoint, family: Family, writer: CalibWriter, ids: torch.Tensor, moe_layers: list[int],
                      batch_size: int, compute: torch.device, dtype: str, workers: int, progress: bool) -> None:
     parts = split_sequences(ids.shape[0], ids.shape[1], batch_size, writer.chunk_tokens, workers)
     if len(parts) < workers:

@@ -1,6 +1,6 @@
 """The calibration dump: per MoE layer, the MoE block inputs (router inputs) of every calibration token.
 
-Layout (zarr v3), written down in the README:
+Layout (zarr v3), written down in docs/formats.md, "The calibration dump":
 
     DUMP.zarr/                      group; attrs: format, format_version, model_type, hidden_size,
                                     num_experts, moe_layers, checkpoint_fingerprint (optional),

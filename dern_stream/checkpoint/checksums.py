@@ -1,8 +1,8 @@
 """Checksums of what the tool writes, without torch (the `card` command updates dern_stream.json with them).
 
 The checksum is xxHash's XXH3-128 (the `xxhash` package), several times faster than hashlib's blake2b and
-sha256 (README, "Output"), so hashing every byte the rewrite writes costs a fraction of writing it. It
-detects accidental change (a flipped bit, a torn or swapped write), not deliberate tampering.
+sha256 (docs/performance.md, "Checksums and finiteness checks"), so hashing every byte the rewrite writes costs a
+fraction of writing it. It detects accidental change (a flipped bit, a torn or swapped write), not deliberate tampering.
 """
 
 from __future__ import annotations

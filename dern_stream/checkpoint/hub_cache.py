@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DernError
-from .locate import FOREIGN_WEIGHTS, INDEX_NAME, SINGLE_NAME
+from .file_names import FOREIGN_WEIGHTS, INDEX_NAME, SINGLE_NAME
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 

@@ -22,9 +22,9 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
-# float8 values that are not finite, by their bits: E4M3FN has no Inf and NaN is S.1111.111; E5M2 is IEEE-like,
-# Inf and NaN have the exponent S.11111.xx. So a value is not finite exactly when (bits & mask) == mask, and
-# the largest masked byte says whether any is (far faster than converting them: README, "Speed").
+# float8 values that are not finite, by their bits: E4M3FN has no Inf and NaN is S.1111.111; E5M2 is IEEE-like, Inf and
+# NaN have the exponent S.11111.xx. So a value is not finite exactly when (bits & mask) == mask, and the largest masked
+# byte says whether any is (far faster than converting them: docs/performance.md, "Checksums and finiteness checks").
 _FLOAT8_NONFINITE_MASK = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 

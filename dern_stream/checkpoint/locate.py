@@ -1,5 +1,5 @@
-"""Where a checkpoint is: a local directory, or a Hub repo id fetched into huggingface_hub's cache; and
-the names its files go by. No torch here: the command line's refusals use it before anything heavy loads."""
+"""Where a checkpoint is: a local directory, or a Hub repo id fetched into huggingface_hub's cache. No torch
+here: the command line's refusals use it before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ from pathlib import Path
 
 from ..errors import DernError, arg
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-# Weight formats this tool neither reads nor copies (a Hub download skips them too).
-FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "original/*")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 

@@ -16,7 +16,7 @@ from ..errors import DernError, arg, describe, writing
 from ..runtime.locks import DirLock, empty_in_place
 from ..runtime.own_outputs import not_a_report
 from ..runtime.targets import check_apart, check_replaceable, is_mount_point
-from .locate import FOREIGN_WEIGHTS, INDEX_NAME
+from .file_names import FOREIGN_WEIGHTS, INDEX_NAME
 from .progress import PROGRESS_NAME, Progress
 from .run_identity import key_differences
 

@@ -112,6 +112,17 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parse and check one .safetensors file's header; every problem becomes a one-line DernError."""
     name = os.path.basename(path)
     corrupt = f"{name} has a corrupt safetensors header"
+    size, n, raw = _read_raw_header(path, name, corrupt)
+    header = _parse_header(raw, corrupt)
+    metadata = _pop_metadata(header, corrupt)
+    base = 8 + n
+    entries = {tname: _tensor_entry(path, name, corrupt, tname, info, base, size) for tname, info in header.items()}
+    _check_tiling(entries, base, size, corrupt)
+    return entries, metadata
+
+
+def _read_raw_header(path: str, name: str, corrupt: str) -> tuple[int, int, bytes]:
+    """The file's size, its declared header length and the header's raw JSON bytes."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -124,6 +135,11 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raw = f.read(n)
     except OSError as e:
         raise DernError(f"cannot read {path}: {e.strerror or e}") from None
+    return size, n, raw
+
+
+def _parse_header(raw: bytes, corrupt: str) -> dict:
+    """The header's JSON object, read as strictly as the safetensors library reads it."""
     try:
         header = _strict_json(raw)
         if not isinstance(header, dict):
@@ -132,6 +148,11 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise DernError(f"{corrupt} ({e})") from None
     except ValueError:  # also UnicodeDecodeError
         raise DernError(f"{corrupt} (not a JSON object)") from None
+    return header
+
+
+def _pop_metadata(header: dict, corrupt: str) -> dict[str, str]:
+    """Remove `__metadata__` from the header and return it, checked to map strings to strings."""
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
@@ -139,34 +160,41 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise DernError(f"{corrupt}: __metadata__ value for {key!r} is not a string")
-    base = 8 + n
-    entries: dict[str, TensorEntry] = {}
-    for tname, info in header.items():
-        try:
-            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-            begin, end = offsets
-            # JSON numbers must be plain non-negative integers (not 2.5, inf, or true).
-            ok = (type(shape) is list and type(offsets) is list and (dtype in DTYPES or dtype in _UNSUPPORTED)
-                  and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and begin <= end)
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise DernError(f"{corrupt} (bad entry for {tname!r})")
-        if dtype in _UNSUPPORTED:
-            raise DernError(f"{name}: tensor {tname!r} has dtype {dtype}, which dern-stream does not support")
-        numel, overflow = 1, False
-        for s in shape:  # the library multiplies in 64 bits and fails at the first overflow
-            numel *= s
-            overflow |= numel >= 2**64
-        nbytes = numel * dtype_size(dtype)
-        if overflow or nbytes * 8 >= 2**64:
-            raise DernError(f"{corrupt}: tensor {tname!r} shape {shape} is too large to address")
-        if end - begin != nbytes:
-            raise DernError(f"{name}: tensor {tname!r} byte range does not match its shape {shape}")
-        if base + end > size:
-            raise DernError(f"{name} is truncated: tensor {tname!r} ends past the end of the file")
-        entries[tname] = TensorEntry(path, dtype, tuple(shape), base + begin, base + end)
-    # Ordered by (start, end), the tensors must tile the data: from its byte 0 to the end of the file.
+    return metadata
+
+
+def _tensor_entry(path: str, name: str, corrupt: str, tname: str, info: object, base: int, size: int
+                  ) -> TensorEntry:
+    """One header entry, checked: well formed, a supported dtype, addressable, its byte range its shape's
+    size and inside the file."""
+    try:
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        begin, end = offsets
+        # JSON numbers must be plain non-negative integers (not 2.5, inf, or true).
+        ok = (type(shape) is list and type(offsets) is list and (dtype in DTYPES or dtype in _UNSUPPORTED)
+              and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and begin <= end)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DernError(f"{corrupt} (bad entry for {tname!r})")
+    if dtype in _UNSUPPORTED:
+        raise DernError(f"{name}: tensor {tname!r} has dtype {dtype}, which dern-stream does not support")
+    numel, overflow = 1, False
+    for s in shape:  # the library multiplies in 64 bits and fails at the first overflow
+        numel *= s
+        overflow |= numel >= 2**64
+    nbytes = numel * dtype_size(dtype)
+    if overflow or nbytes * 8 >= 2**64:
+        raise DernError(f"{corrupt}: tensor {tname!r} shape {shape} is too large to address")
+    if end - begin != nbytes:
+        raise DernError(f"{name}: tensor {tname!r} byte range does not match its shape {shape}")
+    if base + end > size:
+        raise DernError(f"{name} is truncated: tensor {tname!r} ends past the end of the file")
+    return TensorEntry(path, dtype, tuple(shape), base + begin, base + end)
+
+
+def _check_tiling(entries: dict[str, TensorEntry], base: int, size: int, corrupt: str) -> None:
+    """Ordered by (start, end), the tensors must tile the data: from its byte 0 to the end of the file."""
     pos, prev = 0, None
     for begin, end, tname in sorted((e.start - base, e.end - base, t) for t, e in entries.items()):
         if prev is None and begin != 0:
@@ -182,7 +210,6 @@ def read_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         last = "the last tensor" if entries else "a header that lists no tensors"
         raise DernError(f"{corrupt}: {size - base - pos} bytes after {last}; "
                         "the safetensors library refuses such a file")
-    return entries, metadata
 
 
 def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, list[int]]:

@@ -2,9 +2,9 @@
 
 Only headers are read up front (a few KB per shard), so opening a 300 GB checkpoint costs almost
 nothing. Tensors are read with pread into memory the caller owns, not through a memory map: mapped
-pages that were touched count toward the process's RSS until unmapped (README, "Memory"), pread
+pages that were touched count toward the process's RSS until unmapped (docs/performance.md, "Memory"), pread
 leaves them in the page cache, where the kernel can drop them. With sequential read-ahead advised it
-is as fast as the map (README, "Speed"), and it
+is as fast as the map, and it
 is safe from several threads at once (the rewrite reads the next layer while it computes this one).
 """
 
@@ -20,7 +20,8 @@ import torch
 
 from ..errors import DernError
 from .descriptors import DescriptorCache, descriptor_budget
-from .locate import FOREIGN_WEIGHTS, INDEX_NAME, SINGLE_NAME, resolve_checkpoint  # noqa: F401 - re-exported
+from .file_names import INDEX_NAME, SINGLE_NAME
+from .locate import resolve_checkpoint  # noqa: F401 - re-exported
 from .safetensors_format import DTYPES, TensorEntry, read_header
 
 # Prefetch reads in chunks of this size, and reads across gaps of up to _PREFETCH_GAP between tensors

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -124,58 +125,84 @@ def evaluate(
         json_path = check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
             **read_paths("the checkpoint", root), "the reference": reference,
             "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
-    compute = resolve_device(device)
-    compute_dtype = parse_dtype(dtype)
-    ckpt = Checkpoint(root)
-    # a bad config.json is one line, before the tokenizer (which reads it too) loads
-    require_forward(family_for(ckpt.config))
-    check_fp8_tensors(ckpt)
-    check_decoder_layers(ckpt)
+    compute, compute_dtype = resolve_device(device), parse_dtype(dtype)
+    ckpt = _open_checked(root)
     report = EvalReport(checkpoint=str(ckpt.root), device=str(compute))
-    ref = dump = None
+    ref = dump = measured = None
     if reference is not None:  # checked before the perplexity pass, which a bad reference would waste
-        try:
-            ref = Checkpoint(resolve_checkpoint(reference, reference_revision))
-            check_decoder_layers(ref)
-        except DernError as e:
-            raise DernError(f"{arg('reference')}: {describe(e)}") from None
-        if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
-            raise DernError(f"{arg('reference', str(ref.root))} ({ref.config.get('model_type')}) is not the same "
-                            f"family as {ckpt.root} ({ckpt.config.get('model_type')})")
-        dump = CalibDump(calib) if calib is not None else None
-        if dump is not None:  # (before the perplexity pass too)
-            try:
-                measured = dumped_layers(ref, ckpt, dump)
-            except DernError as e:
-                raise DernError(f"{e} (checked against {arg('reference')})") from None
+        ref, dump, measured = _open_reference(ckpt, reference, reference_revision, calib)
         report.reference = str(ref.root)
     if wants_ppl:
         if tokens is None:
             tokens = tokens_from(ckpt.root, text=text, dataset=dataset, tokenizer=tokenizer,
                                  num_tokens=num_tokens, seq_len=seq_len, allow_fewer=True)
-        if ref is not None:
-            agreement = compare_predictions(ref, ckpt, tokens, batch_size, compute, compute_dtype, progress)
-            nll, count = agreement.nll, agreement.tokens
-            report.reference_perplexity = _perplexity(agreement.reference_nll / count)
-            report.kl_mean, report.kl_p99, report.top1_agreement = (agreement.kl_mean, agreement.kl_p99,
-                                                                    agreement.top1)
-        else:
-            nll, count = perplexity_nll(ckpt, tokens, batch_size, compute, compute_dtype, progress)
-        if not math.isfinite(nll):
-            raise DernError(f"{ckpt.root}'s next-token loss is not finite (NaN or Inf): its weights, or the forward "
-                            "in this dtype, give non-finite logits")
-        report.nll_per_token, report.tokens = nll / count, count
-        report.perplexity = _perplexity(nll / count)
+        _measure_perplexity(report, ckpt, ref, tokens, batch_size, compute, compute_dtype, progress)
     if dump is not None:
         with reading_dump(dump.path):
             report.layer_errors = layer_errors(ref, ckpt, dump, measured, compute, compute_dtype, progress)
     report.seconds = time.perf_counter() - started
     if json_path is not None:
-        # Checked again: a file may have appeared there during the evaluation.
-        check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
-                          directory=False)
-        write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        _write_report(json_path, report, overwrite)
     return report
+
+
+def _open_checked(root: Path) -> Checkpoint:
+    """The checkpoint at `root`, checked for a streamed forward."""
+    ckpt = Checkpoint(root)
+    # a bad config.json is one line, before the tokenizer (which reads it too) loads
+    require_forward(family_for(ckpt.config))
+    check_fp8_tensors(ckpt)
+    check_decoder_layers(ckpt)
+    return ckpt
+
+
+def _open_reference(ckpt: Checkpoint, reference: str | os.PathLike, reference_revision: str | None,
+                    calib: str | os.PathLike | None) -> tuple[Checkpoint, CalibDump | None, list[int] | None]:
+    """The reference checkpoint, checked to be of `ckpt`'s family; with `calib`, also the dump and the MoE
+    layers whose error it can measure (dumped_layers). Returns (reference, dump or None, layers or None)."""
+    try:
+        ref = Checkpoint(resolve_checkpoint(reference, reference_revision))
+        check_decoder_layers(ref)
+    except DernError as e:
+        raise DernError(f"{arg('reference')}: {describe(e)}") from None
+    if family_for(ref.config).model_type != family_for(ckpt.config).model_type:
+        raise DernError(f"{arg('reference', str(ref.root))} ({ref.config.get('model_type')}) is not the same "
+                        f"family as {ckpt.root} ({ckpt.config.get('model_type')})")
+    dump = CalibDump(calib) if calib is not None else None
+    measured = None
+    if dump is not None:  # (before the perplexity pass too)
+        try:
+            measured = dumped_layers(ref, ckpt, dump)
+        except DernError as e:
+            raise DernError(f"{e} (checked against {arg('reference')})") from None
+    return ref, dump, measured
+
+
+def _measure_perplexity(report: EvalReport, ckpt: Checkpoint, ref: Checkpoint | None, tokens: torch.Tensor,
+                        batch_size: int, device: torch.device, dtype: torch.dtype | None, progress: bool) -> None:
+    """Fill `report` with `ckpt`'s perplexity on `tokens` and, with a reference `ref`, the reference's
+    perplexity and how far `ckpt`'s next-token predictions are from it."""
+    if ref is not None:
+        agreement = compare_predictions(ref, ckpt, tokens, batch_size, device, dtype, progress)
+        nll, count = agreement.nll, agreement.tokens
+        report.reference_perplexity = _perplexity(agreement.reference_nll / count)
+        report.kl_mean, report.kl_p99, report.top1_agreement = (agreement.kl_mean, agreement.kl_p99,
+                                                                agreement.top1)
+    else:
+        nll, count = perplexity_nll(ckpt, tokens, batch_size, device, dtype, progress)
+    if not math.isfinite(nll):
+        raise DernError(f"{ckpt.root}'s next-token loss is not finite (NaN or Inf): its weights, or the forward "
+                        "in this dtype, give non-finite logits")
+    report.nll_per_token, report.tokens = nll / count, count
+    report.perplexity = _perplexity(nll / count)
+
+
+def _write_report(json_path: Path, report: EvalReport, overwrite: bool) -> None:
+    """Write `report` as JSON to `json_path` (checked by check_json_target), replacing only an earlier report."""
+    # Checked again: a file may have appeared there during the evaluation.
+    check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(EVAL_FORMAT, "dern-stream eval"),
+                      directory=False)
+    write_replacing(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
 
 
 def _perplexity(nll_per_token: float) -> float:

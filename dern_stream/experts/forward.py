@@ -21,7 +21,8 @@ from .segments import ExpertStack
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 # One expert's rows are computed a block at a time, so the activations held do not grow with the fit sample: a
-# Mixtral-8x7B expert taking all of 131072 rows would otherwise hold 22.5 GB of them (README, "Memory").
+# Mixtral-8x7B expert taking all of 131072 rows would otherwise hold 22.5 GB of them (docs/performance.md, "The fit on
+# large layers").
 ACTIVATION_BLOCK_BYTES = 2**30
 
 
@@ -154,7 +155,8 @@ class ExpertStats:
 
     frequency: torch.Tensor  # [N] fraction of tokens that select the expert
     # [N] REAP saliency: mean over routed tokens of ||s_e(x) E_e(x)|| (of E_e(s_e x) for Llama-4), s_e the router's
-    # score before renormalisation, as REAP's own code weights it (README, "Baselines as their authors run them").
+    # score before renormalisation, as REAP's own code weights it (docs/method.md, "Baselines as their authors run
+    # them").
     reap: torch.Tensor
     mean_output: torch.Tensor  # [N, d] mean of E_e(x) over all tokens (HC-SMoE's clustering feature)
     router_logits: torch.Tensor  # [N, T] router logits (M-SMoE's similarity feature)

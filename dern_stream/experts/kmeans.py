@@ -77,7 +77,7 @@ def batched_spherical_kmeans(
     radius = norms[batch, init]
     weights = weights.float()
     # Work buffers allocated once and reused by every iteration: a fresh large tensor per step costs
-    # page faults each time, and the freed ones fragment the heap (README, "Memory").
+    # page faults each time, and the freed ones fragment the heap (docs/performance.md, "Memory").
     work = _Workspace(b, m, k, width, sim_columns.numel(), block_bytes, torch.float32, device)
 
     assignment = None
@@ -97,8 +97,16 @@ def batched_spherical_kmeans(
         _update(members, norms, safe_norms, weights, assignment, centroids, radius, active, k, work)
 
     del work  # the buffers go before the results are formed: they are built in the centroids' memory
+    return _results(members, counts, assignment, centroids, radius, iterations, k)
+
+
+def _results(members: torch.Tensor, counts: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor,
+             radius: torch.Tensor, iterations: torch.Tensor, k: int) -> list[KMeansResult]:
+    """Each clustering's rebuilt segments (centroid times radius, in the centroids' memory), its members'
+    clusters and its iteration count."""
+    device = members.device
     results = []
-    for j in range(b):
+    for j in range(members.shape[0]):
         n = int(counts[j])
         own = assignment[j, :n]
         sizes = torch.bincount(own, minlength=k)
@@ -184,7 +192,7 @@ def _update(members, norms, safe_norms, weights, assignment, centroids, radius, 
                           weights / member_wsum.clamp_min(_TINY))
     scale = (w_tilde * r.gather(1, assignment) / safe_norms).reshape(-1, 1)
     # torch's index_add_, not a numba kernel: numba's scatter is faster alone, but its runtime costs more
-    # memory than it saves time (README, "Performance").
+    # memory than it saves time (docs/performance.md, "Compute").
     flat = members.view(b * m, width)
     total = work.total.zero_()
     for i in range(0, b * m, work.scatter_rows):

@@ -8,7 +8,8 @@ joint over experts (a token's output sums several); it is solved by block Gauss-
 at a time against the current residual, so only one expert's h x h Gram matrix exists at once.
 The ridge pulls towards the current weights, scaled by the Gram matrix's mean diagonal, so an
 expert that few tokens reach barely moves. It must be strong: the layers are fitted on the original
-model's inputs, not on the compressed model's, and a weak ridge overfits them (README, "Quality").
+model's inputs, not on the compressed model's, and a weak ridge overfits them (docs/quality.md, "The
+least-squares refit").
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ number of steps is the regulariser: chosen on held-out rows when the caller has 
 the caller then runs that many steps on all rows. Minibatches are drawn by a seeded generator, so a rerun
 (a resume) gives the same weights.
 
-Adam holds about 22 bytes per weight it moves (README, "Memory"): 124 GB for half of DeepSeek-V3's experts in
-one layer. With `group`, the experts move a group at a time, each against what the others leave of the target,
-on the rows routed to it; the step count is then chosen per group.
+Adam holds about 22 bytes per weight it moves (docs/performance.md, "The fit on large layers"): 124 GB for half
+of DeepSeek-V3's experts in one layer. With `group`, the experts move a group at a time, each against what the
+others leave of the target, on the rows routed to it; the step count is then chosen per group.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..experts.forward import Gating, relative_error, routed_output
 from ..experts.segments import ExpertStack
 from ..families import PARTS
 
-LEARNING_RATE = 0.03  # per step, relative to each tensor's RMS (README, "Quality")
+LEARNING_RATE = 0.03  # per step, relative to each tensor's RMS (docs/quality.md, "The gradient steps and the groups")
 BATCH_ROWS = 4096
 CHECK_EVERY = 25  # steps between two looks at the held-out error
 

@@ -216,21 +216,8 @@ def plan_output(
         if (dequantized and is_fp8_scale(ckpt, name)) or family.is_dropped(name):
             continue
         if name in by_router:
-            layer = by_router[name]
             specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
-            d = entry.shape[1]
-            if family.fused is not None:
-                for t in fused_tensors(family, layer.index, d, intermediate, layer.storage):
-                    specs.append(TensorSpec(t.name, t.dtype or layer.dtype, (experts, *t.slice_shape)))
-                continue
-            for e in range(experts):
-                for part in PARTS:
-                    shape = (d, intermediate) if part == "down" else (intermediate, d)
-                    name = family.expert_name(layer.index, e, part)
-                    specs.append(TensorSpec(name, layer.dtype, shape))
-                    if layer.storage.fp8:
-                        specs.append(TensorSpec(name + SCALE_SUFFIX, layer.scale_dtype,
-                                                scale_shape(shape, layer.storage.block)))
+            specs += _expert_specs(family, by_router[name], entry.shape[1], experts, intermediate)
         elif name in biases:
             specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
         else:
@@ -238,6 +225,23 @@ def plan_output(
             specs.append(TensorSpec(name, dtype, entry.shape))
             copied.append(name)
     return specs, copied
+
+
+def _expert_specs(family: Family, layer: MoELayer, d: int, experts: int, intermediate: int) -> list[TensorSpec]:
+    """One output layer's expert tensor specs, in the order they are written (they follow its router)."""
+    if family.fused is not None:
+        return [TensorSpec(t.name, t.dtype or layer.dtype, (experts, *t.slice_shape))
+                for t in fused_tensors(family, layer.index, d, intermediate, layer.storage)]
+    specs = []
+    for e in range(experts):
+        for part in PARTS:
+            shape = (d, intermediate) if part == "down" else (intermediate, d)
+            name = family.expert_name(layer.index, e, part)
+            specs.append(TensorSpec(name, layer.dtype, shape))
+            if layer.storage.fp8:
+                specs.append(TensorSpec(name + SCALE_SUFFIX, layer.scale_dtype,
+                                        scale_shape(shape, layer.storage.block)))
+    return specs
 
 
 def output_layers(layers: list[MoELayer], dequantized: bool) -> list[MoELayer]:

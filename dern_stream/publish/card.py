@@ -1,6 +1,6 @@
 """OUT/README.md: a Hugging Face model card for a rewrite's output, built from its dern_stream.json.
 
-The card (README, "Model card"):
+The card (docs/formats.md, "Model card"):
   front matter  base_model, library_name, pipeline_tag, tags; the base model card's license and language
   body          what was done (method, options, calibration), parameters before and after, the kept
                 experts of each MoE layer, the `eval --json` results given to `card --eval`, how to load it

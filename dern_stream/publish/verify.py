@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import Checkpoint, resolve_checkpoint
+from ..checkpoint.checksums import record_checksum
 from ..checkpoint.integrity import CHECKSUM, bytes_finite, checksum, new_hasher
 from ..checkpoint.safetensors_format import DTYPES, TensorEntry, read_header
 from ..checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
@@ -37,7 +38,6 @@ from ..errors import DernError, arg
 from ..families import PARTS, family_for
 from ..layout.fused_tensors import fused_tensors
 from ..layout.moe_layers import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
-from ..rewriter.audit import record_checksum
 from ..storage import expert_storage
 from ..storage.formats import SCALE_SUFFIX
 from ..storage.reading import check_fp8_tensors, is_scaled_fp8, load_weight
@@ -294,37 +294,8 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
                 report.problems.append(f"{name} was not written by the rewrite (no checksum of it is recorded)")
             elif hasher.hexdigest() != expected:
                 report.problems.append(f"{name}'s bytes differ from what the rewrite wrote (checksum mismatch)")
-        if source is None:
-            continue
-        src_name, mode = counterpart.get(name, (None, "changed"))
-        if src_name is None:
-            report.problems.append(f"{name} has no counterpart in {source.root}")
-            continue
-        src = source.entries[src_name]
-        dequantized = src.dtype != entry.dtype and entry.dtype == "BF16" and is_scaled_fp8(source, src_name)
-        if dequantized and mode == "same":  # --output-dtype: the input's FP8 weight, dequantized
-            if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
-                report.identical += 1
-            else:
-                differing[name] = f"{name} is not {source.root.name}'s FP8 {src_name} dequantized"
-        elif src.dtype != entry.dtype and not dequantized:
-            report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
-        elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
-            before = source.load(src_name)
-            if max(mode, default=-1) >= before.shape[-1]:
-                report.problems.append(f"the rewrite record's kept experts {mode} are not experts of "
-                                       f"{source.root.name}'s {src_name} {list(before.shape)}: "
-                                       "is it the rewrite's input?")
-            elif torch.equal(ckpt.load(name), before[..., mode]):
-                report.identical += 1
-            else:
-                differing[name] = f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}"
-        elif mode == "same":
-            if _same_bytes(entry, src):
-                report.identical += 1
-            else:
-                differing[name] = (f"{name} differs from {source.root.name}'s {src_name}, but the rewrite leaves it "
-                                   "unchanged")
+        if source is not None:
+            _compare_to_source(ckpt, name, source, counterpart.get(name, (None, "changed")), differing, report)
     if recorded:
         report.problems.append(f"{len(recorded)} tensors the rewrite wrote are missing, e.g. {min(recorded)}")
     if len(differing) > 1:  # same names and shapes (the fingerprint matched, or is not recorded), other values
@@ -335,6 +306,42 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
         report.problems += differing.values()
     if source is not None:
         source.release()
+
+
+def _compare_to_source(ckpt: Checkpoint, name: str, source: Checkpoint, counterpart: tuple[str | None, str | list[int]],
+                       differing: dict[str, str], report: VerifyReport) -> None:
+    """One OUT tensor against its IN counterpart: the same dtype (or IN's FP8 dequantized to bf16), and the
+    same values where the rewrite leaves it unchanged; a tensor whose values differ goes into `differing`."""
+    entry = ckpt.entries[name]
+    src_name, mode = counterpart
+    if src_name is None:
+        report.problems.append(f"{name} has no counterpart in {source.root}")
+        return
+    src = source.entries[src_name]
+    dequantized = src.dtype != entry.dtype and entry.dtype == "BF16" and is_scaled_fp8(source, src_name)
+    if dequantized and mode == "same":  # --output-dtype: the input's FP8 weight, dequantized
+        if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
+            report.identical += 1
+        else:
+            differing[name] = f"{name} is not {source.root.name}'s FP8 {src_name} dequantized"
+    elif src.dtype != entry.dtype and not dequantized:
+        report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
+    elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
+        before = source.load(src_name)
+        if max(mode, default=-1) >= before.shape[-1]:
+            report.problems.append(f"the rewrite record's kept experts {mode} are not experts of "
+                                   f"{source.root.name}'s {src_name} {list(before.shape)}: "
+                                   "is it the rewrite's input?")
+        elif torch.equal(ckpt.load(name), before[..., mode]):
+            report.identical += 1
+        else:
+            differing[name] = f"{name} is not {source.root.name}'s {src_name} at the kept experts {mode}"
+    elif mode == "same":
+        if _same_bytes(entry, src):
+            report.identical += 1
+        else:
+            differing[name] = (f"{name} differs from {source.root.name}'s {src_name}, but the rewrite leaves it "
+                               "unchanged")
 
 
 def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | None, str | list[int]]]:

@@ -66,7 +66,7 @@ def audit_record(
         "config_notes": config_notes,
         "layers": layers,
         "parameters": parameters,
-        # What verify checks every byte of the output against (README, "verify").
+        # What verify checks every byte of the output against (docs/safety.md, "verify").
         "checksums": {**(checksums or {}), "tensors": dict(sorted(tensors.items()))},
     }
 

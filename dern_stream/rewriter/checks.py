@@ -28,7 +28,7 @@ def check_calib_choice(options, calib: Path | None) -> None:
         return
     if calib is None:
         raise DernError(f"{arg('calib', metavar='DUMP')} is required (a calibration dump of the MoE layers' inputs, "
-                        f"see the README), or pass {arg('importance', 'router-norm')} for the weaker parameter-only "
+                        f"docs/formats.md), or pass {arg('importance', 'router-norm')} for the weaker parameter-only "
                         "ranking")
     check_dump_path(calib)
 

@@ -1,6 +1,6 @@
 """What a rewrite will cost, from the shapes alone: peak host and device memory, and compute per layer.
 
-The memory terms follow what the executor holds at its peak (README, "Memory"): one layer's experts as
+The memory terms follow what the executor holds at its peak (docs/performance.md, "Memory"): one layer's experts as
 stored, the results of two layers (the one computed, the one written), the similarity and k-means blocks,
 the writer's buffer, and when the options use the layer's outputs, the fit sample and one block of the
 dump it is read from. (The plan reads the dump before the execution starts, a block at a time.) Tests
@@ -23,8 +23,8 @@ from ..runtime.device import memory_size
 from ..storage import ExpertStorage
 from ..storage.fp8_blocks import scale_shape
 
-BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported (README, "Memory")
-CUDA_CONTEXT_BYTES = 1200 * 10**6  # the CUDA runtime and libraries in host memory (README, "On a GPU")
+BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported (docs/performance.md, "Memory")
+CUDA_CONTEXT_BYTES = 1200 * 10**6  # the CUDA runtime and libraries in host memory (docs/performance.md, "On a GPU")
 WRITER_BUFFER_BYTES = 16 * 2**20  # checkpoint/writer.py _COPY_CHUNK
 DUMP_BLOCK_BYTES = 64 * 2**20  # one read block of the dump as float32 (calib/store.py _READ_BLOCK)
 # torch gives each thread that runs matrix products on a GPU its own cuBLAS workspace from the caching allocator
@@ -167,4 +167,4 @@ def memory_note(costs: Estimates, options: RewriteOptions, device: torch.device,
         lower.append("--device cpu")
     advice = f"; lower it with {', or '.join(lower)}" if lower else ""
     return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
-            f"stop out of memory{advice} (README, \"Memory\")")
+            f"stop out of memory{advice} (docs/performance.md, \"The fit on large layers\")")

@@ -33,6 +33,7 @@ from .audit import audit_record, write_audit
 from .checks import check_runs_in_one_process
 from .executors import run_local, run_ray
 from .layer_io import LayerInputs, read_layer
+from .layer_report import LayerReport
 from .layer_task import compute_layer, write_outputs
 from .pipeline import run_pipeline
 from .plan import RewritePlan
@@ -92,8 +93,7 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
 
 def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool, progress: bool, started: float,
              workers: int, ray_address: str | None) -> RewriteSummary:
-    family, options, compute = plan.family, plan.options, plan.device
-    clock = StageClock(compute)
+    clock = StageClock(plan.device)
     clock.add({"importance": plan.ranking_seconds})
     stage = StagedOutput(plan.out, plan.run, restart, overwrite)
     notes = list(plan.notes)
@@ -103,61 +103,9 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
             if records:
                 log.info("resuming %s: %d of %d MoE layers already done", stage.path, len(records), len(plan.layers))
             check_free_space(stage.path, plan.output_bytes + plan.side_bytes)
-            with ShardedWriter(stage.path, plan.specs, options.max_shard_size, resume=stage.resumed) as writer:
-                for index in records:
-                    for name in plan.writes[int(index)]:
-                        writer.skip(name)
-                todo = [layer for layer in plan.layers if str(layer.index) not in records]
-                with tqdm(total=len(plan.layers), initial=len(plan.layers) - len(todo), desc="rewrite MoE layers",
-                          unit="layer", disable=not progress) as bar:
-
-                    def read(layer) -> LayerInputs:
-                        inputs = read_layer(ckpt, family, layer, plan.shape, plan.reads_experts, clock)
-                        with clock("read"):
-                            ckpt.prefetch(plan.read_ahead(layer))
-                        return inputs
-
-                    def write(report) -> None:
-                        with clock("write"):
-                            record = write_outputs(plan, writer, ckpt, report)
-                            # Journaled once flushed: a resumed run trusts exactly what is on disk.
-                            writer.commit(lambda: stage.progress.add(report.index, record))
-                            if options.sequential:
-                                sequential_journaled(stage.path, report.index)
-                        return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
-                        bar.update()
-                        bar.set_postfix(layer=report.index, reassigned=record["segments_reassigned"])
-
-                    if options.sequential and todo:
-                        with clock("forward"):
-                            forward = SequentialForward(plan.source, plan.dump, options.fit_tokens,
-                                                        options.sequential_target, compute, stage.path,
-                                                        [int(i) for i in records])
-                        try:
-                            run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock, forward),
-                                         write)
-                        finally:
-                            forward.close()
-                    elif workers == 1 and ray_address is None:
-                        run_pipeline(todo, read, lambda inputs: compute_layer(plan, inputs, clock), write)
-                    else:
-                        indices = [layer.index for layer in todo]
-                        runs = (run_ray(plan, stage.path, indices, ray_address) if ray_address is not None
-                                else run_local(plan, stage.path, indices, workers))
-                        # closing: a failure here stops the workers now, not when the generator is collected
-                        with closing(runs) as finished:
-                            for index, record, seconds in finished:
-                                stage.progress.add(index, record)  # the worker flushed the layer's bytes already
-                                for name in plan.writes[index]:
-                                    writer.skip(name)
-                                clock.add(seconds)
-                                bar.update()
-                                bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
-                if options.sequential:
-                    remove_sequential_files(stage.path)
-                with clock("write"):
-                    writer.finish()
-            _finish(plan, ckpt, stage.path, writer, records, notes, compute)
+            with ShardedWriter(stage.path, plan.specs, plan.options.max_shard_size, resume=stage.resumed) as writer:
+                _write_layers(_Steps(plan, ckpt, stage, writer, clock), progress, workers, ray_address)
+            _finish(plan, ckpt, stage.path, writer, records, notes, plan.device)
     except NonFiniteTensor:
         # Resuming would meet the same values: the input must change first (and a changed input
         # starts over), so the finished layers are of no use.
@@ -168,16 +116,97 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
             raise DernError(f"{describe(e)} ({len(stage.progress.layers)} of {len(plan.layers)} MoE layers are done "
                             f"and kept in {stage.path}: run the same command again to resume)") from e
         raise
-
     shape = plan.shape
     return RewriteSummary(
-        output=plan.out, model_type=family.model_type, layers=len(records),
-        experts_in=shape.num_experts, experts_out=options.experts,
-        segments_pooled=len(plan.layers) * (shape.num_experts - options.experts) * shape.intermediate,
+        output=plan.out, model_type=plan.family.model_type, layers=len(records),
+        experts_in=shape.num_experts, experts_out=plan.options.experts,
+        segments_pooled=len(plan.layers) * (shape.num_experts - plan.options.experts) * shape.intermediate,
         segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
-        output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(compute), notes=notes,
+        output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(plan.device), notes=notes,
         stages=dict(clock.seconds),
     )
+
+
+@dataclass
+class _Steps:
+    """What each layer goes through in the driver: read (into the page cache), and written and journaled."""
+
+    plan: RewritePlan
+    ckpt: Checkpoint
+    stage: StagedOutput
+    writer: ShardedWriter
+    clock: StageClock
+    bar: tqdm | None = None
+
+    def read(self, layer) -> LayerInputs:
+        inputs = read_layer(self.ckpt, self.plan.family, layer, self.plan.shape, self.plan.reads_experts, self.clock)
+        with self.clock("read"):
+            self.ckpt.prefetch(self.plan.read_ahead(layer))
+        return inputs
+
+    def compute(self, inputs: LayerInputs, forward: SequentialForward | None = None) -> LayerReport:
+        return compute_layer(self.plan, inputs, self.clock, forward)
+
+    def write(self, report: LayerReport) -> None:
+        with self.clock("write"):
+            record = write_outputs(self.plan, self.writer, self.ckpt, report)
+            # Journaled once flushed: a resumed run trusts exactly what is on disk.
+            self.writer.commit(lambda: self.stage.progress.add(report.index, record))
+            if self.plan.options.sequential:
+                sequential_journaled(self.stage.path, report.index)
+        return_freed_memory()  # freed layer buffers go back to the OS, not into heap fragments
+        self.done(report.index, record)
+
+    def written_elsewhere(self, index: int, record: dict, seconds: dict[str, float]) -> None:
+        """A layer a worker wrote and flushed: journaled here."""
+        self.stage.progress.add(index, record)
+        for name in self.plan.writes[index]:
+            self.writer.skip(name)
+        self.clock.add(seconds)
+        self.done(index, record)
+
+    def done(self, index: int, record: dict) -> None:
+        self.bar.update()
+        self.bar.set_postfix(layer=index, reassigned=record["segments_reassigned"])
+
+
+def _write_layers(steps: _Steps, progress: bool, workers: int, ray_address: str | None) -> None:
+    """Every layer not yet journaled, by the executor the options choose; then the shards finished."""
+    plan, records = steps.plan, steps.stage.progress.layers
+    for index in records:
+        for name in plan.writes[int(index)]:
+            steps.writer.skip(name)
+    todo = [layer for layer in plan.layers if str(layer.index) not in records]
+    with tqdm(total=len(plan.layers), initial=len(plan.layers) - len(todo), desc="rewrite MoE layers",
+              unit="layer", disable=not progress) as steps.bar:
+        if plan.options.sequential and todo:
+            _run_sequential(steps, todo)
+        elif workers == 1 and ray_address is None:
+            run_pipeline(todo, steps.read, steps.compute, steps.write)
+        else:
+            indices = [layer.index for layer in todo]
+            runs = (run_ray(plan, steps.stage.path, indices, ray_address) if ray_address is not None
+                    else run_local(plan, steps.stage.path, indices, workers))
+            # closing: a failure here stops the workers now, not when the generator is collected
+            with closing(runs) as finished:
+                for index, record, seconds in finished:
+                    steps.written_elsewhere(index, record, seconds)  # the worker flushed the layer's bytes already
+    if plan.options.sequential:
+        remove_sequential_files(steps.stage.path)
+    with steps.clock("write"):
+        steps.writer.finish()
+
+
+def _run_sequential(steps: _Steps, todo: list) -> None:
+    """The layers in order, each fitted on the compressed model's own inputs (sequential.py)."""
+    plan = steps.plan
+    with steps.clock("forward"):
+        forward = SequentialForward(plan.source, plan.dump, plan.options.fit_tokens, plan.options.sequential_target,
+                                    plan.device, steps.stage.path, [int(i) for i in steps.stage.progress.layers])
+    try:
+        run_pipeline(todo, steps.read, lambda inputs: steps.compute(inputs, forward), steps.write)
+    finally:
+        forward.close()
 
 
 def _finish(plan: RewritePlan, ckpt: Checkpoint, path: Path, writer: ShardedWriter, records: dict, notes: list[str],

@@ -46,22 +46,9 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
     left = list(layers)  # in order; a layer leaves the list when its record is in
     while left:
         pool = spawn_pool(workers, gpus)
-        waiting = iter(list(left))
-        # At most one layer per worker is handed over at a time, so when a worker dies the layers then
-        # running are all the pool had: only they are charged a retry.
-        running = {pool.submit(run_pickled, blob, staged, i): i for i in itertools.islice(waiting, workers)}
+        running: dict = {}
         try:
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    record, seconds = future.result()
-                    index = running.pop(future)
-                    # Handed over (and journaled) before the next submit: a submit to a pool broken meanwhile
-                    # raises, and a layer taken off `left` but never handed over would be lost.
-                    yield index, record, seconds
-                    left.remove(index)
-                    for i in itertools.islice(waiting, 1):
-                        running[pool.submit(run_pickled, blob, staged, i)] = i
+            yield from _run_in_pool(pool, blob, staged, left, workers, running)
             pool.shutdown()
         except BrokenProcessPool:
             stop_pool(pool)
@@ -74,6 +61,26 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
         except BaseException:
             stop_pool(pool)  # a layer failed for good (bad input, non-finite values) or Ctrl-C: no waiting
             raise
+
+
+def _run_in_pool(pool, blob: bytes, staged: Path, left: list[int], workers: int, running: dict) -> Iterator[Finished]:
+    """The layers `left` on `pool`, yielded as they finish and then taken off `left`. `running` (future -> layer)
+    holds the layers handed over and not yet finished, for the caller to charge a retry when the pool breaks."""
+    waiting = iter(list(left))
+    # At most one layer per worker is handed over at a time, so when a worker dies the layers then
+    # running are all the pool had: only they are charged a retry.
+    running.update({pool.submit(run_pickled, blob, staged, i): i for i in itertools.islice(waiting, workers)})
+    while running:
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            record, seconds = future.result()
+            index = running.pop(future)
+            # Handed over (and journaled) before the next submit: a submit to a pool broken meanwhile
+            # raises, and a layer taken off `left` but never handed over would be lost.
+            yield index, record, seconds
+            left.remove(index)
+            for i in itertools.islice(waiting, 1):
+                running[pool.submit(run_pickled, blob, staged, i)] = i
 
 
 def run_ray(plan: RewritePlan, staged: Path, layers: list[int], address: str) -> Iterator[Finished]:
@@ -96,20 +103,24 @@ def run_ray(plan: RewritePlan, staged: Path, layers: list[int], address: str) ->
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
                 index = running.pop(ref)
-                try:
-                    record, seconds = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # the task raised: its own error, one line
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, DernError):
-                        raise cause from None
-                    raise DernError(f"layer {index} failed on the Ray cluster: {_one_line(cause or e)}") from None
-                except ray.exceptions.RayError as e:  # a worker or node lost for good, out of memory...
-                    raise DernError(f"layer {index} could not be run on the Ray cluster ({type(e).__name__}, after "
-                                    f"{RETRIES} retries): {_one_line(e)}; finished layers are kept") from None
-                yield index, record, seconds
+                yield index, *_task_result(ray, ref, index)
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
+
+
+def _task_result(ray, ref, index: int) -> tuple[dict, dict[str, float]]:
+    """A finished task's (record, seconds), or its failure as one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:  # the task raised: its own error, one line
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, DernError):
+            raise cause from None
+        raise DernError(f"layer {index} failed on the Ray cluster: {_one_line(cause or e)}") from None
+    except ray.exceptions.RayError as e:  # a worker or node lost for good, out of memory...
+        raise DernError(f"layer {index} could not be run on the Ray cluster ({type(e).__name__}, after "
+                        f"{RETRIES} retries): {_one_line(e)}; finished layers are kept") from None
 
 
 def _one_line(e: BaseException) -> str:

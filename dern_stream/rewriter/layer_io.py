@@ -138,7 +138,7 @@ def write_layer(
     error that adds is recorded (`requantization_error`). `dequantized`: every expert is written in bf16
     instead, without scales.
     """
-    result, i, storage = report.result, layer.index, layer.storage
+    result, i = report.result, layer.index
     error = RequantizationError()
     try:
         writer.write(family.router_name(i), result.router.cpu())
@@ -152,27 +152,36 @@ def write_layer(
             return
         for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
             for part in PARTS:
-                name = family.expert_name(i, pos, part)
-                if rebuilt is None and dequantized:
-                    writer.write(name, load_weight(ckpt, family.expert_name(i, expert, part)).to(dtype))
-                elif rebuilt is None:
-                    for out, src in zip(storage.tensor_names(name),
-                                        storage.tensor_names(family.expert_name(i, expert, part)), strict=True):
-                        writer.copy_raw(out, ckpt.entries[src])
-                elif storage.fp8 and not dequantized:
-                    weight = getattr(rebuilt, part).float()
-                    q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
-                    error.add(weight, dequantize(q, scale, storage.block))
-                    writer.write(name, q.cpu())
-                    writer.write(name + SCALE_SUFFIX, scale.cpu())
-                else:
-                    writer.write(name, getattr(rebuilt, part).to(dtype).cpu())  # the only device-to-host copy
+                name, source = family.expert_name(i, pos, part), family.expert_name(i, expert, part)
+                _write_part(writer, ckpt, layer, name, source, getattr(rebuilt, part) if rebuilt is not None
+                            else None, dtype, dequantized, error)
     except NonFiniteTensor as e:
         if e.copied:
             raise
         raise NonFiniteTensor(f"{e}: {_non_finite_cause(ckpt, family, layer)}", copied=False) from None
     if error.value() is not None:
         report.requantization_error = error.value()
+
+
+def _write_part(writer: ShardedWriter, ckpt: Checkpoint, layer: MoELayer, name: str, source: str,
+                rebuilt: torch.Tensor | None, dtype: torch.dtype, dequantized: bool,
+                error: RequantizationError) -> None:
+    """One projection of a kept expert as output tensor `name`: the input's `source` as it is (raw bytes, with its
+    scales) or dequantized, or the `rebuilt` weight, quantized again where the input is FP8."""
+    storage = layer.storage
+    if rebuilt is None and dequantized:
+        writer.write(name, load_weight(ckpt, source).to(dtype))
+    elif rebuilt is None:
+        for out, src in zip(storage.tensor_names(name), storage.tensor_names(source), strict=True):
+            writer.copy_raw(out, ckpt.entries[src])
+    elif storage.fp8 and not dequantized:
+        weight = rebuilt.float()
+        q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)
+        error.add(weight, dequantize(q, scale, storage.block))
+        writer.write(name, q.cpu())
+        writer.write(name + SCALE_SUFFIX, scale.cpu())
+    else:
+        writer.write(name, rebuilt.to(dtype).cpu())  # the only device-to-host copy
 
 
 def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer: MoELayer, result: LayerResult,

@@ -127,6 +127,44 @@ def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib:
 def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
           progress: bool, origin: dict) -> RewritePlan:
     config = ckpt.config
+    family, storage, shape, layers = _checked_model(ckpt, source, options)
+    out_config, notes = _output_config(ckpt, family, options)
+    groups = family.group_plan(config, options.experts, options.groups)
+    routing = layer_routing(family, config, out_config)
+    device = resolve_device(options.device)
+    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
+    if options.sequential and dump is not None:
+        dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
+    reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
+    ranking = time.perf_counter()
+    selection = select_experts_of_layers(ckpt, family, layers, dump, options, routing, groups, device,
+                                         reads_experts or options.experts < shape.num_experts, progress)
+    ranking = time.perf_counter() - ranking
+    out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape)
+    fingerprint = ckpt.fingerprint()
+    threads = torch.get_num_threads()  # every worker computes with as many, and a resume must too
+    run = run_key(
+        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
+        device_name=device_name(device), threads=threads, source_fingerprint=fingerprint,
+        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
+        calib_files=tree_stamp(calib) if dump is not None else None,
+    )
+    tokens = max((s.tokens for s in selection.values()), default=0)
+    costs = _estimates(family, config, storage, shape, layers, options, tokens, reads_experts, device, notes)
+    return RewritePlan(
+        source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
+        layers=layers, out_layers=out_layers, selection=selection, specs=specs,
+        shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
+        out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
+        routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
+        dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
+    )
+
+
+def _checked_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
+                   ) -> tuple[Family, ExpertStorage, ModelShape, list[MoELayer]]:
+    """The input's family, storage, shape and MoE layers, each checked against the config and the options."""
+    config = ckpt.config
     family = family_for(config)
     storage = expert_storage(config)
     check_fp8_tensors(ckpt)
@@ -142,28 +180,28 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     if options.sequential and family.remote_code:
         raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
                         f"{family.model_type} (it runs as remote code): leave it out")
-    out_config, notes = family.output_config(config, options.experts, options.intermediate_size,
+    return family, storage, shape, layers
+
+
+def _output_config(ckpt: Checkpoint, family: Family, options: RewriteOptions) -> tuple[dict, list[str]]:
+    """The output's config.json, and the notes that say what changed beyond the expert count."""
+    out_config, notes = family.output_config(ckpt.config, options.experts, options.intermediate_size,
                                              options.groups)
     dropped = [name for name in ckpt.entries if family.is_dropped(name)]
     if dropped:
         notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
                      f"load) are not carried over: their routed experts would disagree with K")
-    if dequantized:
+    if options.output_dtype is not None:
         del out_config["quantization_config"]
         notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
                      "quantization_config")
-    groups = family.group_plan(config, options.experts, options.groups)
-    routing = layer_routing(family, config, out_config)
-    device = resolve_device(options.device)
-    dump = _open_dump(calib, options, family, shape, [layer.index for layer in layers], ckpt, notes)
-    if options.sequential and dump is not None:
-        dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
-    reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
-    ranking = time.perf_counter()
-    selection = select_experts_of_layers(ckpt, family, layers, dump, options, routing, groups, device,
-                        reads_experts or options.experts < shape.num_experts, progress)
-    ranking = time.perf_counter() - ranking
+    return out_config, notes
 
+
+def _output_layout(ckpt: Checkpoint, family: Family, layers: list[MoELayer], options: RewriteOptions,
+                   shape: ModelShape) -> tuple[list[MoELayer], list[TensorSpec], dict, dict]:
+    """The output's layers, its tensors, what each layer's write copies, and every name each layer writes."""
+    dequantized = options.output_dtype is not None
     width = options.intermediate_size or shape.intermediate
     out_layers = output_layers(layers, dequantized)
     specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
@@ -171,16 +209,15 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
               for layer in out_layers}
     check_plan_complete(specs, writes)
-    fingerprint = ckpt.fingerprint()
-    threads = torch.get_num_threads()  # every worker computes with as many, and a resume must too
-    run = run_key(
-        options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
-        device_name=device_name(device), threads=threads, source_fingerprint=fingerprint,
-        source_files=files_stamp([source / "config.json", *(source / f for f in ckpt.shard_files)]),
-        calib_files=tree_stamp(calib) if dump is not None else None,
-    )
-    tokens = max((s.tokens for s in selection.values()), default=0)
+    return out_layers, specs, copy_with, writes
+
+
+def _estimates(family: Family, config: dict, storage: ExpertStorage, shape: ModelShape, layers: list[MoELayer],
+               options: RewriteOptions, tokens: int, reads_experts: bool, device: torch.device,
+               notes: list[str]) -> Estimates:
+    """What the rewrite will cost; a note when its estimated peak exceeds the memory it computes in."""
     stored = dtype_size(layers[0].dtype) if not storage.mxfp4 else 0.5
+
     def costs_of(o: RewriteOptions) -> Estimates:
         return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu")
 
@@ -188,14 +225,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     note = memory_note(costs, options, device, tokens, costs_of)
     if note is not None:
         notes.append(note)
-    return RewritePlan(
-        source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
-        layers=layers, out_layers=out_layers, selection=selection, specs=specs,
-        shards=layout_shards(specs, options.max_shard_size), copy_with=copy_with, writes=writes,
-        out_config=out_config, notes=notes, run=run, fingerprint=fingerprint, device=device, groups=groups,
-        routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
-        dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
-    )
+    return costs
 
 
 def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> CalibDump | None:
@@ -221,7 +251,7 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
             raise DernError(f"calibration dump {dump.path} has no inputs for MoE layer {i}")
     rows = min((dump.layer(i).shape[0] for i in layer_indices if i in available), default=0)
     if options.refit_steps and 0 < rows < options.fit_tokens:
-        # The steps learn a small sample's tokens (README, "Quality v3"): worth saying before a long run.
+        # The steps learn a small sample's tokens (docs/quality.md, "The fit sample"): worth saying before a long run.
         notes.append(f"the dump holds {rows} inputs per layer, fewer than --fit-tokens {options.fit_tokens}: the "
                      f"gradient refit generalises better from a dump of {options.fit_tokens} tokens or more")
     return dump

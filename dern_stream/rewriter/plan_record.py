@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # no torch here: api.plan checks its --json target before it 
 PLAN_FORMAT = "dern-stream-plan"  # the --json file's format marker
 
 # A stated rate, not a measurement of the machine the plan runs on: float32 matrix products on this
-# project's 2-core development machine (README, "Performance").
+# project's 2-core development machine (docs/performance.md, "Compute").
 CPU_GFLOPS = 140.0
 
 

@@ -8,7 +8,8 @@ already rewritten computing with its compressed experts and router. For MoE laye
 - the target (`sequential_target`): "layer", the original layer's routed output on those same inputs x
   (GPTQ's choice: the layer is fitted where it will run); or "model", its output on the original model's
   inputs of the same tokens (the dump's cached rows), so the fit of layer L also works against what the
-  earlier layers changed. (README, "Quality v2": "model" measured worse on the fixtures.)
+  earlier layers changed. ("model" measured worse on the fixtures: docs/quality.md, "Held-out choice, router
+  refit and sequential fitting".)
 Once layer L is compressed, `advance` runs it with the new experts (the block's output minus the original
 routed experts' output plus the compressed ones': shared experts and everything else stay the block's own)
 and the result feeds layer L+1. Memory: one decoder layer, plus the hidden states of the chosen sequences

@@ -5,7 +5,7 @@ the fragments add up layer after layer. `malloc_trim` returns them between layer
 
 Within a layer, glibc's default *dynamic* mmap threshold moves every freed block of up to 32 MB into
 the heaps of the three pipeline threads, where it stays; fixing the threshold at 4 MiB gives such
-blocks back on free. What each saves is measured in the README, "Memory".
+blocks back on free. What each saves is measured in docs/performance.md, "Memory".
 """
 
 from __future__ import annotations

@@ -96,21 +96,7 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
     exist with fitting shapes (the same rules as materialise, without reading data); DernError if not."""
     for suffix, parts in _FUSED.items():
         if layer is not None and name.endswith(suffix) and family.fused is None:
-            names, rows = set(), 0
-            for part in parts:
-                for e in range(shape[0]):
-                    disk = family.expert_name(layer, e, part)
-                    entry = ckpt.entries.get(disk)
-                    if entry is None:
-                        raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
-                    if entry.shape[1:] != shape[2:]:
-                        raise DernError(f"{disk} has shape {list(entry.shape)}, which does not fit {name} "
-                                        f"{list(shape)}")
-                    names.add(disk)
-                rows += entry.shape[0]
-            if rows != shape[1]:
-                raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
-            return _with_scales(names, ckpt)
+            return _fused_disk_tensors(name, shape, ckpt, family, layer, parts)
     disk = _disk_name(name, ckpt, family, layer)
     if is_mxfp4(ckpt, disk):
         blocks = ckpt.entries[disk + mxfp4.BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
@@ -121,3 +107,23 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
     return _with_scales({disk}, ckpt)
+
+
+def _fused_disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int,
+                        parts: tuple[str, ...]) -> set[str]:
+    """disk_tensors for a fused in-memory tensor: each expert's tensors of `parts`, stacked along dim 1."""
+    names, rows = set(), 0
+    for part in parts:
+        for e in range(shape[0]):
+            disk = family.expert_name(layer, e, part)
+            entry = ckpt.entries.get(disk)
+            if entry is None:
+                raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
+            if entry.shape[1:] != shape[2:]:
+                raise DernError(f"{disk} has shape {list(entry.shape)}, which does not fit {name} "
+                                f"{list(shape)}")
+            names.add(disk)
+        rows += entry.shape[0]
+    if rows != shape[1]:
+        raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
+    return _with_scales(names, ckpt)

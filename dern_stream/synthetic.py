@@ -1,9 +1,9 @@
 """Synthetic MoE checkpoints of any size, in Mixtral's on-disk layout, written one layer at a time.
 
-    python benchmarks/synthetic.py OUT --size 2GB --layers 24 [--hidden 1024 --experts 8] [--dump DUMP]
-    python benchmarks/synthetic.py OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8
-    python benchmarks/synthetic.py OUT --size 30GB --layers 640 --upcycled 0.3 --dump DUMP --tokens 1024
-        # larger than this machine's 24.7 GB of RAM; small layers keep DERN's compute at 30 min (README)
+    python -m dern_stream.synthetic OUT --size 2GB --layers 24 [--hidden 1024 --experts 8] [--dump DUMP]
+    python -m dern_stream.synthetic OUT --layers 24 --hidden 1024 --intermediate 2048 --experts 8
+    python -m dern_stream.synthetic OUT --size 30GB --layers 640 --upcycled 0.3 --dump DUMP --tokens 1024
+        # larger than the development machine's 24.7 GB of RAM (docs/performance.md)
 
 `--size` picks the experts' intermediate size (a multiple of 64) so the checkpoint comes out at about
 that size; the generator itself holds one layer at a time, so any size can be written.
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dern_stream.calib import CalibWriter, tensor_sha256
-from dern_stream.runtime.arguments import parse_size
-from dern_stream.storage import quantize
+from .calib import CalibWriter, tensor_sha256
+from .runtime.arguments import parse_size
+from .storage import quantize
 
 # fp8: projections stored as DeepSeek-V3's FP8 release stores them (float8_e4m3fn + float32 scales per 128x128
 # block, declared in quantization_config); embeddings, norms and routers in bf16.
@@ -160,8 +160,8 @@ def _finish(path: Path, config: dict, weight_map: dict[str, str]) -> Path:
 
 def write_synthetic_dump(checkpoint: str | Path, dump: str | Path, tokens: int = 4096, seed: int = 1) -> Path:
     """Random MoE inputs (unit-RMS, like a post-attention RMSNorm output) for every layer, with router hashes."""
-    from dern_stream.checkpoint import Checkpoint
-    from dern_stream.families import family_for
+    from .checkpoint import Checkpoint
+    from .families import family_for
 
     ckpt = Checkpoint(Path(checkpoint))
     fam = family_for(ckpt.config)
