@@ -78,8 +78,8 @@ class RewriteOptions:
     described once for the Python API and the command line."""
 
     experts: int
-    method: str = option(METHODS[0], f"{METHODS[0]}, or a baseline: {', '.join(METHODS[1:])} (docs/method.md, "
-                                      "\"Methods\").", METHODS)
+    method: str = option(METHODS[0], f"{METHODS[0]}, or a baseline: {', '.join(METHODS[1:])} "
+                                      '(docs/method.md, "Methods").', METHODS)
     recipe: str | None = option(None, "A bundle of method options: 'paper' is the paper's DERN; 'best', the "
                                       f"recommended setting, is {_as_flags(RECIPES['best'])}. Options given beside "
                                       "it override its values.", tuple(sorted(RECIPES)))

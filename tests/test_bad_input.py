@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure, file_bytes
+from helpers import assert_clean_failure, file_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dern_stream.cli import main

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure, raw_bytes
+from helpers import assert_clean_failure, raw_bytes
 
 from dern_stream.cli import main
 

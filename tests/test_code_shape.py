@@ -1,9 +1,11 @@
 """The package's shape rules (docs/architecture.md, "Rules"): no function over 60 lines, no block nested deeper than 4
-inside a function, at most 10 modules at the package root, and every folder says what it holds."""
+inside a function, at most 10 modules at the package root, every folder says what it holds, and what the code cites
+of docs/ exists."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dern_stream"
@@ -65,3 +67,18 @@ def test_the_package_root_keeps_few_modules_and_every_folder_says_what_it_holds(
     for init in sorted(PACKAGE.rglob("__init__.py")):
         docstring = ast.get_docstring(ast.parse(init.read_text()))
         assert docstring, f"{init} has no docstring"
+
+
+def test_code_cites_docs_that_exist():
+    """Every `docs/FILE.md` the code names exists, and so does every heading it names there ("Heading")."""
+    docs = PACKAGE.parent / "docs"
+    cited = 0
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = re.sub(r"\\?\n\s*#?\s*", " ", path.read_text()).replace('\\"', '"')  # citations wrap over lines
+        for name, heading in re.findall(r'docs/([a-z_]+\.md)(?:, "([^"]+)")?', text):
+            page = docs / name
+            assert page.is_file(), f"{path.name} cites docs/{name}, which does not exist"
+            titles = {line.lstrip("#").strip() for line in page.read_text().splitlines() if line.startswith("#")}
+            assert not heading or heading in titles, f"{path.name} cites docs/{name}, \"{heading}\": no such heading"
+            cited += 1
+    assert cited > 20

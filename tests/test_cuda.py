@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import raw_bytes
-from test_fp8 import _fp8_stack
+from helpers import fp8_stack, raw_bytes
 from transformers import AutoModelForCausalLM
 
 import dern_stream
@@ -83,7 +82,7 @@ def test_dump_on_cuda_matches_the_cpu(build, tmp_path):
 
 
 def test_fp8_experts_read_on_cuda_as_on_the_cpu():
-    stack, dense = _fp8_stack(5, 40, 24, (16, 8))
+    stack, dense = fp8_stack(5, 40, 24, (16, 8))
     gpu = stack.to(torch.device("cuda"))
     for part in ("gate", "up", "down"):
         torch.testing.assert_close(gpu.weight(part, 3).cpu(), dense.weight(part, 3), rtol=0, atol=0)

@@ -20,13 +20,15 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_clean_failure, file_bytes, read_tensors
+from helpers import assert_clean_failure, file_bytes, read_tensors
 from safetensors.torch import save_file
 
 from dern_stream.calib import CalibWriter
@@ -546,21 +548,39 @@ def empty_writable_mount_point() -> Path | None:
     return None
 
 
-def test_a_mount_point_is_refused_as_out(world):
-    mount = empty_writable_mount_point()
-    if mount is None:
-        pytest.skip("no empty, writable mount point on this machine (/proc/self/mounts); this test mounts nothing")
-    before = digest(world.root)
-    beside = set(os.listdir(mount.parent))
-    try:
-        result = run(*world.rewrite(mount))
-        assert_refused(result, "is a mount point", world.root, before)
-        assert not any(mount.iterdir())
-        assert set(os.listdir(mount.parent)) == beside
-    finally:  # a regression must not leave its staging directory beside the mount point
-        partial = mount.parent / f".{mount.name}.dern-partial"
-        if partial.name not in beside and partial.is_dir():
-            shutil.rmtree(partial)
+@contextmanager
+def mount_point(directory: Path) -> Iterator[Path | None]:
+    """An empty, writable mount point: a small tmpfs mounted on `directory` where this process may mount (as root),
+    else one this machine has; None where there is neither (the test then skips: it cannot make one)."""
+    if os.geteuid() == 0 and shutil.which("mount") and shutil.which("umount"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "dern-test", str(directory)],
+                                 capture_output=True)
+        if mounted.returncode == 0:
+            try:
+                yield directory
+            finally:
+                subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+            return
+    yield empty_writable_mount_point()
+
+
+def test_a_mount_point_is_refused_as_out(world, tmp_path_factory):
+    """OUT on a mount point cannot be replaced by the final rename: refused before any work, nothing written."""
+    with mount_point(tmp_path_factory.mktemp("mount")) as mount:
+        if mount is None:
+            pytest.skip("not root (or mount refused), and no empty, writable mount point in /proc/self/mounts")
+        assert os.path.ismount(mount)
+        before = digest(world.root)
+        beside = set(os.listdir(mount.parent))
+        try:
+            result = run(*world.rewrite(mount))
+            assert_refused(result, "is a mount point", world.root, before)
+            assert not any(mount.iterdir())
+            assert set(os.listdir(mount.parent)) == beside
+        finally:  # a regression must not leave its staging directory beside the mount point
+            partial = mount.parent / f".{mount.name}.dern-partial"
+            if partial.name not in beside and partial.is_dir():
+                shutil.rmtree(partial)
 
 
 def test_full_disk_in_dump_then_the_same_command_resumes(world, monkeypatch, caplog):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure, file_bytes
+from helpers import assert_clean_failure, file_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -2,7 +2,7 @@
 
 from ..errors import DernError
 from .catalog import all_families
-from .config_rules import check_config, check_model_type
+from .config_check import check_config, check_model_type
 from .record import PARTS, Family, GroupPlan
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in all_families()}

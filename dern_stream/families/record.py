@@ -281,7 +281,7 @@ class Family:
 
     def check_expressible(self, config: dict, experts: int) -> None:
         """Refuse, before any work, a K whose output config could not route; name the K values that can.
-        (The input config's own routing is checked with its other values: config_rules.py.)"""
+        (The input config's own routing is checked with its other values: config_check.py.)"""
         problem = self.routing_problem(self.output_config(config, experts, None)[0])
         if problem is None:
             return

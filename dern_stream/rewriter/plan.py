@@ -38,7 +38,7 @@ from ..options import RewriteOptions
 from ..runtime.device import device_name, resolve_device
 from ..storage import ExpertStorage, expert_storage
 from ..storage.reading import check_fp8_tensors
-from .checks import check_calib_choice, check_widths
+from .checks import check_widths
 from .estimates import Estimates, estimate, memory_note
 from .layer_io import expert_tensor_names, layer_output_names
 from .layer_report import ROUTING, LayerSelection
@@ -118,7 +118,8 @@ def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib:
               progress: bool = False, origin: dict | None = None) -> RewritePlan:
     """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
     input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump.
-    `origin`: how the record names the input (default: hub.source_record of the directory)."""
+    `origin`: how the record names the input (default: hub.source_record of the directory). The caller
+    (api.py) has checked the options and the dump's path against each other (checks.check_calib_choice)."""
     source = resolve_checkpoint(src)
     with Checkpoint(source) as ckpt:
         return _plan(ckpt, source, out, options, calib, progress, origin or source_record(source))
@@ -232,7 +233,6 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
     """Open and check the dump before any work starts (a bad dump must not cost a long run).
 
     Layers the dump does not calibrate (a multi-token-prediction layer) are ranked by router norm."""
-    check_calib_choice(options, calib)
     if options.importance == "router-norm":
         notes.append("importance from router weight norms (no calibration data): weaker than routing statistics")
         return None

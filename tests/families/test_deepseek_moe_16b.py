@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import raw_bytes, read_tensors
+from helpers import raw_bytes, read_tensors
 
 import dern_stream
 from dern_stream.calib.store import CalibWriter, tensor_sha256

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import cli_without, file_bytes
+from helpers import cli_without, file_bytes, routed_error
 from transformers import AutoModelForCausalLM
 
 import dern_stream
@@ -59,36 +59,11 @@ def test_each_layer_is_fitted_on_the_compressed_models_own_inputs(family, target
         assert fit["fit_tokens"] == ids.numel()
         moved.append(float(torch.linalg.vector_norm(x_new - x) / torch.linalg.vector_norm(x)))
         reference = x if target == "model" else x_new
-        assert fit["error"] == pytest.approx(_routed_error(original, rewritten, i, reference, x_new), rel=1e-3,
+        assert fit["error"] == pytest.approx(routed_error(original, rewritten, i, reference, x_new), rel=1e-3,
                                              abs=1e-6)
     assert len(moved) > 1
     assert moved[0] < 1e-3  # the first MoE layer sees the original inputs (up to the dump's float16)
     assert all(m > 1e-3 for m in moved[1:])  # the others, what the compressed layers before them give
-
-
-def _routed_error(original, rewritten, i: int, x: torch.Tensor, x_new: torch.Tensor) -> float:
-    """||routed_new(x_new) - routed_orig(x)|| / ||routed_orig(x)||, each block's routed part being its output
-    minus the output of its shared experts (the same module in both checkpoints)."""
-
-    def routed(model, inputs):
-        block = moe_block_of(model.model.layers[i])
-        with torch.no_grad():
-            y = block(inputs[None])
-            y = (y[0] if isinstance(y, tuple) else y)[0]
-            shared = _shared_output(block, inputs)
-        return y - shared
-    reference = routed(original, x)
-    return float(torch.linalg.vector_norm(routed(rewritten, x_new) - reference) / torch.linalg.vector_norm(reference))
-
-
-def _shared_output(block, x: torch.Tensor) -> torch.Tensor:
-    """The block's shared-expert output on x [T, d] (zero without one): Qwen2-MoE's gated shared expert,
-    DeepSeek's shared_experts."""
-    if hasattr(block, "shared_expert"):
-        return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-    if hasattr(block, "shared_experts"):
-        return block.shared_experts(x)
-    return torch.zeros_like(x)
 
 
 _RUN = "import sys; from dern_stream.cli import main; main(sys.argv[1:])"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import raw_bytes
+from helpers import raw_bytes
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import file_bytes
-from test_sequential import _routed_error
+from helpers import file_bytes, routed_error
 from transformers import AutoModelForCausalLM
 
 import dern_stream
@@ -127,7 +126,7 @@ def test_the_written_checkpoint_computes_the_recorded_error(family_name, group, 
         x = torch.cat(list(dump.chunks(int(i)))).float()
         assert fit["gradient_steps"] == 50 and fit["error"] == fit["error_after_gradient"]
         assert fit["error"] < min(c.get("error_after_refit", c["error"]) for c in fit["candidates"])
-        assert fit["error"] == pytest.approx(_routed_error(original, rewritten, int(i), x, x), rel=2e-2)
+        assert fit["error"] == pytest.approx(routed_error(original, rewritten, int(i), x, x), rel=2e-2)
     # gate and up of every kept expert moved: not the original expert's, as pruning alone would write it
     family = family_for(json.loads((out / "config.json").read_text()))
     written, source = Checkpoint(out), Checkpoint(built.model_dir)

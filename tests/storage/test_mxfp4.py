@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import raw_bytes
+from helpers import raw_bytes
 from transformers import AutoModelForCausalLM, Mxfp4Config
 
 import dern_stream

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAMILIES, read_tensors
+from helpers import FAMILIES, read_tensors
 from transformers import AutoModelForCausalLM
 
 import dern_stream

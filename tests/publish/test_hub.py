@@ -1,4 +1,4 @@
-"""The Hugging Face Hub in and out, against a fake Hub on localhost (tests/fake_hub.py): IN as a repo id
+"""The Hugging Face Hub in and out, against a fake Hub on localhost (tests/publish/fake_hub.py): IN as a repo id
 fetches only the files a command uses, at --revision, from the cache when offline; the record names the
 repo and commit; a push uploads OUT byte for byte once it verifies, and nothing when it does not."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure, file_bytes
 from fake_hub import FakeHub, oid
+from helpers import assert_clean_failure, file_bytes
 
 import dern_stream
 from dern_stream.cli import main

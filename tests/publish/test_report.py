@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
-from conftest import assert_clean_failure, cli_without
+from helpers import assert_clean_failure, cli_without
 
 import dern_stream
 from dern_stream.cli import main

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DELETE, assert_clean_failure, edited_copy
+from helpers import DELETE, assert_clean_failure, edited_copy
 from transformers import AutoModelForCausalLM
 
 import dern_stream

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 from click.testing import CliRunner
-from conftest import read_tensors
+from helpers import read_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import DELETE, edited_copy, file_bytes
+from helpers import DELETE, edited_copy, file_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dern_stream.cli import main
 from dern_stream.families import FAMILIES
-from dern_stream.families.config_rules import rules_for
+from dern_stream.families.config_check import rules_for
 
 COMMANDS = ("rewrite", "dump", "eval", "verify")
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import raw_bytes, read_tensors, shard_metadata
+from helpers import raw_bytes, read_tensors, shard_metadata
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_clean_failure
+from helpers import assert_clean_failure
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
@@ -46,8 +46,11 @@ def test_the_rewrite_does_what_the_plan_says(family, build, tmp_path):
     assert {i: layer["kept"] for i, layer in record["layers"].items()} == \
         {i: layer["kept"] for i, layer in audit["layers"].items()}
     for i, layer in record["layers"].items():
-        assert layer["importance"] == audit["layers"][i]["importance"]
-        assert sorted(layer["kept"] + layer["dropped"]) == list(range(8))
+        done = audit["layers"][i]
+        assert layer["importance"] == done["importance"]
+        assert layer["ranking"] == done["importance_source"]
+        assert layer["calibration_tokens"] == done["calibration_tokens"]
+        assert {source for source, _, _ in done["transfers"]} <= set(layer["dropped"])  # only dropped experts move
     written = Checkpoint(out)
     planned = {name: (shard["file"], start, end) for shard in record["shards"]
                for name, (start, end) in shard["tensors"].items()}
@@ -129,13 +132,24 @@ def test_plan_json_never_replaces_a_file_it_did_not_write(build, tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.stderr
 
 
-def test_every_rewrite_option_is_a_command_line_option():
+def test_every_rewrite_option_is_a_command_line_option_with_its_help_choices_and_default():
+    """rewrite and plan build their options from RewriteOptions' fields: each field is an option of both, its help,
+    choices and default shown as the field describes them."""
     runner = CliRunner()
-    for command in ("rewrite", "plan"):
-        text = runner.invoke(main, [command, "--help"], terminal_width=200).output
+    for name in ("rewrite", "plan"):
+        command = main.commands[name]
+        params = {param.name: param for param in command.params}
+        text = " ".join(runner.invoke(main, [name, "--help"], terminal_width=400).output.split())
         for spec in option_fields():
-            assert f"--{spec.name.replace('_', '-')}" in text, (command, spec.name)
-            assert spec.metadata["help"].split()[0] in text
+            param, flag = params[spec.name], "--" + spec.name.replace("_", "-")
+            assert flag in param.opts, (name, spec.name)
+            assert " ".join(spec.metadata["help"].split()) in text, (name, spec.name)
+            if spec.metadata["choices"]:
+                assert tuple(param.type.choices) == spec.metadata["choices"], (name, spec.name)
+            if spec.metadata["flag"]:
+                assert param.secondary_opts == ["--no-" + flag[2:]], (name, spec.name)
+            shown = spec.metadata["shown"]
+            assert shown is None or f"[default: {shown}]" in text, (name, spec.name)
 
 
 def test_an_unknown_api_option_is_one_line(build, tmp_path):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_clean_failure, edited_copy, raw_bytes
+from helpers import assert_clean_failure, edited_copy, fp8_stack, raw_bytes
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
 import dern_stream
@@ -251,24 +251,6 @@ def test_gradient_steps_requantize_the_experts_they_moved(fp8, tmp_path):
     assert not verify(out, model, progress=False).problems
 
 
-def _fp8_stack(n: int, h: int, d: int, block: tuple[int, int]):
-    """An FP8 stack (weights and block scales, partial edge blocks) and the same experts dequantized, dense."""
-    from dern_stream.experts.segments import ExpertStack
-    from dern_stream.storage import quantize
-
-    torch.manual_seed(5)
-    stack = ExpertStack.empty(n, h, d, torch.float8_e4m3fn, block=block)
-    for e in range(n):
-        for p, part in enumerate(("gate", "up", "down")):
-            weight = torch.randn(h, d) if part != "down" else torch.randn(d, h)
-            weight[: h // 3] *= 1 + e  # blocks of different scales
-            q, scale = quantize(weight, block)
-            getattr(stack, part)[e], stack.scales[p][e] = q, scale
-    dense = ExpertStack(*(torch.stack([dequantize(getattr(stack, part)[e], stack.scales[p][e], block)
-                                       for e in range(n)]) for p, part in enumerate(("gate", "up", "down"))))
-    return stack, dense
-
-
 def test_fp8_stack_reads_equal_the_dequantized_experts():
     """The rewrite holds FP8 experts as stored and dequantizes what each method reads: every accessor must
     give what the fully dequantized (float32) experts give, edge blocks included."""
@@ -277,7 +259,7 @@ def test_fp8_stack_reads_equal_the_dequantized_experts():
     from dern_stream.families.routing import SoftmaxTopK
 
     n, h, d = 5, 40, 24
-    stack, dense = _fp8_stack(n, h, d, (16, 8))
+    stack, dense = fp8_stack(n, h, d, (16, 8))
     assert stack.nbytes < dense.nbytes / 3 and stack.dtype == torch.bfloat16
     for part in ("gate", "up", "down"):
         assert stack.weight(part, 3).equal(dense.weight(part, 3))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import FAMILIES
+from helpers import FAMILIES
 from transformers import AutoModelForCausalLM
 
 import dern_stream

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import zarr
-from conftest import FAMILIES, raw_bytes, read_tensors
+from helpers import FAMILIES, raw_bytes, read_tensors
 from transformers import AutoModelForCausalLM
 
 import dern_stream

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import raw_bytes
+from helpers import raw_bytes
 
 import dern_stream
 from dern_stream.checkpoint import Checkpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import assert_clean_failure, file_bytes
+from helpers import assert_clean_failure, file_bytes
 
 from dern_stream.cli import main
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_clean_failure, raw_bytes
+from helpers import FAMILIES, assert_clean_failure, raw_bytes
 from transformers import AutoModelForCausalLM
 
 import dern_stream

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FAMILIES
+from helpers import FAMILIES
 from transformers import AutoModelForCausalLM
 
 import dern_stream

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import file_bytes
+from helpers import file_bytes
 
 import dern_stream
 from dern_stream.cli import main
@@ -171,7 +171,7 @@ def test_a_layer_that_fails_in_a_worker_is_one_line_and_keeps_nothing(build, tmp
     import shutil
     import struct
 
-    from conftest import assert_clean_failure
+    from helpers import assert_clean_failure
 
     from dern_stream.checkpoint import Checkpoint
 
