@@ -144,8 +144,8 @@ SEQ = 128  # the tiny models' max_position_embeddings
 # Sizes llama.cpp accepts. DeepSeek: the converter splits kv_b_proj into num_key_value_heads heads (in
 # DeepSeek's releases num_key_value_heads == num_attention_heads); the test config's 2 KV heads for 4 heads,
 # which transformers' MLA ignores, make it fail an assertion, so the heads are made equal here.
-# "deepseek_v3-4groups" has 2 experts per group, so at half the experts its groups collapse (README, "Family
-# rules"), where "deepseek_v3" keeps 2 groups of 2.
+# "deepseek_v3-4groups" has 2 experts per group, so at half the experts its groups collapse (docs/formats.md,
+# "Family rules"), where "deepseek_v3" keeps 2 groups of 2.
 _DEEPSEEK = {"num_key_value_heads": 4}
 CASES: dict[str, tuple[str, dict]] = {
     "mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", {}), "deepseek_v3": ("deepseek_v3", _DEEPSEEK),

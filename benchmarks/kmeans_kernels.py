@@ -9,7 +9,7 @@
    torch = index_add_ of the scaled members; numba = a parallel loop over column blocks.
 3. the whole clustering of one expert with either scatter, and the RSS that numba's runtime adds.
 Prints the best of `--repeat` runs of each, their ratio, and checks the two agree. The choice it
-led to (torch for both) is in the README, "Performance". Needs numba (`pip install numba`).
+led to (torch for both) is in docs/performance.md, "Compute". Needs numba (`pip install numba`).
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[12, 24])
     ap.add_argument("--hidden", type=int, default=1024)
     # 64 experts of 512 neurons: the shape of OLMoE / Qwen3-30B-A3B-like models, 5.1 GB at 24 layers
-    # (README, "Memory", also gives 8 experts of 1472: 2 GB, where torch's own 0.28 GB weighs more).
+    # (docs/performance.md, "Memory", also gives 8 experts of 1472: 2 GB, where torch's own 0.28 GB weighs more).
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--kmeans-iters", type=int, default=20)

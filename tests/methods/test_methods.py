@@ -290,8 +290,8 @@ def test_own_init_survives_near_duplicate_experts_where_gate_linf_init_collapses
 
 
 def test_recipe_fits_on_up_to_131072_cached_inputs(build, tmp_path):
-    """The recipe's fit sample is four times the paper's default (README, "Quality v3"): a dump of more than 32768
-    tokens is used whole, where --fit-tokens given beside the recipe takes that many of its rows."""
+    """The recipe's fit sample is four times the paper's default (docs/quality.md, "The fit sample"): a dump of more
+    than 32768 tokens is used whole, where --fit-tokens given beside the recipe takes that many of its rows."""
     from dern_stream.tiny_models import calibration_tokens
 
     built = build("mixtral")
