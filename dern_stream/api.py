@@ -11,15 +11,16 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .checkpoint import Checkpoint
 from .checkpoint.hub_cache import source_record
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
 from .errors import DernError, arg
 from .options import RewriteOptions, option_fields
-from .publish.hub import check_push_token, check_repo_id, push
+from .publish.hub import check_push_access, check_push_target, check_push_token, check_repo_id, push
 from .publish.report import check_report_target, write_report
-from .rewriter.checks import check_calib_choice, check_runs_in_one_process
-from .rewriter.plan_record import PLAN_FORMAT, plan_record
+from .rewriter.checks import check_calib_choice, check_model, check_runs_in_one_process, output_config
+from .rewriter.plan_record import PLAN_FORMAT, plan_record, run_notes
 from .runtime.arguments import whole
 from .runtime.durable_files import write_replacing
 from .runtime.host_memory import map_large_blocks
@@ -88,12 +89,19 @@ def rewrite(
 
     with _reading(calib), deterministic_kernels(chosen.device):
         made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision))
-        for note in made.notes:
-            log.warning("note: %s", note)
+        _before_execution(made, push_to_hub)
         summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
                           workers=workers, ray_address=ray)
     _publish(summary, out_path, report, overwrite, reads, push_to_hub, private, source, progress)
     return summary
+
+
+def _before_execution(made: RewritePlan, push_to_hub: str | None) -> None:
+    """The plan's notes said, and what the plan lets be checked before any layer is written: the push's target."""
+    for note in made.notes:
+        log.warning("note: %s", note)
+    if push_to_hub is not None:  # the output's file names are known now
+        check_push_target(push_to_hub, made.output_files(), what=made.out.name)
 
 
 def _check_paths(src, out, calib, report, options: RewriteOptions, revision: str | None, overwrite: bool
@@ -108,7 +116,16 @@ def _check_paths(src, out, calib, report, options: RewriteOptions, revision: str
     check_calib_choice(options, calib)
     if report is not None:
         report = _report_target(report, out_path, overwrite, reads, source)
+    _check_model(source, options)
     return source, out_path, calib, reads, report
+
+
+def _check_model(source: Path, options: RewriteOptions) -> None:
+    """The model (its config.json and its shards' headers) against the options, before torch loads: a bad K, a
+    width it cannot take, a config that cannot route are refused at once (the plan checks them again)."""
+    with Checkpoint(source) as ckpt:
+        family = check_model(ckpt, source, options)[0]
+        output_config(ckpt, family, options)
 
 
 def _check_run(options: RewriteOptions, workers: int, ray: str | None, push_to_hub: str | None,
@@ -127,6 +144,7 @@ def _check_run(options: RewriteOptions, workers: int, ray: str | None, push_to_h
     if push_to_hub is not None:
         check_repo_id(push_to_hub, "--push-to-hub")
         check_push_token(push_to_hub)
+        check_push_access(push_to_hub)
     elif private:
         raise DernError(f"{arg('private', True)} goes with {arg('push_to_hub')} (it makes the repo pushed to private)")
 
@@ -164,33 +182,52 @@ def _report_target(report: str | os.PathLike, out: Path, overwrite: bool, reads:
 
 def plan(
     src: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
     experts: int,
     calib: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
     overwrite: bool = False,
+    restart: bool = False,
     progress: bool = True,
+    workers: int = 1,
+    ray: str | None = None,
     revision: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    report: str | os.PathLike | None = None,
     **options,
 ) -> RewritePlan:
-    """What `rewrite(src, OUT, experts=..., calib=..., **options)` would do, decided without writing
-    anything or reading any expert weight. Without `calib` (and unless `importance` is given) the experts
-    are ranked by router norm, as `importance="router-norm"` does. With `json_path` the plan is also
-    written there as JSON (replacing only an earlier plan, with `overwrite`). `revision`: as for rewrite."""
+    """What `rewrite(src, out, experts=..., calib=..., **options)` would do, decided without writing anything or
+    reading any expert weight; it takes every argument rewrite takes and checks them as rewrite would. Without
+    `calib` (and unless `importance` is given) the experts are ranked by router norm, as `importance="router-norm"`
+    does. With `out`, its location is checked, and the notes say whether a partial output there would be resumed
+    and whether its disk has room for the output. With `json_path` the plan is also written there as JSON
+    (replacing only an earlier plan, with `overwrite`). `revision`: as for rewrite."""
     if calib is None and options.get("importance") is None:
         options = {**options, "importance": "router-norm"}
     chosen = _options(experts, options)
-    source = resolve_checkpoint(src, revision)
-    calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
+    _check_run(chosen, workers, ray, push_to_hub, private)
+    if out is not None:
+        source, out, calib, reads, report = _check_paths(src, out, calib, report, chosen, revision, overwrite)
+    else:
+        source = resolve_checkpoint(src, revision)
+        calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
+        reads = {**read_paths("the input checkpoint", source), "the calibration dump": calib}
     if json_path is not None:
-        json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan",
-                                      {**read_paths("the input checkpoint", source), "the calibration dump": calib})
-    check_calib_choice(chosen, calib)
+        json_path = check_json_target(json_path, overwrite, PLAN_FORMAT, "dern-stream plan", reads)
+    if out is None:
+        check_calib_choice(chosen, calib)
+        if report is not None:  # where OUT is not given, what can be told of the report's folder
+            require_matplotlib()
+            check_report_target(Path(report).expanduser().resolve(), overwrite, reads)
+        _check_model(source, chosen)
     from .rewriter.plan import make_plan  # (loads torch: after the checks above)
     from .runtime.device import deterministic_kernels
 
     with _reading(calib), deterministic_kernels(chosen.device):
-        made = make_plan(source, None, chosen, calib, progress, source_record(source, revision))
+        made = make_plan(source, out, chosen, calib, progress, source_record(source, revision))
+    made.notes += run_notes(made, restart, workers, ray)
     if json_path is not None:
         check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),
                           directory=False)

@@ -103,27 +103,36 @@ def _revision(what: str = "IN"):
                         help=f"Branch, tag or commit of {what} when it is a Hugging Face repo id [default: main].")
 
 
+def _run_options(f):
+    """What rewrite takes beyond the method's options (plan takes them too, to check them as rewrite would)."""
+    for option in reversed([
+        _revision(),
+        click.option("--push-to-hub", metavar="REPO",
+                     help="Then verify OUT against IN and, if it passes, upload it to this Hugging Face repo (created "
+                          "if needed)."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--restart", is_flag=True,
+                     help="Discard the finished layers of an interrupted run into OUT instead of resuming from them."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Run the layers in this many local worker processes (each holds one layer)."),
+        click.option("--ray", "ray_address", metavar="ADDRESS",
+                     help="Run the layers as tasks on this Ray cluster (auto, or ray://host:10001); every node must "
+                          "see IN, the dump and OUT at the same paths. Needs dern-stream[ray]."),
+        click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False),
+                     help="Also write a report of what the rewrite did (HTML page with plots, report.json) into DIR. "
+                          "Needs dern-stream[report]."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("src", metavar="IN")
 @click.argument("out", metavar="OUT", type=click.Path(file_okay=False))
 @_rewrite_options
-@_revision()
-@click.option("--push-to-hub", metavar="REPO",
-              help="Then verify OUT against IN and, if it passes, upload it to this Hugging Face repo (created if "
-                   "needed).")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@_run_options
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is the output of an earlier rewrite.")
-@click.option("--restart", is_flag=True,
-              help="Discard the finished layers of an interrupted run into OUT instead of resuming from them.")
-@click.option("--workers", type=int, default=1, show_default=True,
-              help="Run the layers in this many local worker processes (each holds one layer).")
-@click.option("--ray", "ray_address", metavar="ADDRESS",
-              help="Run the layers as tasks on this Ray cluster (auto, or ray://host:10001); every node must see "
-                   "IN, the dump and OUT at the same paths. Needs dern-stream[ray].")
-@click.option("--report", "report_dir", metavar="DIR", type=click.Path(file_okay=False),
-              help="Also write a report of what the rewrite did (HTML page with plots, report.json) into DIR. "
-                   "Needs dern-stream[report].")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def rewrite(src, out, experts, calib, revision, push_to_hub, private, overwrite, restart, workers, ray_address,
             report_dir, quiet, **options) -> None:
     """Rewrite checkpoint IN (directory or Hub repo id) into OUT with K experts per MoE layer.
@@ -153,21 +162,26 @@ def report(out, directory, overwrite) -> None:
 
 @main.command()
 @click.argument("src", metavar="IN")
+@click.argument("out", metavar="[OUT]", required=False, type=click.Path(file_okay=False))
 @_rewrite_options
-@_revision()
+@_run_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the whole plan as JSON here (every tensor's shard and byte offset).")
-@click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier plan.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def plan(src, experts, calib, revision, json_path, overwrite, quiet, **options) -> None:
-    """Show what `rewrite IN OUT --experts K` would do, without writing anything: the layers and experts that
-    change, the output size and free disk it needs, the peak memory and the compute per layer. Without
-    --calib the experts are ranked by router norm (a rewrite uses the dump's routing statistics)."""
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it is an earlier plan; with OUT, as "
+              "rewrite --overwrite: OUT may be the output of an earlier rewrite.")
+def plan(src, out, experts, calib, revision, push_to_hub, private, restart, workers, ray_address, report_dir, quiet,
+         json_path, overwrite, **options) -> None:
+    """Show what `rewrite IN OUT --experts K` with the same options would do, without writing anything: the layers
+    and experts that change, the output size and free disk it needs, the peak memory and the compute per layer.
+    Every rewrite option is taken and checked as rewrite checks it; with OUT, also OUT's location, a partial output
+    there and the room on its disk. Without --calib the experts are ranked by router norm (a rewrite uses the
+    dump's routing statistics)."""
     from .api import plan as make_plan
     from .rewriter.plan_record import describe
 
-    made = make_plan(src, experts=experts, calib=calib, json_path=json_path, overwrite=overwrite,
-                     progress=not quiet, revision=revision, **options)
+    made = make_plan(src, out, experts=experts, calib=calib, json_path=json_path, overwrite=overwrite,
+                     restart=restart, progress=not quiet, workers=workers, ray=ray_address, revision=revision,
+                     push_to_hub=push_to_hub, private=private, report=report_dir, **options)
     click.echo(describe(made))
 
 

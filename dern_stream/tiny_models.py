@@ -145,6 +145,7 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
 
     from .checkpoint import Checkpoint
     from .storage import mxfp4
+    from .storage.formats import MXFP4_BLOCKS, MXFP4_SCALES
 
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
@@ -153,7 +154,7 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
         tensor = ckpt.load(name)
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             blocks, scales = mxfp4.quantize(tensor.transpose(1, 2))
-            tensors[name + mxfp4.BLOCKS], tensors[name + mxfp4.SCALES] = blocks, scales
+            tensors[name + MXFP4_BLOCKS], tensors[name + MXFP4_SCALES] = blocks, scales
         else:
             tensors[name] = tensor
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))

@@ -192,3 +192,27 @@ def test_disk_full_while_writing(call, succeed, build, tmp_path, monkeypatch):
     assert_clean_failure(result, out, "No space left on device: " + str(tmp_path / ".out.dern-partial" / "model"))
     monkeypatch.setattr(os, call, real)
     assert CliRunner().invoke(main, args).exit_code == 0 and (out / "config.json").exists()
+
+
+def test_disk_full_while_journaling_names_the_journal_and_counts_only_what_it_holds(build, tmp_path, monkeypatch):
+    """The journal of finished layers cannot be saved (a full disk): the message names the journal, counts the
+    layers it holds (not the one it failed to add), and leaves no temporary file; the same command resumes."""
+    built = build("mixtral")
+    real, saves = os.replace, []
+
+    def full_from_the_third_save(src, dst):
+        if str(dst).endswith(".dern-progress.json"):
+            saves.append(dst)
+            if len(saves) >= 3:  # the empty journal, layer 0, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_from_the_third_save)
+    out, staging = tmp_path / "out", tmp_path / ".out.dern-partial"
+    args = ["rewrite", str(built.model_dir), str(out), "--experts", "4", "--calib", str(built.calib), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert_clean_failure(result, out, f"No space left on device: {staging / '.dern-progress.json'} (1 of 3 MoE "
+                                      f"layers are done and kept in {staging}")
+    assert not (staging / ".dern-progress.tmp").exists()
+    monkeypatch.setattr(os, "replace", real)
+    assert CliRunner().invoke(main, args).exit_code == 0 and (out / "config.json").exists()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from helpers import assert_clean_failure, raw_bytes
+from helpers import DELETE, assert_clean_failure, edited_copy, raw_bytes
 
 from dern_stream.cli import main
 
@@ -106,8 +106,9 @@ def test_the_command_line_starts_without_torch():
 
 
 def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
-    """A bad option value, a missing input, an occupied OUT, OUT inside IN, of every command: refused before
-    torch loads (so they answer at once)."""
+    """A bad option value, a missing input, an occupied OUT, OUT inside IN, and what the config and the headers
+    alone refuse (a K above N, a width above the experts', a dense model, a config that cannot route), of every
+    command: refused before torch loads (so they answer at once)."""
     import subprocess
     import sys
 
@@ -116,6 +117,9 @@ def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
+    dense = edited_copy(model, tmp_path / "dense", model_type="llama", num_local_experts=DELETE)
+    unroutable = edited_copy(model, tmp_path / "unroutable", num_experts_per_tok=9)
+    calib = build("mixtral").calib
     cases = [["rewrite", str(model), str(tmp_path / "o"), "-k", "4", "--alpha", "2"],
              ["rewrite", str(tmp_path / "missing"), str(tmp_path / "o"), "-k", "4"],
              ["rewrite", str(model), str(occupied), "-k", "4", "--importance", "router-norm"],
@@ -137,7 +141,15 @@ def test_refusals_that_need_no_tensors_load_no_torch(build, tmp_path):
              ["push", str(model), "me/x"],
              ["rewrite", str(model), str(tmp_path / "o"), "-k", "4"],
              ["rewrite", str(model), str(tmp_path / "o"), "-k", "4", "--calib", str(tmp_path / "none.zarr")],
-             ["plan", str(model), "-k", "4", "--calib", str(text)]]
+             ["plan", str(model), "-k", "4", "--calib", str(text)],
+             ["rewrite", str(model), str(tmp_path / "o"), "-k", "9", "--calib", str(calib)],
+             ["plan", str(model), "-k", "4", "--intermediate-size", "64"],
+             ["rewrite", str(dense), str(tmp_path / "o"), "-k", "4", "--calib", str(calib)],
+             ["plan", str(unroutable), "-k", "4"],
+             ["rewrite", str(model), str(tmp_path / "o"), "-k", "4", "--calib", str(calib), "--output-dtype", "bf16"],
+             ["dump", str(dense), str(tmp_path / "d.zarr"), "--text", str(text)],
+             ["eval", str(unroutable), "--text", str(text)],
+             ["verify", str(dense)]]
     code = ("import sys, json; from click.testing import CliRunner; from dern_stream.cli import main;"
             "codes = [CliRunner().invoke(main, args).exit_code for args in json.loads(sys.argv[1])];"
             "print(codes, 'torch' in sys.modules)")

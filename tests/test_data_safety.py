@@ -282,6 +282,20 @@ def test_rewrite_overwrite_replaces_an_earlier_output(world):
     assert without(digest(world.root), "out", "fresh") == before
 
 
+def test_rewrite_overwrite_keeps_an_edit_of_yours_in_an_earlier_output(world):
+    """An earlier output whose model card (or config, or any file the rewrite recorded) was edited since holds
+    something of yours: --overwrite refuses it, as `card` refuses to write over such a card."""
+    out = world.root / "out"
+    world.made(world.rewrite(out, "--experts", 6))
+    card = out / "README.md"
+    card.write_text(card.read_text() + "\nMy notes on this model.\n")
+    before = digest(world.root)
+    result = run(*world.rewrite(out, "--overwrite"))
+    assert_refused(result, "holds README.md, changed since the rewrite wrote it (an edit of yours is kept: move it "
+                           "away)", world.root, before)
+    assert card.read_text().endswith("My notes on this model.\n")
+
+
 def test_dump_overwrite_replaces_an_earlier_dump(world):
     dump, fresh = world.root / "d.zarr", world.root / "fresh.zarr"
     before = digest(world.root)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import Checkpoint
 from ..checkpoint.locate import check_checkpoint_ref
 from ..errors import DernError, arg
+from ..layout.moe_layers import check_forward_model
 from ..runtime.arguments import check_device_name, check_dtype_name, check_text_options, whole
 from ..runtime.targets import check_apart, expand_user, read_paths
 from .dump_files import not_a_dump
@@ -32,6 +34,8 @@ def check_dump_arguments(src, out, *, text, dataset, tokens_given: bool, tokeniz
     check_device_name(device)
     check_dtype_name(dtype)
     local = check_checkpoint_ref(src, revision)
+    if local is not None:  # (a Hub repo's files are known only once fetched: dump checks it then)
+        check_forward_model(Checkpoint(local))
     out_path = Path(out).expanduser().resolve()
     reads = {**(read_paths("the input checkpoint", local) if local is not None else {}), "the text": text,
              "the tokenizer": tokenizer}

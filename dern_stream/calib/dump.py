@@ -16,13 +16,12 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..checkpoint import Checkpoint, resolve_checkpoint
 from ..errors import DernError, NonFinite, arg, describe
-from ..families import Family, family_for, require_forward
-from ..layout.moe_layers import check_decoder_layers, moe_layer_indices
+from ..families import Family
+from ..layout.moe_layers import check_forward_model, moe_layer_indices
 from ..runtime.arguments import choice, whole
 from ..runtime.device import device_name, resolve_device
 from ..runtime.locks import DirLock
 from ..runtime.targets import check_apart, expand_user, read_paths
-from ..storage.reading import check_fp8_tensors
 from ..stream import HiddenStore, StreamedModel
 from ..stream.executor import batched, parse_dtype
 from . import CalibWriter, tensor_sha256
@@ -108,10 +107,7 @@ def _open_checkpoint(src: str | os.PathLike, revision: str | None, out_path: Pat
     """The checkpoint `src`, checked for a streamed forward, with its family and the MoE layers a forward
     reaches; after checking that the dump `out_path` is apart from everything it reads."""
     ckpt = Checkpoint(resolve_checkpoint(src, revision))
-    family = family_for(ckpt.config)
-    require_forward(family)
-    check_fp8_tensors(ckpt)
-    check_decoder_layers(ckpt)
+    family = check_forward_model(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
     moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
     check_apart(out_path, "DUMP", {**read_paths("the input checkpoint", ckpt.root), "the text": text,

@@ -10,7 +10,6 @@ worker is done: an interrupted run leaves no layer that looks finished.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import queue
 import threading
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..runtime.device import resolve_device
-from ..runtime.worker_processes import spawn_pool, stop_pool
+from ..runtime.worker_processes import progress_queue, report_progress, spawn_pool, stop_pool
 from ..stream import HiddenStore, StreamedModel
 from ..stream.executor import batched, parse_dtype
 from . import CalibWriter
@@ -53,42 +52,44 @@ def dump_in_workers(src: Path, out: Path, ids: torch.Tensor, parts: list[tuple[i
     # and the dump must be the one a single process writes (on CPU the workers then share the cores).
     threads = torch.get_num_threads()
     gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
-    with multiprocessing.get_context("spawn").Manager() as manager:
-        done = manager.Queue()
-        stop = threading.Event()
+    done = progress_queue()  # a plain queue the workers inherit: no server process that could die under it
+    stop = threading.Event()
 
-        def count() -> None:
-            while not stop.is_set():
-                try:
-                    done.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                on_layer()
+    def count() -> None:
+        while not stop.is_set():
+            try:
+                done.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            except (OSError, EOFError, ValueError):  # the queue is gone: the driver is stopping anyway
+                return
+            on_layer()
 
-        counter = threading.Thread(target=count, daemon=True)
-        counter.start()
-        pool = spawn_pool(len(parts), gpus if gpus >= len(parts) else 0)  # a GPU each, as the rewrite's workers
-        # The token ids as numpy: torch would share a tensor through file descriptors (see layer_task.run_pickled).
-        futures = [pool.submit(dump_part, src, out, ids[a:b].numpy(), a * ids.shape[1], moe_layers, batch_size,
-                               str(device), dtype, threads, done) for a, b in parts]
-        try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-            for future in futures:
-                future.result()
-            pool.shutdown()
-        except BrokenProcessPool:
-            stop_pool(pool)
-            raise DernError("a dump worker process died (killed, or out of memory?)") from None
-        except BaseException:
-            stop_pool(pool)  # one worker failed, or Ctrl-C: the others are not waited for
-            raise
-        finally:
-            stop.set()
-            counter.join()
+    counter = threading.Thread(target=count, daemon=True)
+    counter.start()
+    pool = spawn_pool(len(parts), gpus if gpus >= len(parts) else 0, progress=done)  # a GPU each, as the rewrite's
+    # The token ids as numpy: torch would share a tensor through file descriptors (see layer_task.run_pickled).
+    futures = [pool.submit(dump_part, src, out, ids[a:b].numpy(), a * ids.shape[1], moe_layers, batch_size,
+                           str(device), dtype, threads) for a, b in parts]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            future.result()
+        pool.shutdown()
+    except BrokenProcessPool:
+        stop_pool(pool)
+        raise DernError("a dump worker process died (killed, or out of memory?)") from None
+    except BaseException:
+        stop_pool(pool)  # one worker failed, or Ctrl-C: the others are not waited for
+        raise
+    finally:
+        stop.set()
+        counter.join()
+        done.close()
 
 
 def dump_part(src: Path, out: Path, ids: np.ndarray, first_row: int, moe_layers: list[int], batch_size: int,
-              device: str, dtype: str, threads: int, done) -> None:
+              device: str, dtype: str, threads: int) -> None:
     """In a worker: the sequences `ids` through every decoder layer up to the last MoE layer, their MoE
     inputs written from row `first_row` on."""
     torch.set_num_threads(threads)
@@ -111,4 +112,4 @@ def dump_part(src: Path, out: Path, ids: np.ndarray, first_row: int, moe_layers:
                     model.run_layer(i, batches, store, write)
                 else:
                     model.run_layer(i, batches, store)
-                done.put(i)
+                report_progress(i)

@@ -12,7 +12,7 @@ _EXPORTS = {
     "copy_side_files": ".output_dir", "side_files_size": ".output_dir",
     "resolve_checkpoint": ".locate",
     "Checkpoint": ".source",
-    "NonFiniteTensor": ".writer", "ShardedWriter": ".writer", "TensorSpec": ".writer",
+    "NonFiniteTensor": ".writer", "ShardedWriter": ".writer", "TensorSpec": ".safetensors_format",
     "write_durably": "..runtime.durable_files",
 }
 

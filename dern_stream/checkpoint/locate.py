@@ -3,6 +3,7 @@ here: the command line's refusals use it before anything heavy loads."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -20,7 +21,25 @@ def resolve_checkpoint(ref: str | os.PathLike, revision: str | None = None) -> P
         return path
     from .hub_cache import download
 
-    return download(str(ref), revision)
+    try:
+        return download(str(ref), revision)
+    except DernError as e:
+        local = _local_mistake(str(ref)) if revision is None else None
+        if local is None:
+            raise
+        raise DernError(f"{local}; as a Hugging Face repo id: {e}") from None
+
+
+def _local_mistake(ref: str) -> str | None:
+    """When `ref` (no such directory) looks like a mistyped local path, because its first part is a directory
+    here: what to say first, with the names beside it that come close."""
+    parent = Path(ref).expanduser().parent
+    if not parent.is_dir() or parent == Path("."):
+        return None
+    names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    close = difflib.get_close_matches(Path(ref).name, names, n=3)
+    hint = f" (did you mean {' or '.join(str(parent / n) for n in close)}?)" if close else ""
+    return f"input {ref} does not exist: there is no such directory{hint}"
 
 
 def check_checkpoint_ref(ref: str | os.PathLike, revision: str | None = None) -> Path | None:

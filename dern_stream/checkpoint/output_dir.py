@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import DernError, arg, describe, writing
+from ..runtime.arguments import format_size
 from ..runtime.locks import DirLock, empty_in_place
 from ..runtime.own_outputs import not_a_report
 from ..runtime.targets import check_apart, check_replaceable, is_mount_point
+from .checksums import checksum
 from .file_names import FOREIGN_WEIGHTS, INDEX_NAME
 from .progress import PROGRESS_NAME, Progress
 from .run_identity import key_differences
@@ -46,6 +48,7 @@ def not_rewrite_output(directory: Path) -> str | None:
         sums = record["checksums"]
         written = {*sums["files"], *sums["headers"]}
         is_record = isinstance(record.get("layers"), dict) and isinstance(record.get("source"), dict)
+        files = {name: value for name, value in sums["files"].items() if isinstance(value, str)}
     except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
         is_record = False
     if not is_record:
@@ -58,7 +61,36 @@ def not_rewrite_output(directory: Path) -> str | None:
             return f"holds {item.name}, which the earlier rewrite did not write"
         if item.is_dir() or item.is_symlink():
             return f"holds {item.name}, which is not a plain file as a rewrite writes them"
+        if item.name in files and checksum(item.read_bytes()) != files[item.name]:
+            return f"holds {item.name}, changed since the rewrite wrote it (an edit of yours is kept: move it away)"
     return None
+
+
+def staging_path(out: Path) -> Path:
+    """Where a rewrite assembles OUT: `.OUT.dern-partial` beside it."""
+    return out.parent / f".{out.name}.dern-partial"
+
+
+def check_staging_path(path: Path) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise DernError(f"{path}, where the rewrite assembles OUT, exists and is not a folder of its own; "
+                        "move it away")
+
+
+def resumable(path: Path, run: dict, restart: bool) -> Progress | None:
+    """The journal of the partial output in staging folder `path` that a rewrite of `run` resumes from (None when
+    there is none, or with `restart`); a folder it may not use, or a journal of another run, is refused."""
+    previous = Progress.read(path) if path.is_dir() else None
+    if previous is None and path.is_dir() and any(path.iterdir()):
+        raise DernError(f"{path}, where the rewrite assembles OUT, holds files but no dern-stream journal: "
+                        "it is not a partial output of dern-stream; move it away")
+    if previous is not None and previous.run != run and not restart:
+        changed = key_differences(previous.run, run)
+        raise DernError(
+            f"{path} holds an interrupted rewrite with {len(previous.layers)} layers done, started with "
+            f"different options or inputs ({'; '.join(changed[:3])}); run its command again to resume it, "
+            f"or pass {arg('restart', True)} to discard it")
+    return None if restart else previous
 
 
 class StagedOutput:
@@ -76,29 +108,20 @@ class StagedOutput:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DernError(f"cannot create {self.out.parent}: {e.strerror}") from None
-        self.path = self.out.parent / f".{self.out.name}.dern-partial"
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
-            raise DernError(f"{self.path}, where the rewrite assembles OUT, exists and is not a folder of its own; "
-                            "move it away")
+        self.path = staging_path(self.out)
+        check_staging_path(self.path)
         try:
             self.path.mkdir(exist_ok=True)
         except OSError as e:
             raise DernError(f"cannot create {self.path}: {e.strerror}") from None
         self._lock = DirLock(self.path, f"another dern-stream rewrite is writing {self.out} right now "
                                         f"(it holds a lock on {self.path})")
-        previous = Progress.read(self.path)
-        if previous is None and any(self.path.iterdir()):
+        try:
+            previous = resumable(self.path, run, restart)
+        except DernError:
             self._lock.release()
-            raise DernError(f"{self.path}, where the rewrite assembles OUT, holds files but no dern-stream journal: "
-                            "it is not a partial output of dern-stream; move it away")
-        if previous is not None and previous.run != run and not restart:
-            self._lock.release()
-            changed = key_differences(previous.run, run)
-            raise DernError(
-                f"{self.path} holds an interrupted rewrite with {len(previous.layers)} layers done, started with "
-                f"different options or inputs ({'; '.join(changed[:3])}); run its command again to resume it, "
-                f"or pass {arg('restart', True)} to discard it")
-        if previous is not None and previous.run == run and not restart:
+            raise
+        if previous is not None:
             self.progress, self.resumed = previous, True
         else:  # nothing to resume (or --restart): start clean (the directory itself stays: it is locked)
             empty_in_place(self.path)
@@ -168,8 +191,8 @@ def check_free_space(directory: Path, needed: int) -> None:
     present = sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file() and not p.is_symlink())
     free = shutil.disk_usage(directory).free
     if needed - present > free:
-        raise DernError(f"not enough disk space: the output needs {(needed - present) / 1e9:.2f} GB more and the "
-                        f"disk holding {directory.parent} has {free / 1e9:.2f} GB free")
+        raise DernError(f"not enough disk space: the output needs {format_size(needed - present)} more and the "
+                        f"disk holding {directory.parent} has {format_size(free)} free")
 
 
 def _fsync(path: Path) -> None:

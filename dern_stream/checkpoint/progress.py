@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import writing
+
 PROGRESS_NAME = ".dern-progress.json"
 
 
@@ -35,13 +37,21 @@ class Progress:
         return cls(directory, run, layers)
 
     def add(self, layer: int, record: dict) -> None:
+        """Journal `layer`: it counts as done only once the journal holding it is on disk."""
+        self._save({**self.layers, str(layer): record})
         self.layers[str(layer)] = record
-        self.save()
 
     def save(self) -> None:
+        self._save(self.layers)
+
+    def _save(self, layers: dict[str, dict]) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"run": self.run, "layers": self.layers}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with writing(self.path):
+                with open(tmp, "w") as f:
+                    json.dump({"run": self.run, "layers": layers}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)  # (after the rename there is none: a failed write leaves none either)

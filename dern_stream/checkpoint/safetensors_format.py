@@ -8,35 +8,41 @@ Format: 8-byte little-endian header length N, N bytes of JSON, then the data buf
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import DernError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Bytes per value of each dtype the tool reads and writes, by its safetensors name.
+SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+         "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-# Dtypes the safetensors library knows that DTYPES lacks (no torch dtype, or sub-byte): refused by name.
+# Dtypes the safetensors library knows that SIZES lacks (no torch dtype, or sub-byte): refused by name.
 _UNSUPPORTED = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64")
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit (bytes of JSON)
 _MAX_DEPTH = 127  # the deepest JSON nesting its parser (serde_json) accepts
 
 
-@functools.cache
 def dtype_size(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return SIZES[dtype]
+
+
+def __getattr__(name: str):
+    """DTYPES (safetensors name -> torch dtype) and DTYPE_NAMES (its inverse), built when first asked for: the
+    header parser, and the command line's checks that use it, need no torch."""
+    if name not in ("DTYPES", "DTYPE_NAMES"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    dtypes = {key: getattr(torch, value) for key, value in _TORCH_NAMES.items()}
+    globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+    return globals()[name]
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def _tensor_entry(path: str, name: str, corrupt: str, tname: str, info: object, 
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         begin, end = offsets
         # JSON numbers must be plain non-negative integers (not 2.5, inf, or true).
-        ok = (type(shape) is list and type(offsets) is list and (dtype in DTYPES or dtype in _UNSUPPORTED)
+        ok = (type(shape) is list and type(offsets) is list and (dtype in SIZES or dtype in _UNSUPPORTED)
               and all(type(v) is int and v >= 0 for v in (*shape, begin, end)) and begin <= end)
     except (KeyError, TypeError, ValueError):
         ok = False
@@ -228,3 +234,17 @@ def build_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     body += b" " * (-len(body) % 8)  # the data buffer starts 8-byte aligned, as the library writes it
     head = struct.pack("<Q", len(body)) + body
     return head, [len(head) + o for o in offsets]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = dtype_size(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n

@@ -15,14 +15,16 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DernError
 from .descriptors import DescriptorCache, descriptor_budget
 from .file_names import INDEX_NAME, SINGLE_NAME
 from .locate import resolve_checkpoint  # noqa: F401 - re-exported
-from .safetensors_format import DTYPES, TensorEntry, read_header
+from .safetensors_format import TensorEntry, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 # Prefetch reads in chunks of this size, and reads across gaps of up to _PREFETCH_GAP between tensors
 # (one longer read beats a seek on disks and network block devices alike).
@@ -53,7 +55,8 @@ def pread_fully(fd: int, view: memoryview, offset: int, file: str, what: str) ->
 
 
 class Checkpoint:
-    """A safetensors checkpoint directory: config, tensor index, and lazy tensor reads."""
+    """A safetensors checkpoint directory: config, tensor index, and lazy tensor reads. Opening one (config and
+    headers) needs no torch: the command line's checks do it before torch loads; the reads import it."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -118,6 +121,10 @@ class Checkpoint:
 
     def load(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype, in freshly allocated host memory."""
+        import torch
+
+        from .safetensors_format import DTYPES
+
         entry = self.entries[name]
         out = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
         self.read_into(name, out)
@@ -125,6 +132,10 @@ class Checkpoint:
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Read a tensor's bytes straight into `out` (contiguous, host, same dtype and shape): no second copy."""
+        import torch
+
+        from .safetensors_format import DTYPES
+
         entry = self.entries[name]
         if out.dtype != DTYPES[entry.dtype] or tuple(out.shape) != entry.shape or not out.is_contiguous():
             raise AssertionError(f"{name}: buffer {out.dtype} {tuple(out.shape)} for {entry.dtype} {entry.shape}")
@@ -134,6 +145,10 @@ class Checkpoint:
     def read_rows_into(self, name: str, first: int, out: torch.Tensor) -> None:
         """Read `out.shape[0]` entries of a tensor's leading dimension, from `first` on, straight into `out`:
         one pread of their byte range (a fused tensor's expert, without reading the others)."""
+        import torch
+
+        from .safetensors_format import DTYPES
+
         entry = self.entries[name]
         rows = out.shape[0]
         if (out.dtype != DTYPES[entry.dtype] or tuple(out.shape[1:]) != entry.shape[1:] or not out.is_contiguous()

@@ -21,24 +21,10 @@ from ..errors import DernError, NonFinite, arg, writing
 from ..runtime.durable_files import write_durably
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
-from .safetensors_format import DTYPE_NAMES, TensorEntry, build_header, dtype_size
+from .safetensors_format import DTYPE_NAMES, TensorEntry, TensorSpec, build_header
 from .source import INDEX_NAME, SINGLE_NAME, open_sequential, pread_fully
 
 _COPY_CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor (one reused buffer)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for s in self.shape:
-            n *= s
-        return n
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from ..calib.checks import check_text_source
 from ..calib.dump_files import check_dump_path
+from ..checkpoint import Checkpoint
 from ..checkpoint.locate import check_checkpoint_ref
 from ..errors import DernError, arg
+from ..layout.moe_layers import check_forward_model
 from ..runtime.arguments import check_device_name, check_dtype_name, check_text_options
 from ..runtime.targets import check_json_target, expand_user, read_paths
 
@@ -38,6 +40,8 @@ def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, n
     check_device_name(device)
     check_dtype_name(dtype)
     local = check_checkpoint_ref(src, revision)
+    if local is not None:  # (a Hub repo's files are known only once fetched: evaluate checks it then)
+        check_forward_model(Checkpoint(local))
     if reference is not None:
         try:
             check_checkpoint_ref(reference, reference_revision)

@@ -23,14 +23,13 @@ from ..calib import CalibDump
 from ..calib.text import check_vocabulary, note_long_sequences, tokens_from
 from ..checkpoint import Checkpoint, resolve_checkpoint
 from ..errors import DernError, arg, describe
-from ..families import family_for, require_forward
-from ..layout.moe_layers import check_decoder_layers
+from ..families import family_for
+from ..layout.moe_layers import check_decoder_layers, check_forward_model
 from ..runtime.device import resolve_device
 from ..runtime.durable_files import write_replacing
 from ..runtime.locks import reading_dump
 from ..runtime.own_outputs import not_json_of
 from ..runtime.targets import JSON_FILE, check_json_target, check_replaceable, expand_user, read_paths
-from ..storage.reading import check_fp8_tensors
 from ..stream import HiddenStore, StreamedModel
 from ..stream.executor import batched, parse_dtype
 from .agreement import compare_predictions
@@ -82,6 +81,8 @@ class EvalReport:
             lines.append(f"  {'layer':>5}  {'rel L2':>10}  {'tokens':>8}")
             lines += [f"  {e.layer:>5}  {e.rel_l2:>10.6f}  {e.tokens:>8}" for e in self.layer_errors]
             lines.append(f"  {'mean':>5}  {self.mean_rel_l2:>10.6f}")
+            lines.append("  (rel L2: ||y - y_ref|| / ||y_ref|| of the block's output on the dump's inputs: 0 is the "
+                         "reference's output; 1 is as far from it as no output at all, and more is further still)")
         lines.append(f"{self.checkpoint} evaluated in {self.seconds:.1f} s on {self.device}")
         return "\n".join(lines)
 
@@ -149,10 +150,7 @@ def evaluate(
 def _open_checked(root: Path) -> Checkpoint:
     """The checkpoint at `root`, checked for a streamed forward."""
     ckpt = Checkpoint(root)
-    # a bad config.json is one line, before the tokenizer (which reads it too) loads
-    require_forward(family_for(ckpt.config))
-    check_fp8_tensors(ckpt)
-    check_decoder_layers(ckpt)
+    check_forward_model(ckpt)  # a bad config.json is one line, before the tokenizer (which reads it too) loads
     return ckpt
 
 

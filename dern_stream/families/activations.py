@@ -1,10 +1,12 @@
-"""Expert activations other than act(gate) * up (no imports from the rest of the package: families use them)."""
+"""Expert activations other than act(gate) * up (family records name them; torch is imported where they run)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -15,5 +17,7 @@ class ClampedSwiGLU:
     limit: float
 
     def __call__(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        import torch
+
         g, u = g.clamp(max=self.limit), u.clamp(-self.limit, self.limit)
         return g * torch.sigmoid(g * self.alpha) * (u + 1)

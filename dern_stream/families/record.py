@@ -7,13 +7,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DernError, arg
-from ..storage import mxfp4
+from ..storage.formats import MXFP4_BLOCKS, MXFP4_SCALES
 from .config_rules import Rule
 from .routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK
+
+if TYPE_CHECKING:
+    import torch
 
 Router = SoftmaxTopK | SoftmaxGroupLimited | SigmoidGroupLimited
 PARTS = ("gate", "up", "down")
@@ -65,11 +67,15 @@ class FusedExperts:
         return (rows[0::2], rows[1::2]) if self.interleaved else (rows[:h], rows[h:])
 
     def _unpair(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.stack((gate, up), dim=1).flatten(0, 1) if self.interleaved else torch.cat((gate, up))
 
     def split(self, slices: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """One expert's slices -> (gate [h, d], up [h, d], down [d, h], bias [h, 2] or None, down bias [d] or
         None), views where the layout allows."""
+        import torch
+
         gate, up = self._pair(slices[0].T if self.gate_up_cols else slices[0])
         down = slices[1].T if self.down_cols else slices[1]
         if not self.biased:
@@ -198,7 +204,7 @@ class Family:
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
         if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
-            return any(name in (f, f + mxfp4.BLOCKS, f + mxfp4.SCALES) for f in self.fused_names(layer))
+            return any(name in (f, f + MXFP4_BLOCKS, f + MXFP4_SCALES) for f in self.fused_names(layer))
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int) -> str:

@@ -1,4 +1,5 @@
-"""Top-k routing as each family computes it, for Stage 1 importance (docs/method.md, Stage 1).
+"""Top-k routing as each family computes it, for Stage 1 importance (docs/method.md, Stage 1). The rules are plain
+records (family records name them, and the command line's checks read those without torch); `select` imports torch.
 
 Each router returns the selected experts A(x) and their scores G(x) before any
 renormalisation or scaling: Eq. 1 divides by the sum over A(x) itself, so a family's
@@ -8,8 +9,10 @@ renormalisation or scaling: Eq. 1 divides by the sum over A(x) itself, so a fami
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,8 @@ class SoftmaxTopK:
     top_k: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         probs = torch.softmax(logits.float(), dim=-1)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
         return idx, weights
@@ -33,6 +38,8 @@ class SoftmaxGroupLimited:
     topk_group: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         probs = torch.softmax(logits.float(), dim=-1)
         group_scores = probs.view(probs.shape[0], self.n_group, -1).amax(dim=-1)
         masked = probs.masked_fill(~_group_mask(group_scores, self.topk_group, probs.shape[-1]), 0.0)
@@ -50,6 +57,8 @@ class SigmoidGroupLimited:
     topk_group: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         scores = torch.sigmoid(logits.float())
         choice = scores if bias is None else scores + bias.float()
         per_group = choice.view(choice.shape[0], self.n_group, -1)
@@ -67,6 +76,8 @@ class SoftmaxOverTopLogits:
     top_k: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         z = logits.float() if bias is None else logits.float() + bias.float()
         values, idx = torch.topk(z, self.top_k, dim=-1)
         return idx, torch.softmax(values, dim=-1)
@@ -79,6 +90,8 @@ class SigmoidTopK:
     top_k: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         values, idx = torch.topk(logits.float(), self.top_k, dim=-1)
         return idx, torch.sigmoid(values)
 
@@ -90,6 +103,8 @@ class SoftmaxBiasedChoice:
     top_k: int
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         probs = torch.softmax(logits.float(), dim=-1)
         choice = probs if bias is None else probs + bias.float()
         idx = torch.topk(choice, self.top_k, dim=-1).indices
@@ -105,6 +120,8 @@ class SparseMixer:
     top_k: int = 2
 
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         z = logits.float()
         picks, weights, masked = [], [], z
         for _ in range(2):
@@ -123,6 +140,8 @@ def softmax_top_k(config: dict) -> SoftmaxTopK:
 
 def _group_mask(group_scores: torch.Tensor, topk_group: int, n_experts: int) -> torch.Tensor:
     """[T, N] bool mask of the experts in each token's topk_group best groups (groups are contiguous)."""
+    import torch
+
     tokens, n_group = group_scores.shape
     top_groups = torch.topk(group_scores, topk_group, dim=-1).indices
     mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)

@@ -9,11 +9,9 @@ from dataclasses import dataclass, replace
 from ..checkpoint import Checkpoint, TensorSpec
 from ..checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
 from ..errors import DernError
-from ..families import PARTS, Family
-from ..storage import ExpertStorage, mxfp4
-from ..storage.formats import SCALE_SUFFIX
-from ..storage.fp8_blocks import scale_shape
-from ..storage.reading import is_fp8_scale, is_scaled_fp8
+from ..families import PARTS, Family, family_for, require_forward
+from ..storage.formats import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, SCALE_SUFFIX, ExpertStorage, scale_shape
+from ..storage.tensor_kinds import check_fp8_tensors, is_fp8_scale, is_scaled_fp8
 from .fused_tensors import fused_tensors
 
 
@@ -131,8 +129,23 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         bias = ckpt.entries.get(bias_name) if bias_name else None
         if bias is not None and bias.shape not in ((n,), (1, n)):
             raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
+        _check_no_unknown_per_expert(ckpt, family, i, n)
         layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None))
     return layers
+
+
+def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int) -> None:
+    """A tensor of layer i's MoE block with one entry per expert that the family does not name (a router bias
+    Mixtral has no use for, say) cannot be cut to K experts as the rest of the layer is: refused, not copied whole
+    beside a K-row router."""
+    block = f"model.layers.{i}.{family.router.split('.')[0]}."
+    known = {family.router_name(i), family.bias_name(i)}
+    for name, entry in ckpt.entries.items():
+        if (name.startswith(block) and name not in known and n in entry.shape
+                and not family.is_layer_expert_tensor(i, name) and not is_fp8_scale(ckpt, name)):
+            raise DernError(f"{name} {list(entry.shape)} has one entry per expert, but {family.model_type} has no "
+                            f"such tensor, so it cannot be cut to fewer experts with the rest of the layer: remove it "
+                            "from the checkpoint to rewrite it")
 
 
 def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape,
@@ -172,6 +185,10 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
     """A fused layer's expert tensors: present, [N, ...] with the slice shapes the config implies (MXFP4:
     bytes); nothing else beside them and the router (an unknown bias or scale would be copied with N rows).
     Returns the float tensors' dtypes."""
+    if storage.mxfp4 and (shape.hidden % MXFP4_GROUP or shape.intermediate % MXFP4_GROUP):
+        raise DernError(f"MXFP4 experts need hidden_size and {family.intermediate_key} to be multiples of "
+                        f"{MXFP4_GROUP}, MXFP4's group; this config has {shape.hidden} and {shape.intermediate}, "
+                        "a layout transformers does not load either (padded or not)")
     tensors = fused_tensors(family, i, shape.hidden, shape.intermediate, storage)
     known = {*(t.name for t in tensors), family.router_name(i), family.bias_name(i)}
     module = f"model.layers.{i}.{family.fused.module}"
@@ -179,7 +196,7 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
     if extra:
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
                         + (" (config.json declares no quantization_config)"
-                           if extra[0].endswith((mxfp4.BLOCKS, mxfp4.SCALES, SCALE_SUFFIX)) and not storage.mxfp4
+                           if extra[0].endswith((MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX)) and not storage.mxfp4
                            else ""))
     dtypes = set()
     for t in tensors:
@@ -276,3 +293,13 @@ def layer_of(name: str) -> int | None:
     """The decoder layer index of `model.layers.N.` tensors, else None."""
     m = re.match(r"^model\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
+
+
+def check_forward_model(ckpt: Checkpoint) -> Family:
+    """A checkpoint checked for the streamed forward of dump and eval (its family, FP8 scales, decoder layers), from
+    its config.json and headers alone: the command line runs this before torch loads, the commands again."""
+    family = family_for(ckpt.config)
+    require_forward(family)
+    check_fp8_tensors(ckpt)
+    check_decoder_layers(ckpt)
+    return family

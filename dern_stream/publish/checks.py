@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoint import Checkpoint
 from ..checkpoint.locate import check_checkpoint_ref
 from ..errors import DernError
+from ..families import family_for
 
 
 def check_verify_arguments(out, against, revision: str | None) -> Path:
@@ -16,4 +18,5 @@ def check_verify_arguments(out, against, revision: str | None) -> Path:
         raise DernError(f"{root} is not a directory")
     if against is not None:
         check_checkpoint_ref(against, revision)
+    family_for(Checkpoint(root).config)  # a checkpoint too broken to open, or not of a family, is refused at once
     return root

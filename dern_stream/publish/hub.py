@@ -44,13 +44,7 @@ def push(out: str | os.PathLike, repo_id: str, *, private: bool = False, revisio
     api = HfApi()
     target = f"Hugging Face repo {repo_id}" + (f" (branch {revision})" if revision else "")
     with _pushing(target):
-        ours = {p.name for p in root.iterdir() if p.is_file()}
-        stale = sorted(f for f in _repo_files(api, repo_id, revision) - ours
-                       if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
-        if stale:
-            raise DernError(f"not pushed: {target} already holds weights that {root.name} does not "
-                            f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), which would sit beside "
-                            "the new ones; push to a new repo or branch, or delete them there first")
+        check_push_target(repo_id, {p.name for p in root.iterdir() if p.is_file()}, revision, root.name)
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -97,6 +91,38 @@ def check_push_token(repo_id: str) -> None:
     if get_token() is None:
         raise DernError(f"pushing to Hugging Face repo {repo_id} needs a token: log in with `hf auth login` or set "
                         "HF_TOKEN (checked before any work)")
+
+
+def check_push_access(repo_id: str) -> None:
+    """Before a long rewrite that ends in a push: the Hub knows the token, and it may write to the repo's namespace
+    (its own user or one of its organisations)."""
+    from huggingface_hub import HfApi
+
+    target = f"Hugging Face repo {repo_id}"
+    with _pushing(target):
+        who = HfApi().whoami()
+    role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise DernError(f"pushing to {target} needs a token that may write; this one is read-only (checked before "
+                        "any work)")
+    namespaces = {who.get("name"), *((org or {}).get("name") for org in who.get("orgs") or [])} - {None}
+    if repo_id.split("/")[0] not in namespaces:
+        raise DernError(f"pushing to {target}: the token is {who.get('name')}'s, which may write to "
+                        f"{', '.join(sorted(namespaces))}, not to {repo_id.split('/')[0]} (checked before any work)")
+
+
+def check_push_target(repo_id: str, ours: set[str], revision: str | None = None, what: str = "the output") -> None:
+    """The repo holds no safetensors weights that the push of the files `ours` would leave beside the new ones."""
+    from huggingface_hub import HfApi
+
+    target = f"Hugging Face repo {repo_id}" + (f" (branch {revision})" if revision else "")
+    with _pushing(target):
+        present = _repo_files(HfApi(), repo_id, revision)
+    stale = sorted(f for f in present - ours if f.endswith(".safetensors") or f.endswith(".safetensors.index.json"))
+    if stale:
+        raise DernError(f"not pushed: {target} already holds weights that {what} does not "
+                        f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}), which would sit beside "
+                        "the new ones; push to a new repo or branch, or delete them there first")
 
 
 def check_repo_id(repo_id: str, option: str) -> None:

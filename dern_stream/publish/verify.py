@@ -38,9 +38,12 @@ from ..errors import DernError, arg
 from ..families import PARTS, family_for
 from ..layout.fused_tensors import fused_tensors
 from ..layout.moe_layers import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
+from ..runtime.arguments import format_size
 from ..storage import expert_storage
-from ..storage.formats import SCALE_SUFFIX
-from ..storage.reading import check_fp8_tensors, is_scaled_fp8, load_weight
+from ..storage.finite_values import dequantized_problem
+from ..storage.formats import MXFP4_BLOCKS, SCALE_SUFFIX
+from ..storage.reading import load_weight
+from ..storage.tensor_kinds import check_fp8_tensors, is_scaled_fp8
 from .checks import check_verify_arguments
 
 _COMPARE_CHUNK = 64 * 2**20
@@ -54,16 +57,18 @@ class VerifyReport:
     identical: int = 0  # tensors found byte-identical to --against
     problems: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was found and is fine, but worth saying
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def __str__(self) -> str:
-        lines = [f"verify {self.path}: {self.tensors} tensors, {self.bytes_checked / 1e9:.3f} GB read; "
+        lines = [f"verify {self.path}: {self.tensors} tensors, {format_size(self.bytes_checked)} read; "
                  f"checked: {', '.join(self.checks)}"]
         if self.identical:
             lines.append(f"{self.identical} tensors the rewrite does not change are byte-identical to the input")
+        lines += [f"note: {n}" for n in self.notes]
         lines += [f"problem: {p}" for p in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
         return "\n".join(lines)
@@ -87,17 +92,17 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
     except DernError as e:
         report.problems.append(str(e))
         layers = []
+    audit = _check_audit(ckpt, family, shape, family.moe_layers(ckpt.entries), report)
+    sums = _recorded_checksums(audit, ckpt.root / "dern_stream.json", report)
     try:
         check_decoder_layers(ckpt)
     except DernError as e:
         report.problems.append(str(e))
     else:  # (the skeleton is built from the config: not from one that disagrees with the tensors)
-        _check_skeleton(ckpt, family, report)
+        _check_skeleton(ckpt, family, report, set(sums["tensors"]) if sums is not None else set())
     report.checks += ["index", "config"]
     report.checks.append("routing")  # (family_for refused a config that cannot route: config_check.py)
-    audit = _check_audit(ckpt, family, shape, family.moe_layers(ckpt.entries), report)
     report.checks.append("audit")
-    sums = _recorded_checksums(audit, ckpt.root / "dern_stream.json", report)
     if sums is not None:
         _check_files(ckpt, sums, report)
     source = Checkpoint(resolve_checkpoint(against, revision)) if against is not None else None
@@ -136,8 +141,10 @@ def _check_index(ckpt: Checkpoint, report: VerifyReport) -> None:
         report.problems.append(f"{INDEX_NAME} says total_size {total}, the tensors hold {actual} bytes")
 
 
-def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport) -> None:
-    """Every parameter of the model transformers builds from the config has its tensor(s), right shape."""
+def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport, recorded: set[str]) -> None:
+    """Every parameter of the model transformers builds from the config has its tensor(s), right shape. A tensor
+    the config does not imply is a problem, unless the rewrite recorded it (`recorded`): a tensor of the input it
+    copied as it was, which transformers ignores as the input's loader did."""
     if family.remote_code:
         report.checks.append(f"(non-MoE tensors not checked: transformers has no {family.model_type} class)")
         return
@@ -157,8 +164,12 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport) -> None:
             report.problems.append(str(e))
     decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
     extra = sorted((n for n in set(ckpt.entries) - used if (layer_of(n) or 0) < decoder_layers), key=natural_key)
-    if extra:
-        report.problems.append(f"{len(extra)} tensors the config does not imply, e.g. {extra[0]}")
+    copied, unknown = [n for n in extra if n in recorded], [n for n in extra if n not in recorded]
+    if unknown:
+        report.problems.append(f"{len(unknown)} tensors the config does not imply, e.g. {unknown[0]}")
+    if copied:
+        report.notes.append(f"{len(copied)} tensors the config does not imply, copied from the input as the rewrite "
+                            f"recorded them (transformers does not load them), e.g. {copied[0]}")
 
 
 def _check_audit(ckpt: Checkpoint, family, shape: ModelShape, moe_layers: list[int], report: VerifyReport
@@ -288,6 +299,9 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
             hasher.update(view)
         if not finite:
             report.problems.append(f"{name} holds NaN or Inf")
+        problem = dequantized_problem(ckpt, name.removesuffix(MXFP4_BLOCKS))  # a quantized weight's values
+        if problem is not None:
+            report.problems.append(problem)
         if recorded is not None:
             expected = recorded.pop(name, None)
             if expected is None:

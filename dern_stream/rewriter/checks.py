@@ -1,5 +1,6 @@
-"""The rewrite's checks of its options against each other, the calibration dump and the model: the ones that
-need no tensors run in the command line before torch loads; the plan runs them all."""
+"""The rewrite's checks of its options against each other, the calibration dump and the model (its config.json and
+its shards' headers): none needs torch, so rewrite and plan run them before torch loads, and a refusal answers at
+once; the plan runs them again on what it opens."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from typing import TYPE_CHECKING
 
 from ..calib.dump_files import check_dump_path
 from ..errors import DernError, arg
+from ..families import Family, family_for
+from ..layout.moe_layers import ModelShape, MoELayer, check_decoder_layers, check_moe_layers
+from ..storage.formats import ExpertStorage, expert_storage
+from ..storage.tensor_kinds import check_fp8_tensors
 
 if TYPE_CHECKING:
-    from ..families import Family
-    from ..layout.moe_layers import ModelShape
+    from ..checkpoint import Checkpoint
     from ..options import RewriteOptions
-    from ..storage import ExpertStorage
 
 
 def check_calib_choice(options, calib: Path | None) -> None:
@@ -64,3 +67,40 @@ def check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStor
     if storage.mxfp4 and not dequantized and width is not None and width % 32:
         raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
                         f"or {arg('output_dtype', 'bf16')}")
+
+
+def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
+                   ) -> tuple[Family, ExpertStorage, ModelShape, list[MoELayer]]:
+    """The input's family, storage, shape and MoE layers, each checked against the config and the options."""
+    config = ckpt.config
+    family = family_for(config)
+    storage = expert_storage(config)
+    check_fp8_tensors(ckpt)
+    dequantized = options.output_dtype is not None
+    if dequantized and not storage.quantized:
+        raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
+                        f"{source} is not quantized (config.json has no quantization_config): leave it out")
+    shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
+    check_widths(options, shape, storage, family, dequantized)
+    check_decoder_layers(ckpt)
+    layers = check_moe_layers(ckpt, family, shape, storage)
+    family.check_expressible(config, options.experts)
+    if options.sequential and family.remote_code:
+        raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
+                        f"{family.model_type} (it runs as remote code): leave it out")
+    return family, storage, shape, layers
+
+
+def output_config(ckpt: Checkpoint, family: Family, options: RewriteOptions) -> tuple[dict, list[str]]:
+    """The output's config.json, and the notes that say what changed beyond the expert count."""
+    out_config, notes = family.output_config(ckpt.config, options.experts, options.intermediate_size,
+                                             options.groups)
+    dropped = [name for name in ckpt.entries if family.is_dropped(name)]
+    if dropped:
+        notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
+                     f"load) are not carried over: their routed experts would disagree with K")
+    if options.output_dtype is not None:
+        del out_config["quantization_config"]
+        notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
+                     "quantization_config")
+    return out_config, notes

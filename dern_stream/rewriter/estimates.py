@@ -19,9 +19,10 @@ from ..fit.gradient_refit import BATCH_ROWS, CHECK_EVERY
 from ..layout.moe_layers import ModelShape
 from ..methods import method_named
 from ..options import RewriteOptions
+from ..runtime.arguments import format_size
 from ..runtime.device import memory_size
 from ..storage import ExpertStorage
-from ..storage.fp8_blocks import scale_shape
+from ..storage.formats import scale_shape
 
 BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported (docs/performance.md, "Memory")
 CUDA_CONTEXT_BYTES = 1200 * 10**6  # the CUDA runtime and libraries in host memory (docs/performance.md, "On a GPU")
@@ -166,5 +167,5 @@ def memory_note(costs: Estimates, options: RewriteOptions, device: torch.device,
     if costs.device_peak is not None:
         lower.append("--device cpu")
     advice = f"; lower it with {', or '.join(lower)}" if lower else ""
-    return (f"the estimated peak of {peak / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of {where}: the run may "
+    return (f"the estimated peak of {format_size(peak)} exceeds the {format_size(total)} of {where}: the run may "
             f"stop out of memory{advice} (docs/performance.md, \"The fit on large layers\")")

@@ -27,6 +27,7 @@ from ..errors import DernError, describe
 from ..layout.parameter_count import rewrite_parameters
 from ..publish.card import BASE_CARD_NOTE, CARD_NAME, write_card
 from ..publish.report import ReportSummary
+from ..runtime.arguments import format_size
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.stage_clock import StageClock
 from .audit import audit_record, write_audit
@@ -64,7 +65,7 @@ class RewriteSummary:
         lines = [
             f"done: {self.layers} MoE layers of {self.model_type}, experts {self.experts_in} -> {self.experts_out}",
             f"segments reassigned: {self.segments_reassigned} of {self.segments_pooled} pooled ({frac:.1%})",
-            f"output: {self.output} ({self.output_bytes / 1e9:.3f} GB of tensors) in {self.seconds:.1f} s "
+            f"output: {self.output} ({format_size(self.output_bytes)} of tensors) in {self.seconds:.1f} s "
             f"on {self.device}",
         ]
         if self.stages:

@@ -16,11 +16,12 @@ from ..checkpoint.safetensors_format import DTYPES
 from ..experts.result import LayerResult, output_bias
 from ..experts.segments import ExpertStack
 from ..families import PARTS, Family
-from ..layout.fused_tensors import from_float, fused_tensors, to_float
+from ..layout.fused_tensors import fused_tensors
 from ..layout.moe_layers import ModelShape, MoELayer
 from ..runtime.stage_clock import NO_CLOCK, StageClock
-from ..storage import ExpertStorage, dequantize, quantize
-from ..storage.formats import SCALE_SUFFIX
+from ..storage import dequantize, mxfp4, quantize
+from ..storage.finite_values import dequantized_problem, mxfp4_problem
+from ..storage.formats import MXFP4_BLOCKS, SCALE_SUFFIX, ExpertStorage
 from ..storage.reading import load_weight
 from .layer_report import LayerReport
 
@@ -119,11 +120,19 @@ def layer_output_names(family: Family, layer: MoELayer, experts: int) -> list[st
 
 
 def copy_tensor(writer: ShardedWriter, ckpt: Checkpoint, name: str) -> None:
-    """An input tensor into the output unchanged (raw bytes), or dequantized where the plan says bf16."""
+    """An input tensor into the output unchanged (raw bytes), or dequantized where the plan says bf16. A quantized
+    weight must be finite once dequantized, as its bytes must be."""
+    _check_dequantized(ckpt, name)
     if writer.specs[name].dtype == ckpt.entries[name].dtype:
         writer.copy_raw(name, ckpt.entries[name])
     else:
         writer.write(name, load_weight(ckpt, name).to(DTYPES[writer.specs[name].dtype]))
+
+
+def _check_dequantized(ckpt: Checkpoint, name: str) -> None:
+    problem = dequantized_problem(ckpt, name)
+    if problem is not None:
+        raise NonFiniteTensor(f"{problem}: the input weights are not finite", copied=True)
 
 
 def write_layer(
@@ -169,6 +178,8 @@ def _write_part(writer: ShardedWriter, ckpt: Checkpoint, layer: MoELayer, name: 
     """One projection of a kept expert as output tensor `name`: the input's `source` as it is (raw bytes, with its
     scales) or dequantized, or the `rebuilt` weight, quantized again where the input is FP8."""
     storage = layer.storage
+    if rebuilt is None:
+        _check_dequantized(ckpt, source)
     if rebuilt is None and dequantized:
         writer.write(name, load_weight(ckpt, source).to(dtype))
     elif rebuilt is None:
@@ -216,6 +227,11 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
                 error.add(weight, back)
         for out, part in zip(outputs, parts, strict=True):
             out[pos].copy_(part)
+    if out_storage.mxfp4:  # a kept expert's input bytes (the rebuilt ones are quantized anew, from finite values)
+        for blocks, scales, name in zip(outputs[0:4:2], outputs[1:4:2], names[0:4:2], strict=True):
+            problem = mxfp4_problem(blocks, scales, name.removesuffix(MXFP4_BLOCKS))
+            if problem is not None:
+                raise NonFiniteTensor(f"{problem}: the input weights are not finite", copied=True)
     for name, out in zip(names, outputs, strict=True):
         writer.write(name, out)
     return error.value()
@@ -248,4 +264,27 @@ def _non_finite_cause(ckpt: Checkpoint, family: Family, layer: MoELayer) -> str:
     for name in names:
         if not all_finite(ckpt.load(name)):
             return f"the input's {name} holds NaN or Inf (the input weights are not finite)"
+    weights = family.fused_names(i)[:2] if family.fused is not None else family.expert_names(i, family.num_experts(
+        ckpt.config))
+    for name in weights:
+        problem = dequantized_problem(ckpt, name)
+        if problem is not None:
+            return f"the input's {problem} (the input weights are not finite)"
     return f"the input weights of layer {i} are finite, so the rebuilt values overflow {layer.dtype}"
+
+
+def to_float(slices: list[torch.Tensor], storage: ExpertStorage) -> list[torch.Tensor]:
+    """One expert's stored slices -> its slices in the family's float layout (FusedExperts.split's input)."""
+    if not storage.mxfp4:
+        return slices
+    gate_up = mxfp4.dequantize(slices[0], slices[1]).T
+    down = mxfp4.dequantize(slices[2], slices[3]).T
+    return [gate_up, down, *slices[4:]]
+
+
+def from_float(slices: list[torch.Tensor], storage: ExpertStorage) -> list[torch.Tensor]:
+    """to_float's inverse (MXFP4: quantized again)."""
+    if not storage.mxfp4:
+        return slices
+    gate_up, down = mxfp4.quantize(slices[0].T), mxfp4.quantize(slices[1].T)
+    return [*gate_up, *down, *slices[2:]]

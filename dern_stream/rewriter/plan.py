@@ -17,18 +17,17 @@ import torch
 
 from ..calib import CalibDump
 from ..checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
+from ..checkpoint.file_names import INDEX_NAME
 from ..checkpoint.hub_cache import source_record
 from ..checkpoint.run_identity import files_stamp, run_key, tree_stamp
 from ..checkpoint.safetensors_format import dtype_size
 from ..checkpoint.writer import ShardLayout, layout_shards
-from ..errors import DernError, arg
+from ..errors import DernError
 from ..experts.forward import LayerRouting, layer_routing
-from ..families import Family, GroupPlan, family_for
+from ..families import Family, GroupPlan
 from ..layout.moe_layers import (
     ModelShape,
     MoELayer,
-    check_decoder_layers,
-    check_moe_layers,
     check_plan_complete,
     copies_by_layer,
     output_layers,
@@ -36,16 +35,14 @@ from ..layout.moe_layers import (
 )
 from ..options import RewriteOptions
 from ..runtime.device import device_name, resolve_device
-from ..storage import ExpertStorage, expert_storage
-from ..storage.reading import check_fp8_tensors
-from .checks import check_widths
+from ..storage import ExpertStorage
+from .checks import check_model, output_config
 from .estimates import Estimates, estimate, memory_note
 from .layer_io import expert_tensor_names, layer_output_names
 from .layer_report import ROUTING, LayerSelection
 from .selection import select_experts_of_layers
 
 log = logging.getLogger("dern_stream")
-
 
 
 @dataclass
@@ -88,6 +85,11 @@ class RewritePlan:
     def output_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
+    def output_files(self) -> set[str]:
+        """The weight files the output will hold: its shards, and their index where there are several."""
+        names = {s.file for s in self.shards}
+        return names | ({INDEX_NAME} if len(names) > 1 else set())
+
     @property
     def calibrated(self) -> set[int]:
         """The MoE layers whose cached inputs the dump holds."""
@@ -128,8 +130,8 @@ def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib:
 def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
           progress: bool, origin: dict) -> RewritePlan:
     config = ckpt.config
-    family, storage, shape, layers = _checked_model(ckpt, source, options)
-    out_config, notes = _output_config(ckpt, family, options)
+    family, storage, shape, layers = check_model(ckpt, source, options)
+    out_config, notes = output_config(ckpt, family, options)
     groups = family.group_plan(config, options.experts, options.groups)
     routing = layer_routing(family, config, out_config)
     device = resolve_device(options.device)
@@ -160,43 +162,6 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         routing=routing, reads_experts=reads_experts, estimates=costs, side_bytes=side_files_size(source),
         dump=dump, config=config, ranking_seconds=ranking, threads=threads, origin=origin,
     )
-
-
-def _checked_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
-                   ) -> tuple[Family, ExpertStorage, ModelShape, list[MoELayer]]:
-    """The input's family, storage, shape and MoE layers, each checked against the config and the options."""
-    config = ckpt.config
-    family = family_for(config)
-    storage = expert_storage(config)
-    check_fp8_tensors(ckpt)
-    dequantized = options.output_dtype is not None
-    if dequantized and not storage.quantized:
-        raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
-                        f"{source} is not quantized (config.json has no quantization_config): leave it out")
-    shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
-    check_widths(options, shape, storage, family, dequantized)
-    check_decoder_layers(ckpt)
-    layers = check_moe_layers(ckpt, family, shape, storage)
-    family.check_expressible(config, options.experts)
-    if options.sequential and family.remote_code:
-        raise DernError(f"{arg('sequential', True)} runs the model's forward, and transformers has no class for "
-                        f"{family.model_type} (it runs as remote code): leave it out")
-    return family, storage, shape, layers
-
-
-def _output_config(ckpt: Checkpoint, family: Family, options: RewriteOptions) -> tuple[dict, list[str]]:
-    """The output's config.json, and the notes that say what changed beyond the expert count."""
-    out_config, notes = family.output_config(ckpt.config, options.experts, options.intermediate_size,
-                                             options.groups)
-    dropped = [name for name in ckpt.entries if family.is_dropped(name)]
-    if dropped:
-        notes.append(f"the {len(dropped)} mtp.* tensors (a multi-token-prediction block, which transformers does not "
-                     f"load) are not carried over: their routed experts would disagree with K")
-    if options.output_dtype is not None:
-        del out_config["quantization_config"]
-        notes.append(f"quantized weights written as {options.output_dtype}, without their scales and "
-                     "quantization_config")
-    return out_config, notes
 
 
 def _output_layout(ckpt: Checkpoint, family: Family, layers: list[MoELayer], options: RewriteOptions,

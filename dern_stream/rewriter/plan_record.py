@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__
+from ..checkpoint.output_dir import check_staging_path, resumable, staging_path
+from ..checkpoint.progress import Progress
+from ..runtime.arguments import format_size
 
 if TYPE_CHECKING:  # no torch here: api.plan checks its --json target before it loads the plan's modules
     from .plan import RewritePlan
@@ -85,11 +88,11 @@ def describe(plan: RewritePlan) -> str:
         if len(changed) > 8:
             lines.append(f"    ... and {len(changed) - 8} more (--json FILE lists every layer)")
     need = plan.output_bytes + plan.side_bytes
-    lines.append(f"  output: {plan.output_bytes / 1e9:.3f} GB of tensors in {len(plan.shards)} shard(s), "
-                 f"{plan.side_bytes / 1e9:.3f} GB of side files; free disk needed: {need / 1e9:.3f} GB"
+    lines.append(f"  output: {format_size(plan.output_bytes)} of tensors in {len(plan.shards)} shard(s), "
+                 f"{format_size(plan.side_bytes)} of side files; free disk needed: {format_size(need)}"
                  + _free_here(plan.out))
-    lines.append(f"  peak host memory (estimated): {est.host_peak / 1e9:.2f} GB"
-                 + (f"; device memory: {est.device_peak / 1e9:.2f} GB on {plan.device}" if est.device_peak is not None
+    lines.append(f"  peak host memory (estimated): {format_size(est.host_peak)}"
+                 + (f"; device memory: {format_size(est.device_peak)} on {plan.device}" if est.device_peak is not None
                     else f" (computing on {plan.device})"))
     per = est.per_layer
     seconds = per.total / CPU_GFLOPS
@@ -106,7 +109,40 @@ def _show(items: list[int]) -> str:
 
 
 def _free_here(out: Path | None) -> str:
-    if out is None:
-        return ""
+    free = free_space(out) if out is not None else None
+    return f" ({format_size(free)} free there)" if free is not None else ""
+
+
+def free_space(out: Path) -> int | None:
+    """Bytes free on the disk OUT will be written to (that of its nearest existing folder)."""
     where = next((p for p in (out, *out.parents) if p.exists()), None)
-    return f" ({shutil.disk_usage(where).free / 1e9:.1f} GB free there)" if where is not None else ""
+    return shutil.disk_usage(where).free if where is not None else None
+
+
+def run_notes(plan: RewritePlan, restart: bool, workers: int, ray: str | None) -> list[str]:
+    """What the plan says of the run itself: the partial output in OUT's staging folder that the rewrite would
+    resume or discard (refused, as the rewrite refuses it, where it may not use it), the room on OUT's disk, and
+    the memory of several workers."""
+    notes, est = [], plan.estimates
+    if plan.out is not None:
+        staging, present = staging_path(plan.out), 0
+        check_staging_path(staging)
+        previous = resumable(staging, plan.run, restart)
+        if previous is not None:
+            present = sum(p.stat().st_blocks * 512 for p in staging.iterdir() if p.is_file() and not p.is_symlink())
+            notes.append(f"{staging} holds an interrupted run of this rewrite with {len(previous.layers)} of "
+                         f"{len(plan.layers)} layers done: the rewrite would resume from them")
+        elif restart and Progress.read(staging) is not None:
+            notes.append(f"--restart: the interrupted run in {staging} would be discarded")
+        need, free = plan.output_bytes + plan.side_bytes - present, free_space(plan.out)
+        if free is not None and need > free:
+            notes.append(f"the disk OUT is on has {format_size(free)} free, less than the {format_size(need)} the "
+                         "output needs: the rewrite would refuse to start")
+    per_run = f"{format_size(est.host_peak)} of host memory" + (
+        f" and {format_size(est.device_peak)} on its device" if est.device_peak is not None else "")
+    if workers > 1:
+        notes.append(f"{workers} worker processes, each holding one layer as one process does ({per_run}): about "
+                     f"{format_size(workers * est.host_peak)} of host memory in all")
+    if ray is not None:
+        notes.append(f"one task per layer on the Ray cluster at {ray}, each holding one layer ({per_run})")
+    return notes

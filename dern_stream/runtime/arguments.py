@@ -77,6 +77,14 @@ def check_text_options(num_tokens, seq_len, batch_size) -> None:
     whole("batch_size", batch_size)
 
 
+def format_size(n: float) -> str:
+    """Bytes for people, in decimal units as parse_size reads them: 812 B, 1.23 MB, 380 MB, 5.09 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
 def parse_size(value: str | int) -> int:
     """'5GB' -> 5_000_000_000 (decimal units as Hugging Face uses them; KiB/MiB/GiB are binary)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):

@@ -1,27 +1,75 @@
-"""Local worker process pools, shared by the rewrite's and the dump's workers."""
+"""Local worker process pools, shared by the rewrite's and the dump's workers.
+
+A worker ends with its driver: killed outright (`kill -9`), a driver cannot stop its workers, so each worker asks
+the kernel to end it when its parent goes (Linux), or watches for that itself (elsewhere)."""
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
-import torch
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+_progress = None  # in a worker: the driver's progress queue, if it gave one
 
 
-def spawn_pool(workers: int, gpus: int = 0) -> ProcessPoolExecutor:
+def spawn_pool(workers: int, gpus: int = 0, progress=None) -> ProcessPoolExecutor:
     """`workers` spawned processes (not forked: the driver runs threads, which fork does not carry
-    safely); with `gpus`, worker n makes GPU n % gpus its current CUDA device."""
+    safely); with `gpus`, worker n makes GPU n % gpus its current CUDA device. `progress`: a queue of the
+    spawn context the workers report to (report_progress), handed over as the processes start."""
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 0)
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_number_worker, initargs=(counter, gpus))
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(counter, gpus, os.getpid(), progress))
 
 
-def _number_worker(counter, gpus: int) -> None:
+def progress_queue():
+    """A queue the workers of spawn_pool(..., progress=it) report to: no server process of its own."""
+    return multiprocessing.get_context("spawn").Queue()
+
+
+def report_progress(item) -> None:
+    """In a worker: tell the driver (a layer done, say), when it asked to be told."""
+    if _progress is not None:
+        _progress.put(item)
+
+
+def _start_worker(counter, gpus: int, driver: int, progress) -> None:
+    global _progress
+    _progress = progress
+    _end_with(driver)
     with counter.get_lock():
         number = counter.value
         counter.value += 1
     if gpus:
+        import torch
+
         torch.cuda.set_device(number % gpus)
+
+
+def _end_with(driver: int) -> None:
+    """End this process when the driver does."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+        else:
+            if os.getppid() != driver:  # (it went before the request was made)
+                os._exit(1)
+            return
+    threading.Thread(target=_watch, args=(driver,), daemon=True, name="dern-driver-watch").start()
+
+
+def _watch(driver: int) -> None:
+    while os.getppid() == driver:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:

@@ -1,7 +1,18 @@
-"""How a checkpoint stores its expert weights: plain floats, or FP8 with block scales (quantization_config)."""
+"""How a checkpoint stores its expert weights: plain floats, FP8 with block scales, or MXFP4 (quantization_config).
 
-from . import mxfp4
-from .formats import ExpertStorage, expert_storage
-from .fp8_blocks import dequantize, quantize
+The names load their modules on first use (PEP 562): the command line reads a config's storage without torch, which
+the quantization math needs."""
 
-__all__ = ["ExpertStorage", "dequantize", "expert_storage", "mxfp4", "quantize"]
+from __future__ import annotations
+
+from ..runtime.lazy_exports import lazy_exports
+
+_EXPORTS = {
+    "ExpertStorage": ".formats", "expert_storage": ".formats",
+    "dequantize": ".fp8_blocks", "quantize": ".fp8_blocks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

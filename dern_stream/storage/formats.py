@@ -1,15 +1,26 @@
-"""Which storage a checkpoint's config.json declares for its weights, and the tensors that go with it."""
+"""Which storage a checkpoint's config.json declares for its weights, and the tensors that go with it: names and
+shapes only, no torch (the command line checks them before torch loads; the math is in fp8_blocks.py and mxfp4.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..checkpoint.safetensors_format import FLOAT_DTYPES
 from ..errors import DernError
 
-SCALE_SUFFIX = "_scale_inv"
+if TYPE_CHECKING:
+    import torch
+
+SCALE_SUFFIX = "_scale_inv"  # an FP8 weight `W` has its block scales in `W_scale_inv`
+MXFP4_GROUP = 32  # values sharing one MXFP4 scale, along the last axis
+MXFP4_BLOCKS, MXFP4_SCALES = "_blocks", "_scales"  # an MXFP4 weight `W` is stored as `W_blocks` and `W_scales`
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """The grid of FP8 block scales of a [rows, cols] weight (edge blocks may be partial)."""
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class ExpertStorage:
         """The dtype a layer's experts are held in on the compute device: the stored one (FP8 with its
         scales beside it), or bf16 for MXFP4 (four times its stored bytes); every method computes in
         float32, block by block."""
+        import torch
+
         return torch.bfloat16 if self.mxfp4 else stored
 
 

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from .formats import scale_shape
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-
-
-def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
-    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
 
 
 def _spread(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:

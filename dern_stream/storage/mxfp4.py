@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-GROUP = 32
-BLOCKS, SCALES = "_blocks", "_scales"  # a weight `W` is stored as `W_blocks` and `W_scales`
+from .formats import MXFP4_GROUP as GROUP
+
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # the magnitudes of nibbles 0-7; bit 3 is the sign
 _MAX = E2M1[-1]
 

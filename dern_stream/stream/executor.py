@@ -21,7 +21,7 @@ from ..families import family_for, require_forward
 from ..runtime.arguments import check_dtype_name
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.optional_packages import require_transformers
-from ..storage.reading import check_fp8_tensors
+from ..storage.tensor_kinds import check_fp8_tensors
 from .hidden_store import HiddenStore
 from .weights import materialise, release
 

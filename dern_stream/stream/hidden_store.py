@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DernError
+from ..runtime.arguments import format_size
 
 _SHARE = 0.5  # use at most this share of the free memory of a place
 
@@ -53,7 +54,7 @@ class HiddenStore:
                 self._scratch = tempfile.NamedTemporaryFile(prefix="dern-hidden-", dir=scratch_dir)  # noqa: SIM115
                 flat = torch.from_file(self._scratch.name, shared=True, size=sum(sizes), dtype=dtype)
             except (OSError, RuntimeError) as e:
-                raise DernError(f"cannot create a {total / 1e9:.1f} GB scratch file for hidden states: {e}") from None
+                raise DernError(f"cannot create a {format_size(total)} scratch file for hidden states: {e}") from None
             offsets = [0, *itertools.accumulate(sizes)]
             self._items = [flat[offsets[i]:offsets[i + 1]].view(shape) for i, shape in enumerate(shapes)]
         else:

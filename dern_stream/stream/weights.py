@@ -13,9 +13,9 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import DernError
 from ..families import Family
-from ..storage import mxfp4
-from ..storage.formats import SCALE_SUFFIX
-from ..storage.reading import is_mxfp4, load_weight
+from ..storage.formats import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, SCALE_SUFFIX
+from ..storage.reading import load_weight
+from ..storage.tensor_kinds import is_mxfp4
 
 _FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
 
@@ -99,10 +99,10 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
             return _fused_disk_tensors(name, shape, ckpt, family, layer, parts)
     disk = _disk_name(name, ckpt, family, layer)
     if is_mxfp4(ckpt, disk):
-        blocks = ckpt.entries[disk + mxfp4.BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
-        if (blocks[0], blocks[2] * mxfp4.GROUP, blocks[1]) != shape:
-            raise DernError(f"{disk}{mxfp4.BLOCKS} has shape {list(blocks)}, which does not hold {name} {list(shape)}")
-        return {disk + mxfp4.BLOCKS, disk + mxfp4.SCALES}
+        blocks = ckpt.entries[disk + MXFP4_BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
+        if (blocks[0], blocks[2] * MXFP4_GROUP, blocks[1]) != shape:
+            raise DernError(f"{disk}{MXFP4_BLOCKS} has shape {list(blocks)}, which does not hold {name} {list(shape)}")
+        return {disk + MXFP4_BLOCKS, disk + MXFP4_SCALES}
     if ckpt.entries[disk].shape != shape:
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")

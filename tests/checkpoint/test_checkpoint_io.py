@@ -159,3 +159,21 @@ def test_prefetch_reads_a_layer_in_spans_and_reports_a_shard_that_shrank(build, 
     shrunk = r"^model.safetensors is truncated: it ends inside the tensors at bytes \d+-\d+$"
     with pytest.raises(DernError, match=shrunk):
         ckpt.prefetch(names)
+
+
+def test_a_mistyped_local_path_is_said_to_be_missing_before_the_hub_is_asked(build, tmp_path):
+    """`demo/mdoel` looks like a Hub repo id; with a `demo/` folder here it is most likely a typo of `demo/model`:
+    the message says first that no such directory exists, and names the close ones."""
+    built = build("mixtral")
+    (tmp_path / "demo").mkdir()
+    os.symlink(built.model_dir, tmp_path / "demo" / "model")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run([sys.executable, "-m", "dern_stream.cli", "plan", "demo/mdoel", "--experts", "4", "-q"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    line = run.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: input demo/mdoel does not exist: there is no such directory (did you mean "
+                           "demo/model?); as a Hugging Face repo id: Hugging Face repo demo/mdoel"), line
+    elsewhere = subprocess.run([sys.executable, "-m", "dern_stream.cli", "plan", "someorg/mdoel", "-k", "4", "-q"],
+                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert elsewhere.stderr.strip().splitlines()[-1].startswith("error: Hugging Face repo someorg/mdoel")

@@ -57,6 +57,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self.lfs: dict[str, bytes] = {}  # sha256 -> uploaded bytes
         self.cut_once: set[str] = set()  # file paths whose first download breaks off half way
+        self.user, self.orgs, self.token_role = "me", ["org"], "write"  # whom the token belongs to
 
     def add(self, repo_id: str, files: dict[str, bytes], branch: str = "main") -> str:
         """Commit `files` (the whole tree) to `branch` of `repo_id`; returns the commit hash."""
@@ -87,6 +88,7 @@ _ROUTES = [  # method(s), path pattern, FakeHub handler method
     ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", "model_info"),
     ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)", "tree"),
     ("HEAD GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
+    ("GET", r"/api/whoami-v2", "whoami"),
     ("POST", r"/api/repos/create", "create_repo"),
     ("POST", rf"/api/models/{_REPO}/branch/(?P<branch>.+)", "create_branch"),
     ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
@@ -208,6 +210,12 @@ def _handler(hub: FakeHub):
             self.wfile.write(data[start:])
 
         # --- uploads
+        def whoami(self) -> None:
+            if not self.headers.get("authorization", "").startswith("Bearer "):
+                raise _Error(401)
+            self._json({"type": "user", "name": hub.user, "orgs": [{"name": org} for org in hub.orgs],
+                        "auth": {"accessToken": {"role": hub.token_role}}})
+
         def create_repo(self) -> None:
             payload = json.loads(self._body())
             repo_id = f"{payload['organization']}/{payload['name']}"

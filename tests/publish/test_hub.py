@@ -218,3 +218,22 @@ def test_a_push_beside_other_weights_is_refused(hub, model, tmp_path):
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert f"not pushed: Hugging Face repo {REPO} already holds weights that out does not" in result.stderr
     assert hub.repos[REPO].refs["main"] == main_before and not hub.lfs
+
+
+@pytest.mark.parametrize("case, message", [
+    ("read-only", "pushing to Hugging Face repo me/tiny-4x needs a token that may write; this one is read-only"),
+    ("other namespace", "pushing to Hugging Face repo them/tiny-4x: the token is me's, which may write to me, org, "
+                        "not to them"),
+    ("weights there", f"not pushed: Hugging Face repo {REPO} already holds weights that out does not"),
+])
+def test_rewrite_push_to_hub_checks_the_token_and_the_repo_before_any_work(case, message, hub, model, tmp_path):
+    """What the Hub can tell before the rewrite (the token's rights, weights already in the repo) refuses it before
+    any layer is written, not after the work."""
+    hub.token_role = "read" if case == "read-only" else "write"
+    repo = {"read-only": "me/tiny-4x", "other namespace": "them/tiny-4x", "weights there": REPO}[case]
+    result = run("rewrite", REPO, tmp_path / "out", "-k", "4", "--importance", "router-norm", "-q",
+                 "--push-to-hub", repo)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr
+    assert not list(tmp_path.glob("*out*"))  # no output, no staging folder: nothing was written
+    assert not hub.lfs and not [r for r in hub.requests if r.method == "POST" and "commit" in r.path]

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import dern_stream
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
+from dern_stream.publish.verify import verify as verify_output
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +303,46 @@ def test_without_a_recorded_fingerprint_tensors_are_compared_one_by_one(build, t
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "dern_stream.json was changed after the rewrite wrote it" in result.output
     assert "is it the rewrite's input?" in result.output
+
+
+def _with_tensors(model, dest, **extra):
+    """A copy of checkpoint `model` (one shard) with `extra` tensors added."""
+    import torch
+
+    shutil.copytree(model, dest)
+    tensors = read_tensors(dest)
+    tensors.update({name.replace("__", "."): torch.full(shape, 0.5) for name, shape in extra.items()})
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_tensors_the_config_does_not_imply_are_copied_and_verified_or_refused_up_front(build, tmp_path):
+    """A tensor of a MoE block with one entry per expert that the family has no name for cannot be cut to K:
+    refused before any work. Any other tensor the config does not imply is copied as it is, and verify accepts it
+    as the rewrite recorded it (transformers ignores it when it loads the output)."""
+    from transformers import AutoModelForCausalLM
+
+    built = build("mixtral")
+    per_expert = _with_tensors(built.model_dir, tmp_path / "per_expert",
+                               model__layers__0__block_sparse_moe__gate__bias=(8,))
+    result = CliRunner().invoke(main, ["rewrite", str(per_expert), str(tmp_path / "o1"), "-k", "4", "--calib",
+                                       str(built.calib)])
+    assert result.exit_code == 2 and not (tmp_path / "o1").exists() and not list(tmp_path.glob(".o1*"))
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: model.layers.0.block_sparse_moe.gate.bias [8] has one entry per expert, but mixtral has no such "
+        "tensor, so it cannot be cut to fewer experts with the rest of the layer: remove it from the checkpoint to "
+        "rewrite it")
+    other = _with_tensors(built.model_dir, tmp_path / "other", model__layers__1__extra_norm__weight=(64,),
+                          model__layers__2__block_sparse_moe__temperature=(1,))
+    out = tmp_path / "o2"
+    dern_stream.rewrite(other, out, experts=4, calib=built.calib, progress=False)
+    report = verify_output(out, against=other, progress=False)
+    assert report.ok and report.notes == ["2 tensors the config does not imply, copied from the input as the rewrite "
+                                          "recorded them (transformers does not load them), e.g. "
+                                          "model.layers.1.extra_norm.weight"], report
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 4
+    tensors = read_tensors(out)  # a tensor added afterwards, not recorded by the rewrite, is a problem
+    tensors["model.layers.0.stray.weight"] = tensors["model.layers.1.extra_norm.weight"].clone()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    report = verify_output(out, progress=False)
+    assert any("1 tensors the config does not imply, e.g. model.layers.0.stray.weight" in p for p in report.problems)

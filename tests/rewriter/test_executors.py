@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -75,9 +76,31 @@ def test_a_dead_worker_costs_only_its_layer(single, tmp_path):
     assert file_bytes(out) == expected
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(single, tmp_path):
-    """SIGKILL the driver of a two-worker run once a layer is journaled; one process finishes the job."""
+    """SIGKILL the driver of a two-worker run once a layer is journaled: its workers end with it, and one process
+    finishes the job."""
     built, expected = single
     out = tmp_path / "out"
     partial = tmp_path / ".out.dern-partial" / ".dern-progress.json"
@@ -89,8 +112,13 @@ def test_resume_after_the_driver_is_killed(single, tmp_path):
         if partial.exists() and '"layers": {"' in partial.read_text():
             break
         time.sleep(0.05)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its workers
+    workers = _children(driver.pid)
+    os.kill(driver.pid, signal.SIGKILL)  # the driver alone: nothing can tell its workers to stop
     driver.wait()
+    gone = time.monotonic() + 10
+    while time.monotonic() < gone and any(_alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "the workers outlived their driver"
     if out.exists():
         pytest.skip("the run finished before it could be killed")
     result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(out), "--calib", str(built.calib), *ARGS])

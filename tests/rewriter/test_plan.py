@@ -19,6 +19,7 @@ from dern_stream.cli import main
 from dern_stream.errors import DernError
 from dern_stream.options import option_fields
 from dern_stream.rewriter import estimates
+from dern_stream.runtime.arguments import format_size
 from dern_stream.runtime.device import memory_size
 from dern_stream.synthetic import write_sparse, write_synthetic, write_synthetic_dump
 
@@ -180,7 +181,7 @@ def test_a_plan_whose_estimated_peak_exceeds_the_memory_here_says_so_and_what_lo
         if shown is None:
             assert "may stop out of memory" not in result.output
             continue
-        assert (f"note: the estimated peak of {whole / 1e9:.1f} GB exceeds the {total / 1e9:.1f} GB of host memory: "
+        assert (f"note: the estimated peak of {format_size(whole)} exceeds the {format_size(total)} of host memory: "
                 f"the run may stop out of memory; lower it with --refit-group {shown} (the gradient refit holds about "
                 f"22 bytes per weight of the experts it moves together), or --refit-steps 0, or a smaller "
                 f"--fit-tokens (now 1024 rows per layer)") in " ".join(result.output.split())
@@ -188,3 +189,34 @@ def test_a_plan_whose_estimated_peak_exceeds_the_memory_here_says_so_and_what_lo
     monkeypatch.setattr(estimates, "memory_size", lambda device: 2**20)
     result = CliRunner().invoke(main, [*args, "--refit-steps", "0"])
     assert "may stop out of memory" in result.output and "refit" not in result.output.split("may stop")[1]
+
+
+def test_plan_takes_every_rewrite_option():
+    """plan shows what rewrite with the same command line would do: it takes every option rewrite takes."""
+    rewrite_options = {p.name for p in main.commands["rewrite"].params}
+    plan_options = {p.name for p in main.commands["plan"].params}
+    assert rewrite_options <= plan_options, rewrite_options - plan_options
+
+
+def test_plan_with_out_says_what_the_rewrite_would_resume_and_whether_the_disk_has_room(build, tmp_path, monkeypatch):
+    from dern_stream.checkpoint.progress import Progress
+    from dern_stream.rewriter import plan_record
+
+    built, out = build("mixtral"), tmp_path / "out"
+    common = dict(experts=4, calib=built.calib, progress=False)
+    made = dern_stream.plan(built.model_dir, out, workers=2, **common)
+    assert not any("interrupted" in n or "free" in n for n in made.notes)
+    assert any(n.startswith("2 worker processes") and format_size(2 * made.estimates.host_peak) in n
+               for n in made.notes), made.notes
+    staging = tmp_path / ".out.dern-partial"
+    staging.mkdir()
+    Progress(staging, made.run, {"0": {"segments_reassigned": 0}}).save()
+    notes = dern_stream.plan(built.model_dir, out, **common).notes
+    assert any("1 of 3 layers done: the rewrite would resume from them" in n for n in notes), notes
+    assert any("would be discarded" in n for n in dern_stream.plan(built.model_dir, out, restart=True, **common).notes)
+    with pytest.raises(DernError, match="started with different options or inputs"):
+        dern_stream.plan(built.model_dir, out, alpha=0.5, **common)  # as the rewrite would refuse it
+    monkeypatch.setattr(plan_record, "free_space", lambda path: 1000)
+    notes = dern_stream.plan(built.model_dir, out, restart=True, **common).notes
+    assert any(n.startswith("the disk OUT is on has 1 kB free") and "would refuse to start" in n for n in notes)
+    assert not list(tmp_path.glob("out*")) and [p.name for p in staging.iterdir()] == [".dern-progress.json"]

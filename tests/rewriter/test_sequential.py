@@ -86,6 +86,7 @@ main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("journaled", [1, 3])  # of 3 MoE layers: 3 = killed before the output was finished
 def test_a_killed_sequential_rewrite_resumes_to_the_same_bytes(journaled, build, tmp_path):
     built = build("qwen3_moe")

@@ -82,3 +82,40 @@ def test_output_dtype_bf16_and_the_streamed_forward(mx, tmp_path):
     dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=0.2, output_dtype="bf16", progress=False)
     with torch.no_grad():
         assert torch.isfinite(_load(out)(ids).logits).all()
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_widths_that_are_not_whole_mxfp4_groups_are_refused_before_any_work(padded, build, tmp_path):
+    """An expert width of 40 cannot be whole groups of 32: blocks padded to 64, or cut to 32, neither of which
+    transformers loads. Refused in one line by rewrite and plan, before any expert is read."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from dern_stream.cli import main
+
+    built = build("gpt_oss", intermediate_size=40)
+    ckpt, tensors = Checkpoint(built.model_dir), {}
+    for name in ckpt.entries:
+        weight = ckpt.load(name)
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            rows = weight.transpose(1, 2)
+            cols = rows.shape[-1]
+            rows = torch.nn.functional.pad(rows, (0, -cols % 32)) if padded else rows[..., : cols // 32 * 32]
+            tensors[name + "_blocks"], tensors[name + "_scales"] = mxfp4.quantize(rows)
+        else:
+            tensors[name] = weight
+    model = tmp_path / "model"
+    shutil.copytree(built.model_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "mxfp4"}}))
+    message = ("error: MXFP4 experts need hidden_size and intermediate_size to be multiples of 32, MXFP4's group; "
+               "this config has 64 and 40, a layout transformers does not load either (padded or not)")
+    for args in (["rewrite", model, tmp_path / "out", "-k", "4", "--alpha", "0", "--calib", built.calib],
+                 ["rewrite", model, tmp_path / "out", "-k", "4", "--alpha", "1", "--calib", built.calib],
+                 ["plan", model, "-k", "4"]):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == message, result.output
+        assert not list(tmp_path.glob("*out*"))
