@@ -2,13 +2,13 @@
 Ray cluster of N CPUs with --ray): wall times, the speed-up, and whether the outputs are byte-identical.
 Then `dern-stream plan` on a 600 GB checkpoint of sparse files.
 
-    python benchmarks/scale.py [--workdir DIR] [--layers 8] [--workers 2] [--ray]
+    python benchmarks/scale.py [--workdir DIR] [--layers 8] [--workers 2] [--repeat 3] [--ray]
 
-Every run is a fresh process (`dern-stream rewrite ... -q`), timed from start to exit, imports included.
-Workers use the driver's torch thread count (so their layers are computed exactly as one process
-computes them); on a machine whose cores one process already keeps busy, N workers then share the
-same cores. So the comparison is also made with one thread per process (OMP_NUM_THREADS=1 on both
-sides), where each worker brings its own core, as it would bring its own GPU or node.
+Every run is a fresh process (`dern-stream rewrite ... -q`), timed from start to exit, imports included; one
+process and the workers run in turn, `--repeat` times, and the fastest of each is taken (the machine is shared).
+Each worker computes with its share of the driver's torch threads (cores / workers). The comparison is also made
+with one thread per process (OMP_NUM_THREADS=1 on both sides), where each worker brings its own core, as it
+would bring its own GPU or node.
 """
 
 from __future__ import annotations
@@ -38,6 +38,12 @@ def timed(cmd: list[str], threads: int | None = None) -> float:
     return time.perf_counter() - start
 
 
+def fastest(repeat: int, first: list[str], second: list[str], threads: int | None = None) -> tuple[float, float]:
+    """The fastest of `repeat` runs of each command, run in turn."""
+    times = [(timed(first, threads), timed(second, threads)) for _ in range(repeat)]
+    return min(t[0] for t in times), min(t[1] for t in times)
+
+
 def digest(directory: Path, audit: bool = True) -> str:
     """Every file's bytes; without `audit`, all but dern_stream.json (which records torch's thread count)."""
     h = hashlib.sha256()
@@ -54,6 +60,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, in turn; the fastest is taken")
     ap.add_argument("--ray", action="store_true", help="also run a local Ray cluster of --workers CPUs")
     a = ap.parse_args()
     cli = [sys.executable, "-m", "dern_stream.cli"]
@@ -64,17 +71,18 @@ def main() -> None:
         dump = write_synthetic_dump(src, tmp / "calib.zarr", tokens=2048)
         keep = str(a.experts // 2)
         args = [str(src), "--experts", keep, "--calib", str(dump), "-q"]
-        one = timed([*cli, "rewrite", args[0], str(tmp / "one"), *args[1:]])
-        many = timed([*cli, "rewrite", args[0], str(tmp / "many"), *args[1:], "--workers", str(a.workers)])
-        print(f"DERN {a.experts} -> {keep} experts, {a.layers} layers (hidden 1024, intermediate {a.intermediate}):")
+        one, many = fastest(a.repeat, [*cli, "rewrite", args[0], str(tmp / "one"), *args[1:], "--overwrite"],
+                            [*cli, "rewrite", args[0], str(tmp / "many"), *args[1:], "--workers", str(a.workers),
+                             "--overwrite"])
+        print(f"DERN {a.experts} -> {keep} experts, {a.layers} layers (hidden 1024, intermediate {a.intermediate}), "
+              f"fastest of {a.repeat} interleaved runs:")
         print(f"  torch's default threads ({os.cpu_count()} cores): one process {one:.1f} s; {a.workers} local workers "
-              f"(each with as many threads) {many:.1f} s; speed-up {one / many:.2f}x; "
+              f"(sharing the threads out) {many:.1f} s; speed-up {one / many:.2f}x; "
               f"byte-identical: {digest(tmp / 'one') == digest(tmp / 'many')}")
-        # With one thread each, every worker brings its own core, as each would bring its own GPU or node:
-        # this is the scale-out. (Workers use the driver's thread count, so outputs stay byte-identical.)
-        alone = timed([*cli, "rewrite", args[0], str(tmp / "alone"), *args[1:]], threads=1)
-        spread = timed([*cli, "rewrite", args[0], str(tmp / "spread"), *args[1:], "--workers", str(a.workers)],
-                       threads=1)
+        # With one thread each, every worker brings its own core, as each would bring its own GPU or node.
+        alone, spread = fastest(a.repeat, [*cli, "rewrite", args[0], str(tmp / "alone"), *args[1:], "--overwrite"],
+                                [*cli, "rewrite", args[0], str(tmp / "spread"), *args[1:], "--workers",
+                                 str(a.workers), "--overwrite"], threads=1)
         same = digest(tmp / "one", audit=False) == digest(tmp / "alone", audit=False)
         print(f"  one thread per process: one process {alone:.1f} s; {a.workers} local workers {spread:.1f} s; "
               f"speed-up {alone / spread:.2f}x; byte-identical: {digest(tmp / 'alone') == digest(tmp / 'spread')}; "

@@ -3,8 +3,9 @@ reproducibility facts recorded in dern_stream.json.
 
 The key covers everything that decides the output bytes: the options that set values, the shard
 size (it sets the layout), the device type and model (CPU and CUDA kernels round differently, and so
-may two GPU models), torch's thread count (CPU kernels split their sums by it), the versions of this
-tool and torch, and the inputs. Inputs are identified by structure (config, tensor names,
+may two GPU models), the driver's torch thread count (CPU kernels could split their sums by it: the tests find
+the bytes the same with 1 thread as with 2, which is why local workers share the cores out, but a resume keeps
+it), the versions of this tool and torch, and the inputs. Inputs are identified by structure (config, tensor names,
 dtypes, shapes) and by each file's size and modification time, so a checkpoint or dump replaced in
 place (a new download, a rerun dump) is caught without reading hundreds of GB.
 """

@@ -35,7 +35,8 @@ def dern_layer(
 ) -> LayerResult:
     """Stages 2 and 3 for one layer; `experts` are on the compute device, `importance` is S.
 
-    Rebuilt experts come back in `experts.dtype`, cast once from the float32 clustering."""
+    Rebuilt experts come back in `experts.dtype`, cast once from the float32 clustering (quantized experts: float32
+    until they are written)."""
     num, h, d = experts.gate.shape
     kept_set = set(kept)
     dropped = [e for e in range(num) if e not in kept_set]
@@ -113,12 +114,12 @@ def _job_bytes(rows: int, width: int, sim_width: int, k: int) -> int:
 
 
 def _cluster(experts: ExpertStack, batch: list, weights: torch.Tensor, k: int, params: DernParams):
-    """Gather each job's members (own segments first) into one padded batch, in the checkpoint's dtype
-    (the clustering reads them in float32), and cluster it."""
+    """Gather each job's members (own segments first) into one padded batch, in float32 (FP8 members are
+    dequantized values: the checkpoint's dtype would round them), and cluster it."""
     h, d = experts.intermediate, experts.gate.shape[2]
     sizes = [h + job[2].numel() for job in batch]
     device = experts.gate.device
-    members = torch.zeros(len(batch), max(sizes), experts.segment_width, dtype=experts.dtype, device=device)
+    members = torch.zeros(len(batch), max(sizes), experts.segment_width, dtype=torch.float32, device=device)
     member_weights = torch.zeros(len(batch), max(sizes), device=device)
     init = torch.empty(len(batch), k, dtype=torch.long, device=device)
     for j, (_, expert, source, segment) in enumerate(batch):

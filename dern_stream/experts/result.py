@@ -51,7 +51,7 @@ def prune_layer(router: torch.Tensor, kept: list[int], num_experts: int) -> Laye
 
 
 def kept_stack(experts: ExpertStack, result: LayerResult) -> ExpertStack:
-    """The output layer's K experts as one stack in `experts.dtype` (FP8: bf16): rebuilt weights, or the
+    """The output layer's K experts as one stack in `experts.dtype` (quantized: float32): rebuilt weights, or the
     original expert's."""
     names = (*PARTS, "bias", "down_bias") if experts.bias is not None else PARTS
     parts = {p: [] for p in names}

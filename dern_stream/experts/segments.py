@@ -22,8 +22,9 @@ class ExpertStack:
 
     Held as stored (bf16 models: half the memory of float32), and FP8 checkpoints stay FP8 with their block
     scales (`scales`: gate's, up's, down's, float32 [N, *grid]; `block` their block shape), so a layer
-    costs its stored bytes. Read the weights through `weight`, `part_rows` and the `segments*` methods,
-    which convert (dequantize) only the experts or rows asked for, to float32 (FP8) or the stored dtype."""
+    costs its stored bytes; MXFP4 experts are held dequantized in bf16, which holds their values exactly
+    (`quantized`). Read the weights through `weight`, `part_rows` and the `segments*` methods, which convert
+    (dequantize) only the experts or rows asked for, to float32 (FP8) or the stored dtype."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -32,18 +33,20 @@ class ExpertStack:
     down_bias: torch.Tensor | None = None
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     block: tuple[int, int] | None = None
+    quantized: bool = False  # held dequantized from a quantized format (MXFP4)
 
     @classmethod
     def empty(cls, n: int, h: int, d: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-              biases: bool = False, block: tuple[int, int] | None = None) -> ExpertStack:
-        """Uninitialised; `block`: FP8 weights (`dtype` is then float8_e4m3fn) with float32 scales per block."""
+              biases: bool = False, block: tuple[int, int] | None = None, quantized: bool = False) -> ExpertStack:
+        """Uninitialised; `block`: FP8 weights (`dtype` is then float8_e4m3fn) with float32 scales per block;
+        `quantized`: held dequantized (MXFP4)."""
         def new(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype, device=device)
         scales = None
         if block is not None:
             scales = tuple(new(n, *scale_shape(s, block), dtype=torch.float32) for s in ((h, d), (h, d), (d, h)))
         return cls(new(n, h, d), new(n, h, d), new(n, d, h), new(n, h, 2) if biases else None,
-                   new(n, d) if biases else None, scales, block)
+                   new(n, d) if biases else None, scales, block, quantized)
 
     @property
     def segment_width(self) -> int:
@@ -56,8 +59,9 @@ class ExpertStack:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype results built from these experts come back in: the stored one; bf16 for FP8."""
-        return torch.bfloat16 if self.scales is not None else self.gate.dtype
+        """The dtype results built from these experts come back in: the stored one; float32 for quantized experts
+        (FP8, MXFP4), which are quantized again only when they are written."""
+        return torch.float32 if self.scales is not None or self.quantized else self.gate.dtype
 
     def _tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.gate, self.up, self.down, self.bias, self.down_bias, *(self.scales or ()))
@@ -68,7 +72,8 @@ class ExpertStack:
 
     def to(self, device: torch.device) -> ExpertStack:
         moved = [t.to(device) if t is not None else None for t in self._tensors()]
-        return ExpertStack(*moved[:5], tuple(moved[5:]) if self.scales is not None else None, self.block)
+        return ExpertStack(*moved[:5], tuple(moved[5:]) if self.scales is not None else None, self.block,
+                           self.quantized)
 
     def weight(self, part: str, experts: int | torch.Tensor) -> torch.Tensor:
         """`part` of one expert ([h, d] gate or up, [d, h] down) or of several ([n, ...]), as stored: float32

@@ -74,7 +74,7 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     held = 0
     if reads_experts:  # the layer's experts as the methods hold them: as stored, MXFP4 as bf16
         held = expert_bytes(shape, n, h, 2 if storage.mxfp4 else stored_bytes, storage)
-    result_bytes = 2 if storage.quantized else stored_bytes
+    result_bytes = 4 if storage.quantized else stored_bytes  # quantized: float32 until written
     results = expert_bytes(shape, k, width, result_bytes, ExpertStorage()) if reads_experts else 0
     # The reassignment's kept, pooled and cosine buffers, and the temporaries of the products over them.
     blocks = 4 * options.similarity_block_bytes if reads_experts else 0

@@ -33,13 +33,11 @@ Finished = tuple[int, dict, dict[str, float]]
 
 def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) -> Iterator[Finished]:
     """`workers` processes on this machine, each running one layer at a time (on CUDA with several GPUs
-    and no index given, worker n on GPU n). Each uses the driver's torch thread count, so its layer is
-    computed exactly as one process computes it (CPU kernels may sum in another order with another
-    count); on CPU the workers then share the cores."""
+    and no index given, worker n on GPU n), each computing with its share of the driver's torch threads."""
+    threads = max(1, plan.threads // workers)  # the cores shared out, not each worker with all of them
     if plan.device.type == "cpu":
-        log.warning("note: %d workers on the CPU share its cores, each with the %d threads one process would use "
-                    "(so the output is the same bytes); to share the cores out, set OMP_NUM_THREADS to cores / "
-                    "workers (the output is then that of one process with as many threads)", workers, plan.threads)
+        log.warning("note: %d workers on the CPU, each computing with %d of its %d threads", workers, threads,
+                    plan.threads)
     gpus = torch.cuda.device_count() if plan.device.type == "cuda" and plan.device.index is None else 0
     blob = pickle.dumps(plan)
     attempts = dict.fromkeys(layers, 0)
@@ -48,7 +46,7 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
         pool = spawn_pool(workers, gpus)
         running: dict = {}
         try:
-            yield from _run_in_pool(pool, blob, staged, left, workers, running)
+            yield from _run_in_pool(pool, blob, staged, left, workers, running, threads)
             pool.shutdown()
         except BrokenProcessPool:
             stop_pool(pool)
@@ -63,13 +61,14 @@ def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) 
             raise
 
 
-def _run_in_pool(pool, blob: bytes, staged: Path, left: list[int], workers: int, running: dict) -> Iterator[Finished]:
+def _run_in_pool(pool, blob: bytes, staged: Path, left: list[int], workers: int, running: dict,
+                 threads: int) -> Iterator[Finished]:
     """The layers `left` on `pool`, yielded as they finish and then taken off `left`. `running` (future -> layer)
     holds the layers handed over and not yet finished, for the caller to charge a retry when the pool breaks."""
     waiting = iter(list(left))
     # At most one layer per worker is handed over at a time, so when a worker dies the layers then
     # running are all the pool had: only they are charged a retry.
-    running.update({pool.submit(run_pickled, blob, staged, i): i for i in itertools.islice(waiting, workers)})
+    running.update({pool.submit(run_pickled, blob, staged, i, threads): i for i in itertools.islice(waiting, workers)})
     while running:
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in done:
@@ -80,7 +79,7 @@ def _run_in_pool(pool, blob: bytes, staged: Path, left: list[int], workers: int,
             yield index, record, seconds
             left.remove(index)
             for i in itertools.islice(waiting, 1):
-                running[pool.submit(run_pickled, blob, staged, i)] = i
+                running[pool.submit(run_pickled, blob, staged, i, threads)] = i
 
 
 def run_ray(plan: RewritePlan, staged: Path, layers: list[int], address: str) -> Iterator[Finished]:

@@ -58,7 +58,8 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
     with clock("read"):
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
                                   storage.compute_dtype(stored), device,
-                                  biases=family.fused is not None and family.fused.biased, block=storage.block)
+                                  biases=family.fused is not None and family.fused.biased, block=storage.block,
+                                  quantized=storage.mxfp4)
         if family.fused is not None:
             _read_fused(ckpt, family, layer, shape, stack)
             return stack
@@ -221,7 +222,10 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
                 down_bias = _row(ckpt, family.fused_names(layer.index)[-1], expert, DTYPES[layer.dtype])
             floats = family.fused.join(*(t.float().cpu() if t is not None else None for t in (
                 rebuilt.gate, rebuilt.up, rebuilt.down, rebuilt.bias, down_bias)))
-        parts = from_float([t.to(float_dtype) for t in floats], out_storage)
+        # MXFP4 quantizes the weights from float32 (no bf16 rounding first); the biases are stored as they are
+        weights = 2 if out_storage.mxfp4 else 0
+        parts = from_float([t.float() for t in floats[:weights]] + [t.to(float_dtype) for t in floats[weights:]],
+                           out_storage)
         if rebuilt is not None and out_storage.mxfp4:
             for weight, back in zip(floats[:2], to_float(parts, out_storage)[:2], strict=True):
                 error.add(weight, back)

@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from .sequential import SequentialForward
 
 
-def run_pickled(plan: bytes, staged: Path, index: int) -> tuple[dict, dict[str, float]]:
+def run_pickled(plan: bytes, staged: Path, index: int, threads: int) -> tuple[dict, dict[str, float]]:
     """run_layer for a plan pickled by the driver. A local pool sends it as plain bytes: torch would pass
     the plan's tensors to the workers as shared file descriptors, whose serving thread in the driver
     prints a traceback when a worker is stopped mid-transfer."""
-    return run_layer(_unpickled(plan), staged, index)
+    return run_layer(_unpickled(plan), staged, index, threads)
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,12 +42,12 @@ def _unpickled(plan: bytes) -> RewritePlan:
     return pickle.loads(plan)  # once per worker process: every layer it runs shares the plan
 
 
-def run_layer(plan: RewritePlan, staged: Path, index: int) -> tuple[dict, dict[str, float]]:
-    """Rewrite MoE layer `index` of `plan` into the shards in `staged`. Returns its journal record (with
-    the checksums of what it wrote) and its busy seconds per stage."""
-    # As many threads as the driver (Ray gives a task 1 by default): CPU kernels may sum in another order
-    # with another count, and the layer must come out as one process computes it.
-    torch.set_num_threads(plan.threads)
+def run_layer(plan: RewritePlan, staged: Path, index: int, threads: int | None = None) -> tuple[dict, dict[str, float]]:
+    """Rewrite MoE layer `index` of `plan` into the shards in `staged`, computing with `threads` torch threads
+    (default: as many as the driver; Ray gives a task 1 by default). Returns its journal record (with the checksums
+    of what it wrote) and its busy seconds per stage. The bytes do not depend on the thread count
+    (tests/rewriter/test_executors.py checks it), so local workers share the cores out."""
+    torch.set_num_threads(threads or plan.threads)
     clock = StageClock(plan.device)
     # Leaving the block flushes every shard written to disk before the record leaves (or raises the error).
     with deterministic_kernels(plan.device), plan.open_source() as ckpt, \

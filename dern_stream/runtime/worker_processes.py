@@ -22,15 +22,25 @@ def spawn_pool(workers: int, gpus: int = 0, progress=None) -> ProcessPoolExecuto
     """`workers` spawned processes (not forked: the driver runs threads, which fork does not carry
     safely); with `gpus`, worker n makes GPU n % gpus its current CUDA device. `progress`: a queue of the
     spawn context the workers report to (report_progress), handed over as the processes start."""
-    context = multiprocessing.get_context("spawn")
+    context = _context()
     counter = context.Value("i", 0)
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(counter, gpus, os.getpid(), progress))
+                               initargs=(counter, gpus, progress))
+
+
+def _context():
+    """Workers forked from a server process that imported torch and the layer's code once (Linux and macOS), so
+    each starts in a fraction of a second; spawned where there is no fork."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "dern_stream.rewriter.layer_task", "dern_stream.calib.dump_workers"])
+    return context
 
 
 def progress_queue():
     """A queue the workers of spawn_pool(..., progress=it) report to: no server process of its own."""
-    return multiprocessing.get_context("spawn").Queue()
+    return _context().Queue()
 
 
 def report_progress(item) -> None:
@@ -39,10 +49,10 @@ def report_progress(item) -> None:
         _progress.put(item)
 
 
-def _start_worker(counter, gpus: int, driver: int, progress) -> None:
+def _start_worker(counter, gpus: int, progress) -> None:
     global _progress
     _progress = progress
-    _end_with(driver)
+    _end_with(os.getppid())
     with counter.get_lock():
         number = counter.value
         counter.value += 1
@@ -52,22 +62,23 @@ def _start_worker(counter, gpus: int, driver: int, progress) -> None:
         torch.cuda.set_device(number % gpus)
 
 
-def _end_with(driver: int) -> None:
-    """End this process when the driver does."""
+def _end_with(parent: int) -> None:
+    """End this process when its parent does: the driver, or the server it forks workers from, which ends with
+    the driver."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
         else:
-            if os.getppid() != driver:  # (it went before the request was made)
+            if os.getppid() != parent:  # (it went before the request was made)
                 os._exit(1)
             return
-    threading.Thread(target=_watch, args=(driver,), daemon=True, name="dern-driver-watch").start()
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="dern-driver-watch").start()
 
 
-def _watch(driver: int) -> None:
-    while os.getppid() == driver:
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
 

@@ -26,12 +26,12 @@ import dern_stream.rewriter.executors as pools
 
 original = pools.run_pickled
 
-def run_pickled(plan, staged, index):
+def run_pickled(plan, staged, index, threads):
     marker = Path(os.environ["DERN_TEST_MARKER"])
     if index == int(os.environ["DERN_TEST_LAYER"]) and not marker.exists():
         marker.write_text("died once")
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(plan, staged, index)
+    return original(plan, staged, index, threads)
 
 pools.run_pickled = run_pickled  # what the driver submits: pickled by reference to this script's function
 
@@ -138,6 +138,20 @@ def test_ray_tasks_write_the_same_bytes(single, tmp_path):
     finally:
         ray.shutdown()
     assert file_bytes(tmp_path / "out") == expected
+
+
+def test_the_bytes_do_not_depend_on_torchs_thread_count(build, tmp_path):
+    """Why local workers may share the cores out: the recipe (the most numerically involved setting) and DERN write
+    the same tensors with 1 thread as with 2, so N workers of cores / N threads write what one process writes."""
+    built = build("deepseek_v3")
+    code = ("import sys, torch, dern_stream; torch.set_num_threads(int(sys.argv[1])); "
+            "dern_stream.rewrite(sys.argv[2], sys.argv[3], experts=4, calib=sys.argv[4], recipe='best', fit_tokens=256,"
+            " refit_steps=20, alpha_candidates='1,0.2', progress=False)")
+    for threads in (1, 2):
+        subprocess.run([sys.executable, "-c", code, str(threads), str(built.model_dir), str(tmp_path / str(threads)),
+                        str(built.calib)], check=True, capture_output=True)
+    shards = {t: {p.name: p.read_bytes() for p in (tmp_path / str(t)).glob("*.safetensors")} for t in (1, 2)}
+    assert shards[1] and shards[1] == shards[2]
 
 
 def test_ray_without_ray_installed_is_one_line(build, tmp_path, monkeypatch):
