@@ -34,7 +34,7 @@ def main() -> None:
         model, calib = build_example(Path(tmp), a.family, dtype=torch.bfloat16, hidden_size=a.hidden)
         fp8 = save_fp8_copy(model, Path(tmp) / "fp8")
         out = Path(tmp) / "out"
-        dern_stream.rewrite(fp8, out, experts=a.experts, calib=calib, alpha=a.alpha, progress=False)
+        dern_stream.rewrite(fp8, out, experts=a.experts, calib=calib, alpha=a.alpha, recipe="paper", progress=False)
         audit = json.loads((out / "dern_stream.json").read_text())
         src = Checkpoint(model)
         fam = family_for(src.config)

@@ -42,7 +42,8 @@ import dern_stream
 t1 = time.perf_counter()
 job, src, out, dump, experts, alpha = sys.argv[1:7]
 if job == "rewrite":
-    s = dern_stream.rewrite(src, out, experts=int(experts), alpha=float(alpha), calib=dump, progress=False)
+    s = dern_stream.rewrite(src, out, experts=int(experts), alpha=float(alpha), calib=dump, recipe="paper",
+                            progress=False)
     record = {"stages": s.stages, "moved": s.segments_reassigned, "pooled": s.segments_pooled}
 else:
     shutil.copytree(src, out)

@@ -46,7 +46,8 @@ keep = int(keep)
 t0 = time.perf_counter()
 if job == "dern":
     import dern_stream
-    dern_stream.rewrite(src, out, experts=keep, calib=dump, kmeans_iters=int(sys.argv[6]), progress=False)
+    dern_stream.rewrite(src, out, experts=keep, calib=dump, kmeans_iters=int(sys.argv[6]), recipe="paper",
+                        progress=False)
 elif job == "load-all":
     import torch
     from transformers import AutoModelForCausalLM

@@ -51,13 +51,17 @@ CONFIGS: dict[str, dict] = {
     "reap": dict(method="reap"),
     "msmoe": dict(method="msmoe"),
     "hcsmoe": dict(method="hcsmoe"),
-    "dern (paper)": dict(method="dern"),
-    "dern +own-init": dict(kmeans_init="own"),
-    "dern -transfer": dict(router_transfer=False),
-    "dern +own -transfer": dict(kmeans_init="own", router_transfer=False),
-    "dern alpha-choice": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2)),
+    # DERN as the paper gives it, then the paper's method with one change (recipe "paper" is the field defaults).
+    "dern (paper)": dict(recipe="paper"),
+    "dern +own-init": dict(recipe="paper", kmeans_init="own"),
+    "dern -transfer": dict(recipe="paper", router_transfer=False),
+    "dern +own -transfer": dict(recipe="paper", kmeans_init="own", router_transfer=False),
+    "dern alpha-choice": dict(recipe="paper", kmeans_init="own", router_transfer=False,
+                              alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2)),
     "prune +refit": dict(method="prune", refit=True),
-    "dern +refit": dict(kmeans_init="own", router_transfer=False, refit=True),
+    "dern +refit": dict(recipe="paper", kmeans_init="own", router_transfer=False, refit=True),
+    # What DERN runs without a recipe (options.RECIPES["default"], 2026-12-07): the line above, named.
+    "default": dict(),
     "best (recipe)": dict(recipe="best"),
     # Quality v2 (issue 19): the 2026-11 recipe, then each new option on top of it, then the sequential fit.
     "best 2026-11": dict(recipe="best", refit_router=False, holdout=0.0, refit_steps=0, groups="keep"),

@@ -2,7 +2,7 @@
 Ray cluster of N CPUs with --ray): wall times, the speed-up, and whether the outputs are byte-identical.
 Then `dern-stream plan` on a 600 GB checkpoint of sparse files.
 
-    python benchmarks/scale.py [--workdir DIR] [--layers 8] [--workers 2] [--repeat 3] [--ray]
+    python benchmarks/scale.py [--workdir DIR] [--layers 8] [--workers 2] [--repeat 3] [--recipe paper] [--ray]
 
 Every run is a fresh process (`dern-stream rewrite ... -q`), timed from start to exit, imports included; one
 process and the workers run in turn, `--repeat` times, and the fastest of each is taken (the machine is shared).
@@ -27,7 +27,8 @@ from dern_stream.synthetic import write_sparse, write_synthetic, write_synthetic
 _RAY_RUN = r"""
 import sys, ray, dern_stream
 ray.init(num_cpus=int(sys.argv[4]), include_dashboard=False, log_to_driver=False)
-dern_stream.rewrite(sys.argv[1], sys.argv[2], experts=int(sys.argv[5]), calib=sys.argv[3], ray="auto", progress=False)
+dern_stream.rewrite(sys.argv[1], sys.argv[2], experts=int(sys.argv[5]), calib=sys.argv[3], ray="auto",
+                    recipe=sys.argv[6], progress=False)
 """
 
 
@@ -62,6 +63,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, in turn; the fastest is taken")
     ap.add_argument("--ray", action="store_true", help="also run a local Ray cluster of --workers CPUs")
+    ap.add_argument("--recipe", choices=["default", "paper", "best"], default="default",
+                    help="the setting rewritten with (default: what a rewrite runs without --recipe)")
     a = ap.parse_args()
     cli = [sys.executable, "-m", "dern_stream.cli"]
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
@@ -70,11 +73,12 @@ def main() -> None:
                               experts=a.experts, upcycled=0.3)
         dump = write_synthetic_dump(src, tmp / "calib.zarr", tokens=2048)
         keep = str(a.experts // 2)
-        args = [str(src), "--experts", keep, "--calib", str(dump), "-q"]
+        args = [str(src), "--experts", keep, "--calib", str(dump), "--recipe", a.recipe, "-q"]
         one, many = fastest(a.repeat, [*cli, "rewrite", args[0], str(tmp / "one"), *args[1:], "--overwrite"],
                             [*cli, "rewrite", args[0], str(tmp / "many"), *args[1:], "--workers", str(a.workers),
                              "--overwrite"])
-        print(f"DERN {a.experts} -> {keep} experts, {a.layers} layers (hidden 1024, intermediate {a.intermediate}), "
+        print(f"DERN (recipe {a.recipe}) {a.experts} -> {keep} experts, {a.layers} layers (hidden 1024, "
+              f"intermediate {a.intermediate}), "
               f"fastest of {a.repeat} interleaved runs:")
         print(f"  torch's default threads ({os.cpu_count()} cores): one process {one:.1f} s; {a.workers} local workers "
               f"(sharing the threads out) {many:.1f} s; speed-up {one / many:.2f}x; "
@@ -88,7 +92,8 @@ def main() -> None:
               f"speed-up {alone / spread:.2f}x; byte-identical: {digest(tmp / 'alone') == digest(tmp / 'spread')}; "
               f"tensors as with the default threads: {same}")
         if a.ray:
-            ray = timed([sys.executable, "-c", _RAY_RUN, str(src), str(tmp / "ray"), str(dump), str(a.workers), keep])
+            ray = timed([sys.executable, "-c", _RAY_RUN, str(src), str(tmp / "ray"), str(dump), str(a.workers), keep,
+                         a.recipe])
             print(f"  Ray, {a.workers} CPUs (cluster start included): {ray:.1f} s; speed-up {one / ray:.2f}x; "
                   f"byte-identical: {digest(tmp / 'one') == digest(tmp / 'ray')}")
 

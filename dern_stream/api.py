@@ -16,10 +16,17 @@ from .checkpoint.hub_cache import source_record
 from .checkpoint.locate import resolve_checkpoint
 from .checkpoint.output_dir import check_output_location
 from .errors import DernError, arg
+from .families import family_for
 from .options import RewriteOptions, option_fields
 from .publish.hub import check_push_access, check_push_target, check_push_token, check_repo_id, push
 from .publish.report import check_report_target, write_report
-from .rewriter.checks import check_calib_choice, check_model, check_runs_in_one_process, output_config
+from .rewriter.checks import (
+    check_calib_choice,
+    check_model,
+    check_runs_in_one_process,
+    default_for_family,
+    output_config,
+)
 from .rewriter.plan_record import PLAN_FORMAT, plan_record, run_notes
 from .runtime.arguments import whole
 from .runtime.durable_files import write_replacing
@@ -54,10 +61,11 @@ def rewrite(
     **options,
 ) -> RewriteSummary:
     """Rewrite the MoE checkpoint `src` (directory or Hub repo id) into `out` with `experts` experts per
-    MoE layer, built by DERN (or by `method`; `recipe="best"` is the recommended setting: docs/method.md,
-    "Recipes"). `options` are RewriteOptions' fields (options.py, docs/cli.md), each documented there; left
-    out or None, they take the recipe's value, else the paper's default. Raises DernError, with a one-line
-    message, for any bad input; `out` is then left as it was.
+    MoE layer, built by DERN (or by `method`). DERN without a recipe runs the default setting, the paper's method
+    with the down refit; `recipe="paper"` runs it as the paper gives it, `recipe="best"` the most accurate and
+    slowest setting (docs/method.md, "Recipes"). `options` are RewriteOptions' fields (options.py, docs/cli.md),
+    each documented there; left out or None, they take the recipe's value, else the field's default. Raises
+    DernError, with a one-line message, for any bad input; `out` is then left as it was.
 
     An interrupted run (killed, disk full, Ctrl-C) leaves its finished layers in `.OUT.dern-partial`
     beside `out`; the same call resumes from them, and the result is byte-identical to an
@@ -81,6 +89,7 @@ def rewrite(
     chosen = _options(experts, options)
     _check_run(chosen, workers, ray, push_to_hub, private)
     source, out_path, calib, reads, report = _check_paths(src, out, calib, report, chosen, revision, overwrite)
+    chosen = _check_model(source, chosen)
     # The plan, the executor and what they import (torch, zarr) load only now: a command refused by the
     # checks above, which need no tensors, answers at once.
     from .rewriter.execute import execute
@@ -116,16 +125,18 @@ def _check_paths(src, out, calib, report, options: RewriteOptions, revision: str
     check_calib_choice(options, calib)
     if report is not None:
         report = _report_target(report, out_path, overwrite, reads, source)
-    _check_model(source, options)
     return source, out_path, calib, reads, report
 
 
-def _check_model(source: Path, options: RewriteOptions) -> None:
+def _check_model(source: Path, options: RewriteOptions) -> RewriteOptions:
     """The model (its config.json and its shards' headers) against the options, before torch loads: a bad K, a
-    width it cannot take, a config that cannot route are refused at once (the plan checks them again)."""
+    width it cannot take, a config that cannot route are refused at once (the plan checks them again). Returns the
+    options as they apply to this model (the default setting without what the model cannot take)."""
     with Checkpoint(source) as ckpt:
+        options = default_for_family(options, family_for(ckpt.config))
         family = check_model(ckpt, source, options)[0]
         output_config(ckpt, family, options)
+    return options
 
 
 def _check_run(options: RewriteOptions, workers: int, ray: str | None, push_to_hub: str | None,
@@ -210,6 +221,7 @@ def plan(
     _check_run(chosen, workers, ray, push_to_hub, private)
     if out is not None:
         source, out, calib, reads, report = _check_paths(src, out, calib, report, chosen, revision, overwrite)
+        chosen = _check_model(source, chosen)
     else:
         source = resolve_checkpoint(src, revision)
         calib = Path(calib).expanduser().resolve() if calib is not None else None  # workers may run elsewhere
@@ -221,7 +233,7 @@ def plan(
         if report is not None:  # where OUT is not given, what can be told of the report's folder
             require_matplotlib()
             check_report_target(Path(report).expanduser().resolve(), overwrite, reads)
-        _check_model(source, chosen)
+        chosen = _check_model(source, chosen)
     from .rewriter.plan import make_plan  # (loads torch: after the checks above)
     from .runtime.device import deterministic_kernels
 

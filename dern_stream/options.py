@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from .errors import DernError, arg
 from .methods import all_methods, method_named, method_names
@@ -14,9 +14,13 @@ METHODS = method_names()
 KMEANS_INITS = ("gate-linf", "own")
 SEQUENTIAL_TARGETS = ("layer", "model")
 GROUP_CHOICES = ("keep", "auto", "collapse")
-# Named bundles of method options; explicit options given beside a recipe override its values.
+# Named bundles of method options; explicit options given beside a recipe override its values. DERN without a recipe
+# runs "default": the paper's method with the down-projection refit, which carries nearly all of the recipe's gain at
+# a small share of its cost (docs/method.md, "Recipes"); baselines without one run as their authors run them.
+DEFAULT_RECIPE = "default"
 RECIPES: dict[str, dict] = {
-    "paper": {},  # the paper's DERN, as docs/method.md describes it (the defaults below)
+    DEFAULT_RECIPE: dict(kmeans_init="own", router_transfer=False, refit=True),
+    "paper": {},  # the paper's DERN, as docs/method.md describes it (the field defaults below)
     "best": dict(kmeans_init="own", router_transfer=False, alpha_candidates=(1.0, 0.8, 0.6, 0.4, 0.2), refit=True,
                  refit_router=True, holdout=0.2, refit_steps=400, groups="auto", fit_tokens=131072),
 }
@@ -51,7 +55,7 @@ def parse_floats(value: str | tuple | list, name: str) -> tuple[float, ...]:
 OUTPUT_DTYPES = ("bf16",)
 
 
-def _as_flags(bundle: dict) -> str:
+def as_flags(bundle: dict) -> str:
     """A recipe as the command-line options it stands for."""
     flags = []
     for key, value in bundle.items():
@@ -80,9 +84,12 @@ class RewriteOptions:
     experts: int
     method: str = option(METHODS[0], f"{METHODS[0]}, or a baseline: {', '.join(METHODS[1:])} "
                                       '(docs/method.md, "Methods").', METHODS)
-    recipe: str | None = option(None, "A bundle of method options: 'paper' is the paper's DERN; 'best', the "
-                                      f"recommended setting, is {_as_flags(RECIPES['best'])}. Options given beside "
-                                      "it override its values.", tuple(sorted(RECIPES)))
+    recipe: str | None = option(None, f"A bundle of method options. '{DEFAULT_RECIPE}', what DERN runs without one, "
+                                      f"is {as_flags(RECIPES[DEFAULT_RECIPE])} (the refit is left out, with a note, "
+                                      "where it cannot run: without a dump, or on experts with biases); 'paper' is "
+                                      "the paper's DERN; 'best', the most accurate and many times slower, is "
+                                      f"{as_flags(RECIPES['best'])}. Options given beside it override its values.",
+                                      tuple(RECIPES), shown=f"{DEFAULT_RECIPE} (baselines: none)")
     alpha: float = option(0.4, "Similarity threshold for moving a dropped expert's segment (1 = pure pruning, "
                                "0 = move all).")
     sim_components: tuple[str, ...] = option(("up", "down"), "Segment parts compared by cosine: any of "
@@ -136,6 +143,9 @@ class RewriteOptions:
     max_shard_size: int = option(5 * 10**9, "Largest output shard, e.g. 500MB, 2GB.", shown="5GB", cli_type=str)
     # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py); not an option.
     similarity_block_bytes: int = field(default=16 * 2**20, repr=False)
+    # Not options: which values the recipe set (not given by the caller), and what was left out of it on this model.
+    from_recipe: tuple[str, ...] = field(default=(), repr=False)
+    notes: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Every value checked, whatever its type (the Python API passes values unconverted)."""
@@ -185,11 +195,27 @@ class RewriteOptions:
 
     @classmethod
     def build(cls, experts: int, recipe: str | None = None, **given) -> RewriteOptions:
-        """Options from a recipe (or the paper's defaults), with the non-None `given` values on top."""
+        """Options from a recipe (DERN without one: the default setting; a baseline without one: the field defaults),
+        with the non-None `given` values on top; the default's refit left out without a dump."""
         if recipe is not None:
             choice("recipe", recipe, tuple(RECIPES))
-        values = {**RECIPES.get(recipe or "paper", {}), **{k: v for k, v in given.items() if v is not None}}
-        return cls(experts=experts, recipe=recipe, **values)
+        given = {k: v for k, v in given.items() if v is not None}
+        if recipe is None and given.get("method", METHODS[0]) == METHODS[0]:
+            recipe = DEFAULT_RECIPE
+        bundle = {k: v for k, v in RECIPES.get(recipe, {}).items() if k not in given}
+        options = cls(experts=experts, recipe=recipe, from_recipe=tuple(bundle), **{**bundle, **given})
+        if options.importance == "router-norm":
+            return options.without_default_refit("there is no calibration dump to fit it on")
+        return options
+
+    def without_default_refit(self, reason: str) -> RewriteOptions:
+        """These options with the default setting's down refit left out, and a note saying why, where the default
+        bundled it; else unchanged (a refit asked for is refused by the checks instead)."""
+        if self.recipe != DEFAULT_RECIPE or "refit" not in self.from_recipe or not self.refit:
+            return self
+        note = (f"the default setting's down-projection refit is left out: {reason}; the rest of it runs (DERN, "
+                "k-means started from each kept expert's own segments, no router transfer)")
+        return replace(self, refit=False, notes=(*self.notes, note))
 
     @property
     def uses_layer_outputs(self) -> bool:
@@ -197,17 +223,24 @@ class RewriteOptions:
         return (method_named(self.method).keeps_from_outputs or bool(self.alpha_candidates) or self.refit
                 or self.refit_router or bool(self.refit_steps))
 
+    def fits_layers(self, num_experts: int, intermediate: int) -> bool:
+        """Whether the layers are fitted on their cached outputs: where the options use them and a layer loses
+        something. One that keeps every expert at its full width is the original layer, which no fit improves."""
+        narrower = self.intermediate_size is not None and self.intermediate_size < intermediate
+        return self.uses_layer_outputs and (self.experts < num_experts or narrower)
+
     def reads_expert_weights(self, num_experts: int, intermediate: int) -> bool:
         """Whether any expert weight must be read for computation: for the layer's outputs, a narrower width, or
         the method's own work. Else (pruning; DERN when no segment can move) kept experts are copied as raw bytes."""
-        if self.uses_layer_outputs or (self.intermediate_size is not None and self.intermediate_size < intermediate):
+        if self.fits_layers(num_experts, intermediate) or (self.intermediate_size is not None
+                                                           and self.intermediate_size < intermediate):
             return True
         return method_named(self.method).reads_expert_weights(self, num_experts)
 
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""
         rec = asdict(self)
-        for key in ("device", "max_shard_size", "similarity_block_bytes"):
+        for key in ("device", "max_shard_size", "similarity_block_bytes", "from_recipe", "notes"):
             rec.pop(key)
         rec["sim_components"] = list(self.sim_components)
         if self.alpha_candidates is not None:

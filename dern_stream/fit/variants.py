@@ -34,17 +34,19 @@ class Variant:
         return (" +router" if self.router else "") + ridge + ("" if self.refits else " (no refit)")
 
     def fit(self, rows, router, result, kept_bias, stack, shape, options, routing, current=None):
-        """(router rows, expert stack) of `result` after this variant's refit on `rows` = (x, target). `current`:
-        the candidate's routed output on those rows, when the caller has it."""
+        """(router rows, expert stack, residual) of `result` after this variant's refit on `rows` = (x, target);
+        the residual, target - output on those rows, where the down refit ran (else None). `current`: the
+        candidate's routed output on those rows, when the caller has it."""
         x, target = rows
-        new_router = result.router
+        new_router, residual = result.router, None
         if self.router:
             new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE)
             current = None  # the routing changed
         if self.down:
             ridge = options.refit_ridge if self.ridge is None else self.ridge
-            stack = refit_down(x, target, new_router, kept_bias, routing.after, stack, ridge, current=current)
-        return new_router, stack
+            stack, residual = refit_down(x, target, new_router, kept_bias, routing.after, stack, ridge,
+                                         current=current)
+        return new_router, stack, residual
 
 
 def refit_variants(options: RewriteOptions, held_out: bool, merged: bool) -> list[Variant]:

@@ -69,6 +69,13 @@ def check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStor
                         f"or {arg('output_dtype', 'bf16')}")
 
 
+def default_for_family(options: RewriteOptions, family: Family) -> RewriteOptions:
+    """The default setting on this family: without the down refit where it cannot model the experts."""
+    if family.fused is not None and family.fused.biased:
+        return options.without_default_refit(f"it does not model {family.model_type}'s expert biases yet")
+    return options
+
+
 def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
                    ) -> tuple[Family, ExpertStorage, ModelShape, list[MoELayer]]:
     """The input's family, storage, shape and MoE layers, each checked against the config and the options."""

@@ -80,7 +80,7 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     blocks = 4 * options.similarity_block_bytes if reads_experts else 0
     rows = min(tokens, options.fit_tokens)  # the fit sample
     fit = 0
-    if options.uses_layer_outputs and tokens:
+    if options.fits_layers(n, h) and tokens:
         # the sample, target, output and residual in float32, and a block of the dump (1.5x: its stored copy)
         fit = 4 * rows * d * 4 + int(1.5 * min(DUMP_BLOCK_BYTES, tokens * d * 4))
         # One block of one kept expert's rows at a time in the forwards and the down refit (methods/moe_forward.py):
@@ -117,7 +117,7 @@ def _compute(shape: ModelShape, options: RewriteOptions, tokens: int, top_k: int
     # held-out share, nothing refitted is tried too, and the best setting's down refit at three more ridges.
     variants = (1 + options.refit_router) if options.refit else 1
     refits = candidates * variants * 2 * options.refit + (3 * 2 * options.refit if options.holdout else 0)
-    fit = forward * (candidates * variants + 1 + refits) if options.uses_layer_outputs else 0
+    fit = forward * (candidates * variants + 1 + refits) if options.fits_layers(n, h) else 0
     if options.refit_steps:  # a step is a forward and a backward (about 3 forwards) of a batch; chosen, then rerun
         batch = min(tokens, options.fit_tokens, BATCH_ROWS) / max(1, min(tokens, options.fit_tokens))
         fit += forward * options.refit_steps * (3 * batch * (1 + bool(options.holdout)) * _group_work(options, k, top_k)

@@ -39,6 +39,7 @@ from .layer_task import compute_layer, write_outputs
 from .pipeline import run_pipeline
 from .plan import RewritePlan
 from .sequential import SequentialForward, remove_sequential_files, sequential_journaled
+from .summary_lines import describe_setting, mean_output_error
 
 log = logging.getLogger("dern_stream")
 
@@ -57,17 +58,25 @@ class RewriteSummary:
     device: str
     notes: list[str] = field(default_factory=list)
     stages: dict[str, float] = field(default_factory=dict)  # busy seconds per stage; they overlap
+    setting: str = ""  # the method and its recipe, as said in the summary
+    # The mean over layers of the relative output error on the cached inputs, and before the refits (None: none ran)
+    output_error: tuple[float, float | None] | None = None
     report: ReportSummary | None = None  # `report=`: the report written after the rewrite
     pushed: str | None = None  # the Hub commit's URL, after rewrite(push_to_hub=...)
 
     def __str__(self) -> str:
         frac = self.segments_reassigned / self.segments_pooled if self.segments_pooled else 0.0
         lines = [
-            f"done: {self.layers} MoE layers of {self.model_type}, experts {self.experts_in} -> {self.experts_out}",
+            f"done: {self.layers} MoE layers of {self.model_type}, experts {self.experts_in} -> {self.experts_out}"
+            + (f" by {self.setting}" if self.setting else ""),
             f"segments reassigned: {self.segments_reassigned} of {self.segments_pooled} pooled ({frac:.1%})",
             f"output: {self.output} ({format_size(self.output_bytes)} of tensors) in {self.seconds:.1f} s "
             f"on {self.device}",
         ]
+        if self.output_error is not None:
+            error, unfitted = self.output_error
+            lines.append(f"relative output error on the cached inputs, mean over the layers: {error:.3f}"
+                         + (f" ({unfitted:.3f} before the refits)" if unfitted is not None else ""))
         if self.stages:
             lines.append("busy time by stage (stages overlap): "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in self.stages.items()))
@@ -124,7 +133,7 @@ def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool
         segments_pooled=len(plan.layers) * (shape.num_experts - plan.options.experts) * shape.intermediate,
         segments_reassigned=sum(r["segments_reassigned"] for r in records.values()),
         output_bytes=writer.total_size, seconds=time.perf_counter() - started, device=str(plan.device), notes=notes,
-        stages=dict(clock.seconds),
+        stages=dict(clock.seconds), setting=describe_setting(plan.options), output_error=mean_output_error(records),
     )
 
 

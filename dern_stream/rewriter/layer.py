@@ -46,7 +46,7 @@ def compress_layer(
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     data = None
-    if rows is not None and options.uses_layer_outputs:
+    if rows is not None and options.fits_layers(shape.num_experts, shape.intermediate):
         with clock("fit"):
             data = rows(router, bias, experts)
             fit["fit_tokens"] = int(data.x.shape[0]) - data.held

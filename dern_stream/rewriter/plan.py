@@ -132,6 +132,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     config = ckpt.config
     family, storage, shape, layers = check_model(ckpt, source, options)
     out_config, notes = output_config(ckpt, family, options)
+    notes[:0] = options.notes
     groups = family.group_plan(config, options.experts, options.groups)
     routing = layer_routing(family, config, out_config)
     device = resolve_device(options.device)

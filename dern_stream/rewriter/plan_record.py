@@ -10,6 +10,7 @@ from .. import __version__
 from ..checkpoint.output_dir import check_staging_path, resumable, staging_path
 from ..checkpoint.progress import Progress
 from ..runtime.arguments import format_size
+from .summary_lines import describe_setting
 
 if TYPE_CHECKING:  # no torch here: api.plan checks its --json target before it loads the plan's modules
     from .plan import RewritePlan
@@ -74,7 +75,7 @@ def describe(plan: RewritePlan) -> str:
     lines = [f"plan: {plan.source} ({plan.family.model_type}, {len(plan.layers)} MoE layers of {shape.num_experts} "
              f"experts x {shape.intermediate} neurons) -> {options.experts} experts per layer"
              + (f" of {options.intermediate_size} neurons" if options.intermediate_size else "")
-             + f", method {options.method}"]
+             + f", by {describe_setting(options)}"]
     if not changed and not options.intermediate_size:
         lines.append("  no layer changes: every expert is kept (the output is the input's tensors, copied)")
     else:

@@ -45,7 +45,7 @@ def _reference_importance(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor
 def test_half_the_experts_with_the_routing_of_the_remote_code(model_and_dump, tmp_path):
     model, calib, inputs, src = model_and_dump
     out = tmp_path / "out"
-    dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=1.0, progress=False)
+    dern_stream.rewrite(model, out, experts=4, calib=calib, alpha=1.0, recipe="paper", progress=False)
     audit = json.loads((out / "dern_stream.json").read_text())
     dst = read_tensors(out)
     for i in LAYERS:

@@ -51,7 +51,7 @@ def test_interleaved_layout_round_trips():
 def test_router_bias_follows_eq8_and_kept_down_biases_stay(build, tmp_path):
     built = build("gpt_oss")
     out = tmp_path / "out"
-    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, recipe="paper", progress=False)
     src, dst = Checkpoint(built.model_dir), Checkpoint(out)
     rec = json.loads((out / "dern_stream.json").read_text())["layers"]["1"]
     bias, h = src.load(LAYER + "router.bias").double(), 32

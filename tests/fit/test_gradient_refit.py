@@ -51,7 +51,8 @@ def _pruned_layer(built, calib, index: int, keep: list[int]):
     result = prune_layer(router, keep, router.shape[0])
     kept_bias = bias[keep] if bias is not None else None
     half = x.shape[0] // 2
-    stack = refit_down(x[:half], y[:half], result.router, kept_bias, routing.after, kept_stack(experts, result), 1.0)
+    stack = refit_down(x[:half], y[:half], result.router, kept_bias, routing.after, kept_stack(experts, result),
+                       1.0)[0]
     return (x[:half], y[:half]), (x[half:], y[half:]), result.router, kept_bias, routing.after, stack
 
 

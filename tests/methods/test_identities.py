@@ -55,7 +55,8 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
     built = build(family)
     out = tmp_path / "out"
     keep = 4
-    dern_stream.rewrite(built.model_dir, out, experts=keep, calib=built.calib, alpha=1.0, progress=False)
+    dern_stream.rewrite(built.model_dir, out, experts=keep, calib=built.calib, alpha=1.0, recipe="paper",
+                        progress=False)
 
     model = AutoModelForCausalLM.from_pretrained(built.model_dir)
     fam = family_for(built.config)

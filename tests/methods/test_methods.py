@@ -113,7 +113,7 @@ def test_an_experts_rows_computed_a_block_at_a_time_give_the_same_outputs_stats_
     def compute():
         y = routed_output(x, router, bias, routing.before, experts)
         stats = expert_stats(x, router, bias, routing.before, experts)
-        fitted = refit_down(x, y, router[keep], bias[keep] if bias is not None else None, routing.after, kept, 0.1)
+        fitted = refit_down(x, y, router[keep], bias[keep] if bias is not None else None, routing.after, kept, 0.1)[0]
         return y, stats, fitted.down
 
     whole = compute()

@@ -109,7 +109,7 @@ def test_report_command_on_a_finished_output(reported, tmp_path):
 def test_a_rewrite_without_data_for_some_plots_says_why(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"
-    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=1.0, progress=False)
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=1.0, recipe="paper", progress=False)
     summary = dern_stream.write_report(out)
     assert summary.directory == out / "report"
     # alpha = 1 moves nothing, so the experts are not even compared.

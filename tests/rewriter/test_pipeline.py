@@ -90,7 +90,7 @@ def test_alpha_one_skips_the_expert_reads_and_equals_pruning(build, tmp_path):
     """With alpha = 1 nothing can move, so the rewrite reads no expert weights at all; its output
     must still be byte-identical to --method prune, and to a run where reading is forced."""
     built = build("mixtral")
-    common = dict(experts=4, calib=built.calib, progress=False)
+    common = dict(experts=4, calib=built.calib, recipe="paper", progress=False)  # the paper's DERN: no refit
     dern_stream.rewrite(built.model_dir, tmp_path / "a1", alpha=1.0, **common)
     dern_stream.rewrite(built.model_dir, tmp_path / "prune", method="prune", **common)
     # a candidate list forces the expert reads (and the layer-output evaluation); alpha 1 is its only choice

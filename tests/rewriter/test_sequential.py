@@ -115,7 +115,7 @@ def test_sequential_refusals(build, tmp_path):
     built = build("mixtral")
     out = tmp_path / "out"
     with pytest.raises(DernError, match=r"sequential=True changes nothing without an option fitted"):
-        dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, sequential=True)
+        dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, sequential=True, recipe="paper")
     with pytest.raises(DernError, match=r"fits the layers in order, in one process: leave out workers and ray"):
         dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, refit=True, sequential=True,
                             workers=2)
