@@ -15,6 +15,7 @@ _EXPORTS = {
     "DumpSummary": ".calib.dump", "dump": ".calib.dump",
     "EvalReport": ".evaluation.evaluation", "evaluate": ".evaluation.evaluation",
     "RewritePlan": ".rewriter.plan",
+    "TaskReport": ".evaluation.task_scores", "score_tasks": ".evaluation.task_scores",
     "push": ".publish.hub",
     "RewriteSummary": ".rewriter.execute", "plan": ".api", "rewrite": ".api",
     "ReportSummary": ".publish.report", "write_report": ".publish.report",

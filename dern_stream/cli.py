@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import DernError, describe, render
+from .errors import DernError, arg, describe, render
 
 
 class _Group(click.Group):
@@ -246,11 +246,39 @@ def dump(src, out, text, dataset, tokenizer, num_tokens, seq_len, batch_size, de
 @_revision("CKPT")
 @click.option("--reference-revision", metavar="REV",
               help="Branch, tag or commit of --reference when it is a Hugging Face repo id [default: main].")
+@click.option("--tasks", metavar="NAME[,NAME...]", help="Score lm-evaluation-harness tasks instead (log-likelihood "
+              "tasks: multiple choice, rolling perplexity), out of core; with --reference, both and their paired "
+              "difference. Needs dern-stream[eval].")
+@click.option("--include-path", type=click.Path(file_okay=False), metavar="DIR",
+              help="With --tasks: a folder of lm-eval task YAML files of your own.")
+@click.option("--num-fewshot", type=int, metavar="N", help="With --tasks: few-shot examples per item [default: the "
+              "task's].")
+@click.option("--limit", type=float, metavar="N", help="With --tasks: only the first N items of each task (a share "
+              "of them below 1).")
 def eval_(src, text, dataset, tokenizer, num_tokens, seq_len, batch_size, device, dtype, quiet, reference, calib,
-          json_path, overwrite, revision, reference_revision) -> None:
+          json_path, overwrite, revision, reference_revision, tasks, include_path, num_fewshot, limit) -> None:
     """Evaluate checkpoint CKPT out of core: perplexity on --text/--dataset (up to --num-tokens); with
     --reference too, the KL divergence from the reference's next-token distribution and the top-1 agreement;
-    with --reference and --calib, the per-MoE-layer output error on the inputs cached in the dump."""
+    with --reference and --calib, the per-MoE-layer output error on the inputs cached in the dump. With --tasks,
+    lm-evaluation-harness task scores instead (--batch-size requests per batch)."""
+    if tasks is not None:
+        from .evaluation.checks import check_task_arguments
+
+        check_task_arguments(src, tasks=tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                             text=text, dataset=dataset, calib=calib, tokenizer=tokenizer, batch_size=batch_size,
+                             reference=reference, device=device, dtype=dtype, json_path=json_path,
+                             overwrite=overwrite, revision=revision, reference_revision=reference_revision)
+        from .evaluation.task_scores import score_tasks
+
+        click.echo(str(score_tasks(src, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
+                                   batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                                   reference=reference, json_path=json_path, overwrite=overwrite, progress=not quiet,
+                                   revision=revision, reference_revision=reference_revision,
+                                   echo=lambda line: click.echo(line, err=True))))
+        return
+    for name, value in (("include_path", include_path), ("num_fewshot", num_fewshot), ("limit", limit)):
+        if value is not None:
+            raise DernError(f"{arg(name)} goes with {arg('tasks')}")
     from .evaluation.checks import check_eval_arguments
 
     check_eval_arguments(src, text=text, dataset=dataset, tokens_given=False, tokenizer=tokenizer,

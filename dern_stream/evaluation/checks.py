@@ -3,6 +3,7 @@ line runs them before torch loads, and `evaluate` starts with them (one set of c
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from ..calib.checks import check_text_source
@@ -15,6 +16,7 @@ from ..runtime.arguments import check_device_name, check_dtype_name, check_text_
 from ..runtime.targets import check_json_target, expand_user, read_paths
 
 EVAL_FORMAT = "dern-stream-eval"  # the marker of an `eval --json` file: only such a file is replaced
+TASK_EVAL_FORMAT = "dern-stream-task-eval"  # the same for `eval --tasks --json`
 
 
 def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, num_tokens: int, seq_len: int,
@@ -52,3 +54,49 @@ def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, n
     return check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
         **(read_paths("the checkpoint", local) if local else {}), "the reference": reference,
         "the calibration dump": calib, "the text": text, "the tokenizer": tokenizer})
+
+
+def task_names(tasks: str) -> list[str]:
+    """--tasks NAME[,NAME...] as a list, refusing an empty name."""
+    names = [n.strip() for n in str(tasks).split(",")]
+    if not all(names):
+        raise DernError(f"{arg('tasks', tasks)}: give task names separated by commas (an empty name was given)")
+    return list(dict.fromkeys(names))
+
+
+def check_task_arguments(src, *, tasks: str, include_path, num_fewshot: int | None, limit: float | None, text,
+                         dataset, calib, tokenizer, batch_size: int, reference, device: str, dtype: str, json_path,
+                         overwrite: bool, revision: str | None, reference_revision: str | None) -> Path | None:
+    """`eval --tasks`'s arguments, before lm-eval or torch loads; returns the --json target, resolved."""
+    task_names(tasks)
+    if text is not None or dataset is not None or calib is not None:
+        given = arg("text") if text is not None else arg("dataset") if dataset is not None else arg("calib")
+        raise DernError(f"{arg('tasks')} scores lm-eval tasks; {given} (perplexity, per-layer error) is a separate "
+                        "run of eval")
+    if include_path is not None and not Path(include_path).expanduser().is_dir():
+        raise DernError(f"{arg('include_path', include_path)}: no such directory")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise DernError(f"{arg('num_fewshot', num_fewshot)}: give 0 or more examples")
+    if limit is not None and not limit > 0:
+        raise DernError(f"{arg('limit', limit)}: give a number of items (or a share of them, below 1) above 0")
+    if batch_size < 1:
+        raise DernError(f"{arg('batch_size', batch_size)}: give 1 or more requests per batch")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise DernError(f"{arg('tasks')} needs lm-evaluation-harness: pip install 'dern-stream[eval]'")
+    check_device_name(device)
+    check_dtype_name(dtype)
+    local = check_checkpoint_ref(src, revision)
+    if local is not None:
+        check_forward_model(Checkpoint(local))
+    if reference is not None:
+        try:
+            ref_local = check_checkpoint_ref(reference, reference_revision)
+            if ref_local is not None:
+                check_forward_model(Checkpoint(ref_local))
+        except DernError as e:
+            raise DernError(f"{arg('reference')}: {e}") from None
+    if json_path is None:
+        return None
+    return check_json_target(json_path, overwrite, TASK_EVAL_FORMAT, "dern-stream eval --tasks", {
+        **(read_paths("the checkpoint", local) if local else {}), "the reference": reference,
+        "the tokenizer": expand_user(tokenizer), "the task folder": expand_user(include_path)})

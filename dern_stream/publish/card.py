@@ -24,7 +24,7 @@ from pathlib import Path
 from ..checkpoint.checksums import CHECKSUM, checksum, record_checksum, sealed_record
 from ..checkpoint.output_dir import AUDIT_NAME
 from ..errors import DernError, arg
-from ..evaluation.checks import EVAL_FORMAT
+from ..evaluation.checks import EVAL_FORMAT, TASK_EVAL_FORMAT
 from ..runtime.durable_files import write_replacing
 
 CARD_NAME = "README.md"
@@ -245,6 +245,34 @@ def _kept(record: dict) -> list[str]:
 
 
 def _evaluations(evaluations: list[dict]) -> list[str]:
+    tasks = [e for e in evaluations if e.get("kind") == "tasks"]
+    return [*_text_evaluations([e for e in evaluations if e.get("kind") != "tasks"]), *_task_tables(tasks)]
+
+
+def _task_tables(evaluations: list[dict]) -> list[str]:
+    """One table per `eval --tasks` report: each metric, with the reference's and the paired difference."""
+    lines = []
+    for e in evaluations:
+        against = e.get("reference_model")
+        lines += ["## Task scores" if not lines else "", "",
+                  f"lm-evaluation-harness scores of {_cell(e['model'])}" + (f" against {_cell(against)}" if against
+                  else "") + ", from `dern-stream eval --tasks` (given to `dern-stream card --eval`)"
+                  + ("; the difference is this model's score less the reference's, with its standard error "
+                     "paired by item." if against else "."), ""]
+        if against:
+            lines += ["| task | metric | score | reference | difference | ± paired SE | items |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {_cell(r['task'])} | {_cell(r['metric'])} | {_num(r['value'], '.4f')} | "
+                      f"{_num(r['reference'], '.4f')} | {_num(r['difference'], '+.4f')} | "
+                      f"{_num(r['difference_stderr'], '.4f')} | {_num(r['items'], ',')} |" for r in e["scores"]]
+        else:
+            lines += ["| task | metric | score | ± stderr |", "|---|---|---:|---:|"]
+            lines += [f"| {_cell(r['task'])} | {_cell(r['metric'])} | {_num(r['value'], '.4f')} | "
+                      f"{_num(r['stderr'], '.4f')} |" for r in e["scores"]]
+    return [*lines, ""] if lines else []
+
+
+def _text_evaluations(evaluations: list[dict]) -> list[str]:
     if not evaluations:
         return []
     lines = ["## Evaluation", "", "Results of `dern-stream eval --json` (given to `dern-stream card --eval`). "
@@ -346,9 +374,11 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
         raise DernError(f"{arg('evals', str(path))}: no such file") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise DernError(f"{arg('evals', str(path))} cannot be read as JSON ({type(e).__name__})") from None
+    if isinstance(report, dict) and report.get("format") == TASK_EVAL_FORMAT:
+        return _task_evaluation(report, path, root, base_model)
     if not isinstance(report, dict) or report.get("format") != EVAL_FORMAT:
         raise DernError(f"{arg('evals', str(path))} is not an eval report, the JSON file `dern-stream eval` writes "
-                        f"(its format is not {EVAL_FORMAT})")
+                        f"(its format is neither {EVAL_FORMAT} nor {TASK_EVAL_FORMAT})")
     numbers = ("perplexity", "nll_per_token", "mean_rel_l2", "reference_perplexity", "kl_mean", "kl_p99",
                "top1_agreement")
     valid = (isinstance(report.get("checkpoint"), str)
@@ -363,6 +393,25 @@ def _evaluation(path: Path, root: Path, base_model: str) -> dict:
                         "layer_errors)")
     result = {k: report.get(k) for k in _EVAL_FIELDS}
     result["model"] = _which_model(report["checkpoint"], root, base_model)
+    if report.get("reference") is not None:
+        result["reference_model"] = _which_model(report["reference"], root, base_model)
+    return result
+
+
+_SCORE_FIELDS = ("task", "metric", "value", "stderr", "reference", "difference", "difference_stderr", "items")
+
+
+def _task_evaluation(report: dict, path: Path, root: Path, base_model: str) -> dict:
+    """An `eval --tasks --json` file's score table, checked, with the models it is of."""
+    scores = report.get("scores")
+    valid = (isinstance(report.get("checkpoint"), str) and isinstance(report.get("reference"), str | None)
+             and isinstance(scores, list) and scores
+             and all(isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("metric"), str)
+                     and all(r.get(k) is None or _is_number(r[k]) for k in _SCORE_FIELDS[2:]) for r in scores))
+    if not valid:
+        raise DernError(f"{arg('evals', str(path))}: not a complete report of eval's {arg('tasks')} (checkpoint, scores)")
+    result = {"kind": "tasks", "scores": [{k: r.get(k) for k in _SCORE_FIELDS} for r in scores],
+              "model": _which_model(report["checkpoint"], root, base_model)}
     if report.get("reference") is not None:
         result["reference_model"] = _which_model(report["reference"], root, base_model)
     return result

@@ -104,6 +104,10 @@ def report_data(record: dict) -> dict:
         "options": options,
         "dern_stream_version": record.get("dern_stream_version"),
         "layers": layers,
+        # `eval --tasks` reports given to `card --eval` (kept in the record): the page's task table
+        "task_scores": [{"model": e.get("model"), "reference_model": e.get("reference_model"), "scores": e["scores"]}
+                        for e in record.get("evaluations") or [] if isinstance(e, dict) and e.get("kind") == "tasks"
+                        and isinstance(e.get("scores"), list)],
     }
 
 

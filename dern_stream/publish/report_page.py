@@ -40,7 +40,7 @@ def render_page(data: dict) -> str:
                          f"<figcaption>{escape(CAPTIONS[name])}</figcaption></figure>")
         else:
             parts.append(f"<p class='missing'>Not drawn: {escape(data['not_drawn'].get(name, ''))}.</p>")
-    parts += ["<h2>Layers</h2>", _layer_table(data), "</body></html>"]
+    parts += ["<h2>Layers</h2>", _layer_table(data), *_task_tables(data), "</body></html>"]
     return "\n".join(parts) + "\n"
 
 
@@ -69,6 +69,27 @@ def _layer_table(data: dict) -> str:
                      f"{before:.4f}" if before is not None else "-", f"{after:.4f}" if after is not None else "-"))
     return _table(["layer", "kept experts", "segments moved", "rebuilt experts", "chosen setting", "output error",
                    "after the refits"], rows)
+
+
+def _task_tables(data: dict) -> list[str]:
+    """The lm-eval task scores given to `card --eval`, a table per report."""
+    parts = []
+    for e in data.get("task_scores") or []:
+        against = e.get("reference_model")
+        parts.append(f"<h2>Task scores of {escape(str(e['model']))}" + (f" against {escape(str(against))}</h2>"
+                                                                        if against else "</h2>"))
+
+        def num(v, spec=".4f"):
+            return "-" if v is None else format(v, spec)
+
+        if against:
+            rows = [(r["task"], r["metric"], num(r["value"]), num(r["reference"]), num(r["difference"], "+.4f"),
+                     num(r["difference_stderr"]), num(r["items"], "d")) for r in e["scores"]]
+            parts.append(_table(["task", "metric", "score", "reference", "difference", "± paired SE", "items"], rows))
+        else:
+            rows = [(r["task"], r["metric"], num(r["value"]), num(r["stderr"])) for r in e["scores"]]
+            parts.append(_table(["task", "metric", "score", "± stderr"], rows))
+    return parts
 
 
 def _table(headings: list[str], rows: list[tuple], header: bool = True) -> str:

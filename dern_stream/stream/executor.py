@@ -258,7 +258,36 @@ class StreamedModel:
                 hidden = normed.reshape(-1, normed.shape[-1])
                 targets = ids[:, 1:].reshape(-1).to(self.device)
                 for start in range(0, hidden.shape[0], rows):
-                    yield head(hidden[start:start + rows]).float(), targets[start:start + rows]
+                    yield self._finish_logits(head(hidden[start:start + rows])), targets[start:start + rows]
+
+    @torch.no_grad()
+    def logits_at(self, batches: list[torch.Tensor], store: HiddenStore, positions: list[torch.Tensor]
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Float32 logits at `positions[b]` (indices into batch b's rows, flattened [batch * seq]) only, in blocks:
+        (b, index of the block's first position in positions[b], logits [positions, vocab])."""
+        head = self.model.get_output_embeddings()
+        rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
+        with self.loaded(self.base.norm, f"{self.prefix}.norm."), self.loaded(head, "lm_head."):
+            for b in range(len(batches)):
+                hidden = store[b]
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+                wanted = positions[b].to(self.device)
+                for start in range(0, wanted.shape[0], rows):
+                    normed = self.base.norm(hidden[wanted[start:start + rows]])
+                    yield b, start, self._finish_logits(head(normed))
+
+    def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The lm_head's output as the causal LM's forward returns it, in float32: some families scale it
+        (Granite divides by logits_scaling, Cohere multiplies by logit_scale) or cap it (final_logit_softcapping)."""
+        logits = logits.float()
+        if getattr(self.model, "logits_scaling", None):  # attributes the causal LM's own forward reads
+            logits = logits / float(self.model.logits_scaling)
+        if getattr(self.model, "logit_scale", None):
+            logits = logits * float(self.model.logit_scale)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / float(cap)) * float(cap)
+        return logits
 
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if moe_block_of(self.layers[i]) is not None]
