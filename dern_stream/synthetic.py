@@ -90,9 +90,13 @@ def write_synthetic(path: str | Path, *, layers: int, hidden: int = 1024, interm
 
 
 def write_sparse(path: str | Path, *, layers: int, hidden: int, intermediate: int, experts: int, top_k: int = 2,
-                 vocab: int = 32000) -> Path:
+                 vocab: int = 32000, compressed=None) -> Path:
     """A bf16 checkpoint of the same layout whose shards are headers and holes (`ftruncate`): any size in
-    no time and almost no disk, every weight zero. For what reads only headers and routers (`plan`)."""
+    no time and almost no disk, every weight zero. For what reads only headers and routers (`plan`). `compressed`
+    (a storage.formats.CompressedWeights): the experts stored in that compressed-tensors format instead (all-zero
+    scales and values: their headers only are meant to be read)."""
+    from .checkpoint.safetensors_format import SIZES
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=False)
     total, weight_map = layers + 1, {}
@@ -100,17 +104,39 @@ def write_sparse(path: str | Path, *, layers: int, hidden: int, intermediate: in
         shapes = _head_shapes(vocab, hidden) if index == 0 else _layer_shapes(index - 1, hidden, experts, intermediate)
         name = f"model-{index + 1:05d}-of-{total:05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for tensor, shape in shapes.items():
-            size = 2 * math.prod(shape)
-            header[tensor] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        for tensor, shape in _stored(shapes, compressed):
+            dtype = shape[1]
+            size = SIZES[dtype] * math.prod(shape[0])
+            header[tensor] = {"dtype": dtype, "shape": list(shape[0]), "data_offsets": [offset, offset + size]}
             offset += size
         body = json.dumps(header).encode()
         body += b" " * (-len(body) % 8)
         with open(path / name, "wb") as f:
             f.write(struct.pack("<Q", len(body)) + body)
             f.truncate(8 + len(body) + offset)
-        weight_map.update(dict.fromkeys(shapes, name))
-    return _finish(path, _config(hidden, intermediate, layers, experts, top_k, vocab, "bf16"), weight_map)
+        weight_map.update(dict.fromkeys((k for k in header if k != "__metadata__"), name))
+    config = _config(hidden, intermediate, layers, experts, top_k, vocab, "bf16")
+    if compressed is not None:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": compressed.format, "quantization_status": "compressed",
+            "config_groups": {"group_0": {**compressed.scheme(), "format": compressed.format}},
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*block_sparse_moe.gate$"]}
+    return _finish(path, config, weight_map)
+
+
+def _stored(shapes: dict[str, tuple[int, ...]], compressed) -> list[tuple[str, tuple[tuple[int, ...], str]]]:
+    """(name, (shape, dtype)) of every stored tensor: bf16, or the experts' compressed-tensors tensors."""
+    out = []
+    for name, shape in shapes.items():
+        if compressed is None or ".experts." not in name:
+            out.append((name, (shape, "BF16")))
+            continue
+        dtypes = {"weight_scale": "BF16", "weight_shape": "I64", "weight_zero_point": "I32",
+                  "weight": compressed.stored_dtype(), "weight_packed": compressed.stored_dtype()}
+        for stored, (suffix, stored_shape) in zip(compressed.names(name),
+                                                  compressed.stored_shapes(*shape).items(), strict=True):
+            out.append((stored, (stored_shape, dtypes[suffix])))
+    return out
 
 
 def _head_shapes(vocab: int, hidden: int) -> dict[str, tuple[int, ...]]:

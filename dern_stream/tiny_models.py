@@ -135,6 +135,47 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     return dst
 
 
+def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
+    """`src` with its routed experts stored as compressed-tensors stores them (by default Kimi-K2-Thinking's
+    pack-quantized int4, symmetric, groups of 32; `fmt` a storage.formats.CompressedWeights), every other Linear
+    module named in the config's `ignore` list and left as it was, as that release does."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import Checkpoint
+    from .families import family_for
+    from .storage.compressed_tensors import compress
+    from .storage.formats import CompressedWeights
+
+    fmt = fmt or CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    family = family_for(ckpt.config)
+    experts = {family.expert_name(i, e, p) for i in family.moe_layers(ckpt.entries)
+               for e in range(family.num_experts(ckpt.config)) for p in ("gate", "up", "down")}
+    tensors, ignore = {}, []
+    for name in ckpt.entries:
+        tensor = ckpt.load(name)
+        if name in experts:
+            stored = compress(fmt, tensor, {"weight_scale": tensor.dtype, "weight_shape": torch.int32})
+            tensors.update(zip(fmt.names(name), stored.values(), strict=True))
+            continue
+        tensors[name] = tensor
+        if name.endswith(".weight") and tensor.dim() == 2 and not name.endswith("embed_tokens.weight"):
+            ignore.append(name[:-len(".weight")])  # (lm_head among them)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": fmt.format, "quantization_status": "compressed",
+        "config_groups": {"group_0": {**fmt.scheme(), "input_activations": None, "output_activations": None,
+                                      "format": fmt.format}},
+        "ignore": ignore, "kv_cache_scheme": None}
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
 def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
     """A gpt-oss checkpoint `src` with its experts stored as OpenAI's release stores them: MXFP4
     `*_blocks` [N, rows, cols / 32, 16] and `*_scales` [N, rows, cols / 32] of the transposed projections

@@ -333,6 +333,7 @@ def test_rewrite_is_refused_while_a_dump_is_written(world):
     assert_refused(result, "is being written by a dern-stream dump right now", world.root, before)
 
 
+@pytest.mark.slow  # (the default run's time: README, set-up)
 def test_two_dumps_into_the_same_new_dump(world):
     """Two real processes race for one new DUMP: one makes it, the other is refused, whatever the timing,
     and the dump is exactly the one a process alone makes."""
@@ -472,6 +473,7 @@ def many_shards_args(src: Path, calib: Path, out: Path) -> list:
             "--device", "cpu"]
 
 
+@pytest.mark.slow  # (the default run's time: README, set-up)
 @pytest.mark.parametrize("source", ["one file", "75 shards"])
 def test_hundreds_of_output_shards_under_a_low_open_file_limit(source, many_layers, tmp_path):
     built, single = many_layers
@@ -486,6 +488,7 @@ def test_hundreds_of_output_shards_under_a_low_open_file_limit(source, many_laye
     assert result.exit_code == 0, result.output
 
 
+@pytest.mark.slow  # (the default run's time: README, set-up)
 def test_killed_many_shard_run_resumes_under_a_low_open_file_limit(many_layers, tmp_path):
     built, single = many_layers
     out, ref = tmp_path / "out", tmp_path / "ref" / "out"

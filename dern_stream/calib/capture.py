@@ -26,7 +26,8 @@ def dump_from_model(
     overwrite: bool = False,
 ) -> list[int]:
     """Run `model` (a transformers causal LM) on `input_ids` [sequences, seq_len] and store every MoE
-    layer's input (the output of its post_attention_layernorm). Returns the MoE layer indices."""
+    block's input (its router's; in most families the output of post_attention_layernorm, in LFM2-MoE of ffn_norm, in
+    AFMoE of pre_mlp_layernorm). Returns the MoE layer indices."""
     config = model.config.to_dict()
     family = family_for(config)
     routers = moe_routers(model)
@@ -40,8 +41,8 @@ def dump_from_model(
     hashes = {i: tensor_sha256(w) for i, w in routers.items()}
     captured: dict[int, torch.Tensor] = {}
     hooks = [
-        model.model.layers[i].post_attention_layernorm.register_forward_hook(
-            lambda _m, _inp, out, i=i: captured.__setitem__(i, out)
+        moe_block_of(model.model.layers[i]).register_forward_pre_hook(
+            lambda _m, args, i=i: captured.__setitem__(i, args[0])
         )
         for i in layers
     ]

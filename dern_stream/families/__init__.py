@@ -11,18 +11,30 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "m
 
 
 def family_for(config: dict) -> Family:
+    """The family of a config.json: by its model_type, else by the class its `architectures` or `auto_map` names
+    (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked."""
     check_model_type(config)
     model_type = config.get("model_type")
-    if model_type not in FAMILIES and not any(k in config for k in _EXPERT_COUNT_KEYS):
+    family = FAMILIES.get(model_type) or _named_family(config)
+    if family is not None:
+        check_config(config, family)  # value types and ranges, before any command does any work
+        return family
+    if not any(k in config for k in _EXPERT_COUNT_KEYS):
         raise DernError(f"model_type {model_type!r} is not a Mixture-of-Experts model (config.json has no expert "
                         f"count); dern-stream shrinks MoE models: {', '.join(sorted(FAMILIES))}")
-    if model_type not in FAMILIES:
-        raise DernError(
-            f"model_type {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
-        )
-    family = FAMILIES[model_type]
-    check_config(config, family)  # value types and ranges, before any command does any work
-    return family
+    raise DernError(f"model_type {model_type!r} is not supported (nor is a class its config.json names); supported "
+                    f"families: {', '.join(sorted(FAMILIES))}")
+
+
+def _named_family(config: dict) -> Family | None:
+    """The family whose causal-LM class config.json names in `architectures` or `auto_map`, or None."""
+    names = [a for a in config.get("architectures") or [] if isinstance(a, str)] \
+        if isinstance(config.get("architectures"), list) else []
+    auto_map = config.get("auto_map")
+    if isinstance(auto_map, dict):
+        for refs in auto_map.values():  # "module.Class", or "repo--module.Class", or a list of such
+            names += [r.rsplit(".", 1)[-1] for r in (refs if isinstance(refs, list) else [refs]) if isinstance(r, str)]
+    return next((f for name in names for f in FAMILIES.values() if name in f.architectures), None)
 
 
 def require_forward(family: Family) -> None:

@@ -128,6 +128,9 @@ class Family:
     # In-memory names (under the layer) that transformers 5 loads from other on-disk names: (memory, disk)
     # prefixes, for the streamed forward of dump and eval. Fused in-memory experts need no entry.
     memory_names: tuple[tuple[str, str], ...] = ()
+    # In-memory tensors (under the layer) that transformers concatenates along dim 0 from several on-disk ones:
+    # (memory name, on-disk names in order). Kimi-Linear's KDA convolution.
+    memory_concatenations: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Shared experts whose width is <this key> x the routed experts' width (DeepSeek): kept as they are by
     # rescaling the key when --intermediate-size changes the routed width.
     shared_count_key: str | None = None
@@ -144,12 +147,17 @@ class Family:
     # sum of its top two experts, so a group of one cannot be routed (transformers: "selected index k
     # out of range").
     min_group_experts: int = 1
+    # The fewest experts the family's config can build a MoE layer of, and why (Jamba: 2), where that is above one.
+    min_experts: tuple[int, str] | None = None
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
     fixed_top_k: int | None = None
     # Which decoder layers config.json makes MoE layers (as the family's modeling code decides), or None
     # where every one is: checked against the layers whose router the shards hold.
     moe_layer: Callable[[dict, int], bool] | None = None
     remote_code: bool = False  # no transformers class: rewrite and verify only
+    # The causal-LM classes config.json's `architectures` (or `auto_map`) names for this family: a checkpoint of
+    # another model_type that names one (Kimi-K2's kimi_k2 names DeepseekV3ForCausalLM) is handled as this family.
+    architectures: tuple[str, ...] = ()
     # The checkpoint may hold a multi-token-prediction block under `mtp.` (Qwen3-Next, Qwen3.5, ERNIE), which
     # transformers does not load: not carried over, since its experts would disagree with K.
     drops_mtp: bool = False
@@ -266,6 +274,8 @@ class Family:
         n, k = self.num_experts(config), self.top_k(config)
         if k > n:
             return f"num_experts_per_tok {k} exceeds the {n} experts"
+        if self.min_experts is not None and n < self.min_experts[0]:
+            return f"{self.min_experts[1]}, which this checkpoint's MoE layers are not"
         defaults = self.group_defaults or (None, None)
         n_group, topk_group = (config.get("n_group", defaults[0]), config.get("topk_group", defaults[1])) \
             if self.uses_groups(config) else (1, 1)
@@ -300,6 +310,9 @@ class Family:
                       groups: str = "keep") -> tuple[dict, list[str]]:
         """config.json for the output, and notes for the user about each non-obvious change."""
         out, notes = dict(config), []
+        if config.get("model_type") != self.model_type:
+            notes.append(f"model_type {config.get('model_type')} kept, with its auto_map: handled as "
+                         f"{self.model_type}, whose class its config.json names")
         present = [k for k in self.expert_count_keys if k in config]
         for key in present or self.expert_count_keys[:1]:
             out[key] = experts

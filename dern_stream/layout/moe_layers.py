@@ -23,6 +23,7 @@ class MoELayer:
     dtype: str  # experts' stored dtype
     storage: ExpertStorage = ExpertStorage()
     scale_dtype: str | None = None  # FP8: the block scales' stored dtype
+    stored_dtypes: tuple[tuple[str, str], ...] = ()  # compressed-tensors: each stored tensor's dtype, by suffix
 
     def expert_entry(self, ckpt: Checkpoint, family: Family, expert: int, part: str) -> TensorEntry:
         return ckpt.entries[family.expert_name(self.index, expert, part)]
@@ -108,19 +109,26 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         raise DernError(f"MXFP4 is gpt-oss's storage; {family.model_type} checkpoints in it are not supported")
     indices = moe_layer_indices(ckpt, family)
     n, d = shape.num_experts, shape.hidden
+    by_layer: dict[int | None, list[str]] = {}  # (each layer's checks look at its own names only)
+    for name in ckpt.entries:
+        by_layer.setdefault(layer_of(name), []).append(name)
     layers = []
     for i in indices:
         router = ckpt.entries[family.router_name(i)]
         if router.shape != (n, d):
             raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
+        stored_dtypes: tuple[tuple[str, str], ...] = ()
         if family.fused is not None:
             dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape, storage), set()
+        elif storage.compressed is not None:
+            stored_dtypes = _check_compressed(ckpt, family, i, shape, storage, by_layer.get(i, []))
+            dtypes, scale_dtypes = {dict(stored_dtypes)[storage.compressed.params[0]]}, set()
         else:
-            dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage)
+            dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage, by_layer.get(i, []))
         allowed = storage.weight_dtypes()
         if len(dtypes) != 1 or not dtypes <= set(allowed):
             raise DernError(f"layer {i} experts are stored as {sorted(dtypes)}; "
-                            + (f"config.json's quantization_config needs {allowed[0]}" if storage.fp8
+                            + (f"config.json's quantization_config needs {allowed[0]}" if storage.quantized
                                else f"supported: one of {', '.join(FLOAT_DTYPES)}, the same for all"))
         if len(scale_dtypes) > 1 or not scale_dtypes <= {"F32", "BF16"}:
             raise DernError(f"layer {i} expert scales are stored as {sorted(scale_dtypes)}; "
@@ -129,18 +137,20 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         bias = ckpt.entries.get(bias_name) if bias_name else None
         if bias is not None and bias.shape not in ((n,), (1, n)):
             raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
-        _check_no_unknown_per_expert(ckpt, family, i, n)
-        layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None))
+        _check_no_unknown_per_expert(ckpt, family, i, n, by_layer.get(i, []))
+        layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None,
+                               stored_dtypes))
     return layers
 
 
-def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int) -> None:
+def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int, names: list[str]) -> None:
     """A tensor of layer i's MoE block with one entry per expert that the family does not name (a router bias
     Mixtral has no use for, say) cannot be cut to K experts as the rest of the layer is: refused, not copied whole
     beside a K-row router."""
     block = f"model.layers.{i}.{family.router.split('.')[0]}."
     known = {family.router_name(i), family.bias_name(i)}
-    for name, entry in ckpt.entries.items():
+    for name in names:
+        entry = ckpt.entries[name]
         if (name.startswith(block) and name not in known and n in entry.shape
                 and not family.is_layer_expert_tensor(i, name) and not is_fp8_scale(ckpt, name)):
             raise DernError(f"{name} {list(entry.shape)} has one entry per expert, but {family.model_type} has no "
@@ -148,15 +158,15 @@ def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: in
                             "from the checkpoint to rewrite it")
 
 
-def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape,
-                      storage: ExpertStorage) -> tuple[set[str], set[str]]:
+def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage,
+                      names: list[str]) -> tuple[set[str], set[str]]:
     """A layer's per-expert tensors (and FP8 scales): all there, nothing else, shapes as the config implies.
     Returns the weights' and the scales' dtypes."""
     n, d, h = shape.num_experts, shape.hidden, shape.intermediate
     expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
     expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
     scales = {name + SCALE_SUFFIX: p for name, p in expected.items()} if storage.fp8 else {}
-    present = {name for name in ckpt.entries if family.is_layer_expert_tensor(i, name)}
+    present = {name for name in names if family.is_layer_expert_tensor(i, name)}
     if present - set(expected) - set(scales):
         extra = min(present - set(expected) - set(scales), key=natural_key)
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
@@ -179,6 +189,40 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
                             f"{list(expected_shape[p])} need {list(grid)}")
         scale_dtypes.add(entry.dtype)
     return dtypes, scale_dtypes
+
+
+def _check_compressed(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage,
+                      names: list[str]) -> tuple[tuple[str, str], ...]:
+    """A layer's compressed-tensors experts: every weight's stored tensors there with the shapes its format gives
+    a weight of the config's shape, nothing else, and one dtype per stored tensor. Returns the dtypes by suffix."""
+    fmt, n, d, h = storage.compressed, shape.num_experts, shape.hidden, shape.intermediate
+    expected = {}
+    for e in range(n):
+        for part in PARTS:
+            weight = family.expert_name(i, e, part)
+            rows, cols = (d, h) if part == "down" else (h, d)
+            if weight in ckpt.entries and fmt.params[0] != "weight":
+                raise DernError(f"{weight} is stored unquantized while config.json's quantization_config stores the "
+                                "experts as compressed-tensors: experts left out of the quantization are not supported")
+            expected.update(zip(fmt.names(weight), fmt.stored_shapes(rows, cols).values(), strict=True))
+    present = {name for name in names if family.is_layer_expert_tensor(i, name)}
+    if present - set(expected):
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: "
+                        f"{min(present - set(expected), key=natural_key)} (config.json declares {fmt.format})")
+    if set(expected) - present:
+        raise DernError(f"layer {i} is missing expert tensor {min(set(expected) - present, key=natural_key)} "
+                        f"(config says {n} experts in compressed-tensors {fmt.format})")
+    dtypes: dict[str, set[str]] = {p: set() for p in fmt.params}
+    for name, want in expected.items():
+        entry = ckpt.entries[name]
+        if entry.shape != want:
+            raise DernError(f"{name} has shape {list(entry.shape)}; {fmt.format} ({fmt.strategy}) weights of the "
+                            f"config's shape need {list(want)}")
+        dtypes[next(p for p in fmt.params if name.endswith("." + p))].add(entry.dtype)
+    if any(len(v) != 1 for v in dtypes.values()):
+        odd = next(p for p, v in dtypes.items() if len(v) != 1)
+        raise DernError(f"layer {i} experts' {odd} tensors are stored in several dtypes ({sorted(dtypes[odd])})")
+    return tuple((p, v.pop()) for p, v in dtypes.items())
 
 
 def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage) -> set[str]:
@@ -254,6 +298,12 @@ def _expert_specs(family: Family, layer: MoELayer, d: int, experts: int, interme
         for part in PARTS:
             shape = (d, intermediate) if part == "down" else (intermediate, d)
             name = family.expert_name(layer.index, e, part)
+            fmt = layer.storage.compressed
+            if fmt is not None:
+                dtypes = dict(layer.stored_dtypes)
+                specs += [TensorSpec(stored, dtypes[suffix], stored_shape) for stored, (suffix, stored_shape) in
+                          zip(fmt.names(name), fmt.stored_shapes(*shape).items(), strict=True)]
+                continue
             specs.append(TensorSpec(name, layer.dtype, shape))
             if layer.storage.fp8:
                 specs.append(TensorSpec(name + SCALE_SUFFIX, layer.scale_dtype,

@@ -409,7 +409,8 @@ def _task_evaluation(report: dict, path: Path, root: Path, base_model: str) -> d
              and all(isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("metric"), str)
                      and all(r.get(k) is None or _is_number(r[k]) for k in _SCORE_FIELDS[2:]) for r in scores))
     if not valid:
-        raise DernError(f"{arg('evals', str(path))}: not a complete report of eval's {arg('tasks')} (checkpoint, scores)")
+        raise DernError(f"{arg('evals', str(path))}: not a complete report of eval's {arg('tasks')} "
+                        "(checkpoint, scores)")
     result = {"kind": "tasks", "scores": [{k: r.get(k) for k in _SCORE_FIELDS} for r in scores],
               "model": _which_model(report["checkpoint"], root, base_model)}
     if report.get("reference") is not None:

@@ -43,7 +43,7 @@ from ..storage import expert_storage
 from ..storage.finite_values import dequantized_problem
 from ..storage.formats import MXFP4_BLOCKS, SCALE_SUFFIX
 from ..storage.reading import load_weight
-from ..storage.tensor_kinds import check_fp8_tensors, is_scaled_fp8
+from ..storage.tensor_kinds import check_fp8_tensors, compressed_parts, is_scaled_fp8
 from .checks import check_verify_arguments
 
 _COMPARE_CHUNK = 64 * 2**20
@@ -331,6 +331,13 @@ def _compare_to_source(ckpt: Checkpoint, name: str, source: Checkpoint, counterp
     if src_name is None:
         report.problems.append(f"{name} has no counterpart in {source.root}")
         return
+    if src_name not in source.entries:  # a compressed-tensors weight of IN, dequantized (--output-dtype)
+        if mode == "same":
+            if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
+                report.identical += 1
+            else:
+                differing[name] = f"{name} is not {source.root.name}'s compressed {src_name} dequantized"
+        return
     src = source.entries[src_name]
     dequantized = src.dtype != entry.dtype and entry.dtype == "BF16" and is_scaled_fp8(source, src_name)
     if dequantized and mode == "same":  # --output-dtype: the input's FP8 weight, dequantized
@@ -379,12 +386,22 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
             stored = fused_tensors(family, i, 0, 0, expert_storage(ckpt.config))
             out.update({t.name: (t.name, "changed") for t in stored})
             continue
+        storage, in_storage = expert_storage(ckpt.config), expert_storage(source.config)
         for pos, expert in enumerate(kept):
             for part in PARTS:
-                for suffix in ("", SCALE_SUFFIX):  # an FP8 weight's scales go with it
-                    out[family.expert_name(i, pos, part) + suffix] = (family.expert_name(i, expert, part) + suffix,
-                                                                      "changed" if expert in rebuilt else "same")
-    return {k: (v if v[0] is None or v[0] in source.entries else (None, "changed")) for k, v in out.items()}
+                new, old = family.expert_name(i, pos, part), family.expert_name(i, expert, part)
+                # a weight's stored tensors go together: an FP8 weight and its scales, compressed-tensors' own (or,
+                # dequantized, the weight they stand for)
+                if storage.compressed is not None:
+                    names = zip(storage.tensor_names(new), in_storage.tensor_names(old), strict=True)
+                elif in_storage.compressed is not None:
+                    names = [(new, old)]
+                else:
+                    names = ((new + s, old + s) for s in ("", SCALE_SUFFIX))
+                for new_name, old_name in names:
+                    out[new_name] = (old_name, "changed" if expert in rebuilt else "same")
+    return {k: (v if v[0] is None or v[0] in source.entries or compressed_parts(source, v[0]) is not None
+                else (None, "changed")) for k, v in out.items()}
 
 
 def _chunks(entry: TensorEntry, buffer: memoryview):

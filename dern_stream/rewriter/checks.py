@@ -87,6 +87,12 @@ def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
     if dequantized and not storage.quantized:
         raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
+    if dequantized and storage.compressed is not None:
+        packed = next((n for n in ckpt.entries if n.endswith(".weight_scale") and ".experts." not in n), None)
+        if packed is not None:
+            raise DernError(f"{arg('output_dtype', options.output_dtype)} dequantizes the experts of a "
+                            f"compressed-tensors checkpoint, but {packed[:-len('_scale')]} is compressed too, and "
+                            "the other weights are not dequantized yet: leave the option out")
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     check_widths(options, shape, storage, family, dequantized)
     check_decoder_layers(ckpt)

@@ -13,13 +13,14 @@ import torch
 from ..checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
 from ..checkpoint.integrity import all_finite
 from ..checkpoint.safetensors_format import DTYPES
+from ..errors import DernError
 from ..experts.result import LayerResult, output_bias
 from ..experts.segments import ExpertStack
 from ..families import PARTS, Family
 from ..layout.fused_tensors import fused_tensors
 from ..layout.moe_layers import ModelShape, MoELayer
 from ..runtime.stage_clock import NO_CLOCK, StageClock
-from ..storage import dequantize, mxfp4, quantize
+from ..storage import compressed_tensors, dequantize, mxfp4, quantize
 from ..storage.finite_values import dequantized_problem, mxfp4_problem
 from ..storage.formats import MXFP4_BLOCKS, SCALE_SUFFIX, ExpertStorage
 from ..storage.reading import load_weight
@@ -59,9 +60,12 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
         stack = ExpertStack.empty(shape.num_experts, shape.intermediate, shape.hidden,
                                   storage.compute_dtype(stored), device,
                                   biases=family.fused is not None and family.fused.biased, block=storage.block,
-                                  quantized=storage.mxfp4)
+                                  quantized=storage.mxfp4 or storage.compressed is not None)
         if family.fused is not None:
             _read_fused(ckpt, family, layer, shape, stack)
+            return stack
+        if storage.compressed is not None:
+            _read_compressed(ckpt, family, layer, shape, stack)
             return stack
         staging: dict[tuple[int, ...], torch.Tensor] = {}  # one host buffer per tensor shape
         for e in range(shape.num_experts):
@@ -78,6 +82,22 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
                 ckpt.read_into(name, host)
                 slot.copy_(host)  # synchronous from pageable memory: the buffer is free again after
     return stack
+
+
+def _read_compressed(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape,
+                     stack: ExpertStack) -> None:
+    """Fill `stack` (float32) with the layer's compressed-tensors experts, decompressed one weight at a time."""
+    fmt = layer.storage.compressed
+    for e in range(shape.num_experts):
+        for part in PARTS:
+            name = family.expert_name(layer.index, e, part)
+            weight = compressed_tensors.decompress(fmt, {p: ckpt.load(stored) for p, stored in
+                                                         zip(fmt.params, fmt.names(name), strict=True)})
+            slot = getattr(stack, part)[e]
+            if tuple(weight.shape) != tuple(slot.shape):
+                raise DernError(f"{name} decompresses to shape {list(weight.shape)} (its weight_shape), the config "
+                                f"implies {list(slot.shape)}")
+            slot.copy_(weight)
 
 
 def _read_fused(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, stack: ExpertStack) -> None:
@@ -186,6 +206,12 @@ def _write_part(writer: ShardedWriter, ckpt: Checkpoint, layer: MoELayer, name: 
     elif rebuilt is None:
         for out, src in zip(storage.tensor_names(name), storage.tensor_names(source), strict=True):
             writer.copy_raw(out, ckpt.entries[src])
+    elif storage.compressed is not None and not dequantized:
+        fmt, dtypes = storage.compressed, {p: DTYPES[d] for p, d in layer.stored_dtypes}
+        stored = compressed_tensors.compress(fmt, rebuilt.float(), dtypes)
+        error.add(rebuilt, compressed_tensors.decompress(fmt, stored))
+        for out, p in zip(fmt.names(name), fmt.params, strict=True):
+            writer.write(out, stored[p].cpu())
     elif storage.fp8 and not dequantized:
         weight = rebuilt.float()
         q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import mxfp4
-from .formats import MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, expert_storage
+from .formats import MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, CompressedWeights, expert_storage
 from .fp8_blocks import FP8_MAX, dequantize
-from .tensor_kinds import is_mxfp4, is_scaled_fp8
+from .tensor_kinds import compressed_parts, is_mxfp4, is_scaled_fp8
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -29,6 +29,9 @@ _MXFP4_SAFE = 252
 def dequantized_problem(ckpt: Checkpoint, name: str) -> str | None:
     """Why the quantized weight `name` of `ckpt` (an FP8 weight with block scales, or an MXFP4 weight stored as
     `name_blocks` and `name_scales`) is not finite once dequantized; None when it is, or is not quantized."""
+    compressed = compressed_parts(ckpt, _module_weight(ckpt, name))
+    if compressed is not None:
+        return compressed_problem(ckpt, *compressed, name)
     if name in ckpt.entries and is_scaled_fp8(ckpt, name):
         scale = ckpt.load(name + SCALE_SUFFIX).float()
         return fp8_problem(lambda: ckpt.load(name), scale, expert_storage(ckpt.config).block, name)
@@ -59,3 +62,29 @@ def mxfp4_problem(blocks: torch.Tensor, scales: torch.Tensor, name: str) -> str 
         return None
     what = "a scale byte of 255 (NaN)" if largest == 255 else f"scales up to 2^{largest - _E8M0_BIAS}"
     return f"{name} dequantizes to NaN or Inf ({what})"
+
+
+def _module_weight(ckpt: Checkpoint, name: str) -> str:
+    """The weight a compressed-tensors tensor stands for (`...proj.weight_packed` -> `...proj.weight`); the name
+    itself otherwise. Only the first stored tensor of a weight stands for it, so that a weight is checked once."""
+    fmt = expert_storage(ckpt.config).compressed
+    if fmt is not None and fmt.params[0] != "weight" and name.endswith("." + fmt.params[0]):
+        return name[:-len(fmt.params[0])] + "weight"
+    return name
+
+
+def compressed_problem(ckpt: Checkpoint, fmt: CompressedWeights, parts: dict[str, str], name: str) -> str | None:
+    """A compressed-tensors weight: its scales finite, and small enough that no quantized value (under 2^bits for
+    integers, with a zero point or not; 448 for FP8) can overflow; else its dequantized values are read and checked."""
+    from .compressed_tensors import decompress
+
+    scale = ckpt.load(parts["weight_scale"]).float()
+    if not bool(torch.isfinite(scale).all()):
+        return f"{parts['weight_scale']} holds NaN or Inf"
+    largest = float(scale.abs().max()) if scale.numel() else 0.0
+    if largest * (FP8_MAX if fmt.type == "float" else 2 ** fmt.num_bits) <= LIMIT:
+        return None
+    values = decompress(fmt, {p: ckpt.load(stored) for p, stored in parts.items()}).to(torch.bfloat16)
+    if bool(torch.isfinite(values).all()):
+        return None
+    return f"{name} dequantizes to NaN or Inf (its scales reach {largest:.3g})"

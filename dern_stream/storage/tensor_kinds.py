@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import DernError
-from .formats import MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, expert_storage, scale_shape
+from .formats import MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, CompressedWeights, expert_storage, scale_shape
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -26,6 +26,35 @@ def is_fp8_scale(ckpt: Checkpoint, name: str) -> bool:
 def is_mxfp4(ckpt: Checkpoint, name: str) -> bool:
     """`name` is stored as MXFP4 `name_blocks` and `name_scales` (gpt-oss's experts)."""
     return name not in ckpt.entries and name + MXFP4_BLOCKS in ckpt.entries and name + MXFP4_SCALES in ckpt.entries
+
+
+def compressed_parts(ckpt: Checkpoint, name: str) -> tuple[CompressedWeights, dict[str, str]] | None:
+    """The compressed-tensors format and stored tensors (by suffix) of weight `name` (`...proj.weight`), or None when
+    the checkpoint is not compressed-tensors or stores this weight as it is (a module its `ignore` list names)."""
+    if not name.endswith(".weight"):
+        return None
+    fmt = expert_storage(ckpt.config).compressed
+    if fmt is None:
+        return None
+    names = fmt.names(name)
+    if not all(n in ckpt.entries for n in names):
+        return None
+    return fmt, dict(zip(fmt.params, names, strict=True))
+
+
+def compressed_shape(ckpt: Checkpoint, name: str) -> tuple[int, int] | None:
+    """The [rows, cols] of compressed-tensors weight `name` from its stored tensors' headers (packed channel-wise
+    int weights: cols rounded up to a whole 32-bit word, as their headers hold no more), or None."""
+    found = compressed_parts(ckpt, name)
+    if found is None:
+        return None
+    fmt, parts = found
+    first = ckpt.entries[parts[fmt.params[0]]].shape
+    if fmt.params[0] == "weight":
+        return first[0], first[1]
+    if fmt.strategy == "group":
+        return first[0], ckpt.entries[parts["weight_scale"]].shape[1] * fmt.group_size
+    return first[0], first[1] * 32 // fmt.num_bits
 
 
 def check_scales(ckpt: Checkpoint, name: str, block: tuple[int, int]) -> None:

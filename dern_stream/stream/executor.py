@@ -31,9 +31,9 @@ _LOGIT_BLOCK_BYTES = 256 << 20  # lm_head logits are computed in row blocks of a
 class _Recorder(torch.nn.Module):
     """Stands in for decoder layer i during the embedding pass: records the call's keyword arguments."""
 
-    def __init__(self, index: int, attention_type: str | None, sink: dict):
+    def __init__(self, index: int, attention_type: str | None, sink: dict, passes_top_k: bool = False):
         super().__init__()
-        self.index, self.sink = index, sink
+        self.index, self.sink, self.passes_top_k = index, sink, passes_top_k
         if attention_type is not None:
             self.attention_type = attention_type
 
@@ -42,7 +42,18 @@ class _Recorder(torch.nn.Module):
             raise DernError("this transformers version passes decoder layers positional arguments; "
                             "the streamed forward does not support it")
         self.sink[self.index] = (hidden_states, kwargs)
-        return hidden_states
+        # GLM-5's decoder layers return (hidden states, the indexer's top-k), which the next layer receives
+        return (hidden_states, kwargs.get(_PREV_TOP_K)) if self.passes_top_k else hidden_states
+
+
+_PREV_TOP_K = "prev_topk_indices"
+
+
+def _passes_top_k(layer: torch.nn.Module) -> bool:
+    """A decoder layer that hands its sparse-attention top-k to the next one (GLM-5): it takes `prev_topk_indices`."""
+    import inspect
+
+    return _PREV_TOP_K in inspect.signature(type(layer).forward).parameters
 
 
 def _cannot_build(model_type: str, e: BaseException) -> DernError:
@@ -67,7 +78,11 @@ class StreamedModel:
         require_forward(self.family)
         check_fp8_tensors(ckpt)
         try:
-            config = AutoConfig.from_pretrained(ckpt.root)
+            if ckpt.config.get("model_type") == self.family.model_type:
+                config = AutoConfig.from_pretrained(ckpt.root)
+            else:  # a model_type of its own naming this family's class (Kimi-K2): built as that family
+                config = AutoConfig.for_model(self.family.model_type, **{
+                    k: v for k, v in ckpt.config.items() if k not in ("model_type", "auto_map", "architectures")})
         except OSError as e:
             raise DernError(f"transformers cannot read {ckpt.root / 'config.json'}: {str(e).splitlines()[0]}") from None
         except Exception as e:  # the config class's own validation: strict dataclass errors, ValueError...
@@ -83,6 +98,9 @@ class StreamedModel:
             self.prefix = "model" if hasattr(self.model, "model") else self.model.base_model_prefix
             self.base = getattr(self.model, self.prefix)
             self.layers = self.base.layers
+            # The final norm: `norm`, or LFM2-MoE's `embedding_norm` (applied after the last layer, despite its name).
+            self.final_norm_name = next(n for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None),
+                                                                              torch.nn.Module))
             self.num_layers = int(config.num_hidden_layers)
         except DernError:
             raise
@@ -117,6 +135,10 @@ class StreamedModel:
             self.materialised -= count
             self.ckpt.release()  # mapped pages read for this part leave RSS too
             return_freed_memory()
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return getattr(self.base, self.final_norm_name)
 
     def decoder_prefix(self, i: int) -> str:
         return f"{self.prefix}.layers.{i}."
@@ -154,14 +176,17 @@ class StreamedModel:
         """Run the skeleton's own forward with recorders for layers; returns layer 0's input."""
         recorded: dict[int, tuple] = {}
         recorders = torch.nn.ModuleList(
-            _Recorder(i, getattr(layer, "attention_type", None), recorded) for i, layer in enumerate(self.layers)
+            _Recorder(i, getattr(layer, "attention_type", None), recorded, _passes_top_k(layer))
+            for i, layer in enumerate(self.layers)
         )
-        layers, norm = self.base.layers, self.base.norm
-        self.base.layers, self.base.norm = recorders, torch.nn.Identity()
+        layers, norm = self.base.layers, self.final_norm
+        self.base.layers = recorders
+        setattr(self.base, self.final_norm_name, torch.nn.Identity())
         try:
             self.base(**inputs, use_cache=False)
         finally:
-            self.base.layers, self.base.norm = layers, norm
+            self.base.layers = layers
+            setattr(self.base, self.final_norm_name, norm)
         first = recorded[0][0]
         # Same shape, same positions and masks (sequences are packed, never padded).
         self._contexts.setdefault(tuple(first.shape[:2]), {i: kwargs for i, (_, kwargs) in recorded.items()})
@@ -252,9 +277,9 @@ class StreamedModel:
         last, a block of rows at a time: the same blocks for two models of the same vocabulary."""
         head = self.model.get_output_embeddings()
         rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
-        with self.loaded(self.base.norm, f"{self.prefix}.norm."), self.loaded(head, "lm_head."):
+        with self.loaded(self.final_norm, f"{self.prefix}.{self.final_norm_name}."), self.loaded(head, "lm_head."):
             for b, ids in enumerate(batches):
-                normed = self.base.norm(store[b])[:, :-1]
+                normed = self.final_norm(store[b])[:, :-1]
                 hidden = normed.reshape(-1, normed.shape[-1])
                 targets = ids[:, 1:].reshape(-1).to(self.device)
                 for start in range(0, hidden.shape[0], rows):
@@ -267,13 +292,13 @@ class StreamedModel:
         (b, index of the block's first position in positions[b], logits [positions, vocab])."""
         head = self.model.get_output_embeddings()
         rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
-        with self.loaded(self.base.norm, f"{self.prefix}.norm."), self.loaded(head, "lm_head."):
+        with self.loaded(self.final_norm, f"{self.prefix}.{self.final_norm_name}."), self.loaded(head, "lm_head."):
             for b in range(len(batches)):
                 hidden = store[b]
                 hidden = hidden.reshape(-1, hidden.shape[-1])
                 wanted = positions[b].to(self.device)
                 for start in range(0, wanted.shape[0], rows):
-                    normed = self.base.norm(hidden[wanted[start:start + rows]])
+                    normed = self.final_norm(hidden[wanted[start:start + rows]])
                     yield b, start, self._finish_logits(head(normed))
 
     def _finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -306,7 +331,8 @@ def _replace_first(out, value: torch.Tensor):
     return (value, *out[1:]) if isinstance(out, tuple) else value
 
 
-_ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight")
+_FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm")  # the decoder stack's norm after its last layer, by name
+_ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight", "router.gate.weight")
 
 
 def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:

@@ -15,9 +15,20 @@ from ..errors import DernError
 from ..families import Family
 from ..storage.formats import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, SCALE_SUFFIX
 from ..storage.reading import load_weight
-from ..storage.tensor_kinds import is_mxfp4
+from ..storage.tensor_kinds import compressed_parts, compressed_shape, is_mxfp4
 
 _FUSED = {"experts.gate_up_proj": ("gate", "up"), "experts.down_proj": ("down",)}
+def _concatenated_parts(name: str, ckpt: Checkpoint, family: Family) -> list[str] | None:
+    """The on-disk tensors, in order, that make up the in-memory `name` by concatenation (the family's
+    memory_concatenations), or None."""
+    if name in ckpt.entries:
+        return None
+    for suffix, parts in family.memory_concatenations:
+        if name.endswith("." + suffix):
+            names = [name[:-len(suffix)] + part for part in parts]
+            if all(n in ckpt.entries for n in names):
+                return names
+    return None
 
 
 def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: Family, layer: int | None,
@@ -48,8 +59,12 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
         if layer is not None and key.endswith(suffix) and family.fused is None:
             _fill_fused(target, ckpt, family, layer, parts, prefix + key)
             return
-    name = _disk_name(prefix + key, ckpt, family, layer)
-    source = load_weight(ckpt, name)
+    parts = _concatenated_parts(prefix + key, ckpt, family)
+    if parts is not None:
+        name, source = prefix + key, torch.cat([load_weight(ckpt, part) for part in parts])
+    else:
+        name = _disk_name(prefix + key, ckpt, family, layer)
+        source = load_weight(ckpt, name)
     if tuple(source.shape) != tuple(target.shape):
         raise DernError(f"{name} has shape {list(source.shape)}, the model built from config.json expects "
                         f"{list(target.shape)}")
@@ -61,10 +76,10 @@ def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
 
 
 def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
-    if name in ckpt.entries or is_mxfp4(ckpt, name):
+    if name in ckpt.entries or is_mxfp4(ckpt, name) or compressed_parts(ckpt, name) is not None:
         return name
     renamed = family.disk_name(name, layer) if layer is not None else name
-    if renamed in ckpt.entries:
+    if renamed in ckpt.entries or compressed_parts(ckpt, renamed) is not None:
         return renamed
     if name == "lm_head.weight" and "model.embed_tokens.weight" in ckpt.entries:
         return "model.embed_tokens.weight"  # tied embeddings: no lm_head stored
@@ -78,7 +93,7 @@ def _fill_fused(target: torch.Tensor, ckpt: Checkpoint, family: Family, layer: i
     for part in parts:
         for e in range(experts):
             disk = family.expert_name(layer, e, part)
-            if disk not in ckpt.entries:
+            if disk not in ckpt.entries and compressed_parts(ckpt, disk) is None:
                 raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
             source = load_weight(ckpt, disk)
             rows = source.shape[0]
@@ -97,16 +112,34 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
     for suffix, parts in _FUSED.items():
         if layer is not None and name.endswith(suffix) and family.fused is None:
             return _fused_disk_tensors(name, shape, ckpt, family, layer, parts)
+    concatenated = _concatenated_parts(name, ckpt, family)
+    if concatenated is not None:
+        rows = sum(ckpt.entries[n].shape[0] for n in concatenated)
+        if any(tuple(ckpt.entries[n].shape[1:]) != tuple(shape[1:]) for n in concatenated) or rows != shape[0]:
+            raise DernError(f"{' + '.join(concatenated)} do not make up {name} {list(shape)}")
+        return _with_scales(set(concatenated), ckpt)
     disk = _disk_name(name, ckpt, family, layer)
     if is_mxfp4(ckpt, disk):
         blocks = ckpt.entries[disk + MXFP4_BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]
         if (blocks[0], blocks[2] * MXFP4_GROUP, blocks[1]) != shape:
             raise DernError(f"{disk}{MXFP4_BLOCKS} has shape {list(blocks)}, which does not hold {name} {list(shape)}")
         return {disk + MXFP4_BLOCKS, disk + MXFP4_SCALES}
+    compressed = compressed_parts(ckpt, disk)
+    if compressed is not None:
+        return _checked_compressed(ckpt, disk, shape, name)
     if ckpt.entries[disk].shape != shape:
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
     return _with_scales({disk}, ckpt)
+
+
+def _checked_compressed(ckpt: Checkpoint, disk: str, shape: tuple[int, ...], name: str) -> set[str]:
+    """A compressed-tensors weight's stored tensors, its shape (from their headers) checked against `shape`."""
+    found = compressed_shape(ckpt, disk)
+    if found is None or found[0] != shape[0] or (len(shape) > 1 and found[1] < shape[-1]):
+        raise DernError(f"{disk} (compressed-tensors) has shape {list(found or [])}, which does not hold {name} "
+                        f"{list(shape)}")
+    return set(compressed_parts(ckpt, disk)[1].values())
 
 
 def _fused_disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int,
@@ -117,13 +150,14 @@ def _fused_disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, fam
         for e in range(shape[0]):
             disk = family.expert_name(layer, e, part)
             entry = ckpt.entries.get(disk)
-            if entry is None:
+            stored = entry.shape if entry is not None else compressed_shape(ckpt, disk)
+            if stored is None:
                 raise DernError(f"checkpoint has no tensor {disk} (needed for {name})")
-            if entry.shape[1:] != shape[2:]:
-                raise DernError(f"{disk} has shape {list(entry.shape)}, which does not fit {name} "
+            if tuple(stored[1:]) != tuple(shape[2:]) and entry is not None:
+                raise DernError(f"{disk} has shape {list(stored)}, which does not fit {name} "
                                 f"{list(shape)}")
-            names.add(disk)
-        rows += entry.shape[0]
+            names |= {disk} if entry is not None else _checked_compressed(ckpt, disk, (stored[0], *shape[2:]), name)
+        rows += stored[0]
     if rows != shape[1]:
         raise DernError(f"{name} {list(shape)} is not filled by the experts' {'+'.join(parts)} tensors")
     return _with_scales(names, ckpt)

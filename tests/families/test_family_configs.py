@@ -98,3 +98,16 @@ def test_moe_layers_the_config_does_not_place_are_one_line(family, changes, buil
 def test_glm4_moe_n_group_without_topk_group(build, tmp_path):
     src = _copy(build("glm4_moe"), tmp_path, topk_group=DELETE)  # Glm4MoeConfig's default topk_group: 1
     assert _rewrite(src, tmp_path, "--experts", "4").exit_code == 0
+
+
+def test_each_record_names_the_class_transformers_builds_for_it():
+    """A config of another model_type that names this class (Kimi-K2's kimi_k2) is handled as the family: the names
+    must be transformers' own (DeepSeek-MoE-16B's: its published config.json's)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from dern_stream.families import FAMILIES
+
+    for model_type, family in FAMILIES.items():
+        expected = family.tiny_config["architectures"] if family.remote_code else \
+            [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        assert list(family.architectures) == expected, model_type

@@ -33,7 +33,12 @@ def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(zarr.open_group(str(calib), mode="r")["moe_inputs"][str(layer)][:])).float()
     block = moe_block_of(model.model.layers[layer])
     with torch.no_grad():
-        if hasattr(block, "router"):  # PhiMoE, Granite, Llama-4
+        if hasattr(block, "expert_bias"):  # LFM2-MoE (gate) and AFMoE (router, on [batch, seq, d]) take their bias
+            if hasattr(block, "gate"):
+                _, weights, idx = block.gate(x, block.expert_bias)
+            else:
+                _, weights, idx = block.router(x[None], block.expert_bias)
+        elif hasattr(block, "router"):  # PhiMoE, Granite, Llama-4
             routed = block.router(x)
             if len(routed) == 2:  # Llama-4: sigmoid scores of every expert (0 where not selected), logits
                 scores, logits = routed

@@ -92,6 +92,7 @@ def _header_size(path: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+@pytest.mark.slow  # (the default run's time: README, set-up)
 def test_estimated_peak_bounds_a_measured_rewrite(tmp_path):
     """The plan's host-memory estimate against the kernel's peak (VmHWM) of a real rewrite process."""
     src = write_synthetic(tmp_path / "ck", layers=3, hidden=512, intermediate=1024, experts=16, upcycled=0.3,
@@ -220,3 +221,30 @@ def test_plan_with_out_says_what_the_rewrite_would_resume_and_whether_the_disk_h
     notes = dern_stream.plan(built.model_dir, out, restart=True, **common).notes
     assert any(n.startswith("the disk OUT is on has 1 kB free") and "would refuse to start" in n for n in notes)
     assert not list(tmp_path.glob("out*")) and [p.name for p in staging.iterdir()] == [".dern-progress.json"]
+
+
+@pytest.mark.slow  # (the default run's time: README, set-up)
+def test_plan_of_a_kimi_k2_thinking_sized_int4_checkpoint(tmp_path):
+    """Kimi-K2-Thinking's size and storage (61 layers of 384 experts, hidden 7168, 2048 neurons, int4 in groups of
+    32 as compressed-tensors packs them; Mixtral's tensor names): the plan reads headers and routers only, sizes
+    the output from the packed tensors, and estimates memory from one layer."""
+    from dern_stream.storage.formats import CompressedWeights
+
+    layers, hidden, inter, experts = 61, 7168, 2048, 384
+    int4 = CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
+    src = write_sparse(tmp_path / "kimi", layers=layers, hidden=hidden, intermediate=inter, experts=experts, top_k=8,
+                       compressed=int4)
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    assert 580e9 < size < 620e9
+    before = _read_bytes()
+    plan = dern_stream.plan(src, experts=192, method="prune", device="cpu", progress=False)
+    read = _read_bytes() - before
+    headers = sum(_header_size(f) for f in src.glob("*.safetensors"))  # 0.5 MB a shard: 9 tensors an expert
+    assert read < layers * experts * hidden * 2 + 2 * headers + 50e6, (read, headers)
+    assert len(plan.layers) == layers and all(len(s.kept) == 192 for s in plan.selection.values())
+    # int4 values (half a byte each) and a bf16 scale per 32 of them, and the shape, per projection
+    expert_bytes = 3 * (inter * hidden // 2 + inter * hidden // 32 * 2 + 16)
+    dropped = layers * 192 * (expert_bytes + hidden * 2)
+    assert plan.output_bytes - sum(len(s.header) for s in plan.shards) == size - sum(
+        _header_size(f) for f in src.glob("*.safetensors")) - dropped
+    assert plan.estimates.host_peak < 60e9  # one layer's experts, not the checkpoint's 594 GB

@@ -1,12 +1,19 @@
 """DeepSeek's MoE block and the families built on it: DeepSeek-MoE-16B (remote code), DeepSeek-V2 (softmax, greedy
-or group-limited), DeepSeek-V3/V3.2 and GLM-4.5/4.6 (sigmoid scores, the choice on scores + correction bias within
-the best groups). Shared experts keep their width by rescaling `n_shared_experts`."""
+or group-limited), DeepSeek-V3/V3.2, GLM-4.5/4.6, GLM-4.7-Flash and dots.llm1 (sigmoid scores, the choice on
+scores + correction bias within the best groups), GLM-5 and Kimi-Linear (at the end). Shared experts keep their
+width by rescaling `n_shared_experts` (Kimi-Linear: `num_shared_experts`).
+
+Not here: LongCat-Flash (`longcat_flash`). Its router scores N routed experts and Z zero-computation (identity)
+experts with one [N + Z, d] classifier and an [N + Z] correction bias, and config.json counts its decoder layers as
+`num_layers` (each holding two attention sublayers): a record names a router of one row per weight expert, so the
+zero experts' rows could not be carried beside the K kept rows."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
-from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, opt, req
+from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, Kind, opt, req
 from ..record import Family, always, grouped_if, never, norm_topk_prob
 from ..routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK, softmax_top_k
 
@@ -59,6 +66,26 @@ def deepseek_moe_layer(config: dict, i: int) -> bool:
     return i >= (config.get("first_k_dense_replace") or 0) and i % (config.get("moe_layer_freq") or 1) == 0
 
 
+def is_layer_type_list(value) -> bool:
+    return isinstance(value, list) and all(v in ("dense", "sparse") for v in value)
+
+
+MLP_LAYER_TYPES = Kind('a list of "dense" or "sparse", one per layer', is_layer_type_list)
+
+
+def sparse_layer(config: dict, i: int, dense_key: str | None = "first_k_dense_replace", dense: int = 1) -> bool:
+    """GLM-4.7-Flash, GLM-5, Kimi-Linear: `mlp_layer_types[i] == "sparse"` where config.json lists them, else the
+    config class's own list: the first `dense_key` layers dense (`dense` where it is absent or the class ignores it,
+    dense_key None)."""
+    types = config.get("mlp_layer_types")
+    if types is None:
+        return i >= ((config.get(dense_key, dense) if dense_key else dense) or 0)
+    layers = config["num_hidden_layers"]
+    if len(types) < layers:
+        raise ValueError(f"mlp_layer_types lists {len(types)} layers, num_hidden_layers is {layers}")
+    return types[i] == "sparse"
+
+
 def v2_router(config: dict) -> SoftmaxTopK | SoftmaxGroupLimited:
     if config.get("topk_method", "greedy") == "group_limited_greedy":
         return SoftmaxGroupLimited(config["num_experts_per_tok"], config["n_group"], config["topk_group"])
@@ -78,14 +105,23 @@ def sigmoid_grouped_router(config: dict) -> SigmoidGroupLimited:
     return SigmoidGroupLimited(config["num_experts_per_tok"], config.get("n_group") or 1, config.get("topk_group") or 1)
 
 
+# The transformers class each family built by v3_like is: config.json's `architectures` names it.
+CAUSAL_LM_CLASSES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+                     "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
+                     "dots1": "Dots1ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+
+
 def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tuple[int, int] | None = None,
-            dense: int = 3, tiny_extra: dict | None = None) -> Family:
+            dense: int = 3, tiny_extra: dict | None = None, renormalise: bool = True,
+            moe_layer: Callable[[dict, int], bool] | None = None, expert_keys: tuple[str, ...] = EXPERT_KEYS) -> Family:
     """DeepSeek-V3 and the families built on its MoE block. `scale`: the config class's default
     routed_scaling_factor; `groups`: its default n_group, topk_group where it may leave them out; `dense`: its
-    default first_k_dense_replace."""
+    default first_k_dense_replace (or `moe_layer`, where the config says otherwise which layers are MoE layers);
+    `renormalise`: its default norm_topk_prob."""
     return Family(
         model_type=model_type,
-        expert_count_keys=EXPERT_KEYS,
+        architectures=(CAUSAL_LM_CLASSES[model_type],),
+        expert_count_keys=expert_keys,
         intermediate_key="moe_intermediate_size",
         make_router=sigmoid_grouped_router,
         bias="mlp.gate.e_score_correction_bias",
@@ -93,9 +129,9 @@ def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tupl
         grouped_routing=grouped_if,
         uses_groups=always,
         group_defaults=groups,
-        moe_layer=partial(after_dense, default=dense),
+        moe_layer=moe_layer or partial(after_dense, default=dense),
         min_group_experts=2,
-        renormalises=partial(norm_topk_prob, default=True),
+        renormalises=partial(norm_topk_prob, default=renormalise),
         routed_scale=partial(routed_scaling_factor, default=scale),
         config_rules=rules,
         tiny_config=tiny,
@@ -103,14 +139,46 @@ def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tupl
     )
 
 
+def is_one(value) -> bool:
+    return value == 1 and not isinstance(value, bool)
+
+
+ONE = Kind("1 (dern-stream reads Kimi-Linear's routing as one group)", is_one)
+W123 = ("w1", "w3", "w2")  # gate, up, down (Kimi-Linear's experts on disk)
+
+
+def kimi_top_k(config: dict) -> int:
+    return config.get("num_experts_per_token", config.get("num_experts_per_tok"))
+
+
+def kimi_router(config: dict) -> SigmoidGroupLimited:
+    """Kimi-Linear: DeepSeek-V3's router (sigmoid, the choice on scores + correction bias), in one group."""
+    return SigmoidGroupLimited(kimi_top_k(config), 1, 1)
+
+
+def kimi_renormalises(config: dict) -> bool:
+    """`moe_renormalize` (KimiLinearConfig's name for norm_topk_prob), default true."""
+    value = config.get("moe_renormalize", config.get("norm_topk_prob", True))
+    return True if value is None else bool(value)
+
+
 _V3_GROUPS = {"n_group": req(POS_INT), "topk_group": req(POS_INT)}  # absent, transformers would assume 8 and 4
 _V3_TINY = dict(_TINY, q_lora_rank=24, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+
+_MLA_RULES = {k: _RULES[k] for k in ("intermediate_size", "num_key_value_heads", "n_shared_experts",
+                                      "routed_scaling_factor", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                      "v_head_dim")}
+_ONE_GROUP_DEFAULT = {"n_group": opt(POS_INT), "topk_group": opt(POS_INT)}  # absent: 1 (the config classes' default)
+_MLA_TINY = {k: _TINY[k] for k in ("moe_intermediate_size", "intermediate_size", "n_shared_experts", "kv_lora_rank",
+                                   "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_routed_experts",
+                                   "num_experts_per_tok")}
 
 FAMILIES = (
     # DeepSeek-MoE-16B (the DERN paper's third model): remote code only, so its on-disk layout is all there is to go
     # by (published config.json and modeling_deepseek.py): softmax top-k, weights as they are.
     Family(
         model_type="deepseek",
+        architectures=("DeepseekForCausalLM",),
         moe_layer=deepseek_moe_layer,
         expert_count_keys=("n_routed_experts",),
         intermediate_key="moe_intermediate_size",
@@ -130,6 +198,7 @@ FAMILIES = (
     ),
     Family(
         model_type="deepseek_v2",
+        architectures=("DeepseekV2ForCausalLM",),
         moe_layer=after_dense,
         expert_count_keys=EXPERT_KEYS,
         intermediate_key="moe_intermediate_size",
@@ -168,4 +237,90 @@ FAMILIES = (
     }, dict(moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2,
             n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16,
             routed_scaling_factor=1.5, pad_token_id=1, bos_token_id=1, eos_token_id=2), groups=(1, 1), dense=1),
+    # GLM-4.7-Flash: MLA attention; MoE layers as `mlp_layer_types` says (absent: all but the first, whatever
+    # first_k_dense_replace says, as Glm4MoeLiteConfig builds them).
+    v3_like("glm4_moe_lite", 1.8, {
+        **_MLA_RULES, **_ONE_GROUP_DEFAULT,
+        "q_lora_rank": opt(POS_INT, nullable=True),
+        "norm_topk_prob": opt(BOOL),
+        "mlp_layer_types": opt(MLP_LAYER_TYPES, nullable=True),
+        "num_nextn_predict_layers": opt(NONNEG_INT),
+    }, dict(_MLA_TINY, q_lora_rank=24, n_group=2, topk_group=1, routed_scaling_factor=1.8),
+        groups=(1, 1), moe_layer=partial(sparse_layer, dense_key=None, dense=1)),
+    # dots.llm1: Qwen-style attention, DeepSeek-V3's MoE block; not renormalised unless norm_topk_prob says so.
+    v3_like("dots1", 1.0, {
+        **_ONE_GROUP_DEFAULT,
+        "num_key_value_heads": opt(POS_INT),
+        "intermediate_size": opt(POS_INT),
+        "n_shared_experts": opt(NONNEG_INT),
+        "first_k_dense_replace": opt(NONNEG_INT),  # null builds no model (compared with a layer index)
+        "routed_scaling_factor": opt(POS_FLOAT),
+        "norm_topk_prob": opt(BOOL, nullable=True),
+    }, dict(moe_intermediate_size=32, intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+            n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=False,
+            routed_scaling_factor=2.5), groups=(1, 1), dense=0, renormalise=False),
+)
+
+FAMILIES += (
+    # GLM-5: DeepSeek-V3.2's sparse attention and GLM-4.7-Flash's MoE block; `num_experts`, where config.json holds
+    # it, overrides n_routed_experts. (The streamed forward with the _Recorder change runs `indexer_types` "full", the
+    # default; a "shared" layer reuses the previous layer's top-k, which it does not carry between layers.)
+    v3_like("glm_moe_dsa", 2.5, {
+        **_MLA_RULES, **_ONE_GROUP_DEFAULT,
+        "q_lora_rank": opt(POS_INT),
+        "norm_topk_prob": opt(BOOL),
+        "first_k_dense_replace": opt(NONNEG_INT),
+        "mlp_layer_types": opt(MLP_LAYER_TYPES, nullable=True),
+        "num_nextn_predict_layers": opt(NONNEG_INT),
+        "index_topk": opt(POS_INT), "index_n_heads": opt(POS_INT), "index_head_dim": opt(POS_INT),
+    }, dict(_MLA_TINY, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=1, index_n_heads=2,
+            index_head_dim=16, index_topk=64, num_key_value_heads=4),
+        groups=(1, 1), moe_layer=partial(sparse_layer, dense=3), expert_keys=(*EXPERT_KEYS, "num_experts")),
+    # Kimi-Linear: KDA linear attention (copied like any attention) and MLA layers; DeepSeek-V3's MoE block in
+    # Mixtral's layout (block_sparse_moe, w1/w3/w2) under KimiLinearConfig's own key names. Its groups are read as
+    # one: the group keys are num_expert_group / topk_group, which the group handling here does not rewrite.
+    Family(
+        model_type="kimi_linear",
+        architectures=("KimiLinearForCausalLM",),
+        expert_count_keys=("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+        intermediate_key="moe_intermediate_size",
+        make_router=kimi_router,
+        router="block_sparse_moe.gate.weight",
+        experts="block_sparse_moe.experts.{e}.{proj}.weight",
+        proj_names=W123,
+        bias="block_sparse_moe.gate.e_score_correction_bias",
+        # (in memory, on disk): the KDA forget gate's weights sit under the attention on disk
+        memory_names=(("mlp.", "block_sparse_moe."), ("self_attn.forget_gate.", "self_attn.")),
+        # the KDA short convolution: in memory the three on-disk ones concatenated (transformers' WeightConverter)
+        memory_concatenations=(("self_attn.conv1d.weight", ("self_attn.q_conv1d.weight", "self_attn.k_conv1d.weight",
+                                                             "self_attn.v_conv1d.weight")),),
+        shared_count_key="num_shared_experts",
+        moe_layer=partial(sparse_layer, dense=1),
+        min_group_experts=2,  # one group, still scored by its top two experts
+        renormalises=kimi_renormalises,
+        routed_scale=partial(routed_scaling_factor, default=2.446),
+        config_rules={
+            "num_key_value_heads": opt(POS_INT, nullable=True),
+            "intermediate_size": opt(POS_INT),
+            "num_shared_experts": opt(NONNEG_INT),
+            "first_k_dense_replace": opt(NONNEG_INT),
+            "mlp_layer_types": opt(MLP_LAYER_TYPES, nullable=True),
+            "routed_scaling_factor": opt(POS_FLOAT),
+            "moe_renormalize": opt(BOOL),
+            "norm_topk_prob": opt(BOOL),
+            "num_expert_group": opt(ONE),
+            "n_group": opt(ONE),
+            "topk_group": opt(ONE),
+            "kv_lora_rank": opt(POS_INT),
+            "qk_nope_head_dim": opt(POS_INT),
+            "qk_rope_head_dim": opt(POS_INT),
+            "v_head_dim": opt(POS_INT, nullable=True),
+        },
+        tiny_config=dict(moe_intermediate_size=32, intermediate_size=96, num_shared_experts=1, kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, num_experts=8, num_experts_per_token=2,
+                         first_k_dense_replace=1, linear_head_dim=16, linear_num_heads=2,
+                         layer_types=["linear_attention", "full_attention", "linear_attention"],
+                         pad_token_id=1, bos_token_id=1, eos_token_id=2),
+    ),
 )

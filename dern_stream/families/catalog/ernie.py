@@ -27,6 +27,7 @@ def layer_index_or_last(value) -> bool:
 FAMILIES = (
     Family(
         model_type="ernie4_5_moe",
+        architectures=("Ernie4_5_MoeForCausalLM",),
         moe_layer=ernie_moe_layer,
         expert_count_keys=("moe_num_experts", "num_experts"),
         intermediate_key="moe_intermediate_size",

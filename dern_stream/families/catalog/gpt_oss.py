@@ -19,6 +19,7 @@ def gpt_oss_glu(config: dict) -> ClampedSwiGLU:
 FAMILIES = (
     Family(
         model_type="gpt_oss",
+        architectures=("GptOssForCausalLM",),
         expert_count_keys=("num_local_experts", "num_experts"),
         intermediate_key="intermediate_size",
         make_router=gpt_oss_router,

@@ -14,6 +14,7 @@ def hunyuan_router(config: dict) -> SoftmaxTopK:
 FAMILIES = (
     Family(
         model_type="hunyuan_v1_moe",
+        architectures=("HunYuanMoEV1ForCausalLM",),
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="intermediate_size",
         make_router=hunyuan_router,

@@ -22,6 +22,7 @@ def llama4_moe_layer(config: dict, i: int) -> bool:
 FAMILIES = (
     Family(
         model_type="llama4_text",
+        architectures=("Llama4ForCausalLM",),
         moe_layer=llama4_moe_layer,
         expert_count_keys=("num_local_experts",),
         intermediate_key="intermediate_size",

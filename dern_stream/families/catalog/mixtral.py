@@ -23,6 +23,7 @@ def sigmoid_top_k(config: dict) -> SigmoidGroupLimited:
 FAMILIES = (
     Family(
         model_type="mixtral",
+        architectures=("MixtralForCausalLM",),
         expert_count_keys=("num_local_experts",),
         intermediate_key="intermediate_size",
         make_router=softmax_top_k,
@@ -39,6 +40,7 @@ FAMILIES = (
     ),
     Family(
         model_type="phimoe",
+        architectures=("PhimoeForCausalLM",),
         expert_count_keys=("num_local_experts",),
         intermediate_key="intermediate_size",
         make_router=sparsemixer,
@@ -56,6 +58,7 @@ FAMILIES = (
     ),
     Family(
         model_type="minimax_m2",
+        architectures=("MiniMaxM2ForCausalLM",),
         expert_count_keys=("num_local_experts", "num_experts"),
         intermediate_key="intermediate_size",
         make_router=sigmoid_top_k,

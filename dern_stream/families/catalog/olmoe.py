@@ -9,6 +9,7 @@ from ..routing import softmax_top_k
 FAMILIES = (
     Family(
         model_type="olmoe",
+        architectures=("OlmoeForCausalLM",),
         expert_count_keys=("num_experts",),
         intermediate_key="intermediate_size",
         make_router=softmax_top_k,

@@ -22,6 +22,7 @@ def qwen_sparse(config: dict, i: int) -> bool:
 FAMILIES = (
     Family(
         model_type="qwen2_moe",
+        architectures=("Qwen2MoeForCausalLM",),
         moe_layer=qwen_sparse,
         expert_count_keys=("num_experts",),
         intermediate_key="moe_intermediate_size",
@@ -39,6 +40,7 @@ FAMILIES = (
     # transformers 5 writes `num_local_experts` where Hub checkpoints say `num_experts`: either is read.
     Family(
         model_type="qwen3_moe",
+        architectures=("Qwen3MoeForCausalLM",),
         moe_layer=qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
@@ -55,6 +57,7 @@ FAMILIES = (
     ),
     Family(
         model_type="qwen3_next",
+        architectures=("Qwen3NextForCausalLM",),
         moe_layer=qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
@@ -74,6 +77,7 @@ FAMILIES = (
     ),
     Family(  # the text model of Qwen3.5-MoE, as transformers builds it
         model_type="qwen3_5_moe_text",
+        architectures=("Qwen3_5MoeForCausalLM",),
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,

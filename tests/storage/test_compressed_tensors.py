@@ -1,0 +1,225 @@
+"""compressed-tensors checkpoints (docs/formats.md, "compressed-tensors"): Kimi-K2-Thinking's pack-quantized int4
+experts and llm-compressor's other weight formats, packed and unpacked by the compressed-tensors library. Pruning
+keeps the kept experts' stored bytes; recombining requantizes with the input's scheme; the output keeps the input's
+quantization_config, loads in transformers and verifies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("compressed_tensors")
+
+from click.testing import CliRunner  # noqa: E402
+from helpers import assert_clean_failure, edited_copy, raw_bytes  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import dern_stream  # noqa: E402
+from dern_stream.checkpoint import Checkpoint  # noqa: E402
+from dern_stream.cli import main  # noqa: E402
+from dern_stream.families import family_for  # noqa: E402
+from dern_stream.storage.compressed_tensors import compress, decompress  # noqa: E402
+from dern_stream.storage.formats import CompressedWeights, expert_storage  # noqa: E402
+from dern_stream.storage.reading import load_weight  # noqa: E402
+from dern_stream.tiny_models import save_compressed_copy  # noqa: E402
+
+INT4 = CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
+FORMATS = [INT4, CompressedWeights("pack-quantized", 4, "int", False, "group", 32),
+           CompressedWeights("pack-quantized", 8, "int", True, "channel"),
+           CompressedWeights("int-quantized", 8, "int", True, "channel"),
+           CompressedWeights("float-quantized", 8, "float", True, "channel"),
+           CompressedWeights("float-quantized", 8, "float", True, "tensor"),
+           CompressedWeights("float-quantized", 8, "float", True, "block", None, (32, 32))]
+
+
+def fmt_id(fmt: CompressedWeights) -> str:
+    return f"{fmt.format}-{fmt.strategy}-{'sym' if fmt.symmetric else 'asym'}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: fmt_id(f))
+def test_the_stored_tensors_are_the_librarys(fmt):
+    """The names and shapes the layout checks and the output plan expect (torch-free) are those the library
+    writes, and what it writes decompresses to the weight within the format's rounding."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme.model_validate(fmt.scheme())
+    assert BaseCompressor.get_value_from_registry(fmt.format).compression_param_names(scheme) == fmt.params
+    for rows, cols in [(64, 96), (40, 64)]:
+        weight = torch.randn(rows, cols) * 0.02
+        stored = compress(fmt, weight, {"weight_scale": torch.bfloat16})
+        assert {k: tuple(v.shape) for k, v in stored.items()} == fmt.stored_shapes(rows, cols)
+        assert 0 < float((decompress(fmt, stored) - weight).norm() / weight.norm()) < 0.12
+
+
+def int4_copy(built, tmp_path, fmt=INT4):
+    return save_compressed_copy(built.model_dir, tmp_path / "int4", fmt)
+
+
+def test_pruning_keeps_the_stored_bytes_and_the_config(build, tmp_path):
+    built = build("deepseek_v3")
+    model = int4_copy(built, tmp_path)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=built.calib, method="prune", progress=False)
+    src, dst = raw_bytes(model), raw_bytes(out)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    fam = family_for(Checkpoint(model).config)
+    for layer, rec in audit["layers"].items():
+        for pos, expert in enumerate(rec["kept"]):
+            for part in ("gate", "up", "down"):
+                for new, old in zip(INT4.names(fam.expert_name(int(layer), pos, part)),
+                                    INT4.names(fam.expert_name(int(layer), expert, part)), strict=True):
+                    assert dst[new] == src[old]
+    config_in, config_out = (json.loads((p / "config.json").read_text()) for p in (model, out))
+    assert config_out["quantization_config"] == config_in["quantization_config"]
+    assert CliRunner().invoke(main, ["verify", str(out), "--against", str(model)]).exit_code == 0
+
+
+def test_recombined_experts_are_requantized_as_the_format_rounds(build, tmp_path):
+    """The rebuilt experts are stored in the input's scheme, and their requantization error is that of the format
+    itself: no more than the input's own quantization of its float experts (measured here)."""
+    built = build("deepseek_v3")
+    model = int4_copy(built, tmp_path)
+    own = [float((load_weight(Checkpoint(model), n) - Checkpoint(built.model_dir).load(n)).norm()
+                 / Checkpoint(built.model_dir).load(n).norm())
+           for n in Checkpoint(built.model_dir).entries if ".experts." in n]
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    errors = [r["requantization_error"] for r in audit["layers"].values() if r.get("rebuilt_experts")]
+    assert errors and all(0 < e <= 1.25 * max(own) for e in errors), (errors, max(own))
+    dst = Checkpoint(out)
+    assert expert_storage(dst.config).compressed == INT4
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not any(info.values()), info
+    # transformers decompresses as the library does: the same logits as a float copy of the output
+    dense = tmp_path / "dense"
+    tensors = {}
+    for name in dst.entries:
+        if name.endswith(INT4.params[0]):
+            weight = name[:-len(INT4.params[0])] + "weight"
+            tensors[weight] = load_weight(dst, weight)
+        elif not name.endswith(INT4.params[1:]):
+            tensors[name] = dst.load(name)
+    from safetensors.torch import save_file
+
+    edited_copy(out, dense, quantization_config=None)
+    for f in dense.glob("*.safetensors*"):
+        f.unlink()
+    save_file(tensors, dense / "model.safetensors", metadata={"format": "pt"})
+    reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
+    ids = torch.randint(3, 250, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS[1:], ids=lambda f: fmt_id(f))
+def test_every_format_rewrites_and_loads(build, tmp_path, fmt):
+    built = build("mixtral")
+    model = int4_copy(built, tmp_path, fmt)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
+    assert expert_storage(Checkpoint(out).config).compressed == fmt
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    # The output loads wherever the input does: transformers 5.25 cannot load asymmetric pack-quantized experts
+    # of any MoE checkpoint (its fused-expert conversion drops the zero points), this one's input included.
+    assert loads(out) == loads(model)
+
+
+def loads(path) -> str:
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    except Exception as e:  # whatever transformers raises
+        return f"{type(e).__name__}: {str(e)[:60]}"
+    assert not any(info.values()), info
+    assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
+    return "loads"
+
+
+def test_the_streamed_forward_reads_compressed_weights(build, tmp_path):
+    """dump and eval dequantize as transformers does: the same perplexity."""
+    built = build("deepseek_v3")
+    model = int4_copy(built, tmp_path)
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    report = dern_stream.evaluate(model, tokens=ids, batch_size=2, dtype="float32", progress=False)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        loss = reference(ids, labels=ids).loss
+    assert report.nll_per_token == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_unsupported_schemes_are_one_line_before_any_work(build, tmp_path):
+    built = build("mixtral")
+    model = int4_copy(built, tmp_path)
+    q = json.loads((model / "config.json").read_text())["quantization_config"]
+    cases = {
+        "nvfp4-pack-quantized": {**q, "format": "nvfp4-pack-quantized",
+                                 "config_groups": {"g": {**q["config_groups"]["group_0"], "format": None}}},
+        "config_groups": {**q, "config_groups": {"a": q["config_groups"]["group_0"],
+                                                 "b": q["config_groups"]["group_0"]}},
+        "quantization_status": {**q, "quantization_status": "frozen"},
+        "group_size": {**q, "config_groups": {"g": {**q["config_groups"]["group_0"], "weights": {
+            **q["config_groups"]["group_0"]["weights"], "group_size": 0}}}},
+    }
+    for message, bad in cases.items():
+        copy = edited_copy(model, tmp_path / message, quantization_config=bad)
+        result = CliRunner().invoke(main, ["rewrite", str(copy), str(tmp_path / f"out-{message}"), "--experts", "4",
+                                           "--calib", str(built.calib)])
+        assert_clean_failure(result, tmp_path / f"out-{message}", message)
+
+
+KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                 "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                 "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+
+
+def test_kimi_k2_thinking_is_handled_as_deepseek_v3(build, tmp_path):
+    """Kimi-K2-Thinking's config says model_type kimi_k2 (remote code, absent here) and names DeepSeek-V3's class;
+    its routed experts are int4. The rewrite keeps model_type and auto_map; switched to deepseek_v3, the output loads,
+    and dump and eval run its forward as DeepSeek-V3's."""
+    built = build("deepseek_v3")
+    int4 = int4_copy(built, tmp_path)
+    kimi = edited_copy(int4, tmp_path / "kimi", model_type="kimi_k2", architectures=["DeepseekV3ForCausalLM"],
+                       auto_map=KIMI_AUTO_MAP)
+    out = tmp_path / "out"
+    summary = dern_stream.rewrite(kimi, out, experts=4, calib=built.calib, progress=False)
+    assert any("kimi_k2" in n and "deepseek_v3" in n for n in summary.notes)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "kimi_k2" and config["auto_map"] == KIMI_AUTO_MAP
+    assert config["n_routed_experts"] == 4
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    switched = edited_copy(out, tmp_path / "switched", model_type="deepseek_v3")
+    assert loads(switched) == "loads"
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert dern_stream.evaluate(out, tokens=ids, dtype="float32", progress=False).nll_per_token == pytest.approx(
+        dern_stream.evaluate(switched, tokens=ids, dtype="float32", progress=False).nll_per_token, rel=1e-6)
+
+
+def test_an_unknown_model_type_naming_no_supported_class_is_refused(build, tmp_path):
+    built = build("deepseek_v3")
+    odd = edited_copy(built.model_dir, tmp_path / "odd", model_type="kimi_k9", architectures=["KimiK9ForCausalLM"])
+    result = CliRunner().invoke(main, ["rewrite", str(odd), str(tmp_path / "out"), "--experts", "4", "--calib",
+                                       str(built.calib)])
+    assert_clean_failure(result, tmp_path / "out", "'kimi_k9' is not supported")
+
+
+def test_output_dtype_bf16_dequantizes_the_experts(build, tmp_path):
+    built = build("deepseek_v3")
+    model = int4_copy(built, tmp_path)
+    out = tmp_path / "out"
+    dern_stream.rewrite(model, out, experts=4, calib=built.calib, method="prune", output_dtype="bf16",
+                        progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert loads(out) == "loads"
+    result = CliRunner().invoke(main, ["verify", str(out), "--against", str(model)])
+    assert result.exit_code == 0, result.output
+    fam, src = family_for(config), Checkpoint(model)
+    audit = json.loads((out / "dern_stream.json").read_text())
+    layer, rec = next(iter(audit["layers"].items()))
+    name = fam.expert_name(int(layer), 0, "down")
+    assert torch.equal(Checkpoint(out).load(name),
+                       load_weight(src, fam.expert_name(int(layer), rec["kept"][0], "down")).bfloat16())
