@@ -52,6 +52,7 @@ def report_progress(item) -> None:
 def _start_worker(counter, gpus: int, progress) -> None:
     global _progress
     _progress = progress
+    _release_server_pipe()
     _end_with(os.getppid())
     with counter.get_lock():
         number = counter.value
@@ -60,6 +61,19 @@ def _start_worker(counter, gpus: int, progress) -> None:
         import torch
 
         torch.cuda.set_device(number % gpus)
+
+
+def _release_server_pipe() -> None:
+    """A worker forked from the server inherits the write end of the pipe whose EOF tells the server that its driver
+    is gone (multiprocessing keeps it so that a worker may start processes of its own, which ours never do). Held
+    by the workers, it would keep the server, and so the workers (their parent), alive after the driver dies."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 def _end_with(parent: int) -> None:
