@@ -97,7 +97,7 @@ def rewrite(
     from .runtime.device import deterministic_kernels
 
     with _reading(calib), deterministic_kernels(chosen.device):
-        made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision))
+        made = make_plan(source, out_path, chosen, calib, progress, source_record(source, revision), workers)
         _before_execution(made, push_to_hub)
         summary = execute(made, overwrite=overwrite, restart=restart, progress=progress, started=started,
                           workers=workers, ray_address=ray)
@@ -238,7 +238,7 @@ def plan(
     from .runtime.device import deterministic_kernels
 
     with _reading(calib), deterministic_kernels(chosen.device):
-        made = make_plan(source, out, chosen, calib, progress, source_record(source, revision))
+        made = make_plan(source, out, chosen, calib, progress, source_record(source, revision), workers)
     made.notes += run_notes(made, restart, workers, ray)
     if json_path is not None:
         check_replaceable(json_path, JSON_FILE, overwrite, not_json_of(PLAN_FORMAT, "dern-stream plan"),

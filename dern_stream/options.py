@@ -140,6 +140,10 @@ class RewriteOptions:
                                             "without quantization_config.", OUTPUT_DTYPES, shown="as stored")
     # Not recorded as a method choice: they change speed and layout, not values.
     device: str = option("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    # Recorded in the run's identity, not as a method choice: torch's sums depend on how many threads split them.
+    threads: int | None = option(None, "Torch threads each layer is computed with. The output's bytes can depend on "
+                                 "it, so it is recorded, a resume keeps it, and runs with the same value write the "
+                                 "same bytes whatever --workers says.", shown="the cores shared out among the workers")
     max_shard_size: int = option(5 * 10**9, "Largest output shard, e.g. 500MB, 2GB.", shown="5GB", cli_type=str)
     # The largest float32 block the reassignment and the k-means allocate (benchmarks/memory.py); not an option.
     similarity_block_bytes: int = field(default=16 * 2**20, repr=False)
@@ -154,6 +158,8 @@ class RewriteOptions:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise DernError(f"{arg('alpha')} must lie in [0, 1], got {self.alpha!r}")  # (NaN fails the comparison too)
         whole("kmeans_iters", self.kmeans_iters)
+        if self.threads is not None:
+            whole("threads", self.threads)
         if self.intermediate_size is not None:
             whole("intermediate_size", self.intermediate_size)
         choice("method", self.method, METHODS)
@@ -240,7 +246,7 @@ class RewriteOptions:
     def method_record(self) -> dict:
         """The options that determine the output tensors' values, for the audit record."""
         rec = asdict(self)
-        for key in ("device", "max_shard_size", "similarity_block_bytes", "from_recipe", "notes"):
+        for key in ("device", "threads", "max_shard_size", "similarity_block_bytes", "from_recipe", "notes"):
             rec.pop(key)
         rec["sim_components"] = list(self.sim_components)
         if self.alpha_candidates is not None:

@@ -49,7 +49,7 @@ def audit_record(
         "reproduce": {
             "device_type": device.type if device is not None else None,
             "device_name": device_name(device),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": run.get("threads"),  # (what each layer was computed with: plan.py)
             "calibration_provenance": _named(calib_provenance),
             "resume_key": run,
         },

@@ -10,6 +10,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
@@ -97,8 +98,13 @@ def execute(plan: RewritePlan, *, overwrite: bool = False, restart: bool = False
     (layer_pools.py). The output is the same bytes whichever runs it."""
     started = time.perf_counter() if started is None else started
     check_runs_in_one_process(plan.options, workers, ray_address)
-    with plan.open_source() as ckpt:
-        return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
+    before = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)  # one process computes with the plan's threads too (workers: executors.py)
+    try:
+        with plan.open_source() as ckpt:
+            return _execute(plan, ckpt, overwrite, restart, progress, started, workers, ray_address)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _execute(plan: RewritePlan, ckpt: Checkpoint, overwrite: bool, restart: bool, progress: bool, started: float,

@@ -33,11 +33,10 @@ Finished = tuple[int, dict, dict[str, float]]
 
 def run_local(plan: RewritePlan, staged: Path, layers: list[int], workers: int) -> Iterator[Finished]:
     """`workers` processes on this machine, each running one layer at a time (on CUDA with several GPUs
-    and no index given, worker n on GPU n), each computing with its share of the driver's torch threads."""
-    threads = max(1, plan.threads // workers)  # the cores shared out, not each worker with all of them
+    and no index given, worker n on GPU n), each computing with the plan's threads."""
+    threads = plan.threads  # (by default the cores shared out among the workers: plan.py)
     if plan.device.type == "cpu":
-        log.warning("note: %d workers on the CPU, each computing with %d of its %d threads", workers, threads,
-                    plan.threads)
+        log.warning("note: %d workers on the CPU, each computing with %d thread(s) (--threads)", workers, threads)
     gpus = torch.cuda.device_count() if plan.device.type == "cuda" and plan.device.index is None else 0
     blob = pickle.dumps(plan)
     attempts = dict.fromkeys(layers, 0)

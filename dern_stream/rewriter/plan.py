@@ -74,7 +74,7 @@ class RewritePlan:
     dump: CalibDump | None  # open, checked against the model
     config: dict  # the input's config.json
     ranking_seconds: float  # spent on Stage 1 (the importance pass over the dump)
-    threads: int  # torch's thread count where the plan was made: every worker computes with as many
+    threads: int  # torch threads each layer is computed with, in every executor (the bytes can depend on it)
     origin: dict  # how dern_stream.json names the input (hub.source_record: repo and commit, or directory name)
 
     @property
@@ -117,18 +117,18 @@ class RewritePlan:
 
 
 def make_plan(src: str | Path, out: Path | None, options: RewriteOptions, calib: Path | None,
-              progress: bool = False, origin: dict | None = None) -> RewritePlan:
+              progress: bool = False, origin: dict | None = None, workers: int = 1) -> RewritePlan:
     """Check everything a rewrite needs and decide what it will do; raises DernError (one line) on bad
     input. Reads no expert weight: headers, config.json, routers (and score-correction biases), the dump.
     `origin`: how the record names the input (default: hub.source_record of the directory). The caller
     (api.py) has checked the options and the dump's path against each other (checks.check_calib_choice)."""
     source = resolve_checkpoint(src)
     with Checkpoint(source) as ckpt:
-        return _plan(ckpt, source, out, options, calib, progress, origin or source_record(source))
+        return _plan(ckpt, source, out, options, calib, progress, origin or source_record(source), workers)
 
 
 def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOptions, calib: Path | None,
-          progress: bool, origin: dict) -> RewritePlan:
+          progress: bool, origin: dict, workers: int = 1) -> RewritePlan:
     config = ckpt.config
     family, storage, shape, layers = check_model(ckpt, source, options)
     out_config, notes = output_config(ckpt, family, options)
@@ -146,7 +146,8 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     ranking = time.perf_counter() - ranking
     out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape)
     fingerprint = ckpt.fingerprint()
-    threads = torch.get_num_threads()  # every worker computes with as many, and a resume must too
+    # What each layer is computed with (every executor, and a resume): the cores shared out among local workers
+    threads = options.threads or max(1, torch.get_num_threads() // workers)
     run = run_key(
         options_record=options.method_record(), max_shard_size=options.max_shard_size, device_type=device.type,
         device_name=device_name(device), threads=threads, source_fingerprint=fingerprint,

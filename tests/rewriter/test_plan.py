@@ -204,7 +204,7 @@ def test_plan_with_out_says_what_the_rewrite_would_resume_and_whether_the_disk_h
     from dern_stream.rewriter import plan_record
 
     built, out = build("mixtral"), tmp_path / "out"
-    common = dict(experts=4, calib=built.calib, progress=False)
+    common = dict(experts=4, calib=built.calib, threads=1, progress=False)  # (the same threads, whatever the workers)
     made = dern_stream.plan(built.model_dir, out, workers=2, **common)
     assert not any("interrupted" in n or "free" in n for n in made.notes)
     assert any(n.startswith("2 worker processes") and format_size(2 * made.estimates.host_peak) in n
