@@ -22,6 +22,7 @@ from ..stream import HiddenStore, StreamedModel
 from ..stream.hidden_store import choose_placement
 
 _PAD_ID = 0  # what padded positions hold (HFLM pads with 0 too); no real position sees them
+_WIDTH_STEP = 64
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,9 @@ def model_input(context: Sequence[int], continuation: Sequence[int], max_length:
     if len(continuation) > max_length:
         raise DernError(f"a continuation of {len(continuation)} tokens is longer than the model's max_length "
                         f"{max_length}")
-    whole = [*context, *continuation]
-    if len(whole) < 2:
-        raise DernError("a loglikelihood request needs at least one context token")
-    return whole[-(max_length + 1):][:-1]
+    if not context:  # (HFLM asserts it: lm-eval gives an empty context its prefix token)
+        raise DernError("a loglikelihood request has no context token (a context that encodes to nothing)")
+    return [*context, *continuation][-(max_length + 1):][:-1]
 
 
 class ContinuationScorer:
@@ -67,16 +67,20 @@ class ContinuationScorer:
         self.model, self.max_length, self.batch_size = model, max_length, batch_size
         self.placement, self.scratch_dir = placement, scratch_dir
 
-    def _batches(self, inputs: list[list[int]]) -> list[list[int]]:
+    def _batches(self, inputs: list[tuple[int, ...]]) -> list[list[int]]:
         """Indices of the distinct inputs in batches, longest first (little padding within a batch)."""
         order = sorted(range(len(inputs)), key=lambda i: (-len(inputs[i]), inputs[i]))
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
+    def _width(self, longest: int) -> int:
+        """A batch's padded width: its longest input rounded up to a multiple of _WIDTH_STEP (within max_length), so
+        that few distinct shapes are run: the streamed model keeps each shape's layer arguments (masks, positions)."""
+        return max(longest, min(-(-longest // _WIDTH_STEP) * _WIDTH_STEP, self.max_length))
+
     def plan(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> ScoringPlan:
-        distinct = {tuple(model_input(c, t, self.max_length)): None for c, t in requests}
-        inputs = [list(k) for k in distinct]
+        inputs = list(dict.fromkeys(tuple(model_input(c, t, self.max_length)) for c, t in requests))
         batches = self._batches(inputs)
-        padded = sum(len(b) * len(inputs[b[0]]) for b in batches)
+        padded = sum(len(b) * self._width(len(inputs[b[0]])) for b in batches)
         size = padded * int(self.model.model.config.hidden_size) * self.model.dtype.itemsize
         return ScoringPlan(len(requests), len(inputs), len(batches), padded, size,
                            self.placement or choose_placement(size, self.model.device), self.model.num_layers)
@@ -85,48 +89,59 @@ class ContinuationScorer:
     def score(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], progress: bool = True,
               desc: str = "scoring layers") -> list[tuple[float, bool]]:
         """(summed log-probability of the continuation, whether every continuation token is the argmax) for
-        each request, in order. Identical requests are computed once."""
+        each request, in order. Requests with the same input (the choices of a one-token answer, repeats) share one
+        row of the forward, as HFLM's logits cache shares them."""
         keys = [(tuple(model_input(c, t, self.max_length)), tuple(t)) for c, t in requests]
-        unique = list(dict.fromkeys(keys))
-        inputs = [list(k[0]) for k in unique]
+        by_input: dict[tuple[int, ...], list[tuple]] = {}
+        for key in dict.fromkeys(keys):
+            by_input.setdefault(key[0], []).append(key)
+        inputs = list(by_input)
         batches = self._batches(inputs)
-        ids, positions, targets = [], [], []
-        for batch in batches:
-            width = len(inputs[batch[0]])
+        ids, positions, targets, where = [], [], [], {}
+        for b, batch in enumerate(batches):
+            width = self._width(len(inputs[batch[0]]))
             rows = torch.full((len(batch), width), _PAD_ID, dtype=torch.long)
-            where, wanted = [], []
+            rows_at, wanted, offset = [], [], 0
             for r, u in enumerate(batch):
-                tokens, cont = inputs[u], unique[u][1]
+                tokens = inputs[u]
                 rows[r, :len(tokens)] = torch.tensor(tokens)
-                # Positions len - |cont| .. len - 1 predict the continuation's tokens.
-                where.append(torch.arange(len(tokens) - len(cont), len(tokens)) + r * width)
-                wanted.append(torch.tensor(cont))
+                for key in by_input[tokens]:  # positions len - |cont| .. len - 1 predict the continuation
+                    cont = key[1]
+                    rows_at.append(torch.arange(len(tokens) - len(cont), len(tokens)) + r * width)
+                    wanted.append(torch.tensor(cont))
+                    where[key] = (b, offset, len(cont))
+                    offset += len(cont)
             ids.append(rows)
-            positions.append(torch.cat(where))
+            positions.append(torch.cat(rows_at))
             targets.append(torch.cat(wanted))
+        logprob, greedy = self._run(ids, positions, targets, progress, desc)
+        results = {}
+        for key, (b, offset, n) in where.items():
+            ll = float(logprob[b][offset:offset + n].sum())
+            if not math.isfinite(ll):
+                raise DernError(f"{self.model.ckpt.root} gives a non-finite log-likelihood (NaN or Inf): its weights, "
+                                "or the forward in this dtype, give non-finite logits")
+            results[key] = (ll, bool(greedy[b][offset:offset + n].all()))
+        return [results[k] for k in keys]
+
+    def _run(self, ids: list[torch.Tensor], positions: list[torch.Tensor], targets: list[torch.Tensor],
+             progress: bool, desc: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every batch through every layer, then the log-probability of each target at its position and whether it
+        is the argmax there."""
         logprob = [torch.empty(len(p), dtype=torch.float64) for p in positions]
         greedy = [torch.empty(len(p), dtype=torch.bool) for p in positions]
         model, hidden = self.model, int(self.model.model.config.hidden_size)
-        with model.ckpt, HiddenStore([(*b.shape, hidden) for b in ids], model.dtype, model.device,
-                                     self.placement, self.scratch_dir) as store:
-            model.embed(ids, store)
-            for i in tqdm(range(model.num_layers), desc=desc, unit="layer", disable=not progress):
-                model.run_layer(i, ids, store)
-            for b, start, logits in model.logits_at(ids, store, positions):
-                target = targets[b][start:start + logits.shape[0]].to(logits.device)
-                chosen = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
-                logprob[b][start:start + logits.shape[0]] = chosen.double().cpu()
-                greedy[b][start:start + logits.shape[0]] = (logits.argmax(dim=-1) == target).cpu()
-        results: dict[int, tuple[float, bool]] = {}
-        for b, batch in enumerate(batches):
-            offset = 0
-            for u in batch:
-                n = len(unique[u][1])
-                ll = float(logprob[b][offset:offset + n].sum())
-                if not math.isfinite(ll):
-                    raise DernError(f"{model.ckpt.root} gives a non-finite log-likelihood (NaN or Inf): its weights, "
-                                    "or the forward in this dtype, give non-finite logits")
-                results[u] = (ll, bool(greedy[b][offset:offset + n].all()))
-                offset += n
-        index = {k: u for u, k in enumerate(unique)}
-        return [results[index[k]] for k in keys]
+        try:
+            with model.ckpt, HiddenStore([(*b.shape, hidden) for b in ids], model.dtype, model.device,
+                                         self.placement, self.scratch_dir) as store:
+                model.embed(ids, store)
+                for i in tqdm(range(model.num_layers), desc=desc, unit="layer", disable=not progress):
+                    model.run_layer(i, ids, store)
+                for b, start, logits in model.logits_at(ids, store, positions):
+                    end = start + logits.shape[0]
+                    target = targets[b][start:end].to(logits.device)
+                    logprob[b][start:end] = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].cpu()
+                    greedy[b][start:end] = (logits.argmax(dim=-1) == target).cpu()
+        finally:
+            model.forget_shapes()
+        return logprob, greedy

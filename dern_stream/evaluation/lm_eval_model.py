@@ -33,8 +33,9 @@ DEFAULT_BATCH_SIZE = 8
 @register_model(MODEL_NAME)
 class StreamedLM(TemplateLM):
     """See the module doc. `model_args`: pretrained (a directory or Hub repo id), revision, tokenizer, device,
-    dtype, batch_size, max_length, add_bos_token, prefix_token_id, hidden_placement (device, host or disk:
-    where the hidden states wait between layers; by default the first of them they fit in), scratch_dir."""
+    dtype, batch_size, max_length, add_bos_token, prefix_token_id, trust_remote_code and use_fast_tokenizer (for the
+    tokenizer, as HFLM takes them), hidden_placement (device, host or disk: where the hidden states wait between
+    layers; by default the first of them they fit in), scratch_dir."""
 
     backend = "causal"
 
@@ -43,12 +44,13 @@ class StreamedLM(TemplateLM):
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
                  max_length: int | None = None, add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  hidden_placement: str | None = None, scratch_dir: str | os.PathLike | None = None,
-                 progress: bool = True, **unknown) -> None:
+                 trust_remote_code: bool = False, use_fast_tokenizer: bool = True, progress: bool = True,
+                 **unknown) -> None:
         super().__init__()
         if unknown:
             raise DernError(f"model {MODEL_NAME} takes no argument(s) {', '.join(sorted(unknown))} (it takes "
                             "pretrained, revision, tokenizer, device, dtype, batch_size, max_length, add_bos_token, "
-                            "prefix_token_id, hidden_placement, scratch_dir)")
+                            "prefix_token_id, hidden_placement, scratch_dir, trust_remote_code, use_fast_tokenizer)")
         if hidden_placement not in (None, "device", "host", "disk"):
             raise DernError(f"hidden_placement must be device, host or disk, not {hidden_placement!r}")
         transformers = require_transformers("the dern-stream lm-eval model needs")
@@ -58,7 +60,13 @@ class StreamedLM(TemplateLM):
         self.model = StreamedModel(ckpt, resolve_device(device or "auto"), parse_dtype(str(dtype)))
         self._device = self.model.device
         self.add_bos_token = add_bos_token
-        kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+        # As HFLM loads it: the tokenizer's remote code only where lm-eval's --trust_remote_code asks for it
+        kwargs = {"revision": revision, "trust_remote_code": bool(trust_remote_code),
+                  "use_fast": bool(use_fast_tokenizer)}
+        if add_bos_token is not None:
+            kwargs["add_bos_token"] = add_bos_token
+        if tokenizer is None:
+            kwargs.pop("revision")  # (the checkpoint's own folder, already at that revision)
         source = tokenizer if tokenizer is not None else ckpt.root
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source, **kwargs)

@@ -117,8 +117,8 @@ def score_tasks(src: str | os.PathLike, tasks: str | list[str], *, include_path:
     outputs = []
     for lm, (_, _, what) in zip(lms, models, strict=True):
         lm.on_plan = lambda plan, what=what: echo(f"{what}: {plan}")
-        outputs.append(lm_eval.simple_evaluate(model=lm, tasks=list(loaded["tasks"]) + list(loaded["groups"]),
-                                               task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+        outputs.append(lm_eval.simple_evaluate(model=lm, tasks=manager.match_tasks(names), task_manager=manager,
+                                               num_fewshot=num_fewshot, limit=limit,
                                                log_samples=reference is not None))
     rows = score_rows(outputs[0], outputs[1] if reference is not None else None)
     report = TaskReport(checkpoint=lms[0].checkpoint, tasks=sorted(loaded["tasks"]), rows=rows,

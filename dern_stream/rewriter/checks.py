@@ -64,6 +64,13 @@ def check_widths(options: RewriteOptions, shape: ModelShape, storage: ExpertStor
     if options.refit_router and family.bias_in_logits:
         raise DernError(f"{arg('refit_router')} does not model {family.model_type}'s router bias yet; leave it out "
                         f"({arg('recipe', 'best')} uses it: give {arg('refit_router', False)})")
+    fmt = storage.compressed
+    if fmt is not None and not dequantized and width is not None:
+        unit = fmt.group_size if fmt.strategy == "group" else fmt.block_structure[1] if fmt.strategy == "block" else 1
+        if width % unit:
+            raise DernError(f"{arg('intermediate_size', width)} is not a multiple of {unit}, the compressed-tensors "
+                            f"{fmt.strategy} size of the down projections' columns: use one, or "
+                            f"{arg('output_dtype', 'bf16')}")
     if storage.mxfp4 and not dequantized and width is not None and width % 32:
         raise DernError(f"{arg('intermediate_size', width)} is not a multiple of 32, MXFP4's group size: use one, "
                         f"or {arg('output_dtype', 'bf16')}")

@@ -73,7 +73,9 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     width = options.intermediate_size or h
     held = 0
     if reads_experts:  # the layer's experts as the methods hold them: as stored, MXFP4 as bf16
-        held = expert_bytes(shape, n, h, 2 if storage.mxfp4 else stored_bytes, storage)
+        # (MXFP4 held as bf16, compressed-tensors as float32: storage.formats.ExpertStorage.compute_dtype)
+        held_bytes = 2 if storage.mxfp4 else 4 if storage.compressed is not None else stored_bytes
+        held = expert_bytes(shape, n, h, held_bytes, ExpertStorage() if storage.compressed is not None else storage)
     result_bytes = 4 if storage.quantized else stored_bytes  # quantized: float32 until written
     results = expert_bytes(shape, k, width, result_bytes, ExpertStorage()) if reads_experts else 0
     # The reassignment's kept, pooled and cosine buffers, and the temporaries of the products over them.

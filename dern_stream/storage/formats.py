@@ -187,6 +187,9 @@ def compressed_weights(q: dict) -> CompressedWeights:
     if strategy == "block" and not (isinstance(block, list) and len(block) == 2
                                     and all(type(b) is int and b > 0 for b in block)):
         raise DernError(f"{what}: block strategy with block_structure {block!r}; expected [rows, cols]")
+    if weights.get("actorder") not in (None, False):
+        raise DernError(f"{what}: weights quantized with GPTQ's activation ordering (actorder "
+                        f"{weights.get('actorder')!r}, a weight_g_idx per weight) are not supported")
     if not isinstance(symmetric, bool):
         raise DernError(f"{what}: symmetric is {symmetric!r}; expected true or false")
     return CompressedWeights(fmt, bits, kind, symmetric, strategy, group_size if strategy == "group" else None,

@@ -164,6 +164,10 @@ class StreamedModel:
             for b, ids in enumerate(batches):
                 store[b] = self._record(input_ids=ids.to(self.device))
 
+    def forget_shapes(self) -> None:
+        """Drop the layer arguments recorded for each batch shape (they hold masks and positions per shape)."""
+        self._contexts.clear()
+
     @torch.no_grad()
     def prepare(self, batches: list[torch.Tensor]) -> None:
         """Only the layers' call arguments (resuming from saved hidden states): no embeddings are read."""

@@ -289,3 +289,44 @@ def test_without_lm_eval_the_extra_is_named_in_one_line(tmp_path, tasks):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --tasks needs lm-evaluation-harness: pip install "
                                                   "'dern-stream[eval]'"]
+
+
+def test_choices_of_one_token_share_a_row_and_match_the_models_own_forward(tmp_path):
+    """Requests with the same input (the choices of a one-token answer) are run as one row, as HFLM's logits cache
+    runs them once; each still gets its own log-probability, that of transformers' forward on the context."""
+    from transformers import AutoModelForCausalLM
+
+    from dern_stream.checkpoint import Checkpoint
+    from dern_stream.errors import DernError
+    from dern_stream.evaluation.continuation_scores import ContinuationScorer
+    from dern_stream.stream import StreamedModel
+
+    path = checkpoint(tmp_path, "qwen2_moe")
+    context = [5, 17, 99, 140, 23]
+    requests = [(context, [t]) for t in (7, 8, 9, 10)] + [(context[:3], [11, 12])]
+    scorer = ContinuationScorer(StreamedModel(Checkpoint(path), torch.device("cpu"), torch.float32), 128, 4)
+    plan = scorer.plan(requests)
+    assert (plan.requests, plan.distinct) == (5, 2)
+    scores = scorer.score(requests, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), dim=-1)
+        two = torch.log_softmax(model(torch.tensor([context[:3] + [11]])).logits[0, -2:].float(), dim=-1)
+    for (ll, greedy), t in zip(scores[:4], (7, 8, 9, 10), strict=True):
+        assert ll == pytest.approx(float(logp[t]), abs=1e-4) and greedy == (int(logp.argmax()) == t)
+    assert scores[4][0] == pytest.approx(float(two[0, 11] + two[1, 12]), abs=1e-4)
+    with pytest.raises(DernError, match="no context token"):
+        scorer.score([([], [3, 4])], progress=False)
+
+
+def test_a_group_of_tasks_is_scored(tmp_path, tasks):
+    (tasks.parent / "groups").mkdir(exist_ok=True)
+    (tasks.parent / "groups" / "tiny_group.yaml").write_text(
+        "group: tiny_group\ntask:\n  - tiny_mc\n  - tiny_ppl\nmetadata:\n  version: 1.0\n")
+    for f in tasks.glob("*.yaml"):
+        (tasks.parent / "groups" / f.name).write_text(f.read_text())
+    path = checkpoint(tmp_path, "mixtral")
+    result = CliRunner().invoke(main, ["eval", str(path), "--tasks", "tiny_group", "--include-path",
+                                       str(tasks.parent / "groups"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "tiny_mc" in result.output and "tiny_ppl" in result.output

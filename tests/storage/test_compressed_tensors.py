@@ -163,12 +163,17 @@ def test_unsupported_schemes_are_one_line_before_any_work(build, tmp_path):
         "quantization_status": {**q, "quantization_status": "frozen"},
         "group_size": {**q, "config_groups": {"g": {**q["config_groups"]["group_0"], "weights": {
             **q["config_groups"]["group_0"]["weights"], "group_size": 0}}}},
+        "actorder": {**q, "config_groups": {"g": {**q["config_groups"]["group_0"], "weights": {
+            **q["config_groups"]["group_0"]["weights"], "actorder": "group"}}}},
     }
     for message, bad in cases.items():
         copy = edited_copy(model, tmp_path / message, quantization_config=bad)
         result = CliRunner().invoke(main, ["rewrite", str(copy), str(tmp_path / f"out-{message}"), "--experts", "4",
                                            "--calib", str(built.calib)])
         assert_clean_failure(result, tmp_path / f"out-{message}", message)
+    result = CliRunner().invoke(main, ["rewrite", str(model), str(tmp_path / "out-width"), "--experts", "4",
+                                       "--calib", str(built.calib), "--intermediate-size", "16"])
+    assert_clean_failure(result, tmp_path / "out-width", "is not a multiple of 32")
 
 
 KIMI_AUTO_MAP = {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
