@@ -158,8 +158,11 @@ def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
     for name in ckpt.entries:
         tensor = ckpt.load(name)
         if name in experts:
-            stored = compress(fmt, tensor, {"weight_scale": tensor.dtype, "weight_shape": torch.int32})
-            tensors.update(zip(fmt.names(name), stored.values(), strict=True))
+            scale = torch.float8_e4m3fn if fmt.format == "nvfp4-pack-quantized" else tensor.dtype
+            stored = compress(fmt, tensor, {"weight_scale": scale, "weight_shape": torch.int32})
+            if fmt.input_scale:  # NVFP4 W4A4: the activations' global scale, as calibration leaves one
+                stored["input_global_scale"] = torch.tensor([448.0 * 6.0], dtype=torch.float32)
+            tensors.update(zip(fmt.names(name), (stored[p] for p in fmt.params), strict=True))
             continue
         tensors[name] = tensor
         if name.endswith(".weight") and tensor.dim() == 2 and not name.endswith("embed_tokens.weight"):
@@ -169,8 +172,9 @@ def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
     config = json.loads((dst / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "compressed-tensors", "format": fmt.format, "quantization_status": "compressed",
-        "config_groups": {"group_0": {**fmt.scheme(), "input_activations": None, "output_activations": None,
-                                      "format": fmt.format}},
+        "config_groups": {"group_0": {**fmt.scheme(), "output_activations": None, "format": fmt.format,
+                                      "input_activations": {**fmt.scheme()["weights"], "dynamic": False}
+                                      if fmt.input_scale else None}},
         "ignore": ignore, "kv_cache_scheme": None}
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst

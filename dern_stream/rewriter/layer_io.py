@@ -210,8 +210,11 @@ def _write_part(writer: ShardedWriter, ckpt: Checkpoint, layer: MoELayer, name: 
         fmt, dtypes = storage.compressed, {p: DTYPES[d] for p, d in layer.stored_dtypes}
         stored = compressed_tensors.compress(fmt, rebuilt.float(), dtypes)
         error.add(rebuilt, compressed_tensors.decompress(fmt, stored))
-        for out, p in zip(fmt.names(name), fmt.params, strict=True):
-            writer.write(out, stored[p].cpu())
+        for out, src, p in zip(fmt.names(name), fmt.names(source), fmt.params, strict=True):
+            if p in stored:
+                writer.write(out, stored[p].cpu())
+            else:  # NVFP4's input_global_scale, the activations' scale: the kept expert's
+                writer.copy_raw(out, ckpt.entries[src])
     elif storage.fp8 and not dequantized:
         weight = rebuilt.float()
         q, scale = quantize(weight, storage.block, DTYPES[layer.scale_dtype], storage.pow2_scales)

@@ -38,7 +38,7 @@ def decompress(fmt: CompressedWeights, stored: dict[str, torch.Tensor]) -> torch
 def _min_max(weight: torch.Tensor, fmt: CompressedWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight's minimum and maximum per quantization group, shaped as the scales."""
     rows, cols = weight.shape
-    if fmt.strategy == "group":
+    if fmt.strategy in ("group", "tensor_group"):
         if cols % fmt.group_size:
             raise DernError(f"a weight of {cols} columns does not split into groups of {fmt.group_size}")
         grouped = weight.reshape(rows, cols // fmt.group_size, fmt.group_size)
@@ -71,14 +71,21 @@ def compress(fmt: CompressedWeights, weight: torch.Tensor, dtypes: dict[str, tor
     """The stored tensors (by suffix) of float `weight` in `fmt`, each in the dtype `dtypes` gives for its suffix (the
     input's): scales from the weight's min and max per group, rounded to their stored dtype before the weight is
     quantized with them, so that what is stored dequantizes as it was quantized."""
-    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     compressor, scheme = _compressor_and_scheme(fmt)
     weight = weight.float()
     low, high = _min_max(weight, fmt)
-    scale, zero_point = calculate_qparams(low, high, scheme.weights)
-    state = {"weight": weight, "weight_scale": scale.to(dtypes.get("weight_scale", scale.dtype))}
+    # NVFP4: a global scale over the whole weight first, which the FP8 group scales are relative to
+    global_scale = generate_gparam(weight.amin(), weight.amax()) if fmt.strategy == "tensor_group" else None
+    scale, zero_point = calculate_qparams(low, high, scheme.weights, global_scale=global_scale)
+    # (NVFP4's group scales come back already rounded to FP8 values, and its compressor casts them itself)
+    state = {"weight": weight, "weight_scale": scale if global_scale is not None else
+             scale.to(dtypes.get("weight_scale", scale.dtype))}
+    if global_scale is not None:
+        state["weight_global_scale"] = global_scale.reshape(1)
     if not fmt.symmetric:
         state["weight_zero_point"] = zero_point
     out = compressor.compress(state, scheme)
-    return {p: out[p].to(dtypes[p]) if p in dtypes else out[p] for p in fmt.params}
+    # (an input_global_scale is the activations', not the weight's: the caller keeps the source expert's)
+    return {p: out[p].to(dtypes[p]) if p in dtypes else out[p] for p in fmt.params if p in out}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import mxfp4
-from .formats import MXFP4_BLOCKS, MXFP4_SCALES, SCALE_SUFFIX, CompressedWeights, expert_storage
+from .formats import MXFP4_BLOCKS, MXFP4_SCALES, NVFP4, SCALE_SUFFIX, CompressedWeights, expert_storage
 from .fp8_blocks import FP8_MAX, dequantize
 from .tensor_kinds import compressed_parts, is_mxfp4, is_scaled_fp8
 
@@ -82,8 +82,8 @@ def compressed_problem(ckpt: Checkpoint, fmt: CompressedWeights, parts: dict[str
     if not bool(torch.isfinite(scale).all()):
         return f"{parts['weight_scale']} holds NaN or Inf"
     largest = float(scale.abs().max()) if scale.numel() else 0.0
-    if largest * (FP8_MAX if fmt.type == "float" else 2 ** fmt.num_bits) <= LIMIT:
-        return None
+    if fmt.format != NVFP4 and largest * (FP8_MAX if fmt.type == "float" else 2 ** fmt.num_bits) <= LIMIT:
+        return None  # (NVFP4's values are also divided by a global scale: read them)
     values = decompress(fmt, {p: ckpt.load(stored) for p, stored in parts.items()}).to(torch.bfloat16)
     if bool(torch.isfinite(values).all()):
         return None

@@ -36,10 +36,14 @@ class CompressedWeights:
     strategy: str  # group, channel, tensor or block
     group_size: int | None = None
     block_structure: tuple[int, int] | None = None
+    input_scale: bool = False  # NVFP4 with quantized activations: an `input_global_scale` beside each weight
 
     @property
     def params(self) -> tuple[str, ...]:
         """The stored tensors of a weight, as compressed-tensors names them (suffixes of the module's name)."""
+        if self.format == NVFP4:
+            return ("weight_packed", "weight_scale", "weight_global_scale") + (
+                ("input_global_scale",) if self.input_scale else ())
         first = ("weight_packed", "weight_scale", "weight_shape") if self.format == "pack-quantized" \
             else ("weight", "weight_scale")
         return first + (() if self.symmetric else ("weight_zero_point",))
@@ -51,6 +55,10 @@ class CompressedWeights:
 
     def stored_shapes(self, rows: int, cols: int) -> dict[str, tuple[int, ...]]:
         """Each stored tensor's shape for a [rows, cols] weight, by suffix, as compressed-tensors writes them."""
+        if self.format == NVFP4:  # two E2M1 values a byte, an FP8 scale per group, a float32 global scale
+            shapes = {"weight_packed": (rows, cols // 2), "weight_scale": (rows, -(-cols // self.group_size)),
+                      "weight_global_scale": (1,)}
+            return {**shapes, **({"input_global_scale": (1,)} if self.input_scale else {})}
         per_group = {"group": (rows, -(-cols // (self.group_size or 1))), "channel": (rows, 1), "tensor": (1,)}
         if self.block_structure:
             per_group["block"] = (-(-rows // self.block_structure[0]), -(-cols // self.block_structure[1]))
@@ -67,6 +75,8 @@ class CompressedWeights:
 
     def stored_dtype(self) -> str:
         """The safetensors dtype of the first stored tensor (the packed or quantized values)."""
+        if self.format == NVFP4:
+            return "U8"
         return "I32" if self.format == "pack-quantized" else ("F8_E4M3" if self.type == "float" else "I8")
 
     def scheme(self) -> dict:
@@ -74,6 +84,8 @@ class CompressedWeights:
         weights = {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
                    "strategy": self.strategy, "group_size": self.group_size,
                    "block_structure": list(self.block_structure) if self.block_structure else None}
+        if self.format == NVFP4:
+            weights["scale_dtype"] = "torch.float8_e4m3fn"
         return {"targets": ["Linear"], "weights": weights}
 
 
@@ -145,9 +157,10 @@ def expert_storage(config: dict) -> ExpertStorage:
 
 
 COMPRESSED_TENSORS = "compressed-tensors"
-COMPRESSED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
+NVFP4 = "nvfp4-pack-quantized"
+COMPRESSED_FORMATS = ("pack-quantized", "int-quantized", "float-quantized", NVFP4)
 _STRATEGIES = {"pack-quantized": ("group", "channel"), "int-quantized": ("group", "channel", "tensor"),
-               "float-quantized": ("channel", "tensor", "block", "group")}
+               "float-quantized": ("channel", "tensor", "block", "group"), NVFP4: ("tensor_group",)}
 
 
 def compressed_weights(q: dict) -> CompressedWeights:
@@ -167,22 +180,23 @@ def compressed_weights(q: dict) -> CompressedWeights:
                         "compressed checkpoints (quantization_status compressed)")
     if fmt not in COMPRESSED_FORMATS:
         raise DernError(f"{what} format {fmt!r} is not supported; supported: {', '.join(COMPRESSED_FORMATS)} "
-                        "(nvfp4-pack-quantized and the mixed and sparse formats are not yet)")
+                        "(the mixed and sparse formats are not yet)")
     if not isinstance(weights, dict):
         raise DernError(f"{what} config group has no weights scheme")
     bits, kind, strategy = weights.get("num_bits"), weights.get("type", "int"), weights.get("strategy")
     symmetric, group_size, block = weights.get("symmetric", True), weights.get("group_size"), \
         weights.get("block_structure")
     if kind not in ("int", "float") or type(bits) is not int or not (fmt == "pack-quantized" and kind == "int"
-                                                                     and 1 <= bits <= 8 or bits == 8):
+                                                                     and 1 <= bits <= 8 or bits == 8
+                                                                     or fmt == NVFP4 and bits == 4):
         raise DernError(f"{what}: {fmt} weights of {bits} bit(s) of type {kind!r} are not supported")
-    if (fmt == "float-quantized") != (kind == "float"):
+    if (fmt in ("float-quantized", NVFP4)) != (kind == "float"):
         raise DernError(f"{what}: format {fmt} does not store {kind} weights")
     if strategy not in _STRATEGIES[fmt] or weights.get("dynamic") not in (None, False):
         raise DernError(f"{what}: {fmt} weights with strategy {strategy!r}"
                         + (" and dynamic quantization" if weights.get("dynamic") else "")
                         + f" are not supported; supported strategies: {', '.join(_STRATEGIES[fmt])}")
-    if strategy == "group" and not (type(group_size) is int and group_size > 0):
+    if strategy in ("group", "tensor_group") and not (type(group_size) is int and group_size > 0):
         raise DernError(f"{what}: group strategy with group_size {group_size!r}; expected a positive integer")
     if strategy == "block" and not (isinstance(block, list) and len(block) == 2
                                     and all(type(b) is int and b > 0 for b in block)):
@@ -192,5 +206,11 @@ def compressed_weights(q: dict) -> CompressedWeights:
                         f"{weights.get('actorder')!r}, a weight_g_idx per weight) are not supported")
     if not isinstance(symmetric, bool):
         raise DernError(f"{what}: symmetric is {symmetric!r}; expected true or false")
-    return CompressedWeights(fmt, bits, kind, symmetric, strategy, group_size if strategy == "group" else None,
-                             tuple(block) if strategy == "block" else None)
+    if fmt == NVFP4 and not symmetric:
+        raise DernError(f"{what}: {fmt} weights are symmetric (symmetric: false is not supported)")
+    activations = group.get("input_activations")
+    return CompressedWeights(fmt, bits, kind, symmetric, strategy,
+                             group_size if strategy in ("group", "tensor_group") else None,
+                             tuple(block) if strategy == "block" else None,
+                             fmt == NVFP4 and isinstance(activations, dict)
+                             and activations.get("dynamic", False) is False)  # (static: a stored input scale)
