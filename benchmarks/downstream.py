@@ -8,7 +8,8 @@ Optional and slow (a llama.cpp build on first use); not part of the test suite. 
    shared library is built (CPU, one job, `nice -n 19`); the Python bindings are used from the
    unpacked source with LLAMA_CPP_LIB_PATH pointing at that library. Everything lands under
    WORKDIR/llama.cpp and a second run reuses it.
-2. For each case (CASES: Mixtral, Qwen2-MoE, DeepSeek-V3 with groups kept and with groups collapsed):
+2. For each case (CASES: Mixtral, Qwen2-MoE, DeepSeek-V3 with groups kept and with groups collapsed, DeepSeek-V3
+   with compressed-tensors int4 experts, dots.llm1):
    a tiny random checkpoint (dern_stream.tiny_models builders, with a GPT-2-style byte-level BPE
    tokenizer), a calibration dump of text, and a DERN rewrite to half the experts.
 3. The original and the rewrite are converted with `convert_hf_to_gguf.py --outtype f32` (f32: the
@@ -147,9 +148,13 @@ SEQ = 128  # the tiny models' max_position_embeddings
 # "deepseek_v3-4groups" has 2 experts per group, so at half the experts its groups collapse (docs/formats.md,
 # "Family rules"), where "deepseek_v3" keeps 2 groups of 2.
 _DEEPSEEK = {"num_key_value_heads": 4}
+# "deepseek_v3-int4": the original stored as Kimi-K2-Thinking stores its experts (compressed-tensors pack-quantized
+# int4, groups of 32), rewritten in that format; "dots1": a family added in 2026 that llama.cpp has.
 CASES: dict[str, tuple[str, dict]] = {
     "mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", {}), "deepseek_v3": ("deepseek_v3", _DEEPSEEK),
-    "deepseek_v3-4groups": ("deepseek_v3", {**_DEEPSEEK, "n_group": 4, "topk_group": 2})}
+    "deepseek_v3-4groups": ("deepseek_v3", {**_DEEPSEEK, "n_group": 4, "topk_group": 2}),
+    "deepseek_v3-int4": ("deepseek_v3", _DEEPSEEK), "dots1": ("dots1", {})}
+COMPRESSED_CASES = ("deepseek_v3-int4",)
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "n_group",
                "topk_group", "n_shared_experts", "scoring_func", "topk_method", "norm_topk_prob")
 
@@ -185,6 +190,10 @@ def make_models(case: str, root: Path) -> tuple[Path, Path, Path, list[int]]:
                         **overrides)
     original = save_model(model, root / "original")
     tokenizer.save_pretrained(original)
+    if case in COMPRESSED_CASES:
+        from dern_stream.tiny_models import save_compressed_copy
+
+        original = save_compressed_copy(original, root / "original-int4")
     experts = next(FAMILY_CONFIGS[family][k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
                    if k in FAMILY_CONFIGS[family])
     calib = root / "calib.zarr"
