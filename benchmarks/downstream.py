@@ -148,12 +148,14 @@ SEQ = 128  # the tiny models' max_position_embeddings
 # "deepseek_v3-4groups" has 2 experts per group, so at half the experts its groups collapse (docs/formats.md,
 # "Family rules"), where "deepseek_v3" keeps 2 groups of 2.
 _DEEPSEEK = {"num_key_value_heads": 4}
+_LFM2 = {"tie_word_embeddings": True}  # as LFM2's releases are: the converter maps no separate lm_head
 # "deepseek_v3-int4": the original stored as Kimi-K2-Thinking stores its experts (compressed-tensors pack-quantized
-# int4, groups of 32), rewritten in that format; "dots1": a family added in 2026 that llama.cpp has.
+# int4, groups of 32), rewritten in that format; "dots1" and "lfm2_moe": families added in 2026 that llama.cpp has
+# (dots1's loader, too, wants as many KV heads as attention heads).
 CASES: dict[str, tuple[str, dict]] = {
     "mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", {}), "deepseek_v3": ("deepseek_v3", _DEEPSEEK),
     "deepseek_v3-4groups": ("deepseek_v3", {**_DEEPSEEK, "n_group": 4, "topk_group": 2}),
-    "deepseek_v3-int4": ("deepseek_v3", _DEEPSEEK), "dots1": ("dots1", {})}
+    "deepseek_v3-int4": ("deepseek_v3", _DEEPSEEK), "dots1": ("dots1", _DEEPSEEK), "lfm2_moe": ("lfm2_moe", _LFM2)}
 COMPRESSED_CASES = ("deepseek_v3-int4",)
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok", "n_group",
                "topk_group", "n_shared_experts", "scoring_func", "topk_method", "norm_topk_prob")
