@@ -19,6 +19,11 @@ def family_for(config: dict) -> Family:
     if family is not None:
         check_config(config, family)  # value types and ranges, before any command does any work
         return family
+    text = config.get("text_config")
+    if isinstance(text, dict) and any(k in text for k in _EXPERT_COUNT_KEYS):
+        raise DernError(f"model_type {model_type!r} is a multimodal checkpoint whose text model is a "
+                        f"Mixture-of-Experts model ({text.get('model_type', 'text_config')}); its layout (the text "
+                        "model under model.language_model) is not supported yet")
     if not any(k in config for k in _EXPERT_COUNT_KEYS):
         raise DernError(f"model_type {model_type!r} is not a Mixture-of-Experts model (config.json has no expert "
                         f"count); dern-stream shrinks MoE models: {', '.join(sorted(FAMILIES))}")

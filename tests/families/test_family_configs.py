@@ -111,3 +111,16 @@ def test_each_record_names_the_class_transformers_builds_for_it():
         expected = family.tiny_config["architectures"] if family.remote_code else \
             [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
         assert list(family.architectures) == expected, model_type
+
+
+def test_a_multimodal_moe_checkpoint_is_named_as_such():
+    """Qwen3-VL-MoE, Qwen3-Omni-MoE, Qwen3.5-MoE: the expert count sits in text_config; the refusal says so rather
+    than calling the model dense."""
+    import pytest
+
+    from dern_stream.errors import DernError
+    from dern_stream.families import family_for
+
+    config = {"model_type": "qwen3_vl_moe", "text_config": {"model_type": "qwen3_vl_moe_text", "num_experts": 128}}
+    with pytest.raises(DernError, match="multimodal checkpoint whose text model is a Mixture-of-Experts model"):
+        family_for(config)
