@@ -17,6 +17,7 @@ from functools import partial
 
 from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, opt
 from ..record import Family, always, norm_topk_prob
+from .deepseek import routed_scaling_factor
 from .mixtral import W123, sigmoid_top_k
 
 
@@ -24,12 +25,6 @@ def after_dense_layers(config: dict, i: int, default: int = 0) -> bool:
     """The first `num_dense_layers` layers are dense (absent: the config class's default)."""
     dense = config.get("num_dense_layers", default)
     return i >= (default if dense is None else dense)
-
-
-def routed_scaling_factor(config: dict) -> float:
-    """LFM2-MoE: the renormalised scores times `routed_scaling_factor` (default 1)."""
-    value = config.get("routed_scaling_factor", 1.0)
-    return float(1.0 if value is None else value)
 
 
 def route_scale(config: dict) -> float:

@@ -74,9 +74,9 @@ MLP_LAYER_TYPES = Kind('a list of "dense" or "sparse", one per layer', is_layer_
 
 
 def sparse_layer(config: dict, i: int, dense_key: str | None = "first_k_dense_replace", dense: int = 1) -> bool:
-    """GLM-4.7-Flash, GLM-5, Kimi-Linear: `mlp_layer_types[i] == "sparse"` where config.json lists them, else the
-    config class's own list: the first `dense_key` layers dense (`dense` where it is absent or the class ignores it,
-    dense_key None)."""
+    """GLM-4.7-Flash, GLM-5, Kimi-Linear (and K-EXAONE, MiniCPM-5-MoE, Cohere2-MoE: sigmoid_grouped.py,
+    softmax_topk.py): `mlp_layer_types[i] == "sparse"` where config.json lists them, else the config class's own
+    list: the first `dense_key` layers dense (`dense` where it is absent or the class ignores it, dense_key None)."""
     types = config.get("mlp_layer_types")
     if types is None:
         return i >= ((config.get(dense_key, dense) if dense_key else dense) or 0)

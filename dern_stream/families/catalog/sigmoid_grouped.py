@@ -8,26 +8,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, Kind, opt
+from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, opt
 from ..record import Family, always, grouped_if, norm_topk_prob
-from .deepseek import routed_scaling_factor, sigmoid_grouped_router
-
-
-def _layer_kinds(value) -> bool:
-    return isinstance(value, list) and all(v in ("dense", "sparse") for v in value)
-
-
-MLP_LAYER_TYPES = Kind('a list of "dense" and "sparse"', _layer_kinds)
-
-
-def sparse_mlp_layer(config: dict, i: int, dense: int = 1) -> bool:
-    """`mlp_layer_types[i] == "sparse"`; without the list, the layers after the first `first_k_dense_replace`
-    (absent: `dense`, the config class's default; the class writes only the list to config.json)."""
-    kinds = config.get("mlp_layer_types")
-    if kinds is not None:
-        return i < len(kinds) and kinds[i] == "sparse"
-    return i >= (config.get("first_k_dense_replace", dense) or 0)
-
+from .deepseek import MLP_LAYER_TYPES, routed_scaling_factor, sigmoid_grouped_router, sparse_layer
 
 # The transformers class of each family here: config.json's `architectures` names it.
 CAUSAL_LM_CLASSES = {"exaone_moe": "ExaoneMoeForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM"}
@@ -47,7 +30,7 @@ def v3_router_family(model_type: str, expert_keys: tuple[str, ...], bias: str, s
         grouped_routing=grouped_if,
         uses_groups=always,
         group_defaults=(1, 1),
-        moe_layer=sparse_mlp_layer,
+        moe_layer=sparse_layer,  # mlp_layer_types, else after first_k_dense_replace (default 1)
         min_group_experts=2,  # each group is scored by its top two experts (topk(2) fails on a group of one)
         renormalises=partial(norm_topk_prob, default=True),
         routed_scale=partial(routed_scaling_factor, default=scale),

@@ -13,7 +13,7 @@ from functools import partial
 from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, opt
 from ..record import Family, norm_topk_prob
 from ..routing import SigmoidTopK, SoftmaxOverTopLogits, softmax_top_k
-from .sigmoid_grouped import MLP_LAYER_TYPES, sparse_mlp_layer
+from .deepseek import MLP_LAYER_TYPES, sparse_layer
 
 
 def cohere2_router(config: dict) -> SoftmaxOverTopLogits | SigmoidTopK:
@@ -50,7 +50,7 @@ FAMILIES = (
     Family(
         model_type="cohere2_moe",
         architectures=("Cohere2MoeForCausalLM",),
-        moe_layer=partial(sparse_mlp_layer, dense=0),
+        moe_layer=partial(sparse_layer, dense=0),
         expert_count_keys=("num_experts",),
         intermediate_key="intermediate_size",
         make_router=cohere2_router,
