@@ -108,10 +108,6 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     and float32 `weight_scale_inv` per 128x128 block, declared in quantization_config. Embeddings, norms,
     routers, biases and lm_head stay as they were (which is what those releases leave unquantized). `block`
     and `quantization` (e.g. scale_fmt="ue8m0") change the quantization_config written."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     from .checkpoint import Checkpoint
     from .storage import quantize
     from .storage.formats import SCALE_SUFFIX
@@ -127,22 +123,13 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
             tensors[name], tensors[name + SCALE_SUFFIX] = quantize(tensor, block, pow2_scales=pow2)
         else:
             tensors[name] = tensor
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = config_entry
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return dst
+    return _quantized_copy(src, dst, tensors, config_entry)
 
 
 def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
     """`src` with its routed experts stored as compressed-tensors stores them (by default Kimi-K2-Thinking's
     pack-quantized int4, symmetric, groups of 32; `fmt` a storage.formats.CompressedWeights), every other Linear
     module named in the config's `ignore` list and left as it was, as that release does."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     from .checkpoint import Checkpoint
     from .families import family_for
     from .storage.compressed_tensors import compress
@@ -167,27 +154,18 @@ def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
         tensors[name] = tensor
         if name.endswith(".weight") and tensor.dim() == 2 and not name.endswith("embed_tokens.weight"):
             ignore.append(name[:-len(".weight")])  # (lm_head among them)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {
+    return _quantized_copy(src, dst, tensors, {
         "quant_method": "compressed-tensors", "format": fmt.format, "quantization_status": "compressed",
         "config_groups": {"group_0": {**fmt.scheme(), "output_activations": None, "format": fmt.format,
                                       "input_activations": {**fmt.scheme()["weights"], "dynamic": False}
                                       if fmt.input_scale else None}},
-        "ignore": ignore, "kv_cache_scheme": None}
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return dst
+        "ignore": ignore, "kv_cache_scheme": None})
 
 
 def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
     """A gpt-oss checkpoint `src` with its experts stored as OpenAI's release stores them: MXFP4
     `*_blocks` [N, rows, cols / 32, 16] and `*_scales` [N, rows, cols / 32] of the transposed projections
     (gate_up [N, 2h, d], down [N, d, h]), declared `quant_method: mxfp4`; biases and the rest as they were."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     from .checkpoint import Checkpoint
     from .storage import mxfp4
     from .storage.formats import MXFP4_BLOCKS, MXFP4_SCALES
@@ -202,11 +180,21 @@ def save_mxfp4_copy(src: str | Path, dst: str | Path) -> Path:
             tensors[name + MXFP4_BLOCKS], tensors[name + MXFP4_SCALES] = blocks, scales
         else:
             tensors[name] = tensor
+    return _quantized_copy(src, dst, tensors, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+
+
+def _quantized_copy(src: Path, dst: Path, tensors: dict, quantization_config: dict) -> Path:
+    """DST: SRC's side files (config, tokenizer...), `tensors` in one shard, and config.json declaring
+    `quantization_config`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = quantization_config
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dst
 

@@ -39,16 +39,7 @@ def check_eval_arguments(src, *, text, dataset, tokens_given: bool, tokenizer, n
         check_text_source(text, dataset)
     if calib is not None:
         check_dump_path(calib)
-    check_device_name(device)
-    check_dtype_name(dtype)
-    local = check_checkpoint_ref(src, revision)
-    if local is not None:  # (a Hub repo's files are known only once fetched: evaluate checks it then)
-        check_forward_model(Checkpoint(local))
-    if reference is not None:
-        try:
-            check_checkpoint_ref(reference, reference_revision)
-        except DernError as e:
-            raise DernError(f"{arg('reference')}: {e}") from None
+    local = _check_models(src, revision, reference, reference_revision, device, dtype, reference_forward=False)
     if json_path is None:
         return None
     return check_json_target(json_path, overwrite, EVAL_FORMAT, "dern-stream eval", {
@@ -83,6 +74,19 @@ def check_task_arguments(src, *, tasks: str, include_path, num_fewshot: int | No
         raise DernError(f"{arg('batch_size', batch_size)}: give 1 or more requests per batch")
     if importlib.util.find_spec("lm_eval") is None:
         raise DernError(f"{arg('tasks')} needs lm-evaluation-harness: pip install 'dern-stream[eval]'")
+    local = _check_models(src, revision, reference, reference_revision, device, dtype, reference_forward=True)
+    if json_path is None:
+        return None
+    return check_json_target(json_path, overwrite, TASK_EVAL_FORMAT, "dern-stream eval --tasks", {
+        **(read_paths("the checkpoint", local) if local else {}), "the reference": reference,
+        "the tokenizer": expand_user(tokenizer), "the task folder": expand_user(include_path)})
+
+
+def _check_models(src, revision: str | None, reference, reference_revision: str | None, device: str, dtype: str,
+                  reference_forward: bool) -> Path | None:
+    """The device and dtype names, the checkpoint (and the reference: checked for the streamed forward too with
+    `reference_forward`) where they are local; returns the checkpoint's local path (None for a Hub repo id, whose
+    files are known only once fetched: the command checks it then)."""
     check_device_name(device)
     check_dtype_name(dtype)
     local = check_checkpoint_ref(src, revision)
@@ -91,12 +95,8 @@ def check_task_arguments(src, *, tasks: str, include_path, num_fewshot: int | No
     if reference is not None:
         try:
             ref_local = check_checkpoint_ref(reference, reference_revision)
-            if ref_local is not None:
+            if reference_forward and ref_local is not None:
                 check_forward_model(Checkpoint(ref_local))
         except DernError as e:
             raise DernError(f"{arg('reference')}: {e}") from None
-    if json_path is None:
-        return None
-    return check_json_target(json_path, overwrite, TASK_EVAL_FORMAT, "dern-stream eval --tasks", {
-        **(read_paths("the checkpoint", local) if local else {}), "the reference": reference,
-        "the tokenizer": expand_user(tokenizer), "the task folder": expand_user(include_path)})
+    return local

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DernError
+from ..runtime.arguments import format_size
 from ..stream import HiddenStore, StreamedModel
 from ..stream.hidden_store import choose_placement
 
@@ -37,8 +38,6 @@ class ScoringPlan:
     layers: int
 
     def __str__(self) -> str:
-        from ..runtime.arguments import format_size
-
         where = {"device": "on the compute device", "host": "in host memory",
                  "disk": "in a scratch file (host memory holds one batch)"}[self.placement]
         batches = f"{self.batches} batch{'es' if self.batches != 1 else ''}"

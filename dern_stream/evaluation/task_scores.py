@@ -63,8 +63,6 @@ def load_tasks(names: list[str], include_path: str | os.PathLike | None):
         raise DernError(f"lm-eval knows no task {', '.join(unknown)}{where}: `lm_eval ls tasks` lists them")
     try:
         loaded = manager.load(manager.match_tasks(names))
-    except DernError:
-        raise
     except Exception as e:  # a task's YAML or dataset that lm-eval cannot load
         raise DernError(f"lm-eval cannot load the task(s) {', '.join(names)}: {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:300]}") from None

@@ -166,16 +166,11 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
     expected_shape = {"gate": (h, d), "up": (h, d), "down": (d, h)}
     expected = {family.expert_name(i, e, p): p for e in range(n) for p in PARTS}
     scales = {name + SCALE_SUFFIX: p for name, p in expected.items()} if storage.fp8 else {}
-    present = {name for name in names if family.is_layer_expert_tensor(i, name)}
-    if present - set(expected) - set(scales):
-        extra = min(present - set(expected) - set(scales), key=natural_key)
-        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}"
-                        + (" (config.json declares no quantization_config)"
-                           if extra.endswith(SCALE_SUFFIX) and not storage.fp8 else ""))
-    if (set(expected) | set(scales)) - present:
-        missing = min((set(expected) | set(scales)) - present, key=natural_key)
-        raise DernError(f"layer {i} is missing expert tensor {missing} (config says {n} experts"
-                        + (f", FP8 with {list(storage.block)} block scales)" if storage.fp8 else ")"))
+    _check_expert_names(family, i, names, {*expected, *scales},
+                        lambda extra: " (config.json declares no quantization_config)"
+                        if extra.endswith(SCALE_SUFFIX) and not storage.fp8 else "",
+                        f"config says {n} experts" + (f", FP8 with {list(storage.block)} block scales"
+                                                      if storage.fp8 else ""))
     dtypes, scale_dtypes = set(), set()
     for name, p in expected.items():
         entry = ckpt.entries[name]
@@ -189,6 +184,17 @@ def _check_per_expert(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
                             f"{list(expected_shape[p])} need {list(grid)}")
         scale_dtypes.add(entry.dtype)
     return dtypes, scale_dtypes
+
+
+def _check_expert_names(family: Family, i: int, names: list[str], expected: set[str], extra_note, why: str) -> None:
+    """Layer i's expert tensors among `names` are exactly `expected`: the first other one is refused (with
+    `extra_note(name)`), then the first missing one (with `why`, what the config implies)."""
+    present = {name for name in names if family.is_layer_expert_tensor(i, name)}
+    if present - expected:
+        extra = min(present - expected, key=natural_key)
+        raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra}{extra_note(extra)}")
+    if expected - present:
+        raise DernError(f"layer {i} is missing expert tensor {min(expected - present, key=natural_key)} ({why})")
 
 
 def _check_compressed(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage,
@@ -205,13 +211,8 @@ def _check_compressed(ckpt: Checkpoint, family: Family, i: int, shape: ModelShap
                 raise DernError(f"{weight} is stored unquantized while config.json's quantization_config stores the "
                                 "experts as compressed-tensors: experts left out of the quantization are not supported")
             expected.update(zip(fmt.names(weight), fmt.stored_shapes(rows, cols).values(), strict=True))
-    present = {name for name in names if family.is_layer_expert_tensor(i, name)}
-    if present - set(expected):
-        raise DernError(f"layer {i} has an expert tensor this tool does not handle: "
-                        f"{min(present - set(expected), key=natural_key)} (config.json declares {fmt.format})")
-    if set(expected) - present:
-        raise DernError(f"layer {i} is missing expert tensor {min(set(expected) - present, key=natural_key)} "
-                        f"(config says {n} experts in compressed-tensors {fmt.format})")
+    _check_expert_names(family, i, names, set(expected), lambda _: f" (config.json declares {fmt.format})",
+                        f"config says {n} experts in compressed-tensors {fmt.format}")
     dtypes: dict[str, set[str]] = {p: set() for p in fmt.params}
     for name, want in expected.items():
         entry = ckpt.entries[name]

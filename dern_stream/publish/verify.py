@@ -324,28 +324,26 @@ def _scan(ckpt: Checkpoint, family, layers, audit: dict | None, sums: dict | Non
 
 def _compare_to_source(ckpt: Checkpoint, name: str, source: Checkpoint, counterpart: tuple[str | None, str | list[int]],
                        differing: dict[str, str], report: VerifyReport) -> None:
-    """One OUT tensor against its IN counterpart: the same dtype (or IN's FP8 dequantized to bf16), and the
-    same values where the rewrite leaves it unchanged; a tensor whose values differ goes into `differing`."""
+    """One OUT tensor against its IN counterpart: the same dtype (or IN's FP8 or compressed-tensors weight dequantized
+    to bf16), and the same values where the rewrite leaves it unchanged; a tensor whose values differ goes into
+    `differing`."""
     entry = ckpt.entries[name]
     src_name, mode = counterpart
     if src_name is None:
         report.problems.append(f"{name} has no counterpart in {source.root}")
         return
-    if src_name not in source.entries:  # a compressed-tensors weight of IN, dequantized (--output-dtype)
-        if mode == "same":
-            if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
-                report.identical += 1
-            else:
-                differing[name] = f"{name} is not {source.root.name}'s compressed {src_name} dequantized"
-        return
-    src = source.entries[src_name]
-    dequantized = src.dtype != entry.dtype and entry.dtype == "BF16" and is_scaled_fp8(source, src_name)
-    if dequantized and mode == "same":  # --output-dtype: the input's FP8 weight, dequantized
+    src = source.entries.get(src_name)  # None: a compressed-tensors weight of IN, stored as its own tensors
+    stored = "compressed" if src is None else "FP8"
+    dequantized = src is None or (src.dtype != entry.dtype and entry.dtype == "BF16"
+                                  and is_scaled_fp8(source, src_name))
+    if dequantized:  # --output-dtype: the input's quantized weight, dequantized
+        if mode != "same":
+            return
         if torch.equal(ckpt.load(name), load_weight(source, src_name).to(DTYPES[entry.dtype])):
             report.identical += 1
         else:
-            differing[name] = f"{name} is not {source.root.name}'s FP8 {src_name} dequantized"
-    elif src.dtype != entry.dtype and not dequantized:
+            differing[name] = f"{name} is not {source.root.name}'s {stored} {src_name} dequantized"
+    elif src.dtype != entry.dtype:
         report.problems.append(f"{name} is {entry.dtype}, {source.root.name}'s {src_name} is {src.dtype}")
     elif isinstance(mode, list):  # score-correction bias: the kept experts' rows, as they were
         before = source.load(src_name)

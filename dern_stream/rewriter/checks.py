@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..calib.dump_files import check_dump_path
 from ..errors import DernError, arg
 from ..families import Family, family_for
-from ..layout.moe_layers import ModelShape, MoELayer, check_decoder_layers, check_moe_layers
+from ..layout.moe_layers import ModelShape, MoELayer, check_decoder_layers, check_moe_layers, layer_of
 from ..storage.formats import ExpertStorage, expert_storage
 from ..storage.tensor_kinds import check_fp8_tensors
 
@@ -95,7 +95,8 @@ def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
         raise DernError(f"{arg('output_dtype', options.output_dtype)} writes a quantized checkpoint dequantized; "
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
     if dequantized and storage.compressed is not None:
-        packed = next((n for n in ckpt.entries if n.endswith(".weight_scale") and ".experts." not in n), None)
+        packed = next((n for n in ckpt.entries if n.endswith(".weight_scale")  # (every format stores one)
+                       and not family.is_layer_expert_tensor(layer_of(n), n)), None)
         if packed is not None:
             raise DernError(f"{arg('output_dtype', options.output_dtype)} dequantizes the experts of a "
                             f"compressed-tensors checkpoint, but {packed[:-len('_scale')]} is compressed too, and "
