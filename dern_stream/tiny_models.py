@@ -26,7 +26,10 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     """A randomly initialised transformers causal LM of `family` (model_type)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(family, **{**_COMMON, **FAMILY_CONFIGS[family], **overrides})
+    common = dict(_COMMON)
+    if FAMILIES[family].layers_key != "num_hidden_layers":  # (LongCat-Flash derives num_hidden_layers from its own)
+        common[FAMILIES[family].layers_key] = common.pop("num_hidden_layers")
+    config = AutoConfig.for_model(family, **{**common, **FAMILY_CONFIGS[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     from .stream.executor import moe_block_of, router_weight
@@ -126,10 +129,11 @@ def save_fp8_copy(src: str | Path, dst: str | Path, block: tuple[int, int] = (12
     return _quantized_copy(src, dst, tensors, config_entry)
 
 
-def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
+def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None, plain=()) -> Path:
     """`src` with its routed experts stored as compressed-tensors stores them (by default Kimi-K2-Thinking's
     pack-quantized int4, symmetric, groups of 32; `fmt` a storage.formats.CompressedWeights), every other Linear
-    module named in the config's `ignore` list and left as it was, as that release does."""
+    module named in the config's `ignore` list and left as it was, as that release does. `plain`: (layer, expert)
+    pairs left unquantized too, each projection named in `ignore` (as llm-compressor names the experts it skips)."""
     from .checkpoint import Checkpoint
     from .families import family_for
     from .storage.compressed_tensors import compress
@@ -138,9 +142,9 @@ def save_compressed_copy(src: str | Path, dst: str | Path, fmt=None) -> Path:
     fmt = fmt or CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
-    family = family_for(ckpt.config)
+    family, plain = family_for(ckpt.config), set(plain)
     experts = {family.expert_name(i, e, p) for i in family.moe_layers(ckpt.entries)
-               for e in range(family.num_experts(ckpt.config)) for p in ("gate", "up", "down")}
+               for e in range(family.num_experts(ckpt.config)) for p in ("gate", "up", "down") if (i, e) not in plain}
     tensors, ignore = {}, []
     for name in ckpt.entries:
         tensor = ckpt.load(name)

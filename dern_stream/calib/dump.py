@@ -109,7 +109,7 @@ def _open_checkpoint(src: str | os.PathLike, revision: str | None, out_path: Pat
     ckpt = Checkpoint(resolve_checkpoint(src, revision))
     family = check_forward_model(ckpt)
     # Layers past the decoder (DeepSeek-V3's multi-token prediction) are never reached by a forward.
-    moe_layers = moe_layer_indices(ckpt, family, below=int(ckpt.config.get("num_hidden_layers", 0)))
+    moe_layers = moe_layer_indices(ckpt, family, below=family.decoder_layers(ckpt.config))
     check_apart(out_path, "DUMP", {**read_paths("the input checkpoint", ckpt.root), "the text": text,
                                    "the tokenizer": tokenizer})  # (again: a Hub repo's files are known only now)
     return ckpt, family, moe_layers

@@ -10,6 +10,7 @@ is safe from several threads at once (the rewrite reads the next layer while it 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,27 @@ def open_sequential(path: str) -> int:
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     return fd
+
+
+def data_extents(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
+    """The stretches of [offset, offset + size) the file stores as data, as (start, end): where it has holes (zeros it
+    never wrote, as a sparse file holds) they are left out. All of the range where the file system cannot tell, or
+    where the range ends past the end of the file (which the read then reports)."""
+    end, extents, pos = offset + size, [], offset
+    if end > os.fstat(fd).st_size:
+        return [(offset, end)]
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data >= end:
+                break
+            pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos
+                break
+            return [(offset, end)]
+        extents.append((data, pos))
+    return extents
 
 
 def pread_fully(fd: int, view: memoryview, offset: int, file: str, what: str) -> None:

@@ -22,7 +22,7 @@ from ..runtime.durable_files import write_durably
 from .descriptors import DescriptorCache, descriptor_budget
 from .integrity import all_finite, bytes_finite, checksum, new_hasher
 from .safetensors_format import DTYPE_NAMES, TensorEntry, TensorSpec, build_header
-from .source import INDEX_NAME, SINGLE_NAME, open_sequential, pread_fully
+from .source import INDEX_NAME, SINGLE_NAME, data_extents, open_sequential, pread_fully
 
 _COPY_CHUNK = 16 * 2**20  # bytes per read/write of a copied tensor (one reused buffer)
 
@@ -108,6 +108,7 @@ class ShardedWriter:
         self._touched: set[int] = set()  # shards written since the last commit()
         self._checksums: dict[str, str] = {}  # since the last take_checksums()
         self._buffer: memoryview | None = None
+        self._zeros: memoryview | None = None  # what a hole in the source holds
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(s.nbytes for s in specs)
         shards = layout_shards(specs, max_shard_size)
@@ -148,14 +149,32 @@ class ShardedWriter:
         for start in range(0, src.nbytes, _COPY_CHUNK):
             view = self._buffer[:min(_COPY_CHUNK, src.nbytes - start)]
             with self._sources.use(src.file) as source:
-                pread_fully(source, view, src.start + start, src.file, f"tensor {name!r}")
-            if not bytes_finite(view, src.dtype):
+                extents = data_extents(source, src.start + start, len(view))
+                if not extents:  # a hole: zeros, not read
+                    view = self._zero_view(len(view))
+                else:
+                    pread_fully(source, view, src.start + start, src.file, f"tensor {name!r}")
+            if extents and not bytes_finite(view, src.dtype):
                 raise NonFiniteTensor(f"tensor {name} holds NaN or Inf values in the input "
                                       f"({os.path.basename(src.file)}); the input weights are not finite", copied=True)
             hasher.update(view)
-            self._pwrite(name, view, offset + start)
+            if extents == [(src.start + start, src.start + start + len(view))]:
+                self._pwrite(name, view, offset + start)
+                continue
+            # Part of the source is a hole: its zeros are written only where the output already holds data (a new
+            # shard is a hole), so a sparse input costs no disk in the output either.
+            shift = offset - src.start
+            fd = self._shard(self._slots[name][0])
+            for a, b in _merged([(a + shift, b + shift) for a, b in extents]
+                                + data_extents(fd, offset + start, len(view))):
+                self._pwrite(name, view[a - offset - start:b - offset - start], a)
         self._checksums[name] = hasher.hexdigest()
         self._done(name)
+
+    def _zero_view(self, size: int) -> memoryview:
+        if self._zeros is None:
+            self._zeros = memoryview(bytes(_COPY_CHUNK))
+        return self._zeros[:size]
 
     def skip(self, name: str) -> None:
         """`name` is already in place (written by the interrupted run this one resumes)."""
@@ -281,6 +300,17 @@ class ShardedWriter:
         flushes, self._flushes = self._flushes, []
         for flush in flushes:
             flush.result()
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping or touching (start, end) ranges joined, in order."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _create(path: Path, head: bytes, size: int) -> None:

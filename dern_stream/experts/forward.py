@@ -9,7 +9,7 @@ unchanged by every method, so they cancel in any output difference.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +49,25 @@ class Gating:
     act: str = "silu"
     input_scaled: bool = False  # the weight scales the expert's input (Llama-4), not its output
     glu: Callable | None = None  # glu(g, u) when the family's experts do not compute act(g) * u (gpt-oss)
+    # A layer's zero-computation experts (LongCat-Flash): their router rows [Z, d] and correction-bias entries [Z],
+    # scored after the routed experts' (indices N.. in the selection); each returns its input, times its weight.
+    passive_rows: torch.Tensor | None = field(default=None, compare=False)
+    passive_bias: torch.Tensor | None = field(default=None, compare=False)
+
+    def with_passive(self, rows: torch.Tensor | None, bias: torch.Tensor | None) -> Gating:
+        """This routing for a layer whose router also scores the zero experts `rows` (None or empty: unchanged)."""
+        if rows is None or rows.shape[0] == 0:
+            return self
+        return replace(self, passive_rows=rows, passive_bias=bias)
 
     def scores(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
         """(selected experts [T, k], the router's scores of them [T, k]: before renormalisation and scaling; on
-        Mixtral the softmax probabilities over all N experts)."""
+        Mixtral the softmax probabilities over all N experts). A zero expert is selected as N + its index."""
+        if self.passive_rows is not None:
+            rows = self.passive_rows.to(router_weight.device, router_weight.dtype)
+            router_weight = torch.cat([router_weight, rows])
+            if bias is not None:
+                bias = torch.cat([bias, self.passive_bias.to(bias.device, bias.dtype)])
         return self.router.select(x @ router_weight.float().T, bias)
 
     def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
@@ -133,6 +148,8 @@ def routed_output(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tens
     idx, w = gating.weights(x, router_weight, bias)
     act = gating.activation()
     out = torch.zeros_like(x)
+    if gating.passive_rows is not None and members is None:  # the zero experts' part: their weights times x
+        out += x * w.masked_fill(idx < router_weight.shape[0], 0.0).sum(dim=-1, keepdim=True)
     block = row_block(experts.intermediate, x.shape[1])
     members = members if members is not None else range(experts.gate.shape[0])
     for e in members:

@@ -12,7 +12,8 @@ from .record import Family
 
 def rules_for(family: Family) -> dict[str, Rule]:
     """The table for `family`: common keys, its expert count and width keys, its own keys."""
-    return {**COMMON, **{k: opt(POS_INT) for k in (*family.expert_count_keys, *family.top_k_keys)},
+    common = {(family.layers_key if k == "num_hidden_layers" else k): rule for k, rule in COMMON.items()}
+    return {**common, **{k: opt(POS_INT) for k in (*family.expert_count_keys, *family.top_k_keys)},
             family.intermediate_key: req(POS_INT), **family.config_rules}
 
 

@@ -147,6 +147,12 @@ class Family:
     # sum of its top two experts, so a group of one cannot be routed (transformers: "selected index k
     # out of range").
     min_group_experts: int = 1
+    # config.json's decoder-layer count (LongCat-Flash: num_layers, each layer holding two attention sublayers).
+    layers_key: str = "num_hidden_layers"
+    # The config key counting zero-computation (identity) experts whose router rows and correction-bias entries follow
+    # the routed experts' (LongCat-Flash): not weights, so every rewrite keeps them, after the K kept experts' rows.
+    passive_key: str | None = None
+    passive_default: int = 0  # the config class's count where config.json leaves passive_key out (null: none)
     # The fewest experts the family's config can build a MoE layer of, and why (Jamba: 2), where that is above one.
     min_experts: tuple[int, str] | None = None
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).
@@ -232,6 +238,17 @@ class Family:
                 return config[key]
         raise DernError(f"config.json has no expert count ({' or '.join(self.expert_count_keys)})")
 
+    def decoder_layers(self, config: dict) -> int:
+        """The decoder layers config.json declares (a positive integer: config_check.py)."""
+        return config[self.layers_key]
+
+    def passive_experts(self, config: dict) -> int:
+        """Zero-computation experts the router scores after the routed ones (0 for most families)."""
+        if self.passive_key is None:
+            return 0
+        value = config.get(self.passive_key, self.passive_default)
+        return value if isinstance(value, int) else 0
+
     def top_k_key(self, config: dict) -> str:
         return next((k for k in self.top_k_keys if k in config), self.top_k_keys[0])
 
@@ -271,9 +288,9 @@ class Family:
 
     def routing_problem(self, config: dict) -> str | None:
         """Why a model with this config cannot route (in transformers or vLLM), or None when it can."""
-        n, k = self.num_experts(config), self.top_k(config)
-        if k > n:
-            return f"num_experts_per_tok {k} exceeds the {n} experts"
+        n, k, zero = self.num_experts(config), self.top_k(config), self.passive_experts(config)
+        if k > n + zero:
+            return f"num_experts_per_tok {k} exceeds the {n} experts" + (f" and {zero} zero experts" if zero else "")
         if self.min_experts is not None and n < self.min_experts[0]:
             return f"{self.min_experts[1]}, which this checkpoint's MoE layers are not"
         defaults = self.group_defaults or (None, None)
@@ -290,7 +307,7 @@ class Family:
                     f"and {n} experts in {n_group} group(s) leave {n // n_group} per group")
         if topk_group > n_group:
             return f"topk_group={topk_group} is not between 1 and n_group={n_group}"
-        if topk_group * (n // n_group) < k:
+        if topk_group * (n // n_group) + zero < k:
             return (f"the topk_group={topk_group} groups a token may use hold {topk_group * (n // n_group)} experts, "
                     f"fewer than num_experts_per_tok={k}")
         return None
@@ -316,11 +333,12 @@ class Family:
         present = [k for k in self.expert_count_keys if k in config]
         for key in present or self.expert_count_keys[:1]:
             out[key] = experts
+        routable = experts + self.passive_experts(config)
         for top_k_key in [k for k in self.top_k_keys if k in config]:
             top_k = config[top_k_key]
-            if isinstance(top_k, int) and top_k > experts:
-                out[top_k_key] = experts
-                notes.append(f"{top_k_key} clipped from {top_k} to {experts} (K is below it)")
+            if isinstance(top_k, int) and top_k > routable:
+                out[top_k_key] = routable
+                notes.append(f"{top_k_key} clipped from {top_k} to {routable} (K is below it)")
         if intermediate_size is not None:
             if self.fixed_width is not None and intermediate_size != self.intermediate_size(config):
                 raise DernError(f"{arg('intermediate_size')} cannot change {self.model_type} experts: "

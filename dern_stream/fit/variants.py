@@ -40,7 +40,8 @@ class Variant:
         x, target = rows
         new_router, residual = result.router, None
         if self.router:
-            new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE)
+            new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE,
+                                      anchored=routing.before.passive_rows is not None)
             current = None  # the routing changed
         if self.down:
             ridge = options.refit_ridge if self.ridge is None else self.ridge

@@ -12,6 +12,7 @@ from ..errors import DernError
 from ..families import PARTS, Family, family_for, require_forward
 from ..storage.formats import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, SCALE_SUFFIX, ExpertStorage, scale_shape
 from ..storage.tensor_kinds import check_fp8_tensors, is_fp8_scale, is_scaled_fp8
+from .compressed_experts import check_stored_form, unquantized_experts
 from .fused_tensors import fused_tensors
 
 
@@ -24,6 +25,14 @@ class MoELayer:
     storage: ExpertStorage = ExpertStorage()
     scale_dtype: str | None = None  # FP8: the block scales' stored dtype
     stored_dtypes: tuple[tuple[str, str], ...] = ()  # compressed-tensors: each stored tensor's dtype, by suffix
+    # compressed-tensors: the experts stored unquantized (the config's ignore list or targets leave them out), and
+    # their float dtype; in an output layer, the positions made from such experts
+    plain: tuple[int, ...] = ()
+    plain_dtype: str | None = None
+
+    def tensor_names(self, weight_name: str, expert: int) -> list[str]:
+        """The stored tensors of `weight_name` for an expert stored as `expert` of this layer is."""
+        return [weight_name] if expert in self.plain else self.storage.tensor_names(weight_name)
 
     def expert_entry(self, ckpt: Checkpoint, family: Family, expert: int, part: str) -> TensorEntry:
         return ckpt.entries[family.expert_name(self.index, expert, part)]
@@ -57,18 +66,19 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
     Layers past num_hidden_layers are accepted only as multi-token-prediction layers the config
     declares (DeepSeek-V3's num_nextn_predict_layers)."""
     config = ckpt.config
-    n = config["num_hidden_layers"]  # a positive integer: config_check.py
+    key = family_for(config).layers_key
+    n = config[key]  # a positive integer: config_check.py
     present = sorted({i for i in map(layer_of, ckpt.entries) if i is not None})
     below = [i for i in present if i < n]
     if len(below) < n:
         missing = next(i for i in range(n) if i >= len(below) or below[i] != i)
-        raise DernError(f"config.json says num_hidden_layers {n}, but the shards hold no tensor of layer {missing} "
+        raise DernError(f"config.json says {key} {n}, but the shards hold no tensor of layer {missing} "
                         f"(they hold {len(below)} decoder layers)")
     extra = [i for i in present if i >= n]
     predicts = config.get("num_nextn_predict_layers")
     predicts = predicts if type(predicts) is int and predicts >= 0 else 0
     if extra and extra[-1] >= n + predicts:
-        raise DernError(f"the shards hold layer {extra[-1]}, past config.json's num_hidden_layers {n}"
+        raise DernError(f"the shards hold layer {extra[-1]}, past config.json's {key} {n}"
                         + (f" and its {predicts} prediction layer(s)" if predicts else ""))
     embed = ckpt.entries.get("model.embed_tokens.weight")
     expected = (config.get("vocab_size"), config.get("hidden_size"))
@@ -82,7 +92,7 @@ def check_moe_placement(ckpt: Checkpoint, family: Family) -> None:
     build a dense MLP where the shards hold experts, or the reverse, and the output could not load)."""
     if family.moe_layer is None:
         return
-    n = ckpt.config["num_hidden_layers"]
+    n = family.decoder_layers(ckpt.config)
     found = [i for i in family.moe_layers(ckpt.entries) if i < n]
     try:
         expected = [i for i in range(n) if family.moe_layer(ckpt.config, i)]
@@ -109,20 +119,24 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         raise DernError(f"MXFP4 is gpt-oss's storage; {family.model_type} checkpoints in it are not supported")
     indices = moe_layer_indices(ckpt, family)
     n, d = shape.num_experts, shape.hidden
+    rows = n + family.passive_experts(ckpt.config)  # (LongCat-Flash's zero experts' rows follow)
     by_layer: dict[int | None, list[str]] = {}  # (each layer's checks look at its own names only)
     for name in ckpt.entries:
         by_layer.setdefault(layer_of(name), []).append(name)
     layers = []
     for i in indices:
         router = ckpt.entries[family.router_name(i)]
-        if router.shape != (n, d):
-            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[n, d]}")
+        if router.shape != (rows, d):
+            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[rows, d]}")
         stored_dtypes: tuple[tuple[str, str], ...] = ()
+        plain: tuple[tuple[int, ...], str | None] = ((), None)
         if family.fused is not None:
             dtypes, scale_dtypes = _check_fused(ckpt, family, i, shape, storage), set()
         elif storage.compressed is not None:
-            stored_dtypes = _check_compressed(ckpt, family, i, shape, storage, by_layer.get(i, []))
-            dtypes, scale_dtypes = {dict(stored_dtypes)[storage.compressed.params[0]]}, set()
+            stored_dtypes, plain = _check_compressed(ckpt, family, i, shape, storage, by_layer.get(i, []))
+            # (a layer the config leaves wholly unquantized has no stored dtype of its own: the format's)
+            dtypes = {dict(stored_dtypes).get(storage.compressed.params[0], storage.compressed.stored_dtype())}
+            scale_dtypes = set()
         else:
             dtypes, scale_dtypes = _check_per_expert(ckpt, family, i, shape, storage, by_layer.get(i, []))
         allowed = storage.weight_dtypes()
@@ -135,11 +149,11 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
                             "supported: F32 or BF16, the same for all")
         bias_name = family.bias_name(i)
         bias = ckpt.entries.get(bias_name) if bias_name else None
-        if bias is not None and bias.shape not in ((n,), (1, n)):
-            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[n]} (or {[1, n]})")
+        if bias is not None and bias.shape not in ((rows,), (1, rows)):
+            raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[rows]} (or {[1, rows]})")
         _check_no_unknown_per_expert(ckpt, family, i, n, by_layer.get(i, []))
         layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None,
-                               stored_dtypes))
+                               stored_dtypes, *plain))
     return layers
 
 
@@ -198,32 +212,43 @@ def _check_expert_names(family: Family, i: int, names: list[str], expected: set[
 
 
 def _check_compressed(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage,
-                      names: list[str]) -> tuple[tuple[str, str], ...]:
-    """A layer's compressed-tensors experts: every weight's stored tensors there with the shapes its format gives
-    a weight of the config's shape, nothing else, and one dtype per stored tensor. Returns the dtypes by suffix."""
+                      names: list[str]) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[int, ...], str | None]]:
+    """A layer's compressed-tensors experts: each stored as the config says (compressed_experts.py), every quantized
+    weight's stored tensors there with the shapes its format gives a weight of the config's shape, every unquantized
+    one a plain weight of that shape, nothing else, and one dtype per stored tensor (and one for the plain weights).
+    Returns the dtypes by suffix, and the unquantized experts with their dtype."""
     fmt, n, d, h = storage.compressed, shape.num_experts, shape.hidden, shape.intermediate
-    expected = {}
+    plain = unquantized_experts(ckpt.config, family, i, n)
+    expected, plain_names = {}, set()
     for e in range(n):
         for part in PARTS:
             weight = family.expert_name(i, e, part)
             rows, cols = (d, h) if part == "down" else (h, d)
-            if weight in ckpt.entries and fmt.params[0] != "weight":
-                raise DernError(f"{weight} is stored unquantized while config.json's quantization_config stores the "
-                                "experts as compressed-tensors: experts left out of the quantization are not supported")
+            check_stored_form(ckpt, fmt, weight, e in plain)
+            if e in plain:
+                expected[weight] = (rows, cols)
+                plain_names.add(weight)
+                continue
             expected.update(zip(fmt.names(weight), fmt.stored_shapes(rows, cols).values(), strict=True))
     _check_expert_names(family, i, names, set(expected), lambda _: f" (config.json declares {fmt.format})",
                         f"config says {n} experts in compressed-tensors {fmt.format}")
-    dtypes: dict[str, set[str]] = {p: set() for p in fmt.params}
+    dtypes: dict[str, set[str]] = {p: set() for p in fmt.params} | {"unquantized": set()}
     for name, want in expected.items():
         entry = ckpt.entries[name]
         if entry.shape != want:
-            raise DernError(f"{name} has shape {list(entry.shape)}; {fmt.format} ({fmt.strategy}) weights of the "
-                            f"config's shape need {list(want)}")
-        dtypes[next(p for p in fmt.params if name.endswith("." + p))].add(entry.dtype)
-    if any(len(v) != 1 for v in dtypes.values()):
-        odd = next(p for p, v in dtypes.items() if len(v) != 1)
+            need = "the config implies" if name in plain_names else \
+                f"{fmt.format} ({fmt.strategy}) weights of the config's shape need"
+            raise DernError(f"{name} has shape {list(entry.shape)}; {need} {list(want)}")
+        kind = "unquantized" if name in plain_names else next(p for p in fmt.params if name.endswith("." + p))
+        dtypes[kind].add(entry.dtype)
+    odd = next((p for p, v in dtypes.items() if len(v) > 1), None)
+    if odd is not None:
         raise DernError(f"layer {i} experts' {odd} tensors are stored in several dtypes ({sorted(dtypes[odd])})")
-    return tuple((p, v.pop()) for p, v in dtypes.items())
+    if not dtypes["unquantized"] <= set(FLOAT_DTYPES):
+        raise DernError(f"layer {i}'s unquantized experts are stored as {dtypes['unquantized'].pop()}; supported: one "
+                        f"of {', '.join(FLOAT_DTYPES)}")
+    plain_dtype = dtypes.pop("unquantized").pop() if plain else None
+    return tuple((p, v.pop()) for p, v in dtypes.items() if v), (plain, plain_dtype)
 
 
 def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, storage: ExpertStorage) -> set[str]:
@@ -269,6 +294,7 @@ def plan_output(
     by_router = {family.router_name(layer.index): layer for layer in layers}  # by name: entries may compare equal
     biases = {family.bias_name(layer.index) for layer in layers if layer.bias is not None}
     moe_indices = [layer.index for layer in layers]
+    rows = experts + family.passive_experts(ckpt.config)  # the kept experts' rows, then the zero experts'
     specs, copied = [], []
     for name in sorted(ckpt.entries, key=natural_key):
         entry = ckpt.entries[name]
@@ -278,10 +304,10 @@ def plan_output(
         if (dequantized and is_fp8_scale(ckpt, name)) or family.is_dropped(name):
             continue
         if name in by_router:
-            specs.append(TensorSpec(name, entry.dtype, (experts, entry.shape[1])))
+            specs.append(TensorSpec(name, entry.dtype, (rows, entry.shape[1])))
             specs += _expert_specs(family, by_router[name], entry.shape[1], experts, intermediate)
         elif name in biases:
-            specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], experts)))
+            specs.append(TensorSpec(name, entry.dtype, (*entry.shape[:-1], rows)))
         else:
             dtype = "BF16" if dequantized and is_scaled_fp8(ckpt, name) else entry.dtype
             specs.append(TensorSpec(name, dtype, entry.shape))
@@ -300,6 +326,9 @@ def _expert_specs(family: Family, layer: MoELayer, d: int, experts: int, interme
             shape = (d, intermediate) if part == "down" else (intermediate, d)
             name = family.expert_name(layer.index, e, part)
             fmt = layer.storage.compressed
+            if fmt is not None and e in layer.plain:
+                specs.append(TensorSpec(name, layer.plain_dtype, shape))
+                continue
             if fmt is not None:
                 dtypes = dict(layer.stored_dtypes)
                 specs += [TensorSpec(stored, dtypes[suffix], stored_shape) for stored, (suffix, stored_shape) in
@@ -312,10 +341,28 @@ def _expert_specs(family: Family, layer: MoELayer, d: int, experts: int, interme
     return specs
 
 
-def output_layers(layers: list[MoELayer], dequantized: bool) -> list[MoELayer]:
-    """How the output stores each layer's experts: as the input, or dequantized to bf16."""
-    return [replace(layer, dtype="BF16", storage=ExpertStorage(), scale_dtype=None) if dequantized else layer
-            for layer in layers]
+def output_layers(layers: list[MoELayer], dequantized: bool, kept: dict[int, list[int] | None] | None = None,
+                  experts: int = 0, num_experts: int = 0) -> list[MoELayer]:
+    """How the output stores each layer's experts: as the input, or dequantized to bf16. compressed-tensors: each of
+    the `experts` output experts (of the input's `num_experts`) in the form of the input expert it is made from
+    (kept[layer], the plan's choice)."""
+    if dequantized:
+        return [replace(layer, dtype="BF16", storage=ExpertStorage(), scale_dtype=None, plain=(), plain_dtype=None)
+                for layer in layers]
+    return [replace(layer, plain=_plain_positions(layer, (kept or {}).get(layer.index), experts, num_experts))
+            if layer.plain else layer for layer in layers]
+
+
+def _plain_positions(layer: MoELayer, kept: list[int] | None, experts: int, num_experts: int) -> tuple[int, ...]:
+    """The output positions of `layer` made from unquantized experts. The plan lays out every tensor before the layer
+    runs, so a method that chooses its experts as it runs (kept None) can rewrite only a layer in one form."""
+    if kept is not None:
+        return tuple(j for j, e in enumerate(kept) if e in layer.plain)
+    if len(layer.plain) == num_experts:  # (every expert unquantized)
+        return tuple(range(experts))
+    raise DernError(f"layer {layer.index} holds both quantized and unquantized experts (compressed-tensors' ignore "
+                    "list), and this method chooses the experts it keeps as the layer runs, after the output's layout "
+                    "is fixed: use a method that ranks them first (dern, prune)")
 
 
 def check_plan_complete(specs: list[TensorSpec], writes: dict[int, list[str]]) -> None:

@@ -162,7 +162,7 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport, recorded: se
             used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer)
         except DernError as e:
             report.problems.append(str(e))
-    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    decoder_layers = family.decoder_layers(ckpt.config)
     extra = sorted((n for n in set(ckpt.entries) - used if (layer_of(n) or 0) < decoder_layers), key=natural_key)
     copied, unknown = [n for n in extra if n in recorded], [n for n in extra if n not in recorded]
     if unknown:
@@ -333,9 +333,10 @@ def _compare_to_source(ckpt: Checkpoint, name: str, source: Checkpoint, counterp
         report.problems.append(f"{name} has no counterpart in {source.root}")
         return
     src = source.entries.get(src_name)  # None: a compressed-tensors weight of IN, stored as its own tensors
-    stored = "compressed" if src is None else "FP8"
-    dequantized = src is None or (src.dtype != entry.dtype and entry.dtype == "BF16"
-                                  and is_scaled_fp8(source, src_name))
+    stored = "FP8" if src is not None and is_scaled_fp8(source, src_name) else "compressed"
+    # (with IN's FP8 weights, an unquantized expert of a compressed-tensors IN: written in bf16 with the rest)
+    dequantized = src is None or (src.dtype != entry.dtype and entry.dtype == "BF16" and (
+        is_scaled_fp8(source, src_name) or expert_storage(source.config).compressed is not None))
     if dequantized:  # --output-dtype: the input's quantized weight, dequantized
         if mode != "same":
             return
@@ -379,19 +380,22 @@ def _counterparts(ckpt, family, layers, audit, source) -> dict[str, tuple[str | 
         out[family.router_name(i)] = (family.router_name(i), "changed")  # the router update changes rows
         bias = family.bias_name(i)
         if bias in ckpt.entries:  # a bias in the router's logits follows Eq. 8 as the router does
-            out[bias] = (bias, "changed" if family.bias_in_logits else kept)
+            n = family.num_experts(source.config)  # the zero experts' entries follow the kept ones (LongCat-Flash)
+            rows = kept + list(range(n, n + family.passive_experts(source.config)))
+            out[bias] = (bias, "changed" if family.bias_in_logits else rows)
         if family.fused is not None:  # K experts in each tensor: checked as written (checksums), not by slice
             stored = fused_tensors(family, i, 0, 0, expert_storage(ckpt.config))
             out.update({t.name: (t.name, "changed") for t in stored})
             continue
         storage, in_storage = expert_storage(ckpt.config), expert_storage(source.config)
+        layer = next(layer for layer in layers if layer.index == i)
         for pos, expert in enumerate(kept):
             for part in PARTS:
                 new, old = family.expert_name(i, pos, part), family.expert_name(i, expert, part)
                 # a weight's stored tensors go together: an FP8 weight and its scales, compressed-tensors' own (or,
                 # dequantized, the weight they stand for)
-                if storage.compressed is not None:
-                    names = zip(storage.tensor_names(new), in_storage.tensor_names(old), strict=True)
+                if storage.compressed is not None:  # (an expert unquantized in OUT was so in IN: it keeps its form)
+                    names = zip(layer.tensor_names(new, pos), layer.tensor_names(old, pos), strict=True)
                 elif in_storage.compressed is not None:
                     names = [(new, old)]
                 else:

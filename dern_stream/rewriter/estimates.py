@@ -27,6 +27,10 @@ from ..storage.formats import scale_shape
 BASELINE_BYTES = 300 * 10**6  # Python + torch + dern_stream imported (docs/performance.md, "Memory")
 CUDA_CONTEXT_BYTES = 1200 * 10**6  # the CUDA runtime and libraries in host memory (docs/performance.md, "On a GPU")
 WRITER_BUFFER_BYTES = 16 * 2**20  # checkpoint/writer.py _COPY_CHUNK
+# Per tensor of the input: its entry in the checkpoint's index, and its share of the plan's (its output spec, journal
+# and checksum records). 810 bytes an entry measured for the index alone on a Kimi-K2-sized one of 211246 tensors,
+# 1.5 kB with the rest (docs/performance.md, "Memory").
+TENSOR_ENTRY_BYTES = 1600
 DUMP_BLOCK_BYTES = 64 * 2**20  # one read block of the dump as float32 (calib/store.py _READ_BLOCK)
 # torch gives each thread that runs matrix products on a GPU its own cuBLAS workspace from the caching allocator
 # (32 MiB on Hopper, less on older GPUs); the rewrite's computation and its routing statistics are two such threads.
@@ -66,9 +70,9 @@ def expert_bytes(shape: ModelShape, experts: int, width: int, bytes_per_value: f
 
 
 def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage, stored_bytes: float,
-             tokens: int, top_k: int, reads_experts: bool, on_device: bool) -> Estimates:
+             tokens: int, top_k: int, reads_experts: bool, on_device: bool, tensors: int = 0) -> Estimates:
     """`stored_bytes`: bytes per expert weight value as stored (FP8 1, MXFP4 0.5, bf16 2); `tokens`: cached
-    inputs per layer (0 without a dump)."""
+    inputs per layer (0 without a dump); `tensors`: the input's tensor count."""
     n, k, h, d = shape.num_experts, options.experts, shape.intermediate, shape.hidden
     width = options.intermediate_size or h
     held = 0
@@ -103,7 +107,7 @@ def estimate(shape: ModelShape, options: RewriteOptions, storage: ExpertStorage,
     work = held + 2 * results + blocks + fit
     if options.sequential:  # the decoder layer the forward runs, and the hidden states of the fit tokens
         work += held + rows * d * 4
-    host = BASELINE_BYTES + WRITER_BUFFER_BYTES
+    host = BASELINE_BYTES + WRITER_BUFFER_BYTES + TENSOR_ENTRY_BYTES * tensors
     if on_device:
         return Estimates(host + CUDA_CONTEXT_BYTES + results, work + DEVICE_THREADS * CUBLAS_WORKSPACE_BYTES,
                          _compute(shape, options, tokens, top_k))

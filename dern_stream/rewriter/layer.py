@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..experts.forward import LayerRouting
+from ..experts.forward import Gating, LayerRouting
 from ..experts.segments import ExpertStack
 from ..families import Family, GroupPlan
 from ..fit.choice import LayerFit
@@ -21,7 +21,7 @@ from .layer_io import LayerInputs
 from .layer_report import LayerReport, LayerSelection
 
 # Fits the layer's options on `FitRows` (the caller's: from the dump, or the sequential forward) when given.
-FitSource = Callable[[torch.Tensor, "torch.Tensor | None", "ExpertStack"], FitRows]
+FitSource = Callable[[torch.Tensor, "torch.Tensor | None", Gating, "ExpertStack"], FitRows]
 
 
 def compress_layer(
@@ -38,17 +38,21 @@ def compress_layer(
     then: Callable[[Callable[[torch.Tensor], torch.Tensor]], None] | None = None,
 ) -> LayerReport:
     """The layer as the options build it from its ranking (`selection`, made by the plan), on `device`, with only
-    the result leaving it (in the checkpoint's dtype). `rows(router, bias, experts)`: the layer's fitting rows
+    the result leaving it (in the checkpoint's dtype). `rows(router, bias, gating, experts)`: the layer's fitting rows
     (None for a layer without cached inputs: the method's first candidate is then taken, unchecked).
     `then(replace)`: see LayerFit.finish (sequential.py)."""
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
+    if inputs.passive_router is not None:  # the zero experts route as they did, before and after (LongCat-Flash)
+        routing = LayerRouting(*(g.with_passive(inputs.passive_router.to(device), inputs.passive_bias.to(device)
+                                                if inputs.passive_bias is not None else None)
+                                 for g in (routing.before, routing.after)))
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     data = None
     if rows is not None and options.fits_layers(shape.num_experts, shape.intermediate):
         with clock("fit"):
-            data = rows(router, bias, experts)
+            data = rows(router, bias, routing.before, experts)
             fit["fit_tokens"] = int(data.x.shape[0]) - data.held
             if data.held:
                 fit["held_out_tokens"] = data.held

@@ -33,9 +33,12 @@ class LayerInputs:
     prefetched into the page cache and read on the computing thread (`experts` loads them)."""
 
     layer: MoELayer
-    router: torch.Tensor
+    router: torch.Tensor  # the routed experts' rows [N, d]
     bias: torch.Tensor | None
     experts: Callable[[torch.device], ExpertStack] | None  # None when the options never look at expert weights
+    # The zero experts' rows and bias entries that follow (LongCat-Flash), else None: Gating.with_passive.
+    passive_router: torch.Tensor | None = None
+    passive_bias: torch.Tensor | None = None
 
 
 def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
@@ -47,7 +50,11 @@ def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelSh
         # [N], whether stored as [N] or [1, N] (ERNIE)
         bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
     experts = partial(read_experts, ckpt, family, layer, shape, clock=clock) if with_experts else None
-    return LayerInputs(layer, router, bias, experts)
+    n = shape.num_experts
+    if router.shape[0] == n:
+        return LayerInputs(layer, router, bias, experts)
+    return LayerInputs(layer, router[:n], bias[:n] if bias is not None else None, experts, router[n:],
+                       bias[n:] if bias is not None else None)
 
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,
@@ -86,13 +93,14 @@ def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: Model
 
 def _read_compressed(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape,
                      stack: ExpertStack) -> None:
-    """Fill `stack` (float32) with the layer's compressed-tensors experts, decompressed one weight at a time."""
+    """Fill `stack` (float32) with the layer's compressed-tensors experts, decompressed one weight at a time (those the
+    config leaves unquantized as they are stored)."""
     fmt = layer.storage.compressed
     for e in range(shape.num_experts):
         for part in PARTS:
             name = family.expert_name(layer.index, e, part)
-            weight = compressed_tensors.decompress(fmt, {p: ckpt.load(stored) for p, stored in
-                                                         zip(fmt.params, fmt.names(name), strict=True)})
+            weight = ckpt.load(name).float() if e in layer.plain else compressed_tensors.decompress(
+                fmt, {p: ckpt.load(stored) for p, stored in zip(fmt.params, fmt.names(name), strict=True)})
             slot = getattr(stack, part)[e]
             if tuple(weight.shape) != tuple(slot.shape):
                 raise DernError(f"{name} decompresses to shape {list(weight.shape)} (its weight_shape), the config "
@@ -131,7 +139,8 @@ def expert_tensor_names(family: Family, layer: MoELayer, experts: int) -> list[s
     fused layout: its two tensors, whatever `experts` is)."""
     if family.fused is not None:
         return [t.name for t in fused_tensors(family, layer.index, 0, 0, layer.storage)]
-    return [t for name in family.expert_names(layer.index, experts) for t in layer.storage.tensor_names(name)]
+    return [t for k, name in enumerate(family.expert_names(layer.index, experts))
+            for t in layer.tensor_names(name, k // len(PARTS))]
 
 
 def layer_output_names(family: Family, layer: MoELayer, experts: int) -> list[str]:
@@ -171,11 +180,15 @@ def write_layer(
     result, i = report.result, layer.index
     error = RequantizationError()
     try:
-        writer.write(family.router_name(i), result.router.cpu())
+        # The zero experts' rows (LongCat-Flash) follow the kept experts' as they are: they are not weights.
+        routed = family.num_experts(ckpt.config)
+        router = ckpt.load(family.router_name(i)) if family.passive_experts(ckpt.config) else result.router
+        writer.write(family.router_name(i), torch.cat([result.router.cpu(), router[routed:]]))
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (docs/method.md, Stage 2).
-            writer.write(family.bias_name(i), output_bias(family, ckpt.load(family.bias_name(i)), result,
-                                                          family.intermediate_size(ckpt.config)))
+            full = ckpt.load(family.bias_name(i))
+            kept = output_bias(family, full[..., :routed], result, family.intermediate_size(ckpt.config))
+            writer.write(family.bias_name(i), torch.cat([kept, full[..., routed:]], dim=-1))
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
         if family.fused is not None:
             report.requantization_error = _write_fused(writer, ckpt, family, layer, result, dequantized)
@@ -184,7 +197,7 @@ def write_layer(
             for part in PARTS:
                 name, source = family.expert_name(i, pos, part), family.expert_name(i, expert, part)
                 _write_part(writer, ckpt, layer, name, source, getattr(rebuilt, part) if rebuilt is not None
-                            else None, dtype, dequantized, error)
+                            else None, dtype, dequantized, error, expert)
     except NonFiniteTensor as e:
         if e.copied:
             raise
@@ -195,17 +208,24 @@ def write_layer(
 
 def _write_part(writer: ShardedWriter, ckpt: Checkpoint, layer: MoELayer, name: str, source: str,
                 rebuilt: torch.Tensor | None, dtype: torch.dtype, dequantized: bool,
-                error: RequantizationError) -> None:
-    """One projection of a kept expert as output tensor `name`: the input's `source` as it is (raw bytes, with its
-    scales) or dequantized, or the `rebuilt` weight, quantized again where the input is FP8."""
-    storage = layer.storage
+                error: RequantizationError, expert: int) -> None:
+    """One projection of kept expert `expert` as output tensor `name`: the input's `source` as it is (raw bytes, with
+    its scales) or dequantized, or the `rebuilt` weight, quantized again where the input is FP8 or compressed-tensors
+    (an expert the config leaves unquantized stays so: the output's config says so of it too)."""
+    storage, plain = layer.storage, expert in layer.plain
+    planned_plain = not any(t in writer.specs for t in storage.tensor_names(name) if t != name)
+    if storage.compressed is not None and not dequantized and plain != planned_plain:  # (the plan's kept, changed)
+        raise DernError(f"internal error: {name} was planned {'un' * (not plain)}quantized, but its expert "
+                        f"{source} is not; nothing of the layer is journaled")
     if rebuilt is None:
         _check_dequantized(ckpt, source)
     if rebuilt is None and dequantized:
         writer.write(name, load_weight(ckpt, source).to(dtype))
     elif rebuilt is None:
-        for out, src in zip(storage.tensor_names(name), storage.tensor_names(source), strict=True):
+        for out, src in zip(layer.tensor_names(name, expert), layer.tensor_names(source, expert), strict=True):
             writer.copy_raw(out, ckpt.entries[src])
+    elif plain and not dequantized:
+        writer.write(name, rebuilt.to(DTYPES[layer.plain_dtype]).cpu())
     elif storage.compressed is not None and not dequantized:
         fmt, dtypes = storage.compressed, {p: DTYPES[d] for p, d in layer.stored_dtypes}
         stored = compressed_tensors.compress(fmt, rebuilt.float(), dtypes)

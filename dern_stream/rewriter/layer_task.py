@@ -69,15 +69,15 @@ def compute_layer(plan: RewritePlan, inputs: LayerInputs, clock: StageClock,
     index, options = inputs.layer.index, plan.options
     rows = then = None
     if index in plan.calibrated and forward is not None:
-        def rows(router, bias, experts):
-            return forward.fit_rows(index, router, bias, plan.routing.before, experts, options.holdout)
+        def rows(router, bias, gating, experts):
+            return forward.fit_rows(index, router, bias, gating, experts, options.holdout)
 
         def then(replace):
             forward.advance(index, replace)
     elif index in plan.calibrated:
-        def rows(router, bias, experts):
-            return dump_rows(plan.dump, index, options.fit_tokens, plan.device, router, bias, plan.routing.before,
-                             experts, options.holdout)
+        def rows(router, bias, gating, experts):
+            return dump_rows(plan.dump, index, options.fit_tokens, plan.device, router, bias, gating, experts,
+                             options.holdout)
     return compress_layer(inputs, plan.selection[index], plan.family, plan.shape, rows, plan.groups, options,
                           plan.device, plan.routing, clock, then)
 

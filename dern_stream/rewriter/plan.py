@@ -25,6 +25,7 @@ from ..checkpoint.writer import ShardLayout, layout_shards
 from ..errors import DernError
 from ..experts.forward import LayerRouting, layer_routing
 from ..families import Family, GroupPlan
+from ..layout.compressed_experts import output_quantization_config
 from ..layout.moe_layers import (
     ModelShape,
     MoELayer,
@@ -144,7 +145,9 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     selection = select_experts_of_layers(ckpt, family, layers, dump, options, routing, groups, device,
                                          reads_experts or options.experts < shape.num_experts, progress)
     ranking = time.perf_counter() - ranking
-    out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape)
+    out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape, selection)
+    if storage.compressed is not None and "quantization_config" in out_config:  # (its ignore list names experts)
+        out_config["quantization_config"] = _carried_quantization(ckpt, family, layers, options, selection, notes)
     fingerprint = ckpt.fingerprint()
     # What each layer is computed with (every executor, and a resume): the cores shared out among local workers
     threads = options.threads or max(1, torch.get_num_threads() // workers)
@@ -155,7 +158,8 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         calib_files=tree_stamp(calib) if dump is not None else None,
     )
     tokens = max((s.tokens for s in selection.values()), default=0)
-    costs = _estimates(family, config, storage, shape, layers, options, tokens, reads_experts, device, notes)
+    costs = _estimates(family, config, storage, shape, layers, options, tokens, reads_experts, device, notes,
+                       len(ckpt.entries))
     return RewritePlan(
         source=source, out=out, calib=calib, options=options, family=family, storage=storage, shape=shape,
         layers=layers, out_layers=out_layers, selection=selection, specs=specs,
@@ -167,11 +171,13 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
 
 
 def _output_layout(ckpt: Checkpoint, family: Family, layers: list[MoELayer], options: RewriteOptions,
-                   shape: ModelShape) -> tuple[list[MoELayer], list[TensorSpec], dict, dict]:
+                   shape: ModelShape, selection: dict[int, LayerSelection]
+                   ) -> tuple[list[MoELayer], list[TensorSpec], dict, dict]:
     """The output's layers, its tensors, what each layer's write copies, and every name each layer writes."""
     dequantized = options.output_dtype is not None
     width = options.intermediate_size or shape.intermediate
-    out_layers = output_layers(layers, dequantized)
+    kept = {i: s.kept for i, s in selection.items()}
+    out_layers = output_layers(layers, dequantized, kept, options.experts, shape.num_experts)
     specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
     copy_with = copies_by_layer(copied, [layer.index for layer in layers])
     writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
@@ -180,14 +186,28 @@ def _output_layout(ckpt: Checkpoint, family: Family, layers: list[MoELayer], opt
     return out_layers, specs, copy_with, writes
 
 
+def _carried_quantization(ckpt: Checkpoint, family: Family, layers: list[MoELayer], options: RewriteOptions,
+                          selection: dict[int, LayerSelection], notes: list[str]) -> dict:
+    """The output's compressed-tensors quantization_config: the input's, with the entries of its ignore list and
+    targets that name routed experts carried over to the kept ones (layout/compressed_experts.py)."""
+    before = ckpt.config["quantization_config"]
+    after = output_quantization_config(ckpt, family, [layer.index for layer in layers], options.experts,
+                                       {i: s.kept for i, s in selection.items()})
+    if after != before:
+        notes.append("quantization_config's ignore list or targets name routed experts: carried over to the kept "
+                     "experts' new numbers (docs/formats.md, compressed-tensors checkpoints)")
+    return after
+
+
 def _estimates(family: Family, config: dict, storage: ExpertStorage, shape: ModelShape, layers: list[MoELayer],
                options: RewriteOptions, tokens: int, reads_experts: bool, device: torch.device,
-               notes: list[str]) -> Estimates:
+               notes: list[str], tensors: int) -> Estimates:
     """What the rewrite will cost; a note when its estimated peak exceeds the memory it computes in."""
     stored = dtype_size(layers[0].dtype) if not storage.mxfp4 else 0.5
 
     def costs_of(o: RewriteOptions) -> Estimates:
-        return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu")
+        return estimate(shape, o, storage, stored, tokens, family.top_k(config), reads_experts, device.type != "cpu",
+                        tensors)
 
     costs = costs_of(options)
     note = memory_note(costs, options, device, tokens, costs_of)
@@ -206,7 +226,7 @@ def _open_dump(calib, options, family, shape, layer_indices, ckpt, notes) -> Cal
     dump = CalibDump(calib)
     dump.check_matches(family.model_type, shape.hidden, shape.num_experts)
     available = set(dump.attrs.get("moe_layers") or [])
-    decoder_layers = int(ckpt.config.get("num_hidden_layers", 0))
+    decoder_layers = family.decoder_layers(ckpt.config)
     for i in layer_indices:
         if i in available:
             dump.layer(i)  # complete and non-empty, or a clear error now

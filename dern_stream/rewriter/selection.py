@@ -18,11 +18,13 @@ from .layer_report import NOT_NEEDED, ROUTER_NORM, ROUTING, LayerSelection
 
 
 def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: torch.Tensor | None, gating: Gating,
-                     device: torch.device) -> tuple[torch.Tensor, int]:
+                     device: torch.device, experts: int | None = None) -> tuple[torch.Tensor, int]:
     """Routing statistics (Eq. 1) of layer `index` over all its cached inputs: (scores on the CPU, tokens).
-    The router (and bias) move to `device` unless they are there already."""
+    The router (and bias) move to `device` unless they are there already. `experts`: the routed experts, where the
+    router's rows go on with zero experts' (LongCat-Flash), which take part in the routing but are never ranked."""
     bias = bias.to(device) if bias is not None else None
-    return routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
+    scores, tokens = routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
+    return scores[:experts], tokens
 
 
 def select_experts_of_layers(ckpt: Checkpoint, family: Family, layers: list[MoELayer], dump: CalibDump | None,
@@ -40,10 +42,10 @@ def select_experts_of_layers(ckpt: Checkpoint, family: Family, layers: list[MoEL
         router = ckpt.load(family.router_name(layer.index))
         if layer.index in available:
             bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
-            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device)
+            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device, n)
             source = ROUTING
         else:
-            scores, tokens, source = router_norm_importance(router), 0, ROUTER_NORM
+            scores, tokens, source = router_norm_importance(router[:n]), 0, ROUTER_NORM
         kept = None if chooses_later else select_experts(scores, options.experts, groups)
         out[layer.index] = LayerSelection(scores, tokens, source, kept)
     return out

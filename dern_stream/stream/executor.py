@@ -101,7 +101,7 @@ class StreamedModel:
             # The final norm: `norm`, or LFM2-MoE's `embedding_norm` (applied after the last layer, despite its name).
             self.final_norm_name = next(n for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None),
                                                                               torch.nn.Module))
-            self.num_layers = int(config.num_hidden_layers)
+            self.num_layers = len(self.layers)  # (LongCat-Flash: num_hidden_layers counts its attention sublayers)
         except DernError:
             raise
         except Exception as e:  # whatever the modelling code trips over: TypeError, ZeroDivisionError, ...
@@ -336,7 +336,8 @@ def _replace_first(out, value: torch.Tensor):
 
 
 _FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm")  # the decoder stack's norm after its last layer, by name
-_ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight", "router.gate.weight")
+_ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight", "router.gate.weight",
+                   "router.classifier.weight")
 
 
 def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:

@@ -44,8 +44,12 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     for rec in audit["layers"].values():
         assert len(rec["kept"]) == 4 and rec["kept"] == sorted(rec["kept"])
         assert len(rec["importance"]) == 8
-        # Eq. 1 splits each token's unit weight over its selected experts, so S sums to 1.
-        assert sum(rec["importance"]) == pytest.approx(1.0, abs=1e-9)
+        # Eq. 1 splits each token's unit weight over its selected experts, so S sums to 1 (less the share of
+        # LongCat-Flash's zero experts, which are selected too but never ranked).
+        if fam.passive_experts(src_cfg):
+            assert 0.0 < sum(rec["importance"]) < 1.0
+        else:
+            assert sum(rec["importance"]) == pytest.approx(1.0, abs=1e-9)
         assert rec["calibration_tokens"] == 256
         assert sum(t[2] for t in rec["transfers"]) == rec["segments_reassigned"]
     assert audit["options"]["alpha"] == 0.2 and audit["num_experts"] == 4

@@ -51,8 +51,9 @@ def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
         else:
             _, weights, idx = block.gate(x)
     share = weights.double() / weights.double().sum(-1, keepdim=True)
-    n = router_weight(block).shape[0]
-    return torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), share.reshape(-1)) / x.shape[0]
+    n = router_weight(block).shape[0]  # (LongCat-Flash: its zero experts' rows too, which are never ranked)
+    totals = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), share.reshape(-1)) / x.shape[0]
+    return totals[:fam.num_experts(model.config.to_dict())]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,9 +73,12 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
             kept = [g * 4 + int(i) for g in range(2) for i in sorted(torch.topk(scores[g * 4:(g + 1) * 4], 2).indices)]
         else:
             kept = sorted(torch.topk(scores, keep).indices.tolist())
-        assert dst[fam.router_name(layer)].equal(src[fam.router_name(layer)][kept])
+        routed = fam.num_experts(built.config)  # the zero experts' rows (LongCat-Flash) follow the kept ones
+        router = src[fam.router_name(layer)]
+        assert dst[fam.router_name(layer)].equal(torch.cat([router[kept], router[routed:]]))
         if fam.bias_name(layer):
-            assert dst[fam.bias_name(layer)].equal(src[fam.bias_name(layer)][..., kept])  # [N] or [1, N]
+            bias = src[fam.bias_name(layer)]  # [N] or [1, N]
+            assert dst[fam.bias_name(layer)].equal(torch.cat([bias[..., kept], bias[..., routed:]], dim=-1))
         if fam.fused is not None:  # expert e is slice e of each fused tensor
             for name in fam.fused_names(layer):
                 assert dst[name].equal(src[name][kept])

@@ -17,12 +17,12 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.experts import forward as moe_forward
-from dern_stream.experts.forward import EvenSample, expert_stats, layer_routing, routed_output
+from dern_stream.experts.forward import EvenSample, LayerRouting, expert_stats, layer_routing, routed_output
 from dern_stream.experts.result import kept_stack, prune_layer
 from dern_stream.families import family_for
 from dern_stream.fit.down_refit import refit_down
 from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
-from dern_stream.rewriter.layer_io import read_experts
+from dern_stream.rewriter.layer_io import read_experts, read_layer
 from dern_stream.stream.executor import moe_block_of
 
 
@@ -46,6 +46,14 @@ def test_even_sample_is_every_stride_th_input_and_keeps_only_those_rows(build):
         assert torch.equal(sample.tensor(), everything[::stride][:limit])
         if stride > 1:
             assert all(part.untyped_storage().nbytes() == part.nbytes for part in sample.kept)
+
+
+def _layer_router(ckpt, fam, layer, shape, routing):
+    """The layer's routed experts' router rows and bias as the rewrite reads them, and `routing` with the layer's zero
+    experts (LongCat-Flash) where it has them."""
+    inputs = read_layer(ckpt, fam, layer, shape, with_experts=False)
+    return inputs.router, inputs.bias, LayerRouting(
+        *(g.with_passive(inputs.passive_router, inputs.passive_bias) for g in (routing.before, routing.after)))
 
 
 def _shared_part(block, x: torch.Tensor) -> torch.Tensor:
@@ -79,10 +87,9 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
     model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
     for layer in layers:
         x = _layer_inputs(built, layer.index)
-        router = ckpt.load(fam.router_name(layer.index))
-        bias = ckpt.load(fam.bias_name(layer.index)) if layer.bias is not None else None
+        router, bias, layer_routes = _layer_router(ckpt, fam, layer, shape, routing)
         experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
-        ours = routed_output(x, router, bias, routing.before, experts)
+        ours = routed_output(x, router, bias, layer_routes.before, experts)
         block = moe_block_of(model.model.layers[layer.index])
         with torch.no_grad():
             out = block(x[None])
@@ -104,8 +111,8 @@ def test_an_experts_rows_computed_a_block_at_a_time_give_the_same_outputs_stats_
     model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
     layer = layers[-1]
     x = _layer_inputs(built, layer.index)
-    router = ckpt.load(fam.router_name(layer.index)).float()
-    bias = ckpt.load(fam.bias_name(layer.index)).reshape(-1).float() if layer.bias is not None else None
+    router, bias, routing = _layer_router(ckpt, fam, layer, shape, routing)
+    router, bias = router.float(), bias.float() if bias is not None else None
     experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
     keep = [0, 2, 5, 7]
     kept = kept_stack(experts, prune_layer(router, keep, router.shape[0]))

@@ -223,19 +223,31 @@ def test_plan_with_out_says_what_the_rewrite_would_resume_and_whether_the_disk_h
     assert not list(tmp_path.glob("out*")) and [p.name for p in staging.iterdir()] == [".dern-progress.json"]
 
 
+KIMI_SHAPE = (61, 7168, 2048, 384)  # layers, hidden, neurons, experts
+
+
+def _kimi_sized(path: Path, layers: int = KIMI_SHAPE[0], experts: int = KIMI_SHAPE[3]) -> Path:
+    """A sparse checkpoint of Kimi-K2-Thinking's size and storage: int4 in groups of 32 as compressed-tensors packs
+    them, Mixtral's tensor names (write_sparse: headers and holes, every value zero)."""
+    from dern_stream.storage.formats import CompressedWeights
+
+    _, hidden, inter, _ = KIMI_SHAPE
+    int4 = CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
+    return write_sparse(path, layers=layers, hidden=hidden, intermediate=inter, experts=experts, top_k=8,
+                        compressed=int4)
+
+
 @pytest.mark.slow  # (the default run's time: README, set-up)
 def test_plan_of_a_kimi_k2_thinking_sized_int4_checkpoint(tmp_path):
     """Kimi-K2-Thinking's size and storage (61 layers of 384 experts, hidden 7168, 2048 neurons, int4 in groups of
     32 as compressed-tensors packs them; Mixtral's tensor names): the plan reads headers and routers only, sizes
     the output from the packed tensors, and estimates memory from one layer."""
-    from dern_stream.storage.formats import CompressedWeights
-
-    layers, hidden, inter, experts = 61, 7168, 2048, 384
-    int4 = CompressedWeights("pack-quantized", 4, "int", True, "group", 32)
-    src = write_sparse(tmp_path / "kimi", layers=layers, hidden=hidden, intermediate=inter, experts=experts, top_k=8,
-                       compressed=int4)
+    layers, hidden, inter, experts = KIMI_SHAPE
+    src = _kimi_sized(tmp_path / "kimi")
     size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     assert 580e9 < size < 620e9
+    small = _kimi_sized(tmp_path / "small", layers=2, experts=16)  # imports done first: only the plan's reads count
+    dern_stream.plan(small, experts=8, method="prune", device="cpu", progress=False)
     before = _read_bytes()
     plan = dern_stream.plan(src, experts=192, method="prune", device="cpu", progress=False)
     read = _read_bytes() - before
@@ -248,3 +260,32 @@ def test_plan_of_a_kimi_k2_thinking_sized_int4_checkpoint(tmp_path):
     assert plan.output_bytes - sum(len(s.header) for s in plan.shards) == size - sum(
         _header_size(f) for f in src.glob("*.safetensors")) - dropped
     assert plan.estimates.host_peak < 60e9  # one layer's experts, not the checkpoint's 594 GB
+
+
+@pytest.mark.slow  # (the default run's time: README, set-up)
+def test_rewrite_of_a_kimi_k2_thinking_sized_int4_checkpoint(tmp_path):
+    """The same 594 GB checkpoint pruned to 16 experts a layer, in a process of its own: the kept experts' packed
+    bytes and every other tensor copied, the holes of the sparse input left holes in the output (no disk), the
+    peak memory within the plan's estimate, and the output verified."""
+    from dern_stream.checkpoint.source import data_extents
+
+    src = _kimi_sized(tmp_path / "kimi")
+    with open(next(src.glob("*.safetensors")), "rb") as f:
+        if data_extents(f.fileno(), 2**20, 2**20):
+            pytest.skip("this file system does not report the holes of a sparse file")
+    out, options = tmp_path / "out", dict(experts=16, method="prune", importance="router-norm")
+    code = ("import dern_stream;"
+            f"dern_stream.rewrite({str(src)!r}, {str(out)!r}, progress=False, **{options!r});"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    measured = int(run.stdout.split()[-1]) * 1024
+    plan = dern_stream.plan(src, progress=False, **options)
+    assert measured <= plan.estimates.host_peak * 1.1, (measured, plan.estimates.host_peak)
+    files = list(out.glob("*.safetensors"))
+    assert sum(f.stat().st_size for f in files) == plan.output_bytes
+    assert sum(f.stat().st_blocks * 512 for f in files) < 100e6  # the 40.8 GB output's data: headers, no zeros
+    audit = json.loads((out / "dern_stream.json").read_text())
+    assert all(rec["kept"] == list(range(16)) for rec in audit["layers"].values())  # (equal router norms: ties)
+    result = CliRunner().invoke(main, ["verify", str(out), "--against", str(src)])
+    assert result.exit_code == 0 and "OK" in result.output, result.output

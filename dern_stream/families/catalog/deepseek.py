@@ -1,12 +1,8 @@
 """DeepSeek's MoE block and the families built on it: DeepSeek-MoE-16B (remote code), DeepSeek-V2 (softmax, greedy
 or group-limited), DeepSeek-V3/V3.2, GLM-4.5/4.6, GLM-4.7-Flash and dots.llm1 (sigmoid scores, the choice on
 scores + correction bias within the best groups), GLM-5 and Kimi-Linear (at the end). Shared experts keep their
-width by rescaling `n_shared_experts` (Kimi-Linear: `num_shared_experts`).
-
-Not here: LongCat-Flash (`longcat_flash`). Its router scores N routed experts and Z zero-computation (identity)
-experts with one [N + Z, d] classifier and an [N + Z] correction bias, and config.json counts its decoder layers as
-`num_layers` (each holding two attention sublayers): a record names a router of one row per weight expert, so the
-zero experts' rows could not be carried beside the K kept rows."""
+width by rescaling `n_shared_experts` (Kimi-Linear: `num_shared_experts`). LongCat-Flash, MLA too, with zero
+experts: longcat.py."""
 
 from __future__ import annotations
 
