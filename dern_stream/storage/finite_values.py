@@ -76,14 +76,14 @@ def _module_weight(ckpt: Checkpoint, name: str) -> str:
 def compressed_problem(ckpt: Checkpoint, fmt: CompressedWeights, parts: dict[str, str], name: str) -> str | None:
     """A compressed-tensors weight: its scales finite, and small enough that no quantized value (under 2^bits for
     integers, with a zero point or not; 448 for FP8) can overflow; else its dequantized values are read and checked."""
-    from .compressed_tensors import decompress
-
     scale = ckpt.load(parts["weight_scale"]).float()
     if not bool(torch.isfinite(scale).all()):
         return f"{parts['weight_scale']} holds NaN or Inf"
     largest = float(scale.abs().max()) if scale.numel() else 0.0
     if fmt.format != NVFP4 and largest * (FP8_MAX if fmt.type == "float" else 2 ** fmt.num_bits) <= LIMIT:
         return None  # (NVFP4's values are also divided by a global scale: read them)
+    from .compressed_tensors import decompress  # (the library: seconds to import, only where the values are read)
+
     values = decompress(fmt, {p: ckpt.load(stored) for p, stored in parts.items()}).to(torch.bfloat16)
     if bool(torch.isfinite(values).all()):
         return None
