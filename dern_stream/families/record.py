@@ -128,6 +128,12 @@ class Family:
     # In-memory names (under the layer) that transformers 5 loads from other on-disk names: (memory, disk)
     # prefixes, for the streamed forward of dump and eval. Fused in-memory experts need no entry.
     memory_names: tuple[tuple[str, str], ...] = ()
+    # The same for names outside the decoder layers (Sarvam-MoE: model.embed_tokens. is model.word_embeddings. on disk)
+    model_memory_names: tuple[tuple[str, str], ...] = ()
+    # In-memory tensors (under the layer) that transformers splits along dim 0 from one on-disk tensor: (on-disk prefix,
+    # in-memory prefixes in order), each taking as many rows as the model built from config.json gives it (Sarvam-MoE's
+    # attention.query_key_value. into self_attn.q_proj., k_proj., v_proj.).
+    memory_splits: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # In-memory tensors (under the layer) that transformers concatenates along dim 0 from several on-disk ones:
     # (memory name, on-disk names in order). Kimi-Linear's KDA convolution.
     memory_concatenations: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -221,8 +227,14 @@ class Family:
             return any(name in (f, f + MXFP4_BLOCKS, f + MXFP4_SCALES) for f in self.fused_names(layer))
         return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
 
-    def disk_name(self, memory_name: str, layer: int) -> str:
-        """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_names applied)."""
+    def disk_name(self, memory_name: str, layer: int | None) -> str:
+        """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_names applied), or of one outside
+        the layers (layer None: model_memory_names applied)."""
+        if layer is None:
+            for memory, disk in self.model_memory_names:
+                if memory_name.startswith(memory):
+                    return disk + memory_name[len(memory):]
+            return memory_name
         prefix = f"model.layers.{layer}."
         if memory_name.startswith(prefix):
             rest = memory_name[len(prefix):]

@@ -66,7 +66,8 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
     Layers past num_hidden_layers are accepted only as multi-token-prediction layers the config
     declares (DeepSeek-V3's num_nextn_predict_layers)."""
     config = ckpt.config
-    key = family_for(config).layers_key
+    family = family_for(config)
+    key = family.layers_key
     n = config[key]  # a positive integer: config_check.py
     present = sorted({i for i in map(layer_of, ckpt.entries) if i is not None})
     below = [i for i in present if i < n]
@@ -75,15 +76,16 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
         raise DernError(f"config.json says {key} {n}, but the shards hold no tensor of layer {missing} "
                         f"(they hold {len(below)} decoder layers)")
     extra = [i for i in present if i >= n]
-    predicts = config.get("num_nextn_predict_layers")
+    predicts = config.get("num_nextn_predict_layers", config.get("num_mtp_layers"))  # (Sarvam's own name for it)
     predicts = predicts if type(predicts) is int and predicts >= 0 else 0
     if extra and extra[-1] >= n + predicts:
         raise DernError(f"the shards hold layer {extra[-1]}, past config.json's {key} {n}"
                         + (f" and its {predicts} prediction layer(s)" if predicts else ""))
-    embed = ckpt.entries.get("model.embed_tokens.weight")
+    embed_name = family.disk_name("model.embed_tokens.weight", None)
+    embed = ckpt.entries.get(embed_name)
     expected = (config.get("vocab_size"), config.get("hidden_size"))
     if embed is not None and None not in expected and embed.shape != expected:
-        raise DernError(f"model.embed_tokens.weight has shape {list(embed.shape)}, config.json implies "
+        raise DernError(f"{embed_name} has shape {list(embed.shape)}, config.json implies "
                         f"[vocab_size {expected[0]}, hidden_size {expected[1]}]")
 
 

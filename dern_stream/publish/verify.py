@@ -156,10 +156,12 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport, recorded: se
         return
     model = StreamedModel(ckpt, torch.device("cpu"))
     used: set[str] = set()
-    for name, target in model.model.state_dict(keep_vars=True).items():
+    state = model.model.state_dict(keep_vars=True)
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    for name, target in state.items():
         layer = layer_of(name)
         try:
-            used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer)
+            used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer, shapes)
         except DernError as e:
             report.problems.append(str(e))
     decoder_layers = family.decoder_layers(ckpt.config)

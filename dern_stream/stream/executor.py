@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
-from ..families import family_for, require_forward
+from ..families import Family, family_for, require_forward
 from ..runtime.arguments import check_dtype_name
 from ..runtime.host_memory import return_freed_memory
 from ..runtime.optional_packages import require_transformers
@@ -87,7 +87,7 @@ class StreamedModel:
             raise DernError(f"transformers cannot read {ckpt.root / 'config.json'}: {str(e).splitlines()[0]}") from None
         except Exception as e:  # the config class's own validation: strict dataclass errors, ValueError...
             raise _cannot_build(self.family.model_type, e) from None
-        self.dtype = dtype or _stored_dtype(ckpt)
+        self.dtype = dtype or _stored_dtype(ckpt, self.family)
         try:
             config.dtype = self.dtype
             with torch.device("meta"):
@@ -358,11 +358,12 @@ def router_weight(block: torch.nn.Module) -> torch.Tensor | None:
     return next((params[n] for n in _ROUTER_WEIGHTS if n in params), None)
 
 
-def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+def _stored_dtype(ckpt: Checkpoint, family: Family) -> torch.dtype:
     """The dtype the weights are stored in (the embedding's), which the forward runs in by default."""
-    entry = ckpt.entries.get("model.embed_tokens.weight")
+    name = family.disk_name("model.embed_tokens.weight", None)
+    entry = ckpt.entries.get(name)
     if entry is None:
-        raise DernError("checkpoint has no model.embed_tokens.weight; cannot run its forward")
+        raise DernError(f"checkpoint has no {name}; cannot run its forward")
     if entry.dtype not in FLOAT_DTYPES:
         raise DernError(f"embeddings stored as {entry.dtype}; the streamed forward runs float checkpoints only")
     return DTYPES[entry.dtype]

@@ -2,8 +2,9 @@
 
 On disk every expert has its own tensors; in memory transformers 5 fuses them per layer into
 `experts.gate_up_proj` [E, 2h, d] (gate rows, then up rows) and `experts.down_proj` [E, d, h], and
-renames Mixtral's `block_sparse_moe` to `mlp`. Those two rules are all that differs for the families
-supported; anything else that does not match is an error, never a silent skip.
+renames Mixtral's `block_sparse_moe` to `mlp`. Other renames, concatenations and splits are the family record's
+(memory_names, model_memory_names, memory_concatenations, memory_splits); anything else that does not match is an
+error, never a silent skip.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: 
     module.to_empty(device=device)
     params = {id(p) for p in module.parameters()}
     count = 0
+    state = module.state_dict(keep_vars=True)
+    shapes = {prefix + key: tuple(t.shape) for key, t in state.items()}
     with torch.no_grad():
-        for key, target in module.state_dict(keep_vars=True).items():
-            _fill(target, prefix, key, ckpt, family, layer)
+        for key, target in state.items():
+            _fill(target, prefix, key, ckpt, family, layer, shapes)
             count += target.numel() if id(target) in params else 0
     return count
 
@@ -54,14 +57,19 @@ def release(module: torch.nn.Module) -> None:
     module.to_empty(device="meta")
 
 
-def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None) -> None:
+def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None,
+          shapes: dict[str, tuple[int, ...]]) -> None:
     for suffix, parts in _FUSED.items():
         if layer is not None and key.endswith(suffix) and family.fused is None:
             _fill_fused(target, ckpt, family, layer, parts, prefix + key)
             return
     parts = _concatenated_parts(prefix + key, ckpt, family)
+    split = _split_rows(prefix + key, shapes, ckpt, family, layer)
     if parts is not None:
         name, source = prefix + key, torch.cat([load_weight(ckpt, part) for part in parts])
+    elif split is not None:
+        name, start, rows, _ = split
+        source = load_weight(ckpt, name)[start:start + rows]
     else:
         name = _disk_name(prefix + key, ckpt, family, layer)
         source = load_weight(ckpt, name)
@@ -75,14 +83,35 @@ def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
     return names | {n + SCALE_SUFFIX for n in names if n + SCALE_SUFFIX in ckpt.entries}
 
 
+def _split_rows(name: str, shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, family: Family,
+                layer: int | None) -> tuple[str, int, int, int] | None:
+    """(on-disk tensor, first row, rows, all parts' rows) of the in-memory `name` that transformers splits from one
+    on-disk tensor (the family's memory_splits), each part as many rows as the model gives it (`shapes`: the
+    in-memory shapes), or None."""
+    if layer is None or name in ckpt.entries:
+        return None
+    prefix = f"model.layers.{layer}."
+    for disk, parts in family.memory_splits:
+        for index, part in enumerate(parts):
+            if name.startswith(prefix + part):
+                suffix = name[len(prefix + part):]
+                siblings = [prefix + p + suffix for p in parts]
+                if prefix + disk + suffix not in ckpt.entries or any(s not in shapes for s in siblings):
+                    return None
+                rows = [shapes[s][0] for s in siblings]
+                return prefix + disk + suffix, sum(rows[:index]), rows[index], sum(rows)
+    return None
+
+
 def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -> str:
     if name in ckpt.entries or is_mxfp4(ckpt, name) or compressed_parts(ckpt, name) is not None:
         return name
-    renamed = family.disk_name(name, layer) if layer is not None else name
+    renamed = family.disk_name(name, layer)
     if renamed in ckpt.entries or compressed_parts(ckpt, renamed) is not None:
         return renamed
-    if name == "lm_head.weight" and "model.embed_tokens.weight" in ckpt.entries:
-        return "model.embed_tokens.weight"  # tied embeddings: no lm_head stored
+    embed = family.disk_name("model.embed_tokens.weight", None)
+    if name == "lm_head.weight" and embed in ckpt.entries:
+        return embed  # tied embeddings: no lm_head stored
     raise DernError(f"checkpoint has no tensor {name} (or it is stored under a name this tool does not know)")
 
 
@@ -106,9 +135,11 @@ def _fill_fused(target: torch.Tensor, ckpt: Checkpoint, family: Family, layer: i
         raise DernError(f"{name} {list(target.shape)} is not filled by the experts' {'+'.join(parts)} tensors")
 
 
-def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int | None) -> set[str]:
+def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int | None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
     """The checkpoint tensors that would fill the in-memory tensor `name` of this shape, checked to
-    exist with fitting shapes (the same rules as materialise, without reading data); DernError if not."""
+    exist with fitting shapes (the same rules as materialise, without reading data); DernError if not. `shapes`: every
+    in-memory tensor's shape (for the tensors transformers splits from one on disk)."""
     for suffix, parts in _FUSED.items():
         if layer is not None and name.endswith(suffix) and family.fused is None:
             return _fused_disk_tensors(name, shape, ckpt, family, layer, parts)
@@ -118,6 +149,14 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
         if any(tuple(ckpt.entries[n].shape[1:]) != tuple(shape[1:]) for n in concatenated) or rows != shape[0]:
             raise DernError(f"{' + '.join(concatenated)} do not make up {name} {list(shape)}")
         return _with_scales(set(concatenated), ckpt)
+    split = _split_rows(name, shapes or {}, ckpt, family, layer)
+    if split is not None:
+        disk, _, _, parts_rows = split
+        stored = ckpt.entries[disk].shape
+        if tuple(stored[1:]) != tuple(shape[1:]) or parts_rows != stored[0]:
+            raise DernError(f"{disk} {list(stored)} does not split into the tensors transformers makes of it "
+                            f"({name} {list(shape)})")
+        return _with_scales({disk}, ckpt)
     disk = _disk_name(name, ckpt, family, layer)
     if is_mxfp4(ckpt, disk):
         blocks = ckpt.entries[disk + MXFP4_BLOCKS].shape  # [N, rows, groups, 16] of the transposed [N, cols, rows]

@@ -7,6 +7,7 @@ experts: longcat.py."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, Kind, opt, req
@@ -104,7 +105,8 @@ def sigmoid_grouped_router(config: dict) -> SigmoidGroupLimited:
 # The transformers class each family built by v3_like is: config.json's `architectures` names it.
 CAUSAL_LM_CLASSES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
                      "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
-                     "dots1": "Dots1ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM"}
+                     "dots1": "Dots1ForCausalLM", "glm_moe_dsa": "GlmMoeDsaForCausalLM",
+                     "sarvam_moe": "Glm4MoeForCausalLM"}  # (glm4_moe's, first in the catalog: names find that)
 
 
 def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tuple[int, int] | None = None,
@@ -318,5 +320,36 @@ FAMILIES += (
                          first_k_dense_replace=1, linear_head_dim=16, linear_num_heads=2,
                          layer_types=["linear_attention", "full_attention", "linear_attention"],
                          pad_token_id=1, bos_token_id=1, eos_token_id=2),
+    ),
+)
+
+# Sarvam-MoE: transformers builds it as GLM-4.5 (Glm4MoeForCausalLM with SarvamMoEConfig) and loads its checkpoint from
+# the original names, which dern-stream reads and writes as they are: the embedding `model.word_embeddings`, the
+# attention `attention.*` with one fused `query_key_value` (split into q, k and v rows in memory) and `dense`, the
+# correction bias `mlp.gate.expert_bias`. Experts and router are GLM-4.5's.
+SARVAM_ATTENTION = (("self_attn.o_proj.", "attention.dense."), ("self_attn.q_norm.", "attention.query_layernorm."),
+                    ("self_attn.k_norm.", "attention.key_layernorm."), ("self_attn.", "attention."),
+                    ("mlp.gate.e_score_correction_bias", "mlp.gate.expert_bias"))
+FAMILIES += (
+    replace(
+        v3_like("sarvam_moe", 2.5, {
+            "num_key_value_heads": opt(POS_INT),
+            "head_dim": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "n_shared_experts": opt(NONNEG_INT),
+            "first_k_dense_replace": opt(NONNEG_INT),
+            "routed_scaling_factor": opt(POS_FLOAT),
+            "norm_topk_prob": opt(BOOL),
+            "n_group": opt(POS_INT),  # absent: 1 (SarvamMoEConfig's default)
+            "topk_group": opt(POS_INT),
+        }, dict(moe_intermediate_size=32, intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2,
+                n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, head_dim=16,
+                routed_scaling_factor=1.5, initializer_range=0.02), groups=(1, 1), dense=1,
+            expert_keys=(*EXPERT_KEYS, "num_experts")),
+        bias="mlp.gate.expert_bias",
+        memory_names=SARVAM_ATTENTION,
+        model_memory_names=(("model.embed_tokens.", "model.word_embeddings."),),
+        memory_splits=(("attention.query_key_value.",
+                        ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")),),
     ),
 )
