@@ -47,8 +47,9 @@ def data_extents(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
     never wrote, as a sparse file holds) they are left out. All of the range where the file system cannot tell, or
     where the range ends past the end of the file (which the read then reports)."""
     end, extents, pos = offset + size, [], offset
-    if end > os.fstat(fd).st_size:
-        return [(offset, end)]
+    stat = os.fstat(fd)
+    if end > stat.st_size or stat.st_blocks * 512 >= stat.st_size:
+        return [(offset, end)]  # (a file with as many blocks as bytes has no holes: the file system is not asked)
     while pos < end:
         try:
             data = os.lseek(fd, pos, os.SEEK_DATA)

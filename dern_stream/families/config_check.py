@@ -51,6 +51,12 @@ def check_config(config: dict, family: Family) -> None:
             continue
         if not rule.kind.accepts(value) or (rule.choices and value not in rule.choices):
             raise _bad(key, value, rule.expected())
+    layers, hidden = config[family.layers_key], config.get("num_hidden_layers")
+    per_layer = family.hidden_layers_per_layer
+    if family.layers_key != "num_hidden_layers" and hidden is not None and hidden != per_layer * layers:
+        raise DernError(f"config.json: num_hidden_layers is {show(hidden)} but {family.layers_key} is {layers}; "
+                        f"{family.model_type} derives num_hidden_layers as {family.hidden_layers_per_layer} x "
+                        f"{family.layers_key}")
     top_ks = [k for k in family.top_k_keys if k in config]
     if not top_ks:
         raise DernError(f"config.json: {' or '.join(family.top_k_keys)} is missing; expected a positive integer "

@@ -155,10 +155,11 @@ class Family:
     min_group_experts: int = 1
     # config.json's decoder-layer count (LongCat-Flash: num_layers, each layer holding two attention sublayers).
     layers_key: str = "num_hidden_layers"
+    hidden_layers_per_layer: int = 1  # where layers_key is another: num_hidden_layers is this x its value, if given
     # The config key counting zero-computation (identity) experts whose router rows and correction-bias entries follow
     # the routed experts' (LongCat-Flash): not weights, so every rewrite keeps them, after the K kept experts' rows.
     passive_key: str | None = None
-    passive_default: int = 0  # the config class's count where config.json leaves passive_key out (null: none)
+    passive_default: int = 0  # the config class's count where config.json leaves passive_key out
     # The fewest experts the family's config can build a MoE layer of, and why (Jamba: 2), where that is above one.
     min_experts: tuple[int, str] | None = None
     # Experts every token is routed to whatever num_experts_per_tok says (PhiMoE's sparsemixer: 2).

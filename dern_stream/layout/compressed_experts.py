@@ -44,8 +44,10 @@ def unquantized_experts(config: dict, family: Family, layer: int, experts: int) 
         own = modules[e * len(PARTS):(e + 1) * len(PARTS)]
         left = [m for m in own if m not in done]
         if left and len(left) < len(own):
-            raise DernError(f"{_WHAT} leaves {left[0]} unquantized but quantizes the rest of its expert: an expert "
-                            "quantized in part is not supported (quantize or ignore all of its projections)")
+            done_here = [m.rpartition(".")[2] for m in own if m in done]
+            raise DernError(f"{_WHAT} leaves {left[0]} unquantized but quantizes its expert's "
+                            f"{' and '.join(done_here)}: an expert quantized in part is not supported (quantize or "
+                            "ignore all of its projections)")
         if left:
             plain.append(e)
     return tuple(plain)

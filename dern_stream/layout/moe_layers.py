@@ -129,7 +129,8 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
     for i in indices:
         router = ckpt.entries[family.router_name(i)]
         if router.shape != (rows, d):
-            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[rows, d]}")
+            zero = f" ({n} routed + {rows - n} zero experts)" if rows > n else ""
+            raise DernError(f"layer {i} router has shape {list(router.shape)}, config implies {[rows, d]}{zero}")
         stored_dtypes: tuple[tuple[str, str], ...] = ()
         plain: tuple[tuple[int, ...], str | None] = ((), None)
         if family.fused is not None:

@@ -181,14 +181,15 @@ def write_layer(
     error = RequantizationError()
     try:
         # The zero experts' rows (LongCat-Flash) follow the kept experts' as they are: they are not weights.
-        routed = family.num_experts(ckpt.config)
-        router = ckpt.load(family.router_name(i)) if family.passive_experts(ckpt.config) else result.router
-        writer.write(family.router_name(i), torch.cat([result.router.cpu(), router[routed:]]))
+        routed, passive = family.num_experts(ckpt.config), family.passive_experts(ckpt.config)
+        rows = result.router.cpu()
+        writer.write(family.router_name(i), torch.cat([rows, ckpt.load(family.router_name(i))[routed:]]) if passive
+                     else rows)
         if layer.bias is not None:
             # A load-balancing term, not a routing weight: the kept experts keep their values (docs/method.md, Stage 2).
             full = ckpt.load(family.bias_name(i))
             kept = output_bias(family, full[..., :routed], result, family.intermediate_size(ckpt.config))
-            writer.write(family.bias_name(i), torch.cat([kept, full[..., routed:]], dim=-1))
+            writer.write(family.bias_name(i), torch.cat([kept, full[..., routed:]], dim=-1) if passive else kept)
         dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
         if family.fused is not None:
             report.requantization_error = _write_fused(writer, ckpt, family, layer, result, dequantized)

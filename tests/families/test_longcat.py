@@ -58,3 +58,23 @@ def test_a_router_with_a_logits_bias_is_refused_in_one_line(build, tmp_path):
     result = CliRunner().invoke(main, ["rewrite", str(bad), str(tmp_path / "out"), "--experts", "4",
                                        "--calib", str(built.calib)])
     assert_clean_failure(result, tmp_path / "out", "router_bias is true (a boolean); expected false")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"zero_expert_num": None}, "zero_expert_num is null; expected a non-negative integer"),
+    ({"num_hidden_layers": 3}, "num_hidden_layers is 3 but num_layers is 3; longcat_flash derives num_hidden_layers "
+                               "as 2 x num_layers"),
+])
+def test_configs_transformers_would_build_otherwise_are_refused_in_one_line(changes, message, build, tmp_path):
+    built = build("longcat_flash")
+    bad = edited_copy(built.model_dir, tmp_path / "bad", **changes)
+    result = CliRunner().invoke(main, ["rewrite", str(bad), str(tmp_path / "out"), "--experts", "4",
+                                       "--calib", str(built.calib)])
+    assert_clean_failure(result, tmp_path / "out", message)
+
+
+def test_num_hidden_layers_twice_num_layers_is_accepted(build, tmp_path):
+    built = build("longcat_flash")
+    fine = edited_copy(built.model_dir, tmp_path / "fine", num_hidden_layers=2 * built.config["num_layers"])
+    dern_stream.rewrite(fine, tmp_path / "out", experts=4, method="prune", importance="router-norm", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6

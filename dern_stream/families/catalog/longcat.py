@@ -34,6 +34,7 @@ FAMILIES = (
         top_k_keys=("moe_topk", "num_experts_per_tok"),
         intermediate_key="expert_ffn_hidden_size",
         layers_key="num_layers",
+        hidden_layers_per_layer=2,  # (each holds two attention sublayers: LongcatFlashConfig.num_hidden_layers)
         passive_key="zero_expert_num",
         passive_default=256,  # LongcatFlashConfig's
         make_router=longcat_router,
@@ -44,7 +45,7 @@ FAMILIES = (
         config_rules={
             "num_key_value_heads": opt(POS_INT, nullable=True),
             "ffn_hidden_size": opt(POS_INT),
-            "zero_expert_num": opt(NONNEG_INT, nullable=True),
+            "zero_expert_num": opt(NONNEG_INT),  # (null builds no model in transformers 5.25)
             "zero_expert_type": opt(STR, choices=("identity",)),
             # a logits bias [N + Z] beside the classifier, which transformers builds but no release has
             "router_bias": opt(FALSE),
