@@ -124,15 +124,20 @@ class StreamedModel:
 
     def _real_buffers(self) -> None:
         """Non-persistent buffers (rotary frequencies, Gemma's embedding scale) are computed, not stored: allocate them
-        and let transformers' own initialiser fill them, as from_pretrained does. A module's weights beside them go
-        back to the meta device (they are read when the module runs); the buffers stay (stream/weights.py)."""
+        and let transformers' own initialiser fill them, as from_pretrained does. Weights beside them stay on the meta
+        device (read when their module runs, the buffers then kept: stream/weights.py), so the initialiser never
+        allocates them (Gemma 4's embedding: 1.5 GB)."""
         for module in self.model.modules():
-            if any(b is not None for n, b in module.named_buffers(recurse=False)
-                   if n in module._non_persistent_buffers_set):
+            computed = [n for n, b in module.named_buffers(recurse=False)
+                        if b is not None and n in module._non_persistent_buffers_set]
+            if not computed:
+                continue
+            if any(True for _ in module.parameters(recurse=False)):
+                for name in computed:
+                    module._buffers[name] = torch.empty_like(module._buffers[name], device=self.device)
+            else:
                 module.to_empty(device=self.device)
-                self.model._init_weights(module)
-                if any(True for _ in module.parameters(recurse=False)):
-                    release(module)
+            self.model._init_weights(module)
 
     # --- materialising parts ------------------------------------------------------------------
     @contextmanager
