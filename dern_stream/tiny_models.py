@@ -32,17 +32,19 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     config = AutoConfig.for_model(family, **{**common, **FAMILY_CONFIGS[family], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    from .stream.executor import moe_block_of, router_weight
+    from .stream.executor import moe_router_weight
 
     with torch.no_grad():
         # Random inits leave routers near-uniform; widen them so experts differ in importance.
         for layer in model.model.layers:
-            block = moe_block_of(layer)
-            if block is not None:
-                router_weight(block).normal_(0.0, 0.5)
+            router = moe_router_weight(layer)
+            if router is not None:
+                router.normal_(0.0, 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.bias")):
                 tensor.normal_(0.0, 0.1)  # gpt-oss initialises them to zero; the tests need them to matter
+            if name.endswith(("router.scale", "router.per_expert_scale", "pre_feedforward_layernorm_2.weight")):
+                tensor.uniform_(0.5, 1.5)  # Gemma 4 initialises them to one; the tests need them to matter
             if name.endswith("e_score_correction_bias"):
                 tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
     return model

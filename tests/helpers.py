@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.storage import dequantize
-from dern_stream.stream.executor import moe_block_of
+from dern_stream.stream.executor import moe_block_of, moe_block_output
 from dern_stream.tiny_models import FAMILY_CONFIGS
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -121,8 +121,7 @@ def routed_error(original, rewritten, i: int, x: torch.Tensor, x_new: torch.Tens
     def routed(model, inputs):
         block = moe_block_of(model.model.layers[i])
         with torch.no_grad():
-            y = block(inputs[None])
-            y = (y[0] if isinstance(y, tuple) else y)[0]
+            y = moe_block_output(model.model.layers[i], inputs[None])[0]
             shared = shared_output(block, inputs)
         return y - shared
     reference = routed(original, x)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..families import family_for
-from ..stream.executor import moe_block_of, router_weight
+from ..stream.executor import moe_block_of, moe_router_weight
 from .store import CalibWriter, tensor_sha256
 
 
@@ -26,8 +26,9 @@ def dump_from_model(
     overwrite: bool = False,
 ) -> list[int]:
     """Run `model` (a transformers causal LM) on `input_ids` [sequences, seq_len] and store every MoE
-    block's input (its router's; in most families the output of post_attention_layernorm, in LFM2-MoE of ffn_norm, in
-    AFMoE of pre_mlp_layernorm). Returns the MoE layer indices."""
+    block's input (its experts'; in most families the output of post_attention_layernorm, in LFM2-MoE of ffn_norm, in
+    AFMoE of pre_mlp_layernorm, in Gemma 4 of pre_feedforward_layernorm_2, which its router does not read: see
+    families/record.RouterInput). Returns the MoE layer indices."""
     config = model.config.to_dict()
     family = family_for(config)
     routers = moe_routers(model)
@@ -62,5 +63,5 @@ def dump_from_model(
 
 def moe_routers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
     """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block."""
-    blocks = {i: moe_block_of(layer) for i, layer in enumerate(model.model.layers)}
-    return {i: router_weight(block) for i, block in blocks.items() if block is not None}
+    routers = {i: moe_router_weight(layer) for i, layer in enumerate(model.model.layers)}
+    return {i: weight for i, weight in routers.items() if weight is not None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from ..families import Family
 from ..families.record import Router
 from .segments import ExpertStack
 
-_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 # One expert's rows are computed a block at a time, so the activations held do not grow with the fit sample: a
 # Mixtral-8x7B expert taking all of 131072 rows would otherwise hold 22.5 GB of them (docs/performance.md, "The fit on
 # large layers").
@@ -53,6 +55,16 @@ class Gating:
     # scored after the routed experts' (indices N.. in the selection); each returns its input, times its weight.
     passive_rows: torch.Tensor | None = field(default=None, compare=False)
     passive_bias: torch.Tensor | None = field(default=None, compare=False)
+    # The layer's router reads the experts' input x times this [d] vector (Gemma 4: families/record.RouterInput).
+    input_scale: torch.Tensor | None = field(default=None, compare=False)
+
+    def with_input_scale(self, scale: torch.Tensor | None) -> Gating:
+        """This routing for a layer whose router reads x * scale (None: unchanged)."""
+        return self if scale is None else replace(self, input_scale=scale)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the router's rows multiply, for the experts' inputs x [T, d] (float32)."""
+        return x if self.input_scale is None else x * self.input_scale.to(x.device, torch.float32)
 
     def with_passive(self, rows: torch.Tensor | None, bias: torch.Tensor | None) -> Gating:
         """This routing for a layer whose router also scores the zero experts `rows` (None or empty: unchanged)."""
@@ -68,7 +80,7 @@ class Gating:
             router_weight = torch.cat([router_weight, rows])
             if bias is not None:
                 bias = torch.cat([bias, self.passive_bias.to(bias.device, bias.dtype)])
-        return self.router.select(x @ router_weight.float().T, bias)
+        return self.router.select(self.router_input(x) @ router_weight.float().T, bias)
 
     def weights(self, x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tensor | None):
         """(selected experts [T, k], combine weights [T, k]) for inputs x [T, d]."""
@@ -200,7 +212,7 @@ def expert_stats(x: torch.Tensor, router_weight: torch.Tensor, bias: torch.Tenso
         freq[e] = routed / x.shape[0]
         if routed:
             reap[e] /= routed
-    logits = (x @ router_weight.float().T).T
+    logits = (gating.router_input(x) @ router_weight.float().T).T
     return ExpertStats(freq.cpu(), reap.cpu(), mean_out.float(), logits)
 
 
@@ -213,7 +225,7 @@ class LayerRouting:
 
 
 def layer_routing(family: Family, config: dict, out_config: dict) -> LayerRouting:
-    act = str(config.get("hidden_act", "silu"))
+    act = str(config.get("hidden_act", config.get("hidden_activation", "silu")))  # (Gemma's key: hidden_activation)
 
     def gating(c: dict) -> Gating:
         return Gating(family.make_router(c), family.renormalises(c), family.routed_scale(c), act,

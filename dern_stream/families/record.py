@@ -48,19 +48,26 @@ class FusedExperts:
     interleaved: bool = False
     gate_up_bias: str | None = None  # [N, 2h], with down_bias [N, d] (gpt-oss)
     down_bias: str | None = None
+    # A per-expert output scale [N] (Gemma 4's router.per_expert_scale, which multiplies expert e's combine weight):
+    # split() folds it into the expert's down projection, so the methods see s_e E_e, the expert as the model
+    # applies it; join() writes a rebuilt expert (whose down projection then holds its scale) with scale 1, and a
+    # kept expert nothing changed keeps its own entry with its other bytes.
+    scale: str | None = None
 
     @property
     def biased(self) -> bool:
         return self.gate_up_bias is not None
 
     def templates(self) -> list[str]:
-        return [self.gate_up, self.down, *([self.gate_up_bias, self.down_bias] if self.biased else [])]
+        return [self.gate_up, self.down, *([self.gate_up_bias, self.down_bias] if self.biased else []),
+                *([self.scale] if self.scale else [])]
 
     def shapes(self, hidden: int, intermediate: int) -> list[tuple[int, ...]]:
         """One expert's slice of each tensor, in templates() order."""
         gate_up = (hidden, 2 * intermediate) if self.gate_up_cols else (2 * intermediate, hidden)
         down = (intermediate, hidden) if self.down_cols else (hidden, intermediate)
-        return [gate_up, down, *([(2 * intermediate,), (hidden,)] if self.biased else [])]
+        return [gate_up, down, *([(2 * intermediate,), (hidden,)] if self.biased else []),
+                *([()] if self.scale else [])]
 
     def _pair(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = rows.shape[0] // 2
@@ -73,23 +80,52 @@ class FusedExperts:
 
     def split(self, slices: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
         """One expert's slices -> (gate [h, d], up [h, d], down [d, h], bias [h, 2] or None, down bias [d] or
-        None), views where the layout allows."""
+        None), views where the layout allows (the down projection times the expert's scale, where there is one)."""
         import torch
 
         gate, up = self._pair(slices[0].T if self.gate_up_cols else slices[0])
         down = slices[1].T if self.down_cols else slices[1]
+        if self.scale:
+            down = down * slices[-1]
         if not self.biased:
             return gate, up, down, None, None
         return gate, up, down, torch.stack(self._pair(slices[2]), dim=-1), slices[3]
 
     def join(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, bias: torch.Tensor | None = None,
              down_bias: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """split's inverse: the slices, contiguous (the biases only where the layout has them)."""
+        """split's inverse: the slices, contiguous (the biases and the scale only where the layout has them)."""
+        import torch
+
         rows = self._unpair(gate, up)
         out = [(rows.T if self.gate_up_cols else rows).contiguous(), (down.T if self.down_cols else down).contiguous()]
         if self.biased:
             out += [self._unpair(bias[:, 0], bias[:, 1]).contiguous(), down_bias.contiguous()]
+        if self.scale:  # (the down projection holds the scale: split's)
+            out.append(torch.ones((), dtype=down.dtype))
         return out
+
+
+@dataclass(frozen=True)
+class RouterInput:
+    """Where the router reads its own normalisation of the layer's input rather than the experts' (Gemma 4): the
+    router's logits are proj(rmsnorm(x) * scale * d^-0.5) while the experts read rmsnorm(x) * w, the weight of the
+    RMSNorm named `norm`. The calibration dump holds the experts' input y = rmsnorm(x) * w, so the router's logits
+    are (y * c) @ proj^T with c = scale / w * d^-0.5 [d], exactly where w has no zero entry (Gating.input_scale).
+    Names are templates under the layer, as Family's; both are [d] and copied unchanged."""
+
+    scale: str  # the router's own [d] scale
+    norm: str  # the weight [d] of the norm whose output the experts read
+
+    def names(self, layer: int) -> tuple[str, str]:
+        return f"model.layers.{layer}.{self.scale}", f"model.layers.{layer}.{self.norm}"
+
+    def vector(self, scale: torch.Tensor, norm: torch.Tensor, layer: int) -> torch.Tensor:
+        """c [d], float32, from the layer's stored scale and norm weight; refused where the norm has a zero entry
+        (the experts' input then loses what the router reads)."""
+        if not bool((norm != 0).all()):
+            raise DernError(f"model.layers.{layer}.{self.norm} has a zero entry, so the router's input cannot be "
+                            "recovered from the experts' (the calibration dump's): not supported")
+        return scale.float() / norm.float() * scale.shape[-1] ** -0.5
 
 
 def always(config: dict) -> bool:
@@ -178,6 +214,7 @@ class Family:
     bias_in_logits: bool = False  # `bias` is part of the router's logits (gpt-oss), not a correction for the choice
     make_glu: Callable[[dict], Callable] | None = None  # experts' glu(g, u) when not act(g) * u (gpt-oss)
     scales_expert_input: bool = False  # the router's score scales the expert's input, not its output (Llama-4)
+    router_input: RouterInput | None = None  # the router reads its own normalisation of the input (Gemma 4)
     # The family's own config.json keys and the values they take (config_rules.py), checked before any work beside
     # the keys every family shares; the expert count, top-k and width keys are checked from the fields above.
     config_rules: Mapping[str, Rule] = field(default_factory=dict)

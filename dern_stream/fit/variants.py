@@ -40,8 +40,10 @@ class Variant:
         x, target = rows
         new_router, residual = result.router, None
         if self.router:
-            new_router = refit_router(x, router, result, routing.before.router, shape.intermediate, ROUTER_RIDGE,
-                                      anchored=routing.before.passive_rows is not None)
+            # (the rows are fitted on what they multiply: x as the router reads it, Gemma 4's scaled)
+            anchored = routing.before.passive_rows is not None
+            new_router = refit_router(routing.before.router_input(x), router, result, routing.before.router,
+                                      shape.intermediate, ROUTER_RIDGE, anchored=anchored)
             current = None  # the routing changed
         if self.down:
             ridge = options.refit_ridge if self.ridge is None else self.ridge

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint, TensorSpec
 from ..checkpoint.safetensors_format import FLOAT_DTYPES, TensorEntry
@@ -14,6 +15,9 @@ from ..storage.formats import MXFP4_BLOCKS, MXFP4_GROUP, MXFP4_SCALES, SCALE_SUF
 from ..storage.tensor_kinds import check_fp8_tensors, is_fp8_scale, is_scaled_fp8
 from .compressed_experts import check_stored_form, unquantized_experts
 from .fused_tensors import fused_tensors
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -155,9 +159,22 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
         if bias is not None and bias.shape not in ((rows,), (1, rows)):
             raise DernError(f"{bias_name} has shape {list(bias.shape)}, expected {[rows]} (or {[1, rows]})")
         _check_no_unknown_per_expert(ckpt, family, i, n, by_layer.get(i, []))
+        router_input_scale(ckpt, family, i)  # (refused before any work where the router's input cannot be had)
         layers.append(MoELayer(i, router, bias, dtypes.pop(), storage, scale_dtypes.pop() if scale_dtypes else None,
                                stored_dtypes, *plain))
     return layers
+
+
+def router_input_scale(ckpt: Checkpoint, family: Family, index: int) -> torch.Tensor | None:
+    """Layer `index`'s Gating.input_scale [d] where its router reads its own normalisation of the input (Gemma 4:
+    families/record.RouterInput), else None."""
+    if family.router_input is None:
+        return None
+    scale, norm = family.router_input.names(index)
+    missing = [name for name in (scale, norm) if name not in ckpt.entries]
+    if missing:
+        raise DernError(f"layer {index} has a router but no {missing[0]}, which {family.model_type}'s router reads")
+    return family.router_input.vector(ckpt.load(scale), ckpt.load(norm), index)
 
 
 def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int, names: list[str]) -> None:
@@ -165,7 +182,7 @@ def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: in
     Mixtral has no use for, say) cannot be cut to K experts as the rest of the layer is: refused, not copied whole
     beside a K-row router."""
     block = f"model.layers.{i}.{family.router.split('.')[0]}."
-    known = {family.router_name(i), family.bias_name(i)}
+    known = {family.router_name(i), family.bias_name(i), *(family.router_input.names(i) if family.router_input else ())}
     for name in names:
         entry = ckpt.entries[name]
         if (name.startswith(block) and name not in known and n in entry.shape

@@ -43,10 +43,7 @@ def compress_layer(
     `then(replace)`: see LayerFit.finish (sequential.py)."""
     router = inputs.router.to(device)
     bias = inputs.bias.to(device) if inputs.bias is not None else None
-    if inputs.passive_router is not None:  # the zero experts route as they did, before and after (LongCat-Flash)
-        routing = LayerRouting(*(g.with_passive(inputs.passive_router.to(device), inputs.passive_bias.to(device)
-                                                if inputs.passive_bias is not None else None)
-                                 for g in (routing.before, routing.after)))
+    routing = inputs.layer_routing(routing, device)  # (the layer's zero experts and router input scale)
     experts = inputs.experts(device) if inputs.experts is not None else None
     fit: dict = {}
     data = None

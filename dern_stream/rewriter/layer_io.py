@@ -14,11 +14,12 @@ from ..checkpoint import Checkpoint, NonFiniteTensor, ShardedWriter
 from ..checkpoint.integrity import all_finite
 from ..checkpoint.safetensors_format import DTYPES
 from ..errors import DernError
+from ..experts.forward import LayerRouting
 from ..experts.result import LayerResult, output_bias
 from ..experts.segments import ExpertStack
 from ..families import PARTS, Family
 from ..layout.fused_tensors import fused_tensors
-from ..layout.moe_layers import ModelShape, MoELayer
+from ..layout.moe_layers import ModelShape, MoELayer, router_input_scale
 from ..runtime.stage_clock import NO_CLOCK, StageClock
 from ..storage import compressed_tensors, dequantize, mxfp4, quantize
 from ..storage.finite_values import dequantized_problem, mxfp4_problem
@@ -39,6 +40,17 @@ class LayerInputs:
     # The zero experts' rows and bias entries that follow (LongCat-Flash), else None: Gating.with_passive.
     passive_router: torch.Tensor | None = None
     passive_bias: torch.Tensor | None = None
+    # What the router's rows multiply is the experts' input times this [d] vector (Gemma 4), else None.
+    input_scale: torch.Tensor | None = None
+
+    def layer_routing(self, routing: LayerRouting, device: torch.device | None = None) -> LayerRouting:
+        """The family's routing with this layer's own data: its zero experts (LongCat-Flash, routed as they were,
+        before and after) and its router's input scale (Gemma 4), on `device` (None: where they are)."""
+        def on(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(device) if t is not None and device is not None else t
+
+        return LayerRouting(*(g.with_passive(on(self.passive_router), on(self.passive_bias))
+                              .with_input_scale(on(self.input_scale)) for g in (routing.before, routing.after)))
 
 
 def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, with_experts: bool,
@@ -49,12 +61,13 @@ def read_layer(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelSh
         router = ckpt.load(family.router_name(layer.index))
         # [N], whether stored as [N] or [1, N] (ERNIE)
         bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
+        scale = router_input_scale(ckpt, family, layer.index)
     experts = partial(read_experts, ckpt, family, layer, shape, clock=clock) if with_experts else None
     n = shape.num_experts
     if router.shape[0] == n:
-        return LayerInputs(layer, router, bias, experts)
+        return LayerInputs(layer, router, bias, experts, input_scale=scale)
     return LayerInputs(layer, router[:n], bias[:n] if bias is not None else None, experts, router[n:],
-                       bias[n:] if bias is not None else None)
+                       bias[n:] if bias is not None else None, scale)
 
 
 def read_experts(ckpt: Checkpoint, family: Family, layer: MoELayer, shape: ModelShape, device: torch.device,

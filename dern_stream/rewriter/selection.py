@@ -11,7 +11,7 @@ from ..checkpoint import Checkpoint
 from ..experts.forward import Gating, LayerRouting
 from ..experts.importance import router_norm_importance, routing_importance, select_experts
 from ..families import Family, GroupPlan
-from ..layout.moe_layers import MoELayer
+from ..layout.moe_layers import MoELayer, router_input_scale
 from ..methods import method_named
 from ..options import RewriteOptions
 from .layer_report import NOT_NEEDED, ROUTER_NORM, ROUTING, LayerSelection
@@ -23,7 +23,8 @@ def layer_importance(dump: CalibDump, index: int, router: torch.Tensor, bias: to
     The router (and bias) move to `device` unless they are there already. `experts`: the routed experts, where the
     router's rows go on with zero experts' (LongCat-Flash), which take part in the routing but are never ranked."""
     bias = bias.to(device) if bias is not None else None
-    scores, tokens = routing_importance(dump.chunks(index, device), router.to(device), gating.router, bias)
+    chunks = (gating.router_input(x) for x in dump.chunks(index, device))  # (x as the router reads it: Gemma 4)
+    scores, tokens = routing_importance(chunks, router.to(device), gating.router, bias)
     return scores[:experts], tokens
 
 
@@ -40,12 +41,13 @@ def select_experts_of_layers(ckpt: Checkpoint, family: Family, layers: list[MoEL
             out[layer.index] = LayerSelection(None, 0, NOT_NEEDED, list(range(n)))
             continue
         router = ckpt.load(family.router_name(layer.index))
+        gating = routing.before.with_input_scale(router_input_scale(ckpt, family, layer.index))
         if layer.index in available:
             bias = ckpt.load(family.bias_name(layer.index)).reshape(-1) if layer.bias is not None else None
-            scores, tokens = layer_importance(dump, layer.index, router, bias, routing.before, device, n)
+            scores, tokens = layer_importance(dump, layer.index, router, bias, gating, device, n)
             source = ROUTING
-        else:
-            scores, tokens, source = router_norm_importance(router[:n]), 0, ROUTER_NORM
+        else:  # (the rows as they act on the experts' input: Gemma 4's scaled by its router's input scale)
+            scores, tokens, source = router_norm_importance(gating.router_input(router[:n].float())), 0, ROUTER_NORM
         kept = None if chooses_later else select_experts(scores, options.experts, groups)
         out[layer.index] = LayerSelection(scores, tokens, source, kept)
     return out

@@ -31,22 +31,34 @@ _LOGIT_BLOCK_BYTES = 256 << 20  # lm_head logits are computed in row blocks of a
 class _Recorder(torch.nn.Module):
     """Stands in for decoder layer i during the embedding pass: records the call's keyword arguments."""
 
-    def __init__(self, index: int, attention_type: str | None, sink: dict, passes_top_k: bool = False):
+    def __init__(self, index: int, attention_type: str | None, sink: dict, passes_top_k: bool = False,
+                 positional: tuple[str, ...] = ()):
         super().__init__()
-        self.index, self.sink, self.passes_top_k = index, sink, passes_top_k
+        self.index, self.sink, self.passes_top_k, self.positional = index, sink, passes_top_k, positional
         if attention_type is not None:
             self.attention_type = attention_type
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
+        if len(args) > len(self.positional):
             raise DernError("this transformers version passes decoder layers positional arguments; "
                             "the streamed forward does not support it")
+        # (Gemma 4 passes its per-layer input second: recorded by the name the layer's forward gives it)
+        kwargs.update(zip(self.positional, args, strict=False))
         self.sink[self.index] = (hidden_states, kwargs)
         # GLM-5's decoder layers return (hidden states, the indexer's top-k), which the next layer receives
         return (hidden_states, kwargs.get(_PREV_TOP_K)) if self.passes_top_k else hidden_states
 
 
 _PREV_TOP_K = "prev_topk_indices"
+
+
+def _positional_names(layer: torch.nn.Module) -> tuple[str, ...]:
+    """The names of a decoder layer's forward arguments after its hidden states, that may be passed by position."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(type(layer).forward).parameters.values() if p.kind in kinds]
+    return tuple(names[2:])  # (self, hidden_states)
 
 
 def _passes_top_k(layer: torch.nn.Module) -> bool:
@@ -111,16 +123,21 @@ class StreamedModel:
         self._contexts: dict[tuple[int, ...], dict[int, dict]] = {}
 
     def _real_buffers(self) -> None:
-        """Non-persistent buffers (rotary frequencies) are computed, not stored: allocate them and let
-        transformers' own initialiser fill them, as from_pretrained does."""
+        """Non-persistent buffers (rotary frequencies, Gemma's embedding scale) are computed, not stored: allocate them
+        and let transformers' own initialiser fill them, as from_pretrained does. Weights beside them stay on the meta
+        device (read when their module runs, the buffers then kept: stream/weights.py), so the initialiser never
+        allocates them (Gemma 4's embedding: 1.5 GB)."""
         for module in self.model.modules():
-            if any(b is not None for n, b in module.named_buffers(recurse=False)
-                   if n in module._non_persistent_buffers_set):
-                if any(True for _ in module.parameters(recurse=False)):
-                    raise DernError(f"{type(module).__name__} holds computed buffers beside weights; "
-                                    "the streamed forward does not support this model")
+            computed = [n for n, b in module.named_buffers(recurse=False)
+                        if b is not None and n in module._non_persistent_buffers_set]
+            if not computed:
+                continue
+            if any(True for _ in module.parameters(recurse=False)):
+                for name in computed:
+                    module._buffers[name] = torch.empty_like(module._buffers[name], device=self.device)
+            else:
                 module.to_empty(device=self.device)
-                self.model._init_weights(module)
+            self.model._init_weights(module)
 
     # --- materialising parts ------------------------------------------------------------------
     @contextmanager
@@ -150,11 +167,14 @@ class StreamedModel:
         return block
 
     @contextmanager
-    def loaded_moe_block(self, i: int) -> Iterator[torch.nn.Module]:
-        block = self.moe_block(i)
-        name = next(n for n, m in self.layers[i].named_children() if m is block)
-        with self.loaded(block, f"{self.decoder_prefix(i)}{name}.", layer=i):
-            yield block
+    def loaded_moe_block(self, i: int) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        """Decoder layer i's MoE computation with real weights for the block: x -> moe_block_output(layer, x)."""
+        layer, block = self.layers[i], self.moe_block(i)
+        with ExitStack() as parts:
+            for name, child in layer.named_children():
+                if child is block or (name in _LAYER_MOE_PARTS and block is getattr(layer, "experts", None)):
+                    parts.enter_context(self.loaded(child, f"{self.decoder_prefix(i)}{name}.", layer=i))
+            yield lambda x: moe_block_output(layer, x)
 
     # --- the forward --------------------------------------------------------------------------
     @torch.no_grad()
@@ -180,7 +200,8 @@ class StreamedModel:
         """Run the skeleton's own forward with recorders for layers; returns layer 0's input."""
         recorded: dict[int, tuple] = {}
         recorders = torch.nn.ModuleList(
-            _Recorder(i, getattr(layer, "attention_type", None), recorded, _passes_top_k(layer))
+            _Recorder(i, getattr(layer, "attention_type", None), recorded, _passes_top_k(layer),
+                      _positional_names(layer))
             for i, layer in enumerate(self.layers)
         )
         layers, norm = self.base.layers, self.final_norm
@@ -337,19 +358,47 @@ def _replace_first(out, value: torch.Tensor):
 
 _FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm")  # the decoder stack's norm after its last layer, by name
 _ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight", "router.gate.weight",
-                   "router.classifier.weight")
+                   "router.classifier.weight", "router.proj.weight")
+# The children of a decoder layer whose router and experts sit on it (Gemma 4) that its MoE computation reads.
+_LAYER_MOE_PARTS = ("router", "experts", "pre_feedforward_layernorm_2")
 
 
 def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """A decoder layer's routed MoE block (experts beside a router), or None for a dense layer.
+    """A decoder layer's routed MoE block (experts beside a router), or None for a dense layer: the module whose
+    input is the experts' input (what the dump stores) and whose output holds their routed sum.
 
     Found by structure: in memory transformers 5 renames some blocks (Mixtral's block_sparse_moe
-    becomes mlp) and fuses the experts."""
+    becomes mlp) and fuses the experts. Where the router and experts sit on the decoder layer itself (Gemma 4),
+    the block is the experts module: called as experts(x, top_k_index, top_k_weights), so run it through
+    moe_block_output."""
     for name in ("mlp", "block_sparse_moe", "feed_forward"):
         block = getattr(layer, name, None)
         if hasattr(block, "experts") and router_weight(block) is not None:
             return block
+    if isinstance(getattr(layer, "experts", None), torch.nn.Module) and router_weight(layer) is not None:
+        return layer.experts
     return None
+
+
+def moe_router_weight(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The router's weight [N, d] of a decoder layer's MoE block, wherever it sits (None for a dense layer)."""
+    block = moe_block_of(layer)
+    if block is None:
+        return None
+    return router_weight(block) if block is not getattr(layer, "experts", None) else router_weight(layer)
+
+
+def moe_block_output(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What decoder layer `layer`'s MoE block outputs on its input x [..., d] (the experts' input, as dumped), as
+    the layer calls it. Gemma 4's router reads rmsnorm(residual), which is x / pre_feedforward_layernorm_2's weight
+    (its own norm then divides by rms(x / w) = 1 up to the norm's eps: a relative 1e-6 at most on the logits)."""
+    block = moe_block_of(layer)
+    if block is not getattr(layer, "experts", None):
+        return _first(block(x))
+    flat = x.reshape(-1, x.shape[-1])
+    weight = layer.pre_feedforward_layernorm_2.weight
+    _, top_k_weights, top_k_index = layer.router((flat.float() / weight.float()).to(flat.dtype))
+    return block(flat, top_k_index, top_k_weights).reshape(x.shape)
 
 
 def router_weight(block: torch.nn.Module) -> torch.Tensor | None:

@@ -40,7 +40,9 @@ def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: 
     `prefix` is the module's in-memory name (e.g. "model.layers.3."); `layer` its decoder index when
     it may hold routed experts. Returns the number of parameter elements materialised.
     """
+    kept = _computed_buffers(module)
     module.to_empty(device=device)
+    _restore(kept, device)
     params = {id(p) for p in module.parameters()}
     count = 0
     state = module.state_dict(keep_vars=True)
@@ -53,8 +55,22 @@ def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: 
 
 
 def release(module: torch.nn.Module) -> None:
-    """Return the module's parameters and buffers to the meta device (frees their memory)."""
+    """Return the module's parameters and persistent buffers to the meta device (frees their memory)."""
+    kept = _computed_buffers(module)
     module.to_empty(device="meta")
+    _restore(kept, None)
+
+
+def _computed_buffers(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """The non-persistent buffers under `module` that hold values already (computed once, never stored: Gemma's
+    embedding scale beside the embedding's weight), which to_empty would otherwise leave uninitialised."""
+    return [(m, name, b) for m in module.modules() for name, b in m._buffers.items()
+            if b is not None and name in m._non_persistent_buffers_set and not b.is_meta]
+
+
+def _restore(kept: list[tuple[torch.nn.Module, str, torch.Tensor]], device: torch.device | None) -> None:
+    for m, name, b in kept:
+        m._buffers[name] = b.to(device) if device is not None else b
 
 
 def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None,

@@ -174,7 +174,7 @@ def test_eval_reads_tokenizer_from_a_broken_config(build, tmp_path):
 def test_every_family_has_a_table():
     for family in FAMILIES.values():
         rules = rules_for(family)
-        assert {"hidden_size", family.layers_key, "num_experts_per_tok", family.intermediate_key} <= set(rules)
+        assert {"hidden_size", family.layers_key, *family.top_k_keys, family.intermediate_key} <= set(rules)
         assert set(family.expert_count_keys) <= set(rules)
 
 

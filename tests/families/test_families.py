@@ -35,7 +35,9 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     assert set(out_cfg) == set(src_cfg)  # no second, conflicting expert-count key added
     top_k = src_cfg[fam.top_k_key(src_cfg)]
     assert out_cfg[fam.top_k_key(src_cfg)] == top_k and top_k <= 4
-    assert model.config.num_experts_per_tok == top_k  # (attribute_map: moe_k, moe_topk)
+    # (attribute_map: moe_k, moe_topk; Gemma 4 maps none: its top_k_experts)
+    top_k_attribute = "num_experts_per_tok" if hasattr(model.config, "num_experts_per_tok") else fam.top_k_key(src_cfg)
+    assert getattr(model.config, top_k_attribute) == top_k
 
     audit = json.loads((out / "dern_stream.json").read_text())
     moe_layers = fam.moe_layers(Checkpoint(built.model_dir).entries)

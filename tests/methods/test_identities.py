@@ -16,7 +16,7 @@ import dern_stream
 from dern_stream.experts.kmeans import gate_linf_init, spherical_weighted_kmeans
 from dern_stream.experts.segments import ExpertStack, reassign_segments, transfer_counts, transfer_router
 from dern_stream.families import family_for
-from dern_stream.stream.executor import moe_block_of, router_weight
+from dern_stream.stream.executor import moe_block_of, moe_router_weight
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -31,9 +31,13 @@ def test_keep_all_experts_with_alpha_one_is_the_identity(family, build, tmp_path
 def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
     """Eq. 1 with transformers' own router module on the dumped inputs (independent of dern_stream)."""
     x = torch.from_numpy(np.asarray(zarr.open_group(str(calib), mode="r")["moe_inputs"][str(layer)][:])).float()
-    block = moe_block_of(model.model.layers[layer])
+    decoder_layer = model.model.layers[layer]
+    block = moe_block_of(decoder_layer)
     with torch.no_grad():
-        if hasattr(block, "expert_bias"):  # LFM2-MoE (gate) and AFMoE (router, on [batch, seq, d]) take their bias
+        if block is getattr(decoder_layer, "experts", None):  # Gemma 4: its router reads x / the experts' norm weight
+            _, weights, idx = decoder_layer.router(x / decoder_layer.pre_feedforward_layernorm_2.weight)
+            weights = weights / decoder_layer.router.per_expert_scale[idx]  # (scaled after the choice)
+        elif hasattr(block, "expert_bias"):  # LFM2-MoE (gate) and AFMoE (router, on [batch, seq, d]) take their bias
             if hasattr(block, "gate"):
                 _, weights, idx = block.gate(x, block.expert_bias)
             else:
@@ -51,7 +55,7 @@ def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
         else:
             _, weights, idx = block.gate(x)
     share = weights.double() / weights.double().sum(-1, keepdim=True)
-    n = router_weight(block).shape[0]  # (LongCat-Flash: its zero experts' rows too, which are never ranked)
+    n = moe_router_weight(decoder_layer).shape[0]  # (LongCat-Flash: its zero experts' rows too, which are never ranked)
     totals = torch.zeros(n, dtype=torch.float64).index_add_(0, idx.reshape(-1), share.reshape(-1)) / x.shape[0]
     return totals[:fam.num_experts(model.config.to_dict())]
 

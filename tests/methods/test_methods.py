@@ -17,13 +17,13 @@ from dern_stream.calib import CalibDump
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.cli import main
 from dern_stream.experts import forward as moe_forward
-from dern_stream.experts.forward import EvenSample, LayerRouting, expert_stats, layer_routing, routed_output
+from dern_stream.experts.forward import EvenSample, expert_stats, layer_routing, routed_output
 from dern_stream.experts.result import kept_stack, prune_layer
 from dern_stream.families import family_for
 from dern_stream.fit.down_refit import refit_down
 from dern_stream.layout.moe_layers import ModelShape, check_moe_layers
 from dern_stream.rewriter.layer_io import read_experts, read_layer
-from dern_stream.stream.executor import moe_block_of
+from dern_stream.stream.executor import moe_block_of, moe_block_output
 
 
 def _layer_inputs(built, layer: int) -> torch.Tensor:
@@ -50,10 +50,9 @@ def test_even_sample_is_every_stride_th_input_and_keeps_only_those_rows(build):
 
 def _layer_router(ckpt, fam, layer, shape, routing):
     """The layer's routed experts' router rows and bias as the rewrite reads them, and `routing` with the layer's zero
-    experts (LongCat-Flash) where it has them."""
+    experts (LongCat-Flash) and router input scale (Gemma 4) where it has them."""
     inputs = read_layer(ckpt, fam, layer, shape, with_experts=False)
-    return inputs.router, inputs.bias, LayerRouting(
-        *(g.with_passive(inputs.passive_router, inputs.passive_bias) for g in (routing.before, routing.after)))
+    return inputs.router, inputs.bias, inputs.layer_routing(routing)
 
 
 def _shared_part(block, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +89,10 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
         router, bias, layer_routes = _layer_router(ckpt, fam, layer, shape, routing)
         experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
         ours = routed_output(x, router, bias, layer_routes.before, experts)
-        block = moe_block_of(model.model.layers[layer.index])
-        with torch.no_grad():
-            out = block(x[None])
-            out = out[0] if isinstance(out, tuple) else out  # Llama-4 also returns its router logits
+        decoder_layer = model.model.layers[layer.index]
+        block = moe_block_of(decoder_layer)
+        with torch.no_grad():  # (Llama-4's block also returns its router logits; Gemma 4's runs as its layer does)
+            out = moe_block_output(decoder_layer, x[None])
             reference = out.reshape(x.shape) - _shared_part(block, x)
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
 

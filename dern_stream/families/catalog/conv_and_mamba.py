@@ -7,9 +7,7 @@ expert bias, renormalised and scaled (the MiniMax-M2 rule in their own layouts):
 - AFMoE (`afmoe`, Arcee): the router under `mlp.router.gate`, the bias `mlp.expert_bias`, scaled by `route_scale`;
   shared experts of width `num_shared_experts` x the routed width, untouched.
 
-Granite 4 (Mamba2 + attention, `granitemoehybrid`) is in granite.py. Gemma 4's text model (`gemma4_text` with
-`enable_moe_block`) has no record: its router and experts sit on the decoder layer with no MoE block, the router
-reading its own normalised input (not the experts'), and `router.per_expert_scale` [N] weighting each expert."""
+Granite 4 (Mamba2 + attention, `granitemoehybrid`) is in granite.py; Gemma 4's text model in gemma.py."""
 
 from __future__ import annotations
 
