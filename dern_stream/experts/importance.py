@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from ..families import GroupPlan
-from ..families.record import Router
 
 
 def routing_importance(
     chunks: Iterable[torch.Tensor],
-    router_weight: torch.Tensor,
-    router: Router,
-    correction_bias: torch.Tensor | None = None,
+    scores_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    experts: int,
 ) -> tuple[torch.Tensor, int]:
-    """S_i = mean over tokens of [i in A(x)] G_i(x) / sum_{j in A(x)} G_j(x), with the family's own A and G.
+    """S_i = mean over tokens of [i in A(x)] G_i(x) / sum_{j in A(x)} G_j(x), with the family's own A and G:
+    `scores_of(x)` gives A(x) and G(x) (experts.forward.Gating.scores). A selected index from `experts` on is a zero
+    expert (LongCat-Flash): in the sum, never ranked.
 
     Accumulated in float64 one chunk at a time, so no more than one chunk's logits ever exist.
-    Returns (S on the CPU as float64, token count).
+    Returns (S [experts] on the CPU as float64, token count).
     """
-    weight = router_weight.float()
-    totals = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-    tokens = 0
+    totals, tokens = None, 0
     for x in chunks:
-        idx, scores = router.select(x @ weight.T, correction_bias)
+        idx, scores = scores_of(x)
         share = scores.double() / scores.double().sum(dim=-1, keepdim=True).clamp_min(1e-300)
-        totals.index_add_(0, idx.reshape(-1), share.reshape(-1))
+        routed = idx < experts
+        if totals is None:
+            totals = torch.zeros(experts, dtype=torch.float64, device=share.device)
+        totals.index_add_(0, idx[routed], share[routed])
         tokens += x.shape[0]
-    return (totals / max(tokens, 1)).cpu(), tokens
+    if totals is None:
+        return torch.zeros(experts, dtype=torch.float64), 0
+    return (totals / tokens).cpu(), tokens
 
 
 def router_norm_importance(router_weight: torch.Tensor) -> torch.Tensor:

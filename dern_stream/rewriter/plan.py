@@ -142,7 +142,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
         dump.tokens()  # the sequential forward runs from them: a dump without them fails now, not after ranking
     reads_experts = options.reads_expert_weights(shape.num_experts, shape.intermediate)
     ranking = time.perf_counter()
-    selection = select_experts_of_layers(ckpt, family, layers, dump, options, routing, groups, device,
+    selection = select_experts_of_layers(ckpt, family, layers, shape, dump, options, routing, groups, device,
                                          reads_experts or options.experts < shape.num_experts, progress)
     ranking = time.perf_counter() - ranking
     out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape, selection)
