@@ -15,6 +15,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 
 def _is_int(v) -> bool:
@@ -53,6 +54,11 @@ def json_object(v) -> bool:
     return isinstance(v, dict)
 
 
+def same_value(value, v) -> bool:
+    """`v` is `value` itself: of its type (true is not 1, 1.0 is not 1) and equal to it."""
+    return type(v) is type(value) and v == value
+
+
 @dataclass(frozen=True)
 class Kind:
     expected: str
@@ -66,6 +72,11 @@ NONNEG_FLOAT = Kind("a non-negative number", nonnegative_number)
 BOOL = Kind("true or false", boolean)
 STR = Kind("a string", string)
 OBJECT = Kind("a JSON object", json_object)
+
+
+def exactly(value: object, expected: str) -> Kind:
+    """The one value a family supports for a key (`expected` says so, and why)."""
+    return Kind(expected, partial(same_value, value))
 
 
 @dataclass(frozen=True)

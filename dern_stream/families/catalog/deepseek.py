@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
-from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, Kind, opt, req
+from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, Kind, exactly, opt, req
 from ..record import Family, always, grouped_if, never, norm_topk_prob
 from ..routing import SigmoidGroupLimited, SoftmaxGroupLimited, SoftmaxTopK, softmax_top_k
 
@@ -137,11 +137,7 @@ def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tupl
     )
 
 
-def is_one(value) -> bool:
-    return value == 1 and not isinstance(value, bool)
-
-
-ONE = Kind("1 (dern-stream reads Kimi-Linear's routing as one group)", is_one)
+ONE = exactly(1, "1 (dern-stream reads Kimi-Linear's routing as one group)")
 W123 = ("w1", "w3", "w2")  # gate, up, down (Kimi-Linear's experts on disk)
 
 

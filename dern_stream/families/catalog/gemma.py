@@ -14,7 +14,7 @@ per_expert_scale is per-expert data carried with the fused experts (record.Fused
 
 from __future__ import annotations
 
-from ..config_rules import BOOL, POS_INT, STR, Kind, opt, req
+from ..config_rules import BOOL, POS_INT, STR, exactly, opt, req
 from ..record import Family, FusedExperts, RouterInput, always
 from ..routing import SoftmaxTopK
 
@@ -23,20 +23,12 @@ def gemma4_router(config: dict) -> SoftmaxTopK:
     return SoftmaxTopK(config["top_k_experts"])
 
 
-def is_true(value) -> bool:
-    return value is True
-
-
-def is_zero(value) -> bool:
-    return type(value) is int and value == 0
-
-
 # Without the MoE block a Gemma 4 text model is dense: refused by config_check.py with this line.
-MOE_BLOCK = Kind("true (without it a Gemma 4 text model is dense, not a Mixture-of-Experts model)", is_true)
+MOE_BLOCK = exactly(True, "true (without it a Gemma 4 text model is dense, not a Mixture-of-Experts model)")
 # The small dense Gemma 4 models' per-layer inputs and K/V shared across layers, which the streamed forward of dump
 # and eval cannot run a layer at a time (the released MoE model, 26B-A4B, has neither).
-NO_PER_LAYER_INPUT = Kind("0 (per-layer input embeddings are not supported)", is_zero)
-NO_KV_SHARING = Kind("0 (K/V shared across layers is not supported)", is_zero)
+NO_PER_LAYER_INPUT = exactly(0, "0 (per-layer input embeddings are not supported)")
+NO_KV_SHARING = exactly(0, "0 (K/V shared across layers is not supported)")
 
 FAMILIES = (
     Family(

@@ -6,7 +6,7 @@ The zero experts are not weights: every rewrite keeps their rows after the K kep
 
 from __future__ import annotations
 
-from ..config_rules import NONNEG_INT, POS_FLOAT, POS_INT, STR, Kind, opt
+from ..config_rules import NONNEG_INT, POS_FLOAT, POS_INT, STR, exactly, opt
 from ..record import Family, never
 from ..routing import SoftmaxBiasedChoice
 from .deepseek import routed_scaling_factor
@@ -20,11 +20,7 @@ def longcat_scale(config: dict) -> float:
     return routed_scaling_factor(config, default=6.0)
 
 
-def is_false(value) -> bool:
-    return value is False
-
-
-FALSE = Kind("false (dern-stream does not support a router with a logits bias)", is_false)
+FALSE = exactly(False, "false (dern-stream does not support a router with a logits bias)")
 
 FAMILIES = (
     Family(
