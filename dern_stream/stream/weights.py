@@ -47,9 +47,10 @@ def materialise(module: torch.nn.Module, prefix: str, ckpt: Checkpoint, family: 
     count = 0
     state = module.state_dict(keep_vars=True)
     shapes = {prefix + key: tuple(t.shape) for key, t in state.items()}
+    split_sources: dict[str, torch.Tensor] = {}  # (an on-disk tensor split into several: read once for all of them)
     with torch.no_grad():
         for key, target in state.items():
-            _fill(target, prefix, key, ckpt, family, layer, shapes)
+            _fill(target, prefix, key, ckpt, family, layer, shapes, split_sources)
             count += target.numel() if id(target) in params else 0
     return count
 
@@ -74,7 +75,7 @@ def _restore(kept: list[tuple[torch.nn.Module, str, torch.Tensor]], device: torc
 
 
 def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family: Family, layer: int | None,
-          shapes: dict[str, tuple[int, ...]]) -> None:
+          shapes: dict[str, tuple[int, ...]], split_sources: dict[str, torch.Tensor]) -> None:
     for suffix, parts in _FUSED.items():
         if layer is not None and key.endswith(suffix) and family.fused is None:
             _fill_fused(target, ckpt, family, layer, parts, prefix + key)
@@ -85,7 +86,9 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
         name, source = prefix + key, torch.cat([load_weight(ckpt, part) for part in parts])
     elif split is not None:
         name, start, rows, _ = split
-        source = load_weight(ckpt, name)[start:start + rows]
+        if name not in split_sources:
+            split_sources[name] = load_weight(ckpt, name)
+        source = split_sources[name][start:start + rows]
     else:
         name = _disk_name(prefix + key, ckpt, family, layer)
         source = load_weight(ckpt, name)
