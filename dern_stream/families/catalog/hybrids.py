@@ -4,10 +4,12 @@ attention layers, an MoE block under `feed_forward` every `expert_layer_period`-
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..config_rules import NONNEG_INT, POS_INT, opt
-from ..record import Family, always, never
+from ..record import Family, never
 from ..routing import softmax_top_k
-from .mixtral import TO_BLOCK_SPARSE_MOE, W123
+from .mixtral import MIXTRAL
 
 
 def jamba_moe_layer(config: dict, i: int) -> bool:
@@ -19,17 +21,11 @@ def jamba_moe_layer(config: dict, i: int) -> bool:
 FAMILIES = (
     # MiniMax-Text-01: softmax top-k, renormalised; mlp_alpha_factor / mlp_beta_factor scale the residual and the
     # whole block's output, not the choice among experts.
-    Family(
+    replace(
+        MIXTRAL,
         model_type="minimax",
         architectures=("MiniMaxForCausalLM",),
         expert_count_keys=("num_local_experts", "num_experts"),
-        intermediate_key="intermediate_size",
-        make_router=softmax_top_k,
-        router="block_sparse_moe.gate.weight",
-        experts="block_sparse_moe.experts.{e}.{proj}.weight",
-        proj_names=W123,
-        memory_names=TO_BLOCK_SPARSE_MOE,
-        renormalises=always,
         config_rules={
             "num_key_value_heads": opt(POS_INT),
             "head_dim": opt(POS_INT, nullable=True),  # null: hidden_size / num_attention_heads

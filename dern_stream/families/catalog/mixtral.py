@@ -20,24 +20,26 @@ def sigmoid_top_k(config: dict) -> SigmoidGroupLimited:
     return SigmoidGroupLimited(config["num_experts_per_tok"], 1, 1)
 
 
+MIXTRAL = Family(
+    model_type="mixtral",
+    architectures=("MixtralForCausalLM",),
+    expert_count_keys=("num_local_experts",),
+    intermediate_key="intermediate_size",
+    make_router=softmax_top_k,
+    router="block_sparse_moe.gate.weight",
+    experts="block_sparse_moe.experts.{e}.{proj}.weight",
+    proj_names=W123,
+    memory_names=TO_BLOCK_SPARSE_MOE,
+    renormalises=always,
+    config_rules={
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT, nullable=True),  # null: hidden_size / num_attention_heads
+    },
+    tiny_config=dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+)
+
 FAMILIES = (
-    Family(
-        model_type="mixtral",
-        architectures=("MixtralForCausalLM",),
-        expert_count_keys=("num_local_experts",),
-        intermediate_key="intermediate_size",
-        make_router=softmax_top_k,
-        router="block_sparse_moe.gate.weight",
-        experts="block_sparse_moe.experts.{e}.{proj}.weight",
-        proj_names=W123,
-        memory_names=TO_BLOCK_SPARSE_MOE,
-        renormalises=always,
-        config_rules={
-            "num_key_value_heads": opt(POS_INT),
-            "head_dim": opt(POS_INT, nullable=True),  # null: hidden_size / num_attention_heads
-        },
-        tiny_config=dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
-    ),
+    MIXTRAL,
     Family(
         model_type="phimoe",
         architectures=("PhimoeForCausalLM",),
