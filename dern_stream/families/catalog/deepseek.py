@@ -111,14 +111,15 @@ CAUSAL_LM_CLASSES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "De
 
 def v3_like(model_type: str, scale: float, rules: dict, tiny: dict, groups: tuple[int, int] | None = None,
             dense: int = 3, tiny_extra: dict | None = None, renormalise: bool = True,
-            moe_layer: Callable[[dict, int], bool] | None = None, expert_keys: tuple[str, ...] = EXPERT_KEYS) -> Family:
+            moe_layer: Callable[[dict, int], bool] | None = None, expert_keys: tuple[str, ...] = EXPERT_KEYS,
+            architecture: str | None = None) -> Family:
     """DeepSeek-V3 and the families built on its MoE block. `scale`: the config class's default
     routed_scaling_factor; `groups`: its default n_group, topk_group where it may leave them out; `dense`: its
     default first_k_dense_replace (or `moe_layer`, where the config says otherwise which layers are MoE layers);
-    `renormalise`: its default norm_topk_prob."""
+    `renormalise`: its default norm_topk_prob; `architecture`: its class, where CAUSAL_LM_CLASSES does not list it."""
     return Family(
         model_type=model_type,
-        architectures=(CAUSAL_LM_CLASSES[model_type],),
+        architectures=(architecture or CAUSAL_LM_CLASSES[model_type],),
         expert_count_keys=expert_keys,
         intermediate_key="moe_intermediate_size",
         make_router=sigmoid_grouped_router,

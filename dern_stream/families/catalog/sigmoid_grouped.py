@@ -6,11 +6,11 @@ count."""
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import replace
 
 from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, opt
-from ..record import Family, always, grouped_if, norm_topk_prob
-from .deepseek import MLP_LAYER_TYPES, routed_scaling_factor, sigmoid_grouped_router, sparse_layer
+from ..record import Family
+from .deepseek import MLP_LAYER_TYPES, sparse_layer, v3_like
 
 # The transformers class of each family here: config.json's `architectures` names it.
 CAUSAL_LM_CLASSES = {"exaone_moe": "ExaoneMoeForCausalLM", "minicpm5_moe": "MiniCPM5MoeForCausalLM"}
@@ -18,23 +18,11 @@ CAUSAL_LM_CLASSES = {"exaone_moe": "ExaoneMoeForCausalLM", "minicpm5_moe": "Mini
 
 def v3_router_family(model_type: str, expert_keys: tuple[str, ...], bias: str, shared_key: str, scale: float,
                      rules: dict, tiny: dict, memory_names: tuple[tuple[str, str], ...] = ()) -> Family:
-    return Family(
-        model_type=model_type,
-        architectures=(CAUSAL_LM_CLASSES[model_type],),
-        expert_count_keys=expert_keys,
-        intermediate_key="moe_intermediate_size",
-        make_router=sigmoid_grouped_router,
-        bias=bias,
-        memory_names=memory_names,
-        shared_count_key=shared_key,
-        grouped_routing=grouped_if,
-        uses_groups=always,
-        group_defaults=(1, 1),
-        moe_layer=sparse_layer,  # mlp_layer_types, else after first_k_dense_replace (default 1)
-        min_group_experts=2,  # each group is scored by its top two experts (topk(2) fails on a group of one)
-        renormalises=partial(norm_topk_prob, default=True),
-        routed_scale=partial(routed_scaling_factor, default=scale),
-        config_rules={
+    """DeepSeek-V3's record (deepseek.v3_like) with the family's own bias, shared-expert key and names; MoE layers as
+    `mlp_layer_types` says, else after first_k_dense_replace (default 1); groups 1 and 1 where config.json leaves them
+    out."""
+    return replace(
+        v3_like(model_type, scale, {
             "num_key_value_heads": opt(POS_INT, nullable=True),
             "head_dim": opt(POS_INT, nullable=True),
             "intermediate_size": opt(POS_INT),  # the dense layers' MLP
@@ -46,8 +34,9 @@ def v3_router_family(model_type: str, expert_keys: tuple[str, ...], bias: str, s
             "n_group": opt(POS_INT),  # absent: 1 (the config classes' default)
             "topk_group": opt(POS_INT),
             **rules,
-        },
-        tiny_config=tiny,
+        }, tiny, groups=(1, 1), moe_layer=sparse_layer, expert_keys=expert_keys,
+            architecture=CAUSAL_LM_CLASSES[model_type]),
+        bias=bias, memory_names=memory_names, shared_count_key=shared_key,
     )
 
 

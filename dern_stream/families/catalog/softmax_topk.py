@@ -8,12 +8,14 @@ top-k sit in the nested `ffn_config`, and its experts are fused as separate w1 /
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from ..config_rules import BOOL, NONNEG_INT, POS_FLOAT, POS_INT, STR, opt
 from ..record import Family, norm_topk_prob
-from ..routing import SigmoidTopK, SoftmaxOverTopLogits, softmax_top_k
+from ..routing import SigmoidTopK, SoftmaxOverTopLogits
 from .deepseek import MLP_LAYER_TYPES, sparse_layer
+from .olmoe import OLMOE
 
 
 def cohere2_router(config: dict) -> SoftmaxOverTopLogits | SigmoidTopK:
@@ -35,18 +37,9 @@ def cohere2_scale(config: dict) -> float:
 
 
 FAMILIES = (
-    Family(
-        model_type="flex_olmo",
-        architectures=("FlexOlmoForCausalLM",),
-        expert_count_keys=("num_experts", "num_local_experts"),
-        intermediate_key="intermediate_size",
-        make_router=softmax_top_k,
-        config_rules={
-            "num_key_value_heads": opt(POS_INT, nullable=True),
-            "norm_topk_prob": opt(BOOL),
-        },
-        tiny_config=dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1),
-    ),
+    # FlexOlmo: OLMoE's record under its own class, its expert count also as num_local_experts
+    replace(OLMOE, model_type="flex_olmo", architectures=("FlexOlmoForCausalLM",),
+            expert_count_keys=("num_experts", "num_local_experts")),
     Family(
         model_type="cohere2_moe",
         architectures=("Cohere2MoeForCausalLM",),
