@@ -23,20 +23,29 @@ FAMILY_CONFIGS: dict[str, dict] = {f.model_type: dict(f.tiny_config) for f in FA
 
 
 def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomly initialised transformers causal LM of `family` (model_type)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A randomly initialised transformers causal LM of `family` (model_type): a multimodal model where the family is
+    one (its language model's config takes the shared sizes and `overrides`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     common = dict(_COMMON)
     if FAMILIES[family].layers_key != "num_hidden_layers":  # (LongCat-Flash derives num_hidden_layers from its own)
         common[FAMILIES[family].layers_key] = common.pop("num_hidden_layers")
-    config = AutoConfig.for_model(family, **{**common, **FAMILY_CONFIGS[family], **overrides})
+    own = FAMILY_CONFIGS[family]
+    composite = isinstance(own.get("text_config"), dict)
+    if composite:
+        config = AutoConfig.for_model(family, **{**own, "text_config": {**common, **own["text_config"], **overrides}},
+                                      tie_word_embeddings=False)
+    else:
+        config = AutoConfig.for_model(family, **{**common, **own, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config).eval()
+    if dtype != torch.float32:  # (as built: a cast would also drop the imaginary part of Llama 4's vision rotary)
+        model = model.to(dtype)
     from .stream.executor import moe_router_weight
 
     with torch.no_grad():
         # Random inits leave routers near-uniform; widen them so experts differ in importance.
-        for layer in model.model.layers:
+        for layer in model.get_submodule(FAMILIES[family].layers):
             router = moe_router_weight(layer)
             if router is not None:
                 router.normal_(0.0, 0.5)
@@ -263,9 +272,10 @@ def build_example(directory: str | Path, family: str = "mixtral", *, seed: int =
     directory = Path(directory)
     model = build_model(family, seed=seed, dtype=dtype, **overrides)
     model_dir = save_model(model, directory / "model", max_shard_size)
-    write_texts(directory, model.config.vocab_size, model_dir)
+    vocab_size = model.config.get_text_config().vocab_size
+    write_texts(directory, vocab_size, model_dir)
     calib = directory / "calib.zarr"
-    ids = calibration_tokens(model.config.vocab_size)
+    ids = calibration_tokens(vocab_size)
     dump_from_model(model, ids, calib, chunk_tokens=chunk_tokens, overwrite=True)
     return model_dir, calib
 
@@ -284,7 +294,7 @@ def build_demo(directory: str | Path, family: str = "mixtral") -> Path:
     directory = Path(directory)
     model = build_model(family)
     model_dir = save_model(model, directory / "model")
-    write_texts(directory, model.config.vocab_size, model_dir)
+    write_texts(directory, model.config.get_text_config().vocab_size, model_dir)
     return model_dir
 
 

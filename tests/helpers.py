@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 
 from dern_stream.checkpoint import Checkpoint
+from dern_stream.checkpoint.config_view import config_view, is_composite
+from dern_stream.families import family_for
 from dern_stream.storage import dequantize
 from dern_stream.stream.executor import moe_block_of, moe_block_output
 from dern_stream.tiny_models import FAMILY_CONFIGS
@@ -28,7 +30,21 @@ class Built:
 
     @property
     def config(self) -> dict:
-        return json.loads((self.model_dir / "config.json").read_text())
+        """config.json as the tool reads it (a multimodal model's: its language model's, config_view.py)."""
+        return config_view(json.loads((self.model_dir / "config.json").read_text()))
+
+
+def load_model(path, **kwargs):
+    """from_pretrained with the auto class of this checkpoint's kind: a multimodal model's own, else the causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    composite = is_composite(json.loads((Path(path) / "config.json").read_text()))
+    return (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_pretrained(path, **kwargs)
+
+
+def decoder_layers(model):
+    """A loaded model's decoder layers (a multimodal model's language model's)."""
+    return model.get_submodule(family_for(config_view(model.config.to_dict())).layers)
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..families import family_for
+from ..checkpoint.config_view import config_view
+from ..families import Family, family_for
 from ..stream.executor import moe_block_of, moe_router_weight
 from .store import CalibWriter, tensor_sha256
 
@@ -29,9 +30,9 @@ def dump_from_model(
     block's input (its experts'; in most families the output of post_attention_layernorm, in LFM2-MoE of ffn_norm, in
     AFMoE of pre_mlp_layernorm, in Gemma 4 of pre_feedforward_layernorm_2, which its router does not read: see
     families/record.RouterInput). Returns the MoE layer indices."""
-    config = model.config.to_dict()
+    config = config_view(model.config.to_dict())
     family = family_for(config)
-    routers = moe_routers(model)
+    routers = moe_routers(model, family)
     layers = sorted(routers)
     writer = CalibWriter(
         path, model_type=family.model_type, hidden_size=config["hidden_size"],
@@ -42,7 +43,7 @@ def dump_from_model(
     hashes = {i: tensor_sha256(w) for i, w in routers.items()}
     captured: dict[int, torch.Tensor] = {}
     hooks = [
-        moe_block_of(model.model.layers[i]).register_forward_pre_hook(
+        moe_block_of(model.get_submodule(family.layers)[i]).register_forward_pre_hook(
             lambda _m, args, i=i: captured.__setitem__(i, args[0])
         )
         for i in layers
@@ -61,7 +62,7 @@ def dump_from_model(
     return layers
 
 
-def moe_routers(model: torch.nn.Module) -> dict[int, torch.Tensor]:
+def moe_routers(model: torch.nn.Module, family: Family) -> dict[int, torch.Tensor]:
     """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block."""
-    routers = {i: moe_router_weight(layer) for i, layer in enumerate(model.model.layers)}
+    routers = {i: moe_router_weight(layer) for i, layer in enumerate(model.get_submodule(family.layers))}
     return {i: weight for i, weight in routers.items() if weight is not None}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import DernError
+from .config_view import config_view
 from .descriptors import DescriptorCache, descriptor_budget
 from .file_names import INDEX_NAME, SINGLE_NAME
 from .locate import resolve_checkpoint  # noqa: F401 - re-exported
@@ -83,7 +84,9 @@ class Checkpoint:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.config = self._read_config()
+        # config.json as written, and as every stage reads it: a composite model's language model (config_view.py)
+        self.file_config = self._read_config()
+        self.config = config_view(self.file_config)
         self.entries, self.shard_files = self._index_tensors()
         self._files = DescriptorCache(self._open, descriptor_budget(1 / 3))
 
@@ -136,7 +139,7 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """sha256 over config.json and every tensor's name, dtype and shape (no tensor data is read)."""
-        h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps(self.file_config, sort_keys=True).encode())
         for name in sorted(self.entries):
             e = self.entries[name]
             h.update(f"{name}|{e.dtype}|{e.shape}|{e.nbytes}\n".encode())

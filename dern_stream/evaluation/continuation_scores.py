@@ -80,7 +80,7 @@ class ContinuationScorer:
         inputs = list(dict.fromkeys(tuple(model_input(c, t, self.max_length)) for c, t in requests))
         batches = self._batches(inputs)
         padded = sum(len(b) * self._width(len(inputs[b[0]])) for b in batches)
-        size = padded * int(self.model.model.config.hidden_size) * self.model.dtype.itemsize
+        size = padded * int(self.model.text_config.hidden_size) * self.model.dtype.itemsize
         return ScoringPlan(len(requests), len(inputs), len(batches), padded, size,
                            self.placement or choose_placement(size, self.model.device), self.model.num_layers)
 
@@ -129,7 +129,7 @@ class ContinuationScorer:
         is the argmax there."""
         logprob = [torch.empty(len(p), dtype=torch.float64) for p in positions]
         greedy = [torch.empty(len(p), dtype=torch.bool) for p in positions]
-        model, hidden = self.model, int(self.model.model.config.hidden_size)
+        model, hidden = self.model, int(self.model.text_config.hidden_size)
         try:
             with model.ckpt, HiddenStore([(*b.shape, hidden) for b in ids], model.dtype, model.device,
                                          self.placement, self.scratch_dir) as store:

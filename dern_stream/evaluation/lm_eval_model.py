@@ -74,7 +74,7 @@ class StreamedLM(TemplateLM):
             raise DernError(f"cannot load a tokenizer from {source}: {str(e).splitlines()[0] if str(e) else e}") \
                 from None
         self.custom_prefix_token_id = prefix_token_id
-        self._max_length = int(max_length) if max_length else resolve_max_length(self.model.model.config,
+        self._max_length = int(max_length) if max_length else resolve_max_length(self.model.text_config,
                                                                                    self.tokenizer)
         self.batch_size = _batch_size(batch_size)
         self.progress = progress

@@ -1,5 +1,6 @@
 """Model families, one record each (record.py; every record: catalog/), chosen by config.json's `model_type`."""
 
+from ..checkpoint.config_view import config_view
 from ..errors import DernError
 from .catalog import all_families
 from .config_check import check_config, check_model_type
@@ -12,23 +13,39 @@ _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "m
 
 def family_for(config: dict) -> Family:
     """The family of a config.json: by its model_type, else by the class its `architectures` or `auto_map` names
-    (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked."""
+    (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked. A multimodal
+    model's config is read as its language model's (checkpoint/config_view.py), as Checkpoint.config is."""
     check_model_type(config)
-    model_type = config.get("model_type")
-    family = FAMILIES.get(model_type) or _named_family(config)
+    view = config_view(config)
+    model_type = view.get("model_type")
+    family = FAMILIES.get(model_type) or _named_family(view)
     if family is not None:
-        check_config(config, family)  # value types and ranges, before any command does any work
+        check_config(view, family)  # value types and ranges, before any command does any work
         return family
-    text = config.get("text_config")
-    if isinstance(text, dict) and any(k in text for k in _EXPERT_COUNT_KEYS):
+    inner = _moe_section(config)
+    if inner is not None:
+        multimodal = sorted(t for t, f in FAMILIES.items() if f.layers != "model.layers")
         raise DernError(f"model_type {model_type!r} is a multimodal checkpoint whose text model is a "
-                        f"Mixture-of-Experts model ({text.get('model_type', 'text_config')}); its layout (the text "
-                        "model under model.language_model) is not supported yet")
-    if not any(k in config for k in _EXPERT_COUNT_KEYS):
+                        f"Mixture-of-Experts model ({inner}); its layout is not supported yet (multimodal models "
+                        f"supported: {', '.join(multimodal)})")
+    if not any(k in view for k in _EXPERT_COUNT_KEYS):
         raise DernError(f"model_type {model_type!r} is not a Mixture-of-Experts model (config.json has no expert "
                         f"count); dern-stream shrinks MoE models: {', '.join(sorted(FAMILIES))}")
     raise DernError(f"model_type {model_type!r} is not supported (nor is a class its config.json names); supported "
                     f"families: {', '.join(sorted(FAMILIES))}")
+
+
+def _moe_section(config: dict) -> str | None:
+    """The model_type of a text_config holding an expert count (a multimodal model's text model; Qwen3-Omni-MoE's
+    thinker's, one level down), or None."""
+    for key, value in config.items():
+        if key == "text_config" and isinstance(value, dict) and any(k in value for k in _EXPERT_COUNT_KEYS):
+            return str(value.get("model_type") or key)
+        if isinstance(value, dict) and isinstance(value.get("text_config"), dict) and value is not config:
+            found = _moe_section({"text_config": value["text_config"]})
+            if found is not None:
+                return found
+    return None
 
 
 def _named_family(config: dict) -> Family | None:

@@ -53,6 +53,10 @@ class FusedExperts:
     # applies it; join() writes a rebuilt expert (whose down projection then holds its scale) with scale 1, and a
     # kept expert nothing changed keeps its own entry with its other bytes.
     scale: str | None = None
+    # transformers loads either orientation of gate_up and down (Qwen3-VL-MoE: the Hub's [N, d, 2h] and [N, h, d], or
+    # the [N, 2h, d] and [N, d, h] it saves itself), each taken as stored where its shape is the in-memory one, which
+    # gate_up_cols and down_cols then describe: Family.stored_layout says which a checkpoint holds.
+    transposable: bool = False
 
     @property
     def biased(self) -> bool:
@@ -116,14 +120,15 @@ class RouterInput:
     scale: str  # the router's own [d] scale
     norm: str  # the weight [d] of the norm whose output the experts read
 
-    def names(self, layer: int) -> tuple[str, str]:
-        return f"model.layers.{layer}.{self.scale}", f"model.layers.{layer}.{self.norm}"
+    def names(self, layer_prefix: str) -> tuple[str, str]:
+        """The two tensors' names under the decoder layer `layer_prefix` ("model.layers.3.")."""
+        return f"{layer_prefix}{self.scale}", f"{layer_prefix}{self.norm}"
 
-    def vector(self, scale: torch.Tensor, norm: torch.Tensor, layer: int) -> torch.Tensor:
+    def vector(self, scale: torch.Tensor, norm: torch.Tensor, layer_prefix: str) -> torch.Tensor:
         """c [d], float32, from the layer's stored scale and norm weight; refused where the norm has a zero entry
         (the experts' input then loses what the router reads)."""
         if not bool((norm != 0).all()):
-            raise DernError(f"model.layers.{layer}.{self.norm} has a zero entry, so the router's input cannot be "
+            raise DernError(f"{layer_prefix}{self.norm} has a zero entry, so the router's input cannot be "
                             "recovered from the experts' (the calibration dump's): not supported")
         return scale.float() / norm.float() * scale.shape[-1] ** -0.5
 
@@ -149,13 +154,16 @@ def unit_scale(config: dict) -> float:
 class Family:
     """One MoE family as data (catalog/ holds every record; docs/architecture.md says how to add one).
 
-    Tensor names are templates under the decoder layer `model.layers.{i}.`: `router` and `bias` as they
-    are, `experts` with `{e}` (the expert) and `{proj}` (one of `proj_names`, in PARTS order)."""
+    Tensor names are templates under the decoder layer `{layers}.{i}.` (`model.layers.{i}.`): `router` and `bias`
+    as they are, `experts` with `{e}` (the expert) and `{proj}` (one of `proj_names`, in PARTS order)."""
 
     model_type: str
     expert_count_keys: tuple[str, ...]  # any that config.json holds is rewritten; the first found is read
     intermediate_key: str
     make_router: Callable[[dict], Router]
+    # The decoder layers' name on disk and in the model transformers builds from config.json (a composite model's
+    # language model: Qwen3-VL-MoE's model.language_model.layers; checkpoint/config_view.py reads its config).
+    layers: str = "model.layers"
     router: str = "mlp.gate.weight"
     experts: str = "mlp.experts.{e}.{proj}.weight"
     proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
@@ -233,15 +241,29 @@ class Family:
         return hash(self.model_type)
 
     # --- tensor names -------------------------------------------------------------------------
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.layers}.{layer}."
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer index of a tensor under `{layers}.N.`, else None."""
+        if not name.startswith(self.layers + "."):
+            return None
+        index = name[len(self.layers) + 1:].split(".", 1)[0]
+        return int(index) if index.isdigit() and index.isascii() else None
+
+    def embed_name(self) -> str:
+        """The input embedding's on-disk name (beside the decoder layers; model_memory_names applied)."""
+        return self.disk_name(f"{self.layers.rsplit('.', 1)[0]}.embed_tokens.weight", None)
+
     def router_name(self, layer: int) -> str:
-        return f"model.layers.{layer}.{self.router}"
+        return f"{self.layers}.{layer}.{self.router}"
 
     def bias_name(self, layer: int) -> str | None:
-        return f"model.layers.{layer}.{self.bias}" if self.bias else None
+        return f"{self.layers}.{layer}.{self.bias}" if self.bias else None
 
     def expert_name(self, layer: int, expert: int, part: str) -> str:
         proj = self.proj_names[PARTS.index(part)]
-        return f"model.layers.{layer}.{self.experts.format(e=expert, proj=proj)}"
+        return f"{self.layers}.{layer}.{self.experts.format(e=expert, proj=proj)}"
 
     def expert_names(self, layer: int, experts: int) -> list[str]:
         """Every routed-expert tensor of experts 0..experts-1 in `layer`: expert by expert, parts in PARTS order."""
@@ -249,8 +271,31 @@ class Family:
 
     def moe_layers(self, names: Iterable[str]) -> list[int]:
         """Layers holding routed experts, found by their router tensor (dense and MTP layers included)."""
-        pattern = re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.router)}$")
+        pattern = re.compile(rf"^{re.escape(self.layers)}\.(\d+)\.{re.escape(self.router)}$")
         return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
+
+    def stored_layout(self, entries: Mapping, hidden: int, intermediate: int) -> Family:
+        """This record with its fused experts' orientation as `entries` (a checkpoint's tensor headers) store them,
+        where transformers loads either (FusedExperts.transposable), checked to be one for every layer; else self."""
+        import dataclasses
+
+        if self.fused is None or not self.fused.transposable:
+            return self
+        found = set()
+        for layer in self.moe_layers(entries):
+            names, shapes = self.fused_names(layer)[:2], self.fused.shapes(hidden, intermediate)[:2]
+            if not all(n in entries for n in names):
+                return self  # (the layer checks name what is missing)
+            found.add(tuple(tuple(entries[n].shape[1:]) != s for n, s in zip(names, shapes, strict=True)))
+        if len(found) > 1:
+            raise DernError(f"the {self.model_type} layers store their experts in different orientations "
+                            "(some transposed): not supported")
+        if not found or found == {(False, False)}:
+            return dataclasses.replace(self, fused=dataclasses.replace(self.fused, transposable=False))
+        flip_gate_up, flip_down = found.pop()
+        fused = dataclasses.replace(self.fused, transposable=False, gate_up_cols=self.fused.gate_up_cols ^ flip_gate_up,
+                                    down_cols=self.fused.down_cols ^ flip_down)
+        return dataclasses.replace(self, fused=fused)
 
     def is_dropped(self, name: str) -> bool:
         """A tensor the output leaves out (a multi-token-prediction block transformers does not load)."""
@@ -258,12 +303,12 @@ class Family:
 
     def fused_names(self, layer: int) -> list[str]:
         """A fused family's expert tensors of `layer`: gate_up, down (and their biases)."""
-        return [f"model.layers.{layer}.{t}" for t in self.fused.templates()]
+        return [f"{self.layers}.{layer}.{t}" for t in self.fused.templates()]
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
         if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
             return any(name in (f, f + MXFP4_BLOCKS, f + MXFP4_SCALES) for f in self.fused_names(layer))
-        return name.startswith(f"model.layers.{layer}.{self.experts.split('{e}')[0]}")
+        return name.startswith(f"{self.layers}.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int | None) -> str:
         """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_names applied), or of one outside
@@ -273,7 +318,7 @@ class Family:
                 if memory_name.startswith(memory):
                     return disk + memory_name[len(memory):]
             return memory_name
-        prefix = f"model.layers.{layer}."
+        prefix = f"{self.layers}.{layer}."
         if memory_name.startswith(prefix):
             rest = memory_name[len(prefix):]
             for memory, disk in self.memory_names:

@@ -73,7 +73,7 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
     family = family_for(config)
     key = family.layers_key
     n = config[key]  # a positive integer: config_check.py
-    present = sorted({i for i in map(layer_of, ckpt.entries) if i is not None})
+    present = sorted({i for i in map(family.layer_of, ckpt.entries) if i is not None})
     below = [i for i in present if i < n]
     if len(below) < n:
         missing = next(i for i in range(n) if i >= len(below) or below[i] != i)
@@ -85,7 +85,7 @@ def check_decoder_layers(ckpt: Checkpoint) -> None:
     if extra and extra[-1] >= n + predicts:
         raise DernError(f"the shards hold layer {extra[-1]}, past config.json's {key} {n}"
                         + (f" and its {predicts} prediction layer(s)" if predicts else ""))
-    embed_name = family.disk_name("model.embed_tokens.weight", None)
+    embed_name = family.embed_name()
     embed = ckpt.entries.get(embed_name)
     expected = (config.get("vocab_size"), config.get("hidden_size"))
     if embed is not None and None not in expected and embed.shape != expected:
@@ -128,7 +128,7 @@ def check_moe_layers(ckpt: Checkpoint, family: Family, shape: ModelShape,
     rows = n + family.passive_experts(ckpt.config)  # (LongCat-Flash's zero experts' rows follow)
     by_layer: dict[int | None, list[str]] = {}  # (each layer's checks look at its own names only)
     for name in ckpt.entries:
-        by_layer.setdefault(layer_of(name), []).append(name)
+        by_layer.setdefault(family.layer_of(name), []).append(name)
     layers = []
     for i in indices:
         router = ckpt.entries[family.router_name(i)]
@@ -170,19 +170,20 @@ def router_input_scale(ckpt: Checkpoint, family: Family, index: int) -> torch.Te
     families/record.RouterInput), else None."""
     if family.router_input is None:
         return None
-    scale, norm = family.router_input.names(index)
+    scale, norm = family.router_input.names(family.layer_prefix(index))
     missing = [name for name in (scale, norm) if name not in ckpt.entries]
     if missing:
         raise DernError(f"layer {index} has a router but no {missing[0]}, which {family.model_type}'s router reads")
-    return family.router_input.vector(ckpt.load(scale), ckpt.load(norm), index)
+    return family.router_input.vector(ckpt.load(scale), ckpt.load(norm), family.layer_prefix(index))
 
 
 def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int, names: list[str]) -> None:
     """A tensor of layer i's MoE block with one entry per expert that the family does not name (a router bias
     Mixtral has no use for, say) cannot be cut to K experts as the rest of the layer is: refused, not copied whole
     beside a K-row router."""
-    block = f"model.layers.{i}.{family.router.split('.')[0]}."
-    known = {family.router_name(i), family.bias_name(i), *(family.router_input.names(i) if family.router_input else ())}
+    block = f"{family.layer_prefix(i)}{family.router.split('.')[0]}."
+    known = {family.router_name(i), family.bias_name(i),
+             *(family.router_input.names(family.layer_prefix(i)) if family.router_input else ())}
     for name in names:
         entry = ckpt.entries[name]
         if (name.startswith(block) and name not in known and n in entry.shape
@@ -281,7 +282,7 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
                         "a layout transformers does not load either (padded or not)")
     tensors = fused_tensors(family, i, shape.hidden, shape.intermediate, storage)
     known = {*(t.name for t in tensors), family.router_name(i), family.bias_name(i)}
-    module = f"model.layers.{i}.{family.fused.module}"
+    module = f"{family.layer_prefix(i)}{family.fused.module}"
     extra = sorted((n for n in ckpt.entries if n.startswith(module) and n not in known), key=natural_key)
     if extra:
         raise DernError(f"layer {i} has an expert tensor this tool does not handle: {extra[0]}"
@@ -318,7 +319,7 @@ def plan_output(
     specs, copied = [], []
     for name in sorted(ckpt.entries, key=natural_key):
         entry = ckpt.entries[name]
-        layer_index = layer_of(name)
+        layer_index = family.layer_of(name)
         if layer_index in moe_indices and family.is_layer_expert_tensor(layer_index, name):
             continue
         if (dequantized and is_fp8_scale(ckpt, name)) or family.is_dropped(name):
@@ -396,21 +397,15 @@ def check_plan_complete(specs: list[TensorSpec], writes: dict[int, list[str]]) -
                         "nothing was written")
 
 
-def copies_by_layer(names: list[str], moe_layers: list[int]) -> dict[int, list[str]]:
+def copies_by_layer(names: list[str], moe_layers: list[int], family: Family) -> dict[int, list[str]]:
     """Untouched tensors grouped with the MoE layer whose write copies them: a decoder layer's own
     tensors with the first MoE layer at or after it (the last, past the end), others with the first."""
     groups: dict[int, list[str]] = {i: [] for i in moe_layers}
     for name in names:
-        layer = layer_of(name)
+        layer = family.layer_of(name)
         later = [i for i in moe_layers if layer is not None and i >= layer]
         groups[later[0] if later else (moe_layers[-1] if layer is not None else moe_layers[0])].append(name)
     return groups
-
-
-def layer_of(name: str) -> int | None:
-    """The decoder layer index of `model.layers.N.` tensors, else None."""
-    m = re.match(r"^model\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def check_forward_model(ckpt: Checkpoint) -> Family:

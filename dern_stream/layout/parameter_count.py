@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from .moe_layers import layer_of
-
 _FP8 = ("F8_E4M3", "F8_E5M2")
 _FP8_SCALE, _MX_BLOCKS, _MX_SCALES = "_scale_inv", "_blocks", "_scales"
 
@@ -41,7 +39,7 @@ def rewrite_parameters(plan, source_entries: dict) -> dict[str, dict[str, int]]:
 
     def routed_in(layers) -> Callable[[str], bool]:
         moe = {layer.index for layer in layers}
-        return lambda name: layer_of(name) in moe and family.is_layer_expert_tensor(layer_of(name), name)
+        return lambda name: family.layer_of(name) in moe and family.is_layer_expert_tensor(family.layer_of(name), name)
 
     return {
         "source": parameter_counts(((n, e.dtype, e.shape) for n, e in source_entries.items()), routed_in(plan.layers)),

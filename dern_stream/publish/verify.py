@@ -37,7 +37,7 @@ from ..checkpoint.source import INDEX_NAME, SINGLE_NAME, pread_fully
 from ..errors import DernError, arg
 from ..families import PARTS, family_for
 from ..layout.fused_tensors import fused_tensors
-from ..layout.moe_layers import ModelShape, check_decoder_layers, check_moe_layers, layer_of, natural_key
+from ..layout.moe_layers import ModelShape, check_decoder_layers, check_moe_layers, natural_key
 from ..runtime.arguments import format_size
 from ..storage import expert_storage
 from ..storage.finite_values import dequantized_problem
@@ -88,7 +88,8 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None, pro
                        family.intermediate_size(ckpt.config))
     try:
         check_fp8_tensors(ckpt)
-        layers = check_moe_layers(ckpt, family, shape, expert_storage(ckpt.config))
+        stored = family.stored_layout(ckpt.entries, shape.hidden, shape.intermediate)  # (the forward's: either)
+        layers = check_moe_layers(ckpt, stored, shape, expert_storage(ckpt.config))
     except DernError as e:
         report.problems.append(str(e))
         layers = []
@@ -159,13 +160,13 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport, recorded: se
     state = model.model.state_dict(keep_vars=True)
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     for name, target in state.items():
-        layer = layer_of(name)
+        layer = family.layer_of(name)
         try:
             used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer, shapes)
         except DernError as e:
             report.problems.append(str(e))
     decoder_layers = family.decoder_layers(ckpt.config)
-    extra = sorted((n for n in set(ckpt.entries) - used if (layer_of(n) or 0) < decoder_layers), key=natural_key)
+    extra = sorted((n for n in set(ckpt.entries) - used if (family.layer_of(n) or 0) < decoder_layers), key=natural_key)
     copied, unknown = [n for n in extra if n in recorded], [n for n in extra if n not in recorded]
     if unknown:
         report.problems.append(f"{len(unknown)} tensors the config does not imply, e.g. {unknown[0]}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from ..calib.dump_files import check_dump_path
 from ..errors import DernError, arg
 from ..families import Family, family_for
-from ..layout.moe_layers import ModelShape, MoELayer, check_decoder_layers, check_moe_layers, layer_of
+from ..layout.moe_layers import ModelShape, MoELayer, check_decoder_layers, check_moe_layers
 from ..storage.formats import ExpertStorage, expert_storage
 from ..storage.tensor_kinds import check_fp8_tensors
 
@@ -96,7 +96,7 @@ def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
                         f"{source} is not quantized (config.json has no quantization_config): leave it out")
     if dequantized and storage.compressed is not None:
         packed = next((n for n in ckpt.entries if n.endswith(".weight_scale")  # (every format stores one)
-                       and not family.is_layer_expert_tensor(layer_of(n), n)), None)
+                       and not family.is_layer_expert_tensor(family.layer_of(n), n)), None)
         if packed is not None:
             raise DernError(f"{arg('output_dtype', options.output_dtype)} dequantizes the experts of a "
                             f"compressed-tensors checkpoint, but {packed[:-len('_scale')]} is compressed too, and "
@@ -104,6 +104,7 @@ def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     check_widths(options, shape, storage, family, dequantized)
     check_decoder_layers(ckpt)
+    family = family.stored_layout(ckpt.entries, shape.hidden, shape.intermediate)
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
     if options.sequential and family.remote_code:

@@ -17,6 +17,7 @@ import torch
 
 from ..calib import CalibDump
 from ..checkpoint import Checkpoint, TensorSpec, resolve_checkpoint, side_files_size
+from ..checkpoint.config_view import file_config
 from ..checkpoint.file_names import INDEX_NAME
 from ..checkpoint.hub_cache import source_record
 from ..checkpoint.run_identity import files_stamp, run_key, tree_stamp
@@ -148,6 +149,7 @@ def _plan(ckpt: Checkpoint, source: Path, out: Path | None, options: RewriteOpti
     out_layers, specs, copy_with, writes = _output_layout(ckpt, family, layers, options, shape, selection)
     if storage.compressed is not None and "quantization_config" in out_config:  # (its ignore list names experts)
         out_config["quantization_config"] = _carried_quantization(ckpt, family, layers, options, selection, notes)
+    out_config = file_config(ckpt.file_config, config, out_config)  # (a composite model's: back in its sections)
     fingerprint = ckpt.fingerprint()
     # What each layer is computed with (every executor, and a resume): the cores shared out among local workers
     threads = options.threads or max(1, torch.get_num_threads() // workers)
@@ -179,7 +181,7 @@ def _output_layout(ckpt: Checkpoint, family: Family, layers: list[MoELayer], opt
     kept = {i: s.kept for i, s in selection.items()}
     out_layers = output_layers(layers, dequantized, kept, options.experts, shape.num_experts)
     specs, copied = plan_output(ckpt, family, out_layers, options.experts, width, dequantized)
-    copy_with = copies_by_layer(copied, [layer.index for layer in layers])
+    copy_with = copies_by_layer(copied, [layer.index for layer in layers], family)
     writes = {layer.index: [*copy_with[layer.index], *layer_output_names(family, layer, options.experts)]
               for layer in out_layers}
     check_plan_complete(specs, writes)

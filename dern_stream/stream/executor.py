@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..checkpoint import Checkpoint
+from ..checkpoint.config_view import is_composite
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
 from ..families import Family, family_for, require_forward
@@ -89,12 +90,13 @@ class StreamedModel:
         self.family = family_for(ckpt.config)  # checks config.json's value types (families/config_check.py)
         require_forward(self.family)
         check_fp8_tensors(ckpt)
+        composite = is_composite(ckpt.file_config)  # (a multimodal model: its own class, the language model run)
         try:
             if ckpt.config.get("model_type") == self.family.model_type:
                 config = AutoConfig.from_pretrained(ckpt.root)
             else:  # a model_type of its own naming this family's class (Kimi-K2): built as that family
                 config = AutoConfig.for_model(self.family.model_type, **{
-                    k: v for k, v in ckpt.config.items() if k not in ("model_type", "auto_map", "architectures")})
+                    k: v for k, v in ckpt.file_config.items() if k not in ("model_type", "auto_map", "architectures")})
         except OSError as e:
             raise DernError(f"transformers cannot read {ckpt.root / 'config.json'}: {str(e).splitlines()[0]}") from None
         except Exception as e:  # the config class's own validation: strict dataclass errors, ValueError...
@@ -103,13 +105,18 @@ class StreamedModel:
         try:
             config.dtype = self.dtype
             with torch.device("meta"):
-                self.model = AutoModelForCausalLM.from_config(config)
+                auto = transformers.AutoModelForImageTextToText if composite else AutoModelForCausalLM
+                self.model = auto.from_config(config)
             self.model.eval().requires_grad_(False)
-            # The decoder stack: `model` in every causal LM supported (Llama-4's base_model_prefix says
+            # The decoder stack, whose layers are the family's `layers` (Llama-4's base_model_prefix says
             # "language_model", the attribute of its multimodal parent, not of Llama4ForCausalLM).
-            self.prefix = "model" if hasattr(self.model, "model") else self.model.base_model_prefix
-            self.base = getattr(self.model, self.prefix)
+            self.prefix = self.family.layers.rsplit(".", 1)[0]
+            self.base = self.model.get_submodule(self.prefix)
             self.layers = self.base.layers
+            self.text_config = self.model.config.get_text_config()
+            # The lm_head's own name (a composite model's may sit under its language model's)
+            head = self.model.get_output_embeddings()
+            self.head_prefix = next(n for n, m in self.model.named_modules() if m is head) + "."
             # The final norm: `norm`, or LFM2-MoE's `embedding_norm` (applied after the last layer, despite its name).
             self.final_norm_name = next(n for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None),
                                                                               torch.nn.Module))
@@ -191,7 +198,7 @@ class StreamedModel:
     @torch.no_grad()
     def prepare(self, batches: list[torch.Tensor]) -> None:
         """Only the layers' call arguments (resuming from saved hidden states): no embeddings are read."""
-        hidden = int(self.model.config.hidden_size)
+        hidden = int(self.text_config.hidden_size)
         for ids in batches:
             if tuple(ids.shape) not in self._contexts:
                 self._record(inputs_embeds=torch.zeros(*ids.shape, hidden, dtype=self.dtype, device=self.device))
@@ -291,6 +298,14 @@ class StreamedModel:
             count += targets.numel()
         return total, count
 
+    @contextmanager
+    def _output_loaded(self) -> Iterator[torch.nn.Module]:
+        """The final norm and the lm_head with real weights for the block; yields the lm_head."""
+        head = self.model.get_output_embeddings()
+        norm = f"{self.prefix}.{self.final_norm_name}."
+        with self.loaded(self.final_norm, norm), self.loaded(head, self.head_prefix):
+            yield head
+
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
@@ -300,9 +315,8 @@ class StreamedModel:
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(float32 logits [rows, vocab], next-token targets [rows]) for every position but each sequence's
         last, a block of rows at a time: the same blocks for two models of the same vocabulary."""
-        head = self.model.get_output_embeddings()
         rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
-        with self.loaded(self.final_norm, f"{self.prefix}.{self.final_norm_name}."), self.loaded(head, "lm_head."):
+        with self._output_loaded() as head:
             for b, ids in enumerate(batches):
                 normed = self.final_norm(store[b])[:, :-1]
                 hidden = normed.reshape(-1, normed.shape[-1])
@@ -315,9 +329,8 @@ class StreamedModel:
                   ) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Float32 logits at `positions[b]` (indices into batch b's rows, flattened [batch * seq]) only, in blocks:
         (b, index of the block's first position in positions[b], logits [positions, vocab])."""
-        head = self.model.get_output_embeddings()
         rows = max(1, _LOGIT_BLOCK_BYTES // (self.vocab_size * 4))
-        with self.loaded(self.final_norm, f"{self.prefix}.{self.final_norm_name}."), self.loaded(head, "lm_head."):
+        with self._output_loaded() as head:
             for b in range(len(batches)):
                 hidden = store[b]
                 hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -334,7 +347,7 @@ class StreamedModel:
             logits = logits / float(self.model.logits_scaling)
         if getattr(self.model, "logit_scale", None):
             logits = logits * float(self.model.logit_scale)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        cap = getattr(self.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / float(cap)) * float(cap)
         return logits
@@ -409,7 +422,7 @@ def router_weight(block: torch.nn.Module) -> torch.Tensor | None:
 
 def _stored_dtype(ckpt: Checkpoint, family: Family) -> torch.dtype:
     """The dtype the weights are stored in (the embedding's), which the forward runs in by default."""
-    name = family.disk_name("model.embed_tokens.weight", None)
+    name = family.embed_name()
     entry = ckpt.entries.get(name)
     if entry is None:
         raise DernError(f"checkpoint has no {name}; cannot run its forward")

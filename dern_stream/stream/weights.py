@@ -92,10 +92,19 @@ def _fill(target: torch.Tensor, prefix: str, key: str, ckpt: Checkpoint, family:
     else:
         name = _disk_name(prefix + key, ckpt, family, layer)
         source = load_weight(ckpt, name)
+        if _transposed(name, tuple(source.shape), tuple(target.shape), family, layer):
+            source = source.transpose(-1, -2)
     if tuple(source.shape) != tuple(target.shape):
         raise DernError(f"{name} has shape {list(source.shape)}, the model built from config.json expects "
                         f"{list(target.shape)}")
     target.copy_(source)
+
+
+def _transposed(name: str, stored: tuple[int, ...], shape: tuple[int, ...], family: Family, layer: int | None) -> bool:
+    """Whether transformers loads the stored fused-expert tensor `name` transposed into `shape` (it does where the
+    family's layout allows either orientation and the stored shape is not the in-memory one: FusedExperts)."""
+    return (layer is not None and family.fused is not None and family.fused.transposable and stored != shape
+            and stored[:-2] + stored[-1:] + stored[-2:-1] == shape and name in family.fused_names(layer)[:2])
 
 
 def _with_scales(names: set[str], ckpt: Checkpoint) -> set[str]:
@@ -109,7 +118,7 @@ def _split_rows(name: str, shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint,
     in-memory shapes), or None."""
     if layer is None or name in ckpt.entries:
         return None
-    prefix = f"model.layers.{layer}."
+    prefix = family.layer_prefix(layer)
     for disk, parts in family.memory_splits:
         for index, part in enumerate(parts):
             if name.startswith(prefix + part):
@@ -128,8 +137,8 @@ def _disk_name(name: str, ckpt: Checkpoint, family: Family, layer: int | None) -
     renamed = family.disk_name(name, layer)
     if renamed in ckpt.entries or compressed_parts(ckpt, renamed) is not None:
         return renamed
-    embed = family.disk_name("model.embed_tokens.weight", None)
-    if name == "lm_head.weight" and embed in ckpt.entries:
+    embed = family.embed_name()
+    if (name == "lm_head.weight" or name.endswith(".lm_head.weight")) and embed in ckpt.entries:
         return embed  # tied embeddings: no lm_head stored
     raise DernError(f"checkpoint has no tensor {name} (or it is stored under a name this tool does not know)")
 
@@ -185,7 +194,7 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
     compressed = compressed_parts(ckpt, disk)
     if compressed is not None:
         return _checked_compressed(ckpt, disk, shape, name)
-    if ckpt.entries[disk].shape != shape:
+    if ckpt.entries[disk].shape != shape and not _transposed(disk, ckpt.entries[disk].shape, shape, family, layer):
         raise DernError(f"{disk} has shape {list(ckpt.entries[disk].shape)}, the model built from config.json "
                         f"expects {list(shape)}")
     return _with_scales({disk}, ckpt)

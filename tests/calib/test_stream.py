@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import FAMILIES
-from transformers import AutoModelForCausalLM
+from helpers import FAMILIES, load_model
 
 import dern_stream
 from dern_stream.calib import CalibWriter
@@ -48,7 +47,7 @@ def test_streamed_dump_equals_full_model_capture(family, build, tmp_path):
 def test_streamed_perplexity_equals_full_model_perplexity(family, build):
     built = build(family)
     ids = calibration_tokens(sequences=5, length=24, seed=3)
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    model = load_model(built.model_dir)
     with torch.no_grad():
         expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
     report = dern_stream.evaluate(built.model_dir, tokens=ids, batch_size=2, progress=False)
@@ -65,7 +64,7 @@ def test_kl_and_top1_against_the_reference_equal_the_full_models(family, build, 
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
     ids = calibration_tokens(sequences=5, length=24, seed=4)
     with torch.no_grad():
-        logits = [AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits[:, :-1].float().flatten(0, 1)
+        logits = [load_model(d)(input_ids=ids).logits[:, :-1].float().flatten(0, 1)
                   for d in (built.model_dir, out)]
     ref_log, log = (x.log_softmax(-1) for x in logits)
     kl = (ref_log.exp() * (ref_log - log)).sum(-1).double()
@@ -196,7 +195,7 @@ def test_tied_embeddings_stream_like_the_full_model(build):
     built = build("olmoe", tie_word_embeddings=True)
     assert "lm_head.weight" not in Checkpoint(built.model_dir).entries
     ids = calibration_tokens(sequences=3, length=20, seed=5)
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    model = load_model(built.model_dir)
     with torch.no_grad():
         expected = math.exp(model(input_ids=ids, labels=ids).loss.item())
     report = dern_stream.evaluate(built.model_dir, tokens=ids, progress=False)

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import FAMILIES, assert_clean_failure, raw_bytes
-from transformers import AutoModelForCausalLM
+from helpers import FAMILIES, assert_clean_failure, decoder_layers, load_model, raw_bytes
 
 import dern_stream
 from dern_stream.calib import CalibDump
@@ -23,12 +22,12 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     summary = dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, alpha=0.2, progress=False)
     assert summary.segments_reassigned > 0  # alpha 0.2 moves segments, so k-means really ran
 
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = load_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     logits = model(torch.randint(3, 250, (2, 12))).logits
     assert torch.isfinite(logits).all()
 
-    src_cfg, out_cfg = built.config, json.loads((out / "config.json").read_text())
+    src_cfg, out_cfg = built.config, Checkpoint(out).config  # (a multimodal model's: its language model's)
     fam = family_for(src_cfg)
     present = [k for k in fam.expert_count_keys if k in src_cfg]
     assert present and all(out_cfg[k] == 4 for k in present)
@@ -36,8 +35,9 @@ def test_rewrite_loads_with_transformers(family, build, tmp_path):
     top_k = src_cfg[fam.top_k_key(src_cfg)]
     assert out_cfg[fam.top_k_key(src_cfg)] == top_k and top_k <= 4
     # (attribute_map: moe_k, moe_topk; Gemma 4 maps none: its top_k_experts)
-    top_k_attribute = "num_experts_per_tok" if hasattr(model.config, "num_experts_per_tok") else fam.top_k_key(src_cfg)
-    assert getattr(model.config, top_k_attribute) == top_k
+    text_config = model.config.get_text_config()
+    top_k_attribute = "num_experts_per_tok" if hasattr(text_config, "num_experts_per_tok") else fam.top_k_key(src_cfg)
+    assert getattr(text_config, top_k_attribute) == top_k
 
     audit = json.loads((out / "dern_stream.json").read_text())
     moe_layers = fam.moe_layers(Checkpoint(built.model_dir).entries)
@@ -96,7 +96,7 @@ def test_deepseek_v3_collapses_groups_when_k_does_not_fit(build, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["n_group"], cfg["topk_group"], cfg["n_routed_experts"]) == (1, 1, 3)
     assert any("collapsed" in n for n in summary.notes)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = load_model(out)
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
 
@@ -117,7 +117,7 @@ def test_deepseek_v3_groups_collapse_on_request_and_keep_the_best_overall(groups
     for rec in json.loads((out / "dern_stream.json").read_text())["layers"].values():
         ranked = sorted(range(len(rec["importance"])), key=lambda e: -rec["importance"][e])
         assert sorted(rec["kept"]) == sorted(ranked[:4])
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = load_model(out)
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
 
@@ -144,7 +144,7 @@ def test_top_k_is_clipped_to_k(build, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_local_experts"], cfg["num_experts_per_tok"]) == (1, 1)
     assert any("clipped" in n for n in summary.notes)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = load_model(out)
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
 
@@ -158,7 +158,7 @@ def test_intermediate_size_shrinks_every_expert(family, build, tmp_path):
     assert cfg[key] == 16
     if family == "deepseek_v3":
         assert cfg["n_shared_experts"] == 2  # shared experts keep their width 1 * 32 = 2 * 16
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = load_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 
@@ -175,7 +175,7 @@ def test_half_precision_checkpoints(family, dtype, build, tmp_path):
                                                                     fam.expert_name(layer, 0, "down"))
     assert dst.entries[new].dtype == src.entries[old].dtype
     assert {e.dtype for e in dst.entries.values()} == {e.dtype for e in src.entries.values()}
-    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
+    model, info = load_model(out, dtype=dtype, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits.float()).all()
 
@@ -188,7 +188,7 @@ def test_router_norm_fallback_needs_no_dump(build, tmp_path):
     audit = json.loads((out / "dern_stream.json").read_text())
     for i, rec in audit["layers"].items():
         assert rec["importance_source"] == "router-norm"
-        router = AutoModelForCausalLM.from_pretrained(built.model_dir).model.layers[int(i)].mlp.gate.weight
+        router = decoder_layers(load_model(built.model_dir))[int(i)].mlp.gate.weight
         expected = sorted(torch.argsort(router.norm(dim=-1), descending=True)[:4].tolist())
         assert rec["kept"] == expected
 
@@ -226,7 +226,7 @@ def test_ernie_shared_experts_keep_their_width(build, tmp_path):
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, intermediate_size=16, progress=False)
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["moe_intermediate_size"], cfg["moe_num_shared_experts"], cfg["moe_num_experts"]) == (16, 2, 4)
-    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    model, info = load_model(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["mismatched_keys"]
     assert torch.isfinite(model(torch.randint(3, 250, (1, 8))).logits).all()
 

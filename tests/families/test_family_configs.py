@@ -103,24 +103,32 @@ def test_glm4_moe_n_group_without_topk_group(build, tmp_path):
 def test_each_record_names_the_class_transformers_builds_for_it():
     """A config of another model_type that names this class (Kimi-K2's kimi_k2) is handled as the family: the names
     must be transformers' own (DeepSeek-MoE-16B's: its published config.json's)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     from dern_stream.families import FAMILIES
 
     for model_type, family in FAMILIES.items():
-        expected = family.tiny_config["architectures"] if family.remote_code else \
-            [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+        # (a multimodal model: its own class, not a causal LM's)
+        classes = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if "text_config" in family.tiny_config \
+            else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        expected = family.tiny_config["architectures"] if family.remote_code else [classes[model_type]]
         assert list(family.architectures) == expected, model_type
 
 
-def test_a_multimodal_moe_checkpoint_is_named_as_such():
-    """Qwen3-VL-MoE, Qwen3-Omni-MoE, Qwen3.5-MoE: the expert count sits in text_config; the refusal says so rather
-    than calling the model dense."""
+def test_an_unsupported_multimodal_moe_checkpoint_is_named_as_such():
+    """GLM-4.5V, Qwen3-Omni-MoE (its thinker's text_config one level down): the expert count sits in a text_config;
+    the refusal says so, and names the multimodal models supported, rather than calling the model dense."""
     import pytest
 
     from dern_stream.errors import DernError
     from dern_stream.families import family_for
 
-    config = {"model_type": "qwen3_vl_moe", "text_config": {"model_type": "qwen3_vl_moe_text", "num_experts": 128}}
-    with pytest.raises(DernError, match="multimodal checkpoint whose text model is a Mixture-of-Experts model"):
-        family_for(config)
+    for config in ({"model_type": "glm4v_moe", "text_config": {"model_type": "glm4v_moe_text", "n_routed_experts": 8}},
+                   {"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": {
+                       "model_type": "qwen3_omni_moe_text", "num_experts": 128}}}):
+        with pytest.raises(DernError, match=r"multimodal checkpoint whose text model is a Mixture-of-Experts model "
+                                            r"\(\w+_text\).*supported: gemma4, llama4, qwen3_5_moe, qwen3_vl_moe"):
+            family_for(config)

@@ -11,8 +11,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FAMILIES
-from transformers import AutoModelForCausalLM
+from helpers import FAMILIES, load_model
 
 import dern_stream
 from dern_stream.cli import main
@@ -33,8 +32,7 @@ def _listed(message: str) -> set[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_k_runs_in_transformers_or_is_refused_up_front(family, build, tmp_path):
     built = build(family)
-    experts = json.loads((built.model_dir / "config.json").read_text())
-    experts = family_for(experts).num_experts(experts)
+    experts = family_for(built.config).num_experts(built.config)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     worked, refused = set(), {}
     for k in range(1, experts + 1):
@@ -46,10 +44,11 @@ def test_every_k_runs_in_transformers_or_is_refused_up_front(family, build, tmp_
             assert "K values that work" in str(e) and not out.exists()
             assert not any(p.name.startswith(f".{out.name}.") for p in tmp_path.iterdir())  # refused before work
             continue
-        model = AutoModelForCausalLM.from_pretrained(out).eval()
+        model = load_model(out).eval()
         with torch.no_grad():
             logits = model(ids).logits
-        assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all(), k
+        vocab = model.config.get_text_config().vocab_size
+        assert logits.shape == (1, ids.shape[1], vocab) and torch.isfinite(logits).all(), k
         worked.add(k)
         shutil.rmtree(out)
     assert experts in worked  # K = N always works

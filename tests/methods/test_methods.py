@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import FAMILIES, read_tensors
-from transformers import AutoModelForCausalLM
+from helpers import FAMILIES, decoder_layers, load_model, read_tensors
 
 import dern_stream
 from dern_stream.calib import CalibDump
@@ -83,13 +82,13 @@ def test_routed_output_matches_the_transformers_moe_block(family, build):
     built = build(family)
     ckpt, fam, shape, layers = _setup(built)
     routing = layer_routing(fam, ckpt.config, ckpt.config)
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    model = load_model(built.model_dir).eval()
     for layer in layers:
         x = _layer_inputs(built, layer.index)
         router, bias, layer_routes = _layer_router(ckpt, fam, layer, shape, routing)
         experts = read_experts(ckpt, fam, layer, shape, torch.device("cpu"))
         ours = routed_output(x, router, bias, layer_routes.before, experts)
-        decoder_layer = model.model.layers[layer.index]
+        decoder_layer = decoder_layers(model)[layer.index]
         block = moe_block_of(decoder_layer)
         with torch.no_grad():  # (Llama-4's block also returns its router logits; Gemma 4's runs as its layer does)
             out = moe_block_output(decoder_layer, x[None])
@@ -107,7 +106,7 @@ def test_an_experts_rows_computed_a_block_at_a_time_give_the_same_outputs_stats_
     ckpt, fam, shape, layers = _setup(built)
     out_config, _ = fam.output_config(ckpt.config, 4, None)
     routing = layer_routing(fam, ckpt.config, out_config)
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    model = load_model(built.model_dir).eval()
     layer = layers[-1]
     x = _layer_inputs(built, layer.index)
     router, bias, routing = _layer_router(ckpt, fam, layer, shape, routing)
@@ -128,7 +127,7 @@ def test_an_experts_rows_computed_a_block_at_a_time_give_the_same_outputs_stats_
                         rows_per_block * 4 * (3 * shape.intermediate + 4 * shape.hidden))
     assert moe_forward.row_block(shape.intermediate, shape.hidden) == rows_per_block
     blocked = compute()
-    block = moe_block_of(model.model.layers[layer.index])
+    block = moe_block_of(decoder_layers(model)[layer.index])
     with torch.no_grad():
         out = block(x[None])
         reference = (out[0] if isinstance(out, tuple) else out).reshape(x.shape) - _shared_part(block, x)
@@ -148,12 +147,12 @@ def test_reap_saliency_matches_transformers_experts_and_router(family, build):
     built = build(family)
     ckpt, fam, shape, layers = _setup(built)
     routing = layer_routing(fam, ckpt.config, ckpt.config)
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir).eval()
+    model = load_model(built.model_dir).eval()
     layer = layers[0]
     x = _layer_inputs(built, layer.index)
     stats = expert_stats(x, ckpt.load(fam.router_name(layer.index)), None, routing.before,
                          read_experts(ckpt, fam, layer, shape, torch.device("cpu")))
-    block = moe_block_of(model.model.layers[layer.index])
+    block = moe_block_of(decoder_layers(model)[layer.index])
     with torch.no_grad():
         logits, _, index = block.gate(x)
         weights = torch.softmax(logits.float(), dim=-1).gather(1, index)
@@ -181,7 +180,7 @@ def test_every_method_loads_back_in_transformers(method, family, build, tmp_path
     dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, method=method, progress=False)
     audit = json.loads((out / "dern_stream.json").read_text())
     assert audit["method"] == method
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = load_model(out)
     with torch.no_grad():
         logits = model(torch.arange(3, 19)[None]).logits
     assert logits.shape[-1] == built.config["vocab_size"] and torch.isfinite(logits).all()
@@ -194,9 +193,9 @@ def test_hcsmoe_merges_duplicate_experts_into_exactly_their_weights(build, tmp_p
     merge of two identical experts gives back that expert, bit for bit."""
     built = build("mixtral")
     src = tmp_path / "dup"
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    model = load_model(built.model_dir)
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             experts = layer.mlp.experts
             for p in (experts.gate_up_proj, experts.down_proj):
                 p[1::2] = p[0::2]
@@ -221,10 +220,10 @@ def test_msmoe_alignment_undoes_neuron_permutations(build, tmp_path):
     so the merged layers' errors on the calibration inputs are unchanged too."""
     built = build("mixtral")
     permuted = tmp_path / "permuted"
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    model = load_model(built.model_dir)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             experts = layer.mlp.experts
             h = experts.down_proj.shape[-1]
             for e in range(experts.down_proj.shape[0]):
@@ -278,9 +277,9 @@ def test_own_init_survives_near_duplicate_experts_where_gate_linf_init_collapses
     neuron and lose others (method.md, "Beyond the paper")."""
     built = build("mixtral")
     src = tmp_path / "copies"
-    model = AutoModelForCausalLM.from_pretrained(built.model_dir)
+    model = load_model(built.model_dir)
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
                 p[1:] = p[0]
     model.save_pretrained(src)

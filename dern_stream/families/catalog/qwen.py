@@ -1,13 +1,20 @@
-"""Qwen-MoE: Qwen1.5/Qwen2-MoE, Qwen3-MoE, Qwen3-Next (hybrid linear attention, copied like any attention) and
-Qwen3.5-MoE's text model. The shared expert and its gate are left as they are."""
+"""Qwen-MoE: Qwen1.5/Qwen2-MoE, Qwen3-MoE, Qwen3-Next (hybrid linear attention, copied like any attention),
+Qwen3.5-MoE (its text model alone, or the multimodal model whose language model it is) and Qwen3-VL-MoE. The shared
+expert and its gate, and a multimodal model's vision tower, are left as they are."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 from ..config_rules import BOOL, POS_INT, opt
-from ..record import Family, always, norm_topk_prob
+from ..record import Family, FusedExperts, always, norm_topk_prob
 from ..routing import softmax_top_k
+
+# A multimodal model's language model (checkpoint/config_view.py reads its config): its tensors' names, and the
+# vision tower of its tiny model (the same for Qwen3-VL-MoE and Qwen3.5-MoE).
+_LANGUAGE_MODEL = "model.language_model.layers"
+_TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
 
 _LINEAR_ATTENTION = dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                          linear_value_head_dim=16,
@@ -17,6 +24,24 @@ _LINEAR_ATTENTION = dict(head_dim=16, linear_num_value_heads=4, linear_num_key_h
 def qwen_sparse(config: dict, i: int) -> bool:
     """Qwen-MoE's MoE layers: every `decoder_sparse_step`-th layer, except `mlp_only_layers`."""
     return i not in (config.get("mlp_only_layers") or []) and (i + 1) % (config.get("decoder_sparse_step") or 1) == 0
+
+
+_QWEN3_5_MOE_TEXT = Family(  # the text model of Qwen3.5-MoE, as transformers builds it
+    model_type="qwen3_5_moe_text",
+    architectures=("Qwen3_5MoeForCausalLM",),
+    expert_count_keys=("num_experts", "num_local_experts"),
+    intermediate_key="moe_intermediate_size",
+    make_router=softmax_top_k,
+    renormalises=always,
+    drops_mtp=True,
+    config_rules={
+        "num_key_value_heads": opt(POS_INT),
+        "head_dim": opt(POS_INT),
+        "shared_expert_intermediate_size": opt(POS_INT),
+    },
+    tiny_config=dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                     num_experts_per_tok=2, **_LINEAR_ATTENTION),
+)
 
 
 FAMILIES = (
@@ -75,20 +100,30 @@ FAMILIES = (
         tiny_config=dict(moe_intermediate_size=32, intermediate_size=96, shared_expert_intermediate_size=32,
                          num_experts=8, num_experts_per_tok=2, **_LINEAR_ATTENTION),
     ),
-    Family(  # the text model of Qwen3.5-MoE, as transformers builds it
-        model_type="qwen3_5_moe_text",
-        architectures=("Qwen3_5MoeForCausalLM",),
+    _QWEN3_5_MOE_TEXT,
+    Family(  # Qwen3-VL-MoE: its experts fused, which transformers loads in either orientation
+        model_type="qwen3_vl_moe",
+        architectures=("Qwen3VLMoeForConditionalGeneration",),
+        layers=_LANGUAGE_MODEL,
+        moe_layer=qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
         make_router=softmax_top_k,
         renormalises=always,
-        drops_mtp=True,
+        fused=FusedExperts("mlp.experts.", "mlp.experts.gate_up_proj", "mlp.experts.down_proj", gate_up_cols=False,
+                           down_cols=False, transposable=True),
         config_rules={
             "num_key_value_heads": opt(POS_INT),
             "head_dim": opt(POS_INT),
-            "shared_expert_intermediate_size": opt(POS_INT),
+            "intermediate_size": opt(POS_INT),
+            "decoder_sparse_step": opt(POS_INT),
         },
-        tiny_config=dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
-                         num_experts_per_tok=2, **_LINEAR_ATTENTION),
+        tiny_config=dict(text_config=dict(moe_intermediate_size=32, intermediate_size=96, num_experts=8,
+                                          num_experts_per_tok=2, head_dim=16), vision_config=_TINY_VISION),
     ),
 )
+
+# Qwen3.5-MoE as released, the multimodal model whose language model is the text model above
+FAMILIES += (replace(
+    _QWEN3_5_MOE_TEXT, model_type="qwen3_5_moe", architectures=("Qwen3_5MoeForConditionalGeneration",),
+    layers=_LANGUAGE_MODEL, tiny_config=dict(text_config=_QWEN3_5_MOE_TEXT.tiny_config, vision_config=_TINY_VISION)),)
