@@ -74,6 +74,8 @@ def _stable_bytes(path: Path) -> bytes:
 
 def experts_of(family: str) -> int:
     config = FAMILY_CONFIGS.get(family, {})
+    for section in ("text_config", "ffn_config"):  # (a multimodal model's language model; DBRX's experts)
+        config = {**config, **config.get(section, {})}
     n = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
              if k in config) if config else 8
     return n // 2

@@ -31,7 +31,7 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     if FAMILIES[family].layers_key != "num_hidden_layers":  # (LongCat-Flash derives num_hidden_layers from its own)
         common[FAMILIES[family].layers_key] = common.pop("num_hidden_layers")
     own = FAMILY_CONFIGS[family]
-    composite = isinstance(own.get("text_config"), dict)
+    composite = FAMILIES[family].multimodal
     if composite:
         config = AutoConfig.for_model(family, **{**own, "text_config": {**common, **own["text_config"], **overrides}},
                                       tie_word_embeddings=False)

@@ -57,7 +57,7 @@ def wrong_config_shape(src, _calib, _tmp):
 
 def unsupported_family(src, _calib, _tmp):
     # (a model_type of its own naming a supported class is handled as that class's family: test_compressed_tensors)
-    edit_json(src / "config.json", model_type="dbrx", architectures=["DbrxForCausalLM"])
+    edit_json(src / "config.json", model_type="jetmoe", architectures=["JetMoeForCausalLM"])
 
 
 def dense_model(src, _calib, _tmp):
@@ -116,7 +116,7 @@ CASES = {
         lambda src, _c, _t: edit_json(src / "config.json", vocab_size=10**9), [], "out",
         "model.embed_tokens.weight has shape [384, 64], config.json implies [vocab_size 1000000000"),
     "no config.json": (no_config, [], "out", "has no config.json; is it a Hugging Face checkpoint directory?"),
-    "unsupported model_type": (unsupported_family, [], "out", "model_type 'dbrx' is not supported (nor is a class "
+    "unsupported model_type": (unsupported_family, [], "out", "model_type 'jetmoe' is not supported (nor is a class "
                                                               "its config.json names); supported families: "),
     "not an MoE model": (dense_model, [], "out",
                          "model_type 'llama' is not a Mixture-of-Experts model (config.json has no expert count)"),

@@ -1,10 +1,14 @@
-"""config.json of a composite (multimodal) model seen as its language model's: one flat dict, as a text model's.
+"""config.json seen as one flat dict of the language model's settings, as a plain text model's is.
 
-A composite config keeps its language model's settings under `text_config` (Qwen3-VL-MoE, Qwen3.5-MoE, Llama 4,
-Gemma 4), beside the vision and audio towers' own sections. Every stage reads the language model's keys, so the view
-is text_config's keys, then the top level's where text_config has no such key, and the top level's identity
-(model_type, architectures, auto_map) and quantization_config, which a composite model keeps there. A rewrite's
-changes to the view go back where each key came from (file_config)."""
+Two layouts keep those settings elsewhere:
+- a composite (multimodal) model keeps its language model's under `text_config` (Qwen3-VL-MoE, Qwen3.5-MoE, Llama 4,
+  Gemma 4), beside the vision and audio towers' own sections. The view is text_config's keys, then the top level's
+  where text_config has no such key, with the top level's identity (model_type, architectures, auto_map) and
+  quantization_config, which a composite model keeps there;
+- a family may keep part of its own settings in a sub-config and name some keys its own way (DBRX: the experts'
+  in `ffn_config`, the width as `d_model`). The family's record registers them (NESTED, filled by families/); the
+  view is the top level, then the sections' keys it lacks, and each alias under the name every family reads.
+A rewrite's changes to the view go back where each key was read from (file_config)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import copy
 SECTION = "text_config"
 # Keys a composite model keeps at its top level whatever text_config says: they describe the whole checkpoint.
 _TOP_LEVEL = ("model_type", "architectures", "auto_map", "quantization_config")
+# model_type -> (sub-configs read as the top level's, (name read, config.json's key) aliases): families/ registers them
+NESTED: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
 
 
 def is_composite(config: dict) -> bool:
@@ -20,33 +26,64 @@ def is_composite(config: dict) -> bool:
 
 
 def config_view(config: dict) -> dict:
-    """The language model's settings of config.json: `config` itself unless it is composite (the module doc)."""
-    if not is_composite(config):
+    """The language model's settings of config.json: `config` itself unless it is laid out as the module doc says."""
+    sources = _sources(config)
+    if sources is None:
         return config
-    view = dict(config[SECTION])
-    for key, value in config.items():
-        if key == SECTION or (key in view and key not in _TOP_LEVEL):
-            continue
-        if isinstance(value, dict) and key.endswith("_config") and key != "quantization_config":
-            continue  # (another tower's section)
-        view[key] = value
-    return view
+    return {key: _read(config, path) for key, path in sources.items()}
 
 
 def file_config(config: dict, view: dict, changed: dict) -> dict:
     """config.json for `changed`, a rewrite's version of `view` (config_view(config)): each key that differs from
-    `view` set (or removed) where config_view read it from; everything else of `config` as it was."""
-    if not is_composite(config):
+    `view` set (or removed) where config_view read it from (a new key: the language model's section, or the top
+    level); everything else of `config` as it was."""
+    sources = _sources(config)
+    if sources is None:
         return changed
     out = copy.deepcopy(config)
-    section = out[SECTION]
     for key in {*view, *changed}:
         if key in view and key in changed and view[key] == changed[key]:
             continue
-        top = key in _TOP_LEVEL or (key in config and key not in config[SECTION])
-        target = out if top else section
+        path = sources.get(key) or ((SECTION, key) if is_composite(config) else (key,))
+        target = out
+        for step in path[:-1]:
+            target = target[step]
         if key in changed:
-            target[key] = copy.deepcopy(changed[key])
+            target[path[-1]] = copy.deepcopy(changed[key])
         else:
-            target.pop(key, None)
+            target.pop(path[-1], None)
     return out
+
+
+def _sources(config: dict) -> dict[str, tuple[str, ...]] | None:
+    """Each key of the view -> where config.json holds it (a path of keys); None where the view is config itself."""
+    if is_composite(config):
+        sources = {key: (SECTION, key) for key in config[SECTION]}
+        for key, value in config.items():
+            if key == SECTION or (key in sources and key not in _TOP_LEVEL):
+                continue
+            if isinstance(value, dict) and key.endswith("_config") and key != "quantization_config":
+                continue  # (another tower's section)
+            sources[key] = (key,)
+        return sources
+    model_type = config.get("model_type")
+    nested = NESTED.get(model_type) if isinstance(model_type, str) else None
+    if nested is None:
+        return None
+    sections, aliases = nested
+    sources = {key: (key,) for key in config}
+    for section in sections:
+        if isinstance(config.get(section), dict):
+            for key in config[section]:
+                sources.setdefault(key, (section, key))
+    for name, key in aliases:  # (the model's own key, over a copy a section may hold: DBRX's ffn_config.hidden_size)
+        if key in config:
+            sources[name] = (key,)
+    return sources
+
+
+def _read(config: dict, path: tuple[str, ...]):
+    value = config
+    for step in path:
+        value = value[step]
+    return value

@@ -84,11 +84,15 @@ class Checkpoint:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        # config.json as written, and as every stage reads it: a composite model's language model (config_view.py)
-        self.file_config = self._read_config()
-        self.config = config_view(self.file_config)
+        self.file_config = self._read_config()  # config.json as written
         self.entries, self.shard_files = self._index_tensors()
         self._files = DescriptorCache(self._open, descriptor_budget(1 / 3))
+
+    @property
+    def config(self) -> dict:
+        """config.json as every stage reads it: one flat dict of the language model's settings (config_view.py;
+        computed at each use, so that it follows the layouts the family records register)."""
+        return config_view(self.file_config)
 
     def _read_config(self) -> dict:
         path = self.root / "config.json"

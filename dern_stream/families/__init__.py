@@ -1,12 +1,15 @@
 """Model families, one record each (record.py; every record: catalog/), chosen by config.json's `model_type`."""
 
-from ..checkpoint.config_view import config_view
+from ..checkpoint.config_view import NESTED, config_view
 from ..errors import DernError
 from .catalog import all_families
 from .config_check import check_config, check_model_type
 from .record import PARTS, Family, GroupPlan
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in all_families()}
+# The config layouts the records declare, for every Checkpoint's config view (checkpoint/config_view.py)
+NESTED.update({f.model_type: (f.config_sections, f.config_aliases) for f in FAMILIES.values()
+               if f.config_sections or f.config_aliases})
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -24,7 +27,7 @@ def family_for(config: dict) -> Family:
         return family
     inner = _moe_section(config)
     if inner is not None:
-        multimodal = sorted(t for t, f in FAMILIES.items() if f.layers != "model.layers")
+        multimodal = sorted(t for t, f in FAMILIES.items() if f.multimodal)
         raise DernError(f"model_type {model_type!r} is a multimodal checkpoint whose text model is a "
                         f"Mixture-of-Experts model ({inner}); its layout is not supported yet (multimodal models "
                         f"supported: {', '.join(multimodal)})")

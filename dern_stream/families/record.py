@@ -36,9 +36,11 @@ class GroupPlan:
 
 @dataclass(frozen=True)
 class FusedExperts:
-    """All routed experts of a layer in two tensors (four with gpt-oss's biases), expert e a contiguous slice
-    of the leading dimension (names are templates under the layer, as Family's). The 2h axis holds gate and
-    up: gate | up, or alternating (`interleaved`, gpt-oss); the gate/up bias [N, 2h] is laid out the same."""
+    """All routed experts of a layer in two tensors (four with gpt-oss's biases, three with DBRX's gate and up apart),
+    expert e a contiguous slice of the leading dimension (names are templates under the layer, as Family's). The 2h
+    axis holds gate and up: gate | up, or alternating (`interleaved`, gpt-oss); the gate/up bias [N, 2h] is laid out
+    the same. With `up` named, gate_up holds the gate alone and `up` the up projection, each [N, h, d] (or [N, d, h]
+    with gate_up_cols)."""
 
     module: str  # every tensor under it is the router's or the experts' (anything else is refused)
     gate_up: str
@@ -57,21 +59,26 @@ class FusedExperts:
     # the [N, 2h, d] and [N, d, h] it saves itself), each taken as stored where its shape is the in-memory one, which
     # gate_up_cols and down_cols then describe: Family.stored_layout says which a checkpoint holds.
     transposable: bool = False
+    up: str | None = None  # the up projection's own tensor (DBRX's v1, beside w1 the gate and w2 the down)
+    # Each tensor stored with its expert dimension flattened into the next, [N * rows, cols] (DBRX's [N * h, d]): the
+    # same bytes as [N, rows, cols], which is how this tool reads and writes it (layout/fused_tensors.py).
+    flat: bool = False
 
     @property
     def biased(self) -> bool:
         return self.gate_up_bias is not None
 
     def templates(self) -> list[str]:
-        return [self.gate_up, self.down, *([self.gate_up_bias, self.down_bias] if self.biased else []),
-                *([self.scale] if self.scale else [])]
+        return [self.gate_up, *([self.up] if self.up else []), self.down,
+                *([self.gate_up_bias, self.down_bias] if self.biased else []), *([self.scale] if self.scale else [])]
 
     def shapes(self, hidden: int, intermediate: int) -> list[tuple[int, ...]]:
         """One expert's slice of each tensor, in templates() order."""
-        gate_up = (hidden, 2 * intermediate) if self.gate_up_cols else (2 * intermediate, hidden)
+        rows = intermediate if self.up else 2 * intermediate
+        gate_up = (hidden, rows) if self.gate_up_cols else (rows, hidden)
         down = (intermediate, hidden) if self.down_cols else (hidden, intermediate)
-        return [gate_up, down, *([(2 * intermediate,), (hidden,)] if self.biased else []),
-                *([()] if self.scale else [])]
+        return [gate_up, *([gate_up] if self.up else []), down,
+                *([(2 * intermediate,), (hidden,)] if self.biased else []), *([()] if self.scale else [])]
 
     def _pair(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = rows.shape[0] // 2
@@ -87,8 +94,12 @@ class FusedExperts:
         None), views where the layout allows (the down projection times the expert's scale, where there is one)."""
         import torch
 
-        gate, up = self._pair(slices[0].T if self.gate_up_cols else slices[0])
-        down = slices[1].T if self.down_cols else slices[1]
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.T if self.gate_up_cols else t
+
+        gate, up = (rows(slices[0]), rows(slices[1])) if self.up else self._pair(rows(slices[0]))
+        down = slices[2 if self.up else 1]
+        down = down.T if self.down_cols else down
         if self.scale:
             down = down * slices[-1]
         if not self.biased:
@@ -100,8 +111,11 @@ class FusedExperts:
         """split's inverse: the slices, contiguous (the biases and the scale only where the layout has them)."""
         import torch
 
-        rows = self._unpair(gate, up)
-        out = [(rows.T if self.gate_up_cols else rows).contiguous(), (down.T if self.down_cols else down).contiguous()]
+        def laid(t: torch.Tensor) -> torch.Tensor:
+            return (t.T if self.gate_up_cols else t).contiguous()
+
+        out = [laid(gate), laid(up)] if self.up else [laid(self._unpair(gate, up))]
+        out.append((down.T if self.down_cols else down).contiguous())
         if self.biased:
             out += [self._unpair(bias[:, 0], bias[:, 1]).contiguous(), down_bias.contiguous()]
         if self.scale:  # (the down projection holds the scale: split's)
@@ -164,6 +178,8 @@ class Family:
     # The decoder layers' name on disk and in the model transformers builds from config.json (a composite model's
     # language model: Qwen3-VL-MoE's model.language_model.layers; checkpoint/config_view.py reads its config).
     layers: str = "model.layers"
+    multimodal: bool = False  # the checkpoint is a multimodal model's, whose language model this is (text_config)
+    embed: str = "embed_tokens"  # the input embedding beside the decoder layers (DBRX: wte)
     router: str = "mlp.gate.weight"
     experts: str = "mlp.experts.{e}.{proj}.weight"
     proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # gate, up, down
@@ -226,6 +242,10 @@ class Family:
     # The family's own config.json keys and the values they take (config_rules.py), checked before any work beside
     # the keys every family shares; the expert count, top-k and width keys are checked from the fields above.
     config_rules: Mapping[str, Rule] = field(default_factory=dict)
+    # Sub-configs of config.json the family reads as top-level keys, and keys it names its own way as (the name every
+    # family reads, config.json's key) pairs: DBRX's ffn_config, and its d_model as hidden_size (config_view.py).
+    config_sections: tuple[str, ...] = ()
+    config_aliases: tuple[tuple[str, str], ...] = ()
     # The tiny random model the tests and the demo build of this family (tiny_models.py): its config class's values
     # beside the shared small sizes, and keys written into its config.json that the config class does not keep.
     # A remote-code family's is its whole config.json.
@@ -253,7 +273,7 @@ class Family:
 
     def embed_name(self) -> str:
         """The input embedding's on-disk name (beside the decoder layers; model_memory_names applied)."""
-        return self.disk_name(f"{self.layers.rsplit('.', 1)[0]}.embed_tokens.weight", None)
+        return self.disk_name(f"{self.layers.rsplit('.', 1)[0]}.{self.embed}.weight", None)
 
     def router_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.router}"

@@ -295,9 +295,9 @@ def _check_fused(ckpt: Checkpoint, family: Family, i: int, shape: ModelShape, st
         if entry is None:
             raise DernError(f"layer {i} is missing expert tensor {t.name}"
                             + (" (config.json declares MXFP4)" if storage.mxfp4 else ""))
-        if entry.shape != (shape.num_experts, *t.slice_shape):
+        if entry.shape != t.stored_shape(shape.num_experts):
             raise DernError(f"{t.name} has shape {list(entry.shape)}, config implies "
-                            f"{[shape.num_experts, *t.slice_shape]}")
+                            f"{list(t.stored_shape(shape.num_experts))}")
         if t.dtype is not None and entry.dtype != t.dtype:
             raise DernError(f"{t.name} is stored as {entry.dtype}; MXFP4 blocks and scales are {t.dtype}")
         if t.dtype is None:
@@ -339,7 +339,7 @@ def plan_output(
 def _expert_specs(family: Family, layer: MoELayer, d: int, experts: int, intermediate: int) -> list[TensorSpec]:
     """One output layer's expert tensor specs, in the order they are written (they follow its router)."""
     if family.fused is not None:
-        return [TensorSpec(t.name, t.dtype or layer.dtype, (experts, *t.slice_shape))
+        return [TensorSpec(t.name, t.dtype or layer.dtype, t.stored_shape(experts))
                 for t in fused_tensors(family, layer.index, d, intermediate, layer.storage)]
     specs = []
     for e in range(experts):

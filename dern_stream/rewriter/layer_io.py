@@ -268,14 +268,16 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
     error = RequantizationError()
     hidden = int(ckpt.config["hidden_size"])
     out_storage = ExpertStorage() if dequantized else layer.storage
-    names = [t.name for t in fused_tensors(family, layer.index, hidden, 0, out_storage)]
-    outputs = [torch.empty(writer.specs[n].shape, dtype=DTYPES[writer.specs[n].dtype]) for n in names]
+    stored = fused_tensors(family, layer.index, hidden, 0, out_storage)  # (for their names and layout)
+    names = [t.name for t in stored]
+    tensors = [torch.empty(writer.specs[n].shape, dtype=DTYPES[writer.specs[n].dtype]) for n in names]
+    outputs = [t.experts_view(tensor, len(result.kept)) for t, tensor in zip(stored, tensors, strict=True)]
     float_dtype = torch.bfloat16 if dequantized else DTYPES[layer.dtype]
     h_in = family.intermediate_size(ckpt.config)
     for pos, (expert, rebuilt) in enumerate(zip(result.kept, result.experts, strict=True)):
         if rebuilt is None and not dequantized:
-            for name, out in zip(names, outputs, strict=True):
-                ckpt.read_rows_into(name, expert, out[pos:pos + 1])
+            for t, out in zip(stored, outputs, strict=True):
+                t.read_expert(ckpt, expert, out[pos])
             continue
         if rebuilt is None:
             floats = to_float(_read_slices(ckpt, family, layer, hidden, h_in, expert), layer.storage)
@@ -299,8 +301,8 @@ def _write_fused(writer: ShardedWriter, ckpt: Checkpoint, family: Family, layer:
             problem = mxfp4_problem(blocks, scales, name.removesuffix(MXFP4_BLOCKS))
             if problem is not None:
                 raise NonFiniteTensor(f"{problem}: the input weights are not finite", copied=True)
-    for name, out in zip(names, outputs, strict=True):
-        writer.write(name, out)
+    for name, tensor in zip(names, tensors, strict=True):
+        writer.write(name, tensor)
     return error.value()
 
 
@@ -309,9 +311,9 @@ def _read_slices(ckpt: Checkpoint, family: Family, layer: MoELayer, hidden: int,
     """One expert's slice of each stored tensor of a fused layer, each read with one pread."""
     out = []
     for t in fused_tensors(family, layer.index, hidden, intermediate, layer.storage):
-        buffer = torch.empty(1, *t.slice_shape, dtype=DTYPES[t.dtype or layer.dtype])
-        ckpt.read_rows_into(t.name, expert, buffer)
-        out.append(buffer[0])
+        buffer = torch.empty(t.slice_shape, dtype=DTYPES[t.dtype or layer.dtype])
+        t.read_expert(ckpt, expert, buffer)
+        out.append(buffer)
     return out
 
 

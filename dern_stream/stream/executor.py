@@ -15,7 +15,6 @@ from contextlib import ExitStack, contextmanager
 import torch
 
 from ..checkpoint import Checkpoint
-from ..checkpoint.config_view import is_composite
 from ..checkpoint.safetensors_format import DTYPES, FLOAT_DTYPES
 from ..errors import DernError
 from ..families import Family, family_for, require_forward
@@ -90,7 +89,6 @@ class StreamedModel:
         self.family = family_for(ckpt.config)  # checks config.json's value types (families/config_check.py)
         require_forward(self.family)
         check_fp8_tensors(ckpt)
-        composite = is_composite(ckpt.file_config)  # (a multimodal model: its own class, the language model run)
         try:
             if ckpt.config.get("model_type") == self.family.model_type:
                 config = AutoConfig.from_pretrained(ckpt.root)
@@ -105,14 +103,15 @@ class StreamedModel:
         try:
             config.dtype = self.dtype
             with torch.device("meta"):
-                auto = transformers.AutoModelForImageTextToText if composite else AutoModelForCausalLM
+                # (a multimodal model: its own class, whose language model runs)
+                auto = transformers.AutoModelForImageTextToText if self.family.multimodal else AutoModelForCausalLM
                 self.model = auto.from_config(config)
             self.model.eval().requires_grad_(False)
             # The decoder stack, whose layers are the family's `layers` (Llama-4's base_model_prefix says
             # "language_model", the attribute of its multimodal parent, not of Llama4ForCausalLM).
-            self.prefix = self.family.layers.rsplit(".", 1)[0]
+            self.prefix, self.layers_name = self.family.layers.rsplit(".", 1)  # (DBRX: transformer, blocks)
             self.base = self.model.get_submodule(self.prefix)
-            self.layers = self.base.layers
+            self.layers = getattr(self.base, self.layers_name)
             self.text_config = self.model.config.get_text_config()
             # The lm_head's own name (a composite model's may sit under its language model's)
             head = self.model.get_output_embeddings()
@@ -165,7 +164,7 @@ class StreamedModel:
         return getattr(self.base, self.final_norm_name)
 
     def decoder_prefix(self, i: int) -> str:
-        return f"{self.prefix}.layers.{i}."
+        return self.family.layer_prefix(i)
 
     def moe_block(self, i: int) -> torch.nn.Module:
         block = moe_block_of(self.layers[i])
@@ -187,7 +186,8 @@ class StreamedModel:
     @torch.no_grad()
     def embed(self, batches: list[torch.Tensor], store: HiddenStore) -> None:
         """Layer 0's input for every batch into `store` (and each layer's call arguments per batch shape)."""
-        with self.loaded(self.base.embed_tokens, f"{self.prefix}.embed_tokens."):
+        embed = self.family.embed
+        with self.loaded(getattr(self.base, embed), f"{self.prefix}.{embed}."):
             for b, ids in enumerate(batches):
                 store[b] = self._record(input_ids=ids.to(self.device))
 
@@ -211,13 +211,13 @@ class StreamedModel:
                       _positional_names(layer))
             for i, layer in enumerate(self.layers)
         )
-        layers, norm = self.base.layers, self.final_norm
-        self.base.layers = recorders
+        layers, norm = self.layers, self.final_norm
+        setattr(self.base, self.layers_name, recorders)
         setattr(self.base, self.final_norm_name, torch.nn.Identity())
         try:
             self.base(**inputs, use_cache=False)
         finally:
-            self.base.layers = layers
+            setattr(self.base, self.layers_name, layers)
             setattr(self.base, self.final_norm_name, norm)
         first = recorded[0][0]
         # Same shape, same positions and masks (sequences are packed, never padded).
@@ -369,7 +369,8 @@ def _replace_first(out, value: torch.Tensor):
     return (value, *out[1:]) if isinstance(out, tuple) else value
 
 
-_FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm")  # the decoder stack's norm after its last layer, by name
+# The decoder stack's norm after its last layer, by name (DBRX: norm_f)
+_FINAL_NORMS = ("norm", "embedding_norm", "final_layernorm", "norm_f")
 _ROUTER_WEIGHTS = ("gate.weight", "router.weight", "gate.wg.weight", "router.layer.weight", "router.gate.weight",
                    "router.classifier.weight", "router.proj.weight")
 # The children of a decoder layer whose router and experts sit on it (Gemma 4) that its MoE computation reads.
@@ -384,7 +385,7 @@ def moe_block_of(layer: torch.nn.Module) -> torch.nn.Module | None:
     becomes mlp) and fuses the experts. Where the router and experts sit on the decoder layer itself (Gemma 4),
     the block is the experts module: called as experts(x, top_k_index, top_k_weights), so run it through
     moe_block_output."""
-    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+    for name in ("mlp", "block_sparse_moe", "feed_forward", "ffn"):
         block = getattr(layer, name, None)
         if hasattr(block, "experts") and router_weight(block) is not None:
             return block

@@ -112,8 +112,7 @@ def test_each_record_names_the_class_transformers_builds_for_it():
 
     for model_type, family in FAMILIES.items():
         # (a multimodal model: its own class, not a causal LM's)
-        classes = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if "text_config" in family.tiny_config \
-            else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        classes = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if family.multimodal else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         expected = family.tiny_config["architectures"] if family.remote_code else [classes[model_type]]
         assert list(family.architectures) == expected, model_type
 

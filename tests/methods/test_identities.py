@@ -42,6 +42,8 @@ def _reference_importance(model, calib, layer: int, fam) -> torch.Tensor:
                 _, weights, idx = block.gate(x, block.expert_bias)
             else:
                 _, weights, idx = block.router(x[None], block.expert_bias)
+        elif hasattr(block, "route_tokens_to_experts"):  # DBRX: its router gives the logits alone
+            weights, idx = block.route_tokens_to_experts(block.router(x))
         elif hasattr(block, "router"):  # PhiMoE, Granite, Llama-4
             routed = block.router(x)
             if len(routed) == 2:  # Llama-4: sigmoid scores of every expert (0 where not selected), logits
@@ -83,9 +85,10 @@ def test_alpha_one_equals_plain_pruning(family, build, tmp_path):
         if fam.bias_name(layer):
             bias = src[fam.bias_name(layer)]  # [N] or [1, N]
             assert dst[fam.bias_name(layer)].equal(torch.cat([bias[..., kept], bias[..., routed:]], dim=-1))
-        if fam.fused is not None:  # expert e is slice e of each fused tensor
+        if fam.fused is not None:  # expert e is slice e of each fused tensor (DBRX: rows e * h to (e + 1) * h)
             for name in fam.fused_names(layer):
-                assert dst[name].equal(src[name][kept])
+                source = src[name].view(routed, -1, *src[name].shape[1:]) if fam.fused.flat else src[name]
+                assert dst[name].equal(source[kept].reshape(dst[name].shape))
             continue
         for new, old in enumerate(kept):
             for part in ("gate", "up", "down"):

@@ -65,7 +65,7 @@ GEMMA4_TEXT = Family(
 # Gemma 4 as released: the multimodal model whose language model is the text model above (config_view.py)
 FAMILIES = (GEMMA4_TEXT, replace(
     GEMMA4_TEXT, model_type="gemma4", architectures=("Gemma4ForConditionalGeneration",),
-    layers="model.language_model.layers",
+    layers="model.language_model.layers", multimodal=True,
     tiny_config=dict(text_config=GEMMA4_TEXT.tiny_config, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         head_dim=16, position_embedding_size=64), audio_config=None)))

@@ -43,7 +43,7 @@ LLAMA4_TEXT = Family(
 # decoder layers under language_model.model (checkpoint/config_view.py reads its config)
 FAMILIES = (LLAMA4_TEXT, replace(
     LLAMA4_TEXT, model_type="llama4", architectures=("Llama4ForConditionalGeneration",),
-    layers="language_model.model.layers",
+    layers="language_model.model.layers", multimodal=True,
     tiny_config=dict(text_config=LLAMA4_TEXT.tiny_config, vision_config=dict(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14,
         vision_output_dim=64, projector_input_dim=64, projector_output_dim=64))))

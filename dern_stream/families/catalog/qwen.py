@@ -105,6 +105,7 @@ FAMILIES = (
         model_type="qwen3_vl_moe",
         architectures=("Qwen3VLMoeForConditionalGeneration",),
         layers=_LANGUAGE_MODEL,
+        multimodal=True,
         moe_layer=qwen_sparse,
         expert_count_keys=("num_experts", "num_local_experts"),
         intermediate_key="moe_intermediate_size",
@@ -126,4 +127,5 @@ FAMILIES = (
 # Qwen3.5-MoE as released, the multimodal model whose language model is the text model above
 FAMILIES += (replace(
     _QWEN3_5_MOE_TEXT, model_type="qwen3_5_moe", architectures=("Qwen3_5MoeForConditionalGeneration",),
-    layers=_LANGUAGE_MODEL, tiny_config=dict(text_config=_QWEN3_5_MOE_TEXT.tiny_config, vision_config=_TINY_VISION)),)
+    layers=_LANGUAGE_MODEL, multimodal=True,
+    tiny_config=dict(text_config=_QWEN3_5_MOE_TEXT.tiny_config, vision_config=_TINY_VISION)),)

@@ -1,10 +1,7 @@
 """Softmax top-k families in the common layout (`mlp.gate.weight`, `mlp.experts.{e}.{gate,up,down}_proj`):
 FlexOlmo (OLMo-2's post-norm layers; softmax top-k, renormalised where norm_topk_prob says so) and Cohere2-MoE
 (parallel attention and MoE on the same normalised input; the top-k logits, their softmax or sigmoid; shared
-experts, untouched, summed or averaged with the routed output).
-
-DBRX has no record: its decoder stack is `transformer.blocks.{i}` (not `model.layers.{i}`), its expert count and
-top-k sit in the nested `ffn_config`, and its experts are fused as separate w1 / v1 / w2 [N * h, d] tensors."""
+experts, untouched, summed or averaged with the routed output)."""
 
 from __future__ import annotations
 
