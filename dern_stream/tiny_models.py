@@ -25,27 +25,33 @@ FAMILY_CONFIGS: dict[str, dict] = {f.model_type: dict(f.tiny_config) for f in FA
 def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """A randomly initialised transformers causal LM of `family` (model_type): a multimodal model where the family is
     one (its language model's config takes the shared sizes and `overrides`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultimodalLM
+
+    from .checkpoint.config_view import text_section
 
     common = dict(_COMMON)
     if FAMILIES[family].layers_key != "num_hidden_layers":  # (LongCat-Flash derives num_hidden_layers from its own)
         common[FAMILIES[family].layers_key] = common.pop("num_hidden_layers")
     own = FAMILY_CONFIGS[family]
     composite = FAMILIES[family].multimodal
-    if composite:
-        config = AutoConfig.for_model(family, **{**own, "text_config": {**common, **own["text_config"], **overrides}},
-                                      tie_word_embeddings=False)
+    if composite:  # (the shared sizes and the overrides go to its language model's section)
+        own, section = json.loads(json.dumps(own)), text_section(own)
+        inner = own
+        for step in section[:-1]:
+            inner = inner[step]
+        inner[section[-1]] = {**common, **inner[section[-1]], **overrides}
+        config = AutoConfig.for_model(family, **own, tie_word_embeddings=False)
     else:
         config = AutoConfig.for_model(family, **{**common, **own, **overrides})
     torch.manual_seed(seed)
-    model = (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_config(config).eval()
+    model = (AutoModelForMultimodalLM if composite else AutoModelForCausalLM).from_config(config).eval()
     if dtype != torch.float32:  # (as built: a cast would also drop the imaginary part of Llama 4's vision rotary)
         model = model.to(dtype)
     from .stream.executor import moe_router_weight
 
     with torch.no_grad():
         # Random inits leave routers near-uniform; widen them so experts differ in importance.
-        for layer in model.get_submodule(FAMILIES[family].layers):
+        for layer in model.get_submodule(FAMILIES[family].layers_in_memory):
             router = moe_router_weight(layer)
             if router is not None:
                 router.normal_(0.0, 0.5)

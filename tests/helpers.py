@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dern_stream.calib.capture import forward_module
 from dern_stream.checkpoint import Checkpoint
 from dern_stream.checkpoint.config_view import config_view, is_composite
 from dern_stream.families import family_for
@@ -36,15 +37,19 @@ class Built:
 
 def load_model(path, **kwargs):
     """from_pretrained with the auto class of this checkpoint's kind: a multimodal model's own, else the causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForMultimodalLM
 
-    composite = is_composite(json.loads((Path(path) / "config.json").read_text()))
-    return (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_pretrained(path, **kwargs)
+    config = json.loads((Path(path) / "config.json").read_text())
+    auto = AutoModelForMultimodalLM if is_composite(config) else AutoModelForCausalLM
+    loaded = auto.from_pretrained(path, **kwargs)
+    model, info = loaded if kwargs.get("output_loading_info") else (loaded, None)
+    model = forward_module(model, family_for(config))  # (Qwen3-Omni-MoE generates only: its thinker runs the text)
+    return (model, info) if kwargs.get("output_loading_info") else model
 
 
 def decoder_layers(model):
     """A loaded model's decoder layers (a multimodal model's language model's)."""
-    return model.get_submodule(family_for(config_view(model.config.to_dict())).layers)
+    return model.get_submodule(family_for(config_view(model.config.to_dict())).layers_in_memory)
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -43,15 +43,16 @@ def dump_from_model(
     hashes = {i: tensor_sha256(w) for i, w in routers.items()}
     captured: dict[int, torch.Tensor] = {}
     hooks = [
-        moe_block_of(model.get_submodule(family.layers)[i]).register_forward_pre_hook(
+        moe_block_of(model.get_submodule(family.layers_in_memory)[i]).register_forward_pre_hook(
             lambda _m, args, i=i: captured.__setitem__(i, args[0])
         )
         for i in layers
     ]
     try:
         model.eval()
+        runner = forward_module(model, family)
         for start in range(0, input_ids.shape[0], batch_size):
-            model(input_ids=input_ids[start:start + batch_size])
+            runner(input_ids=input_ids[start:start + batch_size])
             for i in layers:
                 writer.append(i, captured.pop(i), router_sha256=hashes[i])
     finally:
@@ -62,7 +63,15 @@ def dump_from_model(
     return layers
 
 
+def forward_module(model: torch.nn.Module, family: Family) -> torch.nn.Module:
+    """The module whose forward runs the language model: `model`, or where it has no forward of its own (Qwen3-Omni-MoE,
+    which only generates) its first part on the way to the decoder layers (the thinker)."""
+    if type(model).forward is not torch.nn.Module.forward:
+        return model
+    return model.get_submodule(family.layers_in_memory.split(".", 1)[0])
+
+
 def moe_routers(model: torch.nn.Module, family: Family) -> dict[int, torch.Tensor]:
     """Decoder layer index -> router weight, for layers whose MLP is a routed MoE block."""
-    routers = {i: moe_router_weight(layer) for i, layer in enumerate(model.get_submodule(family.layers))}
+    routers = {i: moe_router_weight(layer) for i, layer in enumerate(model.get_submodule(family.layers_in_memory))}
     return {i: weight for i, weight in routers.items() if weight is not None}

@@ -2,9 +2,10 @@
 
 Two layouts keep those settings elsewhere:
 - a composite (multimodal) model keeps its language model's under `text_config` (Qwen3-VL-MoE, Qwen3.5-MoE, Llama 4,
-  Gemma 4), beside the vision and audio towers' own sections. The view is text_config's keys, then the top level's
-  where text_config has no such key, with the top level's identity (model_type, architectures, auto_map) and
-  quantization_config, which a composite model keeps there;
+  Gemma 4, GLM-4.5V; Qwen3-Omni-MoE under `thinker_config.text_config`), beside the vision and audio towers' own
+  sections. The view is that section's keys (transformers reads no other for the language model), with the top
+  level's identity (model_type, architectures, auto_map) and quantization_config, which a composite model keeps
+  there, and the section itself (so that the view of a view is the same);
 - a family may keep part of its own settings in a sub-config and name some keys its own way (DBRX: the experts'
   in `ffn_config`, the width as `d_model`). The family's record registers them (NESTED, filled by families/); the
   view is the top level, then the sections' keys it lacks, and each alias under the name every family reads.
@@ -15,14 +16,25 @@ from __future__ import annotations
 import copy
 
 SECTION = "text_config"
+_THINKER = "thinker_config"  # (Qwen3-Omni-MoE: the language model is its thinker's, beside the talker's)
 # Keys a composite model keeps at its top level whatever text_config says: they describe the whole checkpoint.
 _TOP_LEVEL = ("model_type", "architectures", "auto_map", "quantization_config")
 # model_type -> (sub-configs read as the top level's, (name read, config.json's key) aliases): families/ registers them
 NESTED: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
 
 
+def text_section(config: dict) -> tuple[str, ...] | None:
+    """The path of keys to a composite model's language model's config, or None."""
+    if isinstance(config.get(SECTION), dict):
+        return (SECTION,)
+    thinker = config.get(_THINKER)
+    if isinstance(thinker, dict) and isinstance(thinker.get(SECTION), dict):
+        return (_THINKER, SECTION)
+    return None
+
+
 def is_composite(config: dict) -> bool:
-    return isinstance(config.get(SECTION), dict)
+    return text_section(config) is not None
 
 
 def config_view(config: dict) -> dict:
@@ -44,7 +56,7 @@ def file_config(config: dict, view: dict, changed: dict) -> dict:
     for key in {*view, *changed}:
         if key in view and key in changed and view[key] == changed[key]:
             continue
-        path = sources.get(key) or ((SECTION, key) if is_composite(config) else (key,))
+        path = sources.get(key) or (*(text_section(config) or ()), key)
         target = out
         for step in path[:-1]:
             target = target[step]
@@ -57,14 +69,13 @@ def file_config(config: dict, view: dict, changed: dict) -> dict:
 
 def _sources(config: dict) -> dict[str, tuple[str, ...]] | None:
     """Each key of the view -> where config.json holds it (a path of keys); None where the view is config itself."""
-    if is_composite(config):
-        sources = {key: (SECTION, key) for key in config[SECTION]}
-        for key, value in config.items():
-            if key == SECTION or (key in sources and key not in _TOP_LEVEL):
-                continue
-            if isinstance(value, dict) and key.endswith("_config") and key != "quantization_config":
-                continue  # (another tower's section)
-            sources[key] = (key,)
+    section = text_section(config)
+    if section is not None:
+        # transformers builds the language model from its section alone (a key it lacks takes the config class's
+        # default, never the top level's), and the section itself stays in the view, so that the view of a view is
+        # the same view and a refusal can still name the language model's model_type
+        sources = {key: (*section, key) for key in _read(config, section)}
+        sources.update({key: (key,) for key in (*_TOP_LEVEL, section[0]) if key in config})
         return sources
     model_type = config.get("model_type")
     nested = NESTED.get(model_type) if isinstance(model_type, str) else None

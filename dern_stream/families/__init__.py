@@ -1,9 +1,9 @@
 """Model families, one record each (record.py; every record: catalog/), chosen by config.json's `model_type`."""
 
-from ..checkpoint.config_view import NESTED, config_view
+from ..checkpoint.config_view import NESTED, config_view, text_section
 from ..errors import DernError
 from .catalog import all_families
-from .config_check import check_config, check_model_type
+from .config_check import check_config, check_model_type, show
 from .record import PARTS, Family, GroupPlan
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in all_families()}
@@ -12,6 +12,13 @@ NESTED.update({f.model_type: (f.config_sections, f.config_aliases) for f in FAMI
                if f.config_sections or f.config_aliases})
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# MoE model_types transformers ships that no record can take, and why (docs/formats.md lists them)
+_NO_CAUSAL_LM = "transformers has no class that loads this text model alone (its multimodal model, {}, is supported)"
+REFUSED = {
+    "qwen3_vl_moe_text": _NO_CAUSAL_LM.format("qwen3_vl_moe"),
+    "glm4v_moe_text": _NO_CAUSAL_LM.format("glm4v_moe"),
+    "qwen3_omni_moe_text": _NO_CAUSAL_LM.format("qwen3_omni_moe"),
+}
 
 
 def family_for(config: dict) -> Family:
@@ -19,12 +26,17 @@ def family_for(config: dict) -> Family:
     (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked. A multimodal
     model's config is read as its language model's (checkpoint/config_view.py), as Checkpoint.config is."""
     check_model_type(config)
+    if "text_config" in config and not isinstance(config["text_config"], dict):
+        raise DernError(f"config.json: text_config is {show(config['text_config'])}; expected a JSON object (the "
+                        "language model's config)")
     view = config_view(config)
     model_type = view.get("model_type")
     family = FAMILIES.get(model_type) or _named_family(view)
     if family is not None:
         check_config(view, family)  # value types and ranges, before any command does any work
         return family
+    if model_type in REFUSED:
+        raise DernError(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     inner = _moe_section(config)
     if inner is not None:
         multimodal = sorted(t for t, f in FAMILIES.items() if f.multimodal)
@@ -39,16 +51,14 @@ def family_for(config: dict) -> Family:
 
 
 def _moe_section(config: dict) -> str | None:
-    """The model_type of a text_config holding an expert count (a multimodal model's text model; Qwen3-Omni-MoE's
-    thinker's, one level down), or None."""
-    for key, value in config.items():
-        if key == "text_config" and isinstance(value, dict) and any(k in value for k in _EXPERT_COUNT_KEYS):
-            return str(value.get("model_type") or key)
-        if isinstance(value, dict) and isinstance(value.get("text_config"), dict) and value is not config:
-            found = _moe_section({"text_config": value["text_config"]})
-            if found is not None:
-                return found
-    return None
+    """The model_type of a multimodal model's language model whose config holds an expert count, or None."""
+    section = text_section(config)
+    if section is None:
+        return None
+    text = config
+    for key in section:
+        text = text[key]
+    return str(text.get("model_type") or section[-1]) if any(k in text for k in _EXPERT_COUNT_KEYS) else None
 
 
 def _named_family(config: dict) -> Family | None:

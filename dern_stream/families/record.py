@@ -4,6 +4,7 @@ routing, output config rules, and the tiny model the tests build of it. Records 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -178,6 +179,9 @@ class Family:
     # The decoder layers' name on disk and in the model transformers builds from config.json (a composite model's
     # language model: Qwen3-VL-MoE's model.language_model.layers; checkpoint/config_view.py reads its config).
     layers: str = "model.layers"
+    # The decoder layers' name in that model where transformers renames them from the checkpoint's (Qwen3-Omni-MoE's
+    # thinker: model.language_model.layers, stored as model.layers; model_memory_names then maps the rest)
+    memory_layers: str | None = None
     multimodal: bool = False  # the checkpoint is a multimodal model's, whose language model this is (text_config)
     embed: str = "embed_tokens"  # the input embedding beside the decoder layers (DBRX: wte)
     router: str = "mlp.gate.weight"
@@ -266,10 +270,7 @@ class Family:
 
     def layer_of(self, name: str) -> int | None:
         """The decoder layer index of a tensor under `{layers}.N.`, else None."""
-        if not name.startswith(self.layers + "."):
-            return None
-        index = name[len(self.layers) + 1:].split(".", 1)[0]
-        return int(index) if index.isdigit() and index.isascii() else None
+        return _index_under(self.layers, name)
 
     def embed_name(self) -> str:
         """The input embedding's on-disk name (beside the decoder layers; model_memory_names applied)."""
@@ -297,8 +298,6 @@ class Family:
     def stored_layout(self, entries: Mapping, hidden: int, intermediate: int) -> Family:
         """This record with its fused experts' orientation as `entries` (a checkpoint's tensor headers) store them,
         where transformers loads either (FusedExperts.transposable), checked to be one for every layer; else self."""
-        import dataclasses
-
         if self.fused is None or not self.fused.transposable:
             return self
         found = set()
@@ -331,20 +330,31 @@ class Family:
         return name.startswith(f"{self.layers}.{layer}.{self.experts.split('{e}')[0]}")
 
     def disk_name(self, memory_name: str, layer: int | None) -> str:
-        """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_names applied), or of one outside
-        the layers (layer None: model_memory_names applied)."""
+        """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_layers and memory_names applied),
+        or of one outside the layers (layer None: model_memory_names applied)."""
         if layer is None:
             for memory, disk in self.model_memory_names:
                 if memory_name.startswith(memory):
                     return disk + memory_name[len(memory):]
             return memory_name
-        prefix = f"{self.layers}.{layer}."
-        if memory_name.startswith(prefix):
-            rest = memory_name[len(prefix):]
-            for memory, disk in self.memory_names:
-                if rest.startswith(memory):
-                    return prefix + disk + rest[len(memory):]
-        return memory_name
+        prefix = f"{self.layers_in_memory}.{layer}."
+        if not memory_name.startswith(prefix):
+            return memory_name
+        rest = memory_name[len(prefix):]
+        for memory, disk in self.memory_names:
+            if rest.startswith(memory):
+                rest = disk + rest[len(memory):]
+                break
+        return self.layer_prefix(layer) + rest
+
+    @property
+    def layers_in_memory(self) -> str:
+        """The decoder layers' name in the model transformers builds (memory_layers, else layers)."""
+        return self.memory_layers or self.layers
+
+    def memory_layer_of(self, name: str) -> int | None:
+        """The decoder layer index of an in-memory tensor name (of the model transformers builds), else None."""
+        return _index_under(self.layers_in_memory, name)
 
     # --- config -------------------------------------------------------------------------------
     def num_experts(self, config: dict) -> int:
@@ -477,6 +487,14 @@ class Family:
                    f"n_group={config['n_group']} does not leave at least 2 kept experts per group at K={experts}")
             notes.append(f"group-limited routing collapsed to one group ({why})")
         return out, notes
+
+
+def _index_under(layers: str, name: str) -> int | None:
+    """N of a name `{layers}.N...`, else None."""
+    if not name.startswith(layers + "."):
+        return None
+    index = name[len(layers) + 1:].split(".", 1)[0]
+    return int(index) if index.isdigit() and index.isascii() else None
 
 
 def _ranges(values: list[int]) -> str:

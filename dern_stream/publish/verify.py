@@ -160,7 +160,7 @@ def _check_skeleton(ckpt: Checkpoint, family, report: VerifyReport, recorded: se
     state = model.model.state_dict(keep_vars=True)
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     for name, target in state.items():
-        layer = family.layer_of(name)
+        layer = family.memory_layer_of(name)
         try:
             used |= disk_tensors(name, tuple(target.shape), ckpt, family, layer, shapes)
         except DernError as e:

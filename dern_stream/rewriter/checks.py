@@ -83,6 +83,20 @@ def default_for_family(options: RewriteOptions, family: Family) -> RewriteOption
     return options
 
 
+def _check_orientation_kept(family: Family, stored: Family, hidden: int, width: int | None) -> None:
+    """A width that makes a transposed-as-stored expert tensor square is refused: transformers would read the output's
+    square tensor as not transposed (FusedExperts.transposable), so it would not load as the model written."""
+    if width is None or stored.fused is family.fused or family.fused is None:
+        return
+    square = [name for name, flipped, rows in (
+        ("gate_up_proj", stored.fused.gate_up_cols != family.fused.gate_up_cols, 2 * width),
+        ("down_proj", stored.fused.down_cols != family.fused.down_cols, width)) if flipped and rows == hidden]
+    if square:
+        raise DernError(f"{arg('intermediate_size', width)} makes the experts' {square[0]} [K, {hidden}, {hidden}], "
+                        f"which transformers reads in its own orientation, not the transposed one this checkpoint "
+                        "stores: choose another width")
+
+
 def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
                    ) -> tuple[Family, ExpertStorage, ModelShape, list[MoELayer]]:
     """The input's family, storage, shape and MoE layers, each checked against the config and the options."""
@@ -104,7 +118,9 @@ def check_model(ckpt: Checkpoint, source: Path, options: RewriteOptions
     shape = ModelShape(family.num_experts(config), int(config.get("hidden_size", 0)), family.intermediate_size(config))
     check_widths(options, shape, storage, family, dequantized)
     check_decoder_layers(ckpt)
-    family = family.stored_layout(ckpt.entries, shape.hidden, shape.intermediate)
+    stored = family.stored_layout(ckpt.entries, shape.hidden, shape.intermediate)
+    _check_orientation_kept(family, stored, shape.hidden, options.intermediate_size)
+    family = stored
     layers = check_moe_layers(ckpt, family, shape, storage)
     family.check_expressible(config, options.experts)
     if options.sequential and family.remote_code:

@@ -104,18 +104,20 @@ class StreamedModel:
             config.dtype = self.dtype
             with torch.device("meta"):
                 # (a multimodal model: its own class, whose language model runs)
-                auto = transformers.AutoModelForImageTextToText if self.family.multimodal else AutoModelForCausalLM
+                auto = transformers.AutoModelForMultimodalLM if self.family.multimodal else AutoModelForCausalLM
                 self.model = auto.from_config(config)
             self.model.eval().requires_grad_(False)
             # The decoder stack, whose layers are the family's `layers` (Llama-4's base_model_prefix says
             # "language_model", the attribute of its multimodal parent, not of Llama4ForCausalLM).
-            self.prefix, self.layers_name = self.family.layers.rsplit(".", 1)  # (DBRX: transformer, blocks)
+            # (DBRX: transformer, blocks; Qwen3-Omni-MoE's thinker: model.language_model, layers)
+            self.prefix, self.layers_name = self.family.layers_in_memory.rsplit(".", 1)
             self.base = self.model.get_submodule(self.prefix)
             self.layers = getattr(self.base, self.layers_name)
             self.text_config = self.model.config.get_text_config()
-            # The lm_head's own name (a composite model's may sit under its language model's)
-            head = self.model.get_output_embeddings()
-            self.head_prefix = next(n for n, m in self.model.named_modules() if m is head) + "."
+            # The lm_head and its own name (a multimodal model's may sit under its language model's, or beside it:
+            # Qwen3-Omni-MoE's thinker.lm_head, which its top-level model does not return)
+            self.head = self.model.get_output_embeddings() or _nearest_lm_head(self.model, self.prefix)
+            self.head_prefix = next(n for n, m in self.model.named_modules() if m is self.head) + "."
             # The final norm: `norm`, or LFM2-MoE's `embedding_norm` (applied after the last layer, despite its name).
             self.final_norm_name = next(n for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None),
                                                                               torch.nn.Module))
@@ -164,7 +166,7 @@ class StreamedModel:
         return getattr(self.base, self.final_norm_name)
 
     def decoder_prefix(self, i: int) -> str:
-        return self.family.layer_prefix(i)
+        return f"{self.prefix}.{self.layers_name}.{i}."
 
     def moe_block(self, i: int) -> torch.nn.Module:
         block = moe_block_of(self.layers[i])
@@ -301,14 +303,14 @@ class StreamedModel:
     @contextmanager
     def _output_loaded(self) -> Iterator[torch.nn.Module]:
         """The final norm and the lm_head with real weights for the block; yields the lm_head."""
-        head = self.model.get_output_embeddings()
+        head = self.head
         norm = f"{self.prefix}.{self.final_norm_name}."
         with self.loaded(self.final_norm, norm), self.loaded(head, self.head_prefix):
             yield head
 
     @property
     def vocab_size(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self.head.weight.shape[0])
 
     @torch.no_grad()
     def logit_blocks(self, batches: list[torch.Tensor], store: HiddenStore
@@ -413,6 +415,25 @@ def moe_block_output(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     weight = layer.pre_feedforward_layernorm_2.weight
     _, top_k_weights, top_k_index = layer.router((flat.float() / weight.float()).to(flat.dtype))
     return block(flat, top_k_index, top_k_weights).reshape(x.shape)
+
+
+def _nearest_lm_head(model: torch.nn.Module, prefix: str) -> torch.nn.Module:
+    """The `lm_head` nearest above the decoder stack `prefix` (Qwen3-Omni-MoE: thinker.model.language_model ->
+    thinker.lm_head)."""
+    parts = prefix.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        name = ".".join([*parts[:n], "lm_head"])
+        if _has_submodule(model, name):
+            return model.get_submodule(name)
+    raise DernError(f"the {type(model).__name__} built from config.json has no lm_head")
+
+
+def _has_submodule(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def router_weight(block: torch.nn.Module) -> torch.Tensor | None:

@@ -105,29 +105,41 @@ def test_each_record_names_the_class_transformers_builds_for_it():
     must be transformers' own (DeepSeek-MoE-16B's: its published config.json's)."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
     )
 
     from dern_stream.families import FAMILIES
 
     for model_type, family in FAMILIES.items():
         # (a multimodal model: its own class, not a causal LM's)
-        classes = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if family.multimodal else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        classes = MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES if family.multimodal else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         expected = family.tiny_config["architectures"] if family.remote_code else [classes[model_type]]
         assert list(family.architectures) == expected, model_type
 
 
 def test_an_unsupported_multimodal_moe_checkpoint_is_named_as_such():
-    """GLM-4.5V, Qwen3-Omni-MoE (its thinker's text_config one level down): the expert count sits in a text_config;
-    the refusal says so, and names the multimodal models supported, rather than calling the model dense."""
+    """Kimi-VL (remote code), or an omni model's thinker one level down: the expert count sits in a text_config; the
+    refusal says so, and names the multimodal models supported, rather than calling the model dense."""
     import pytest
 
     from dern_stream.errors import DernError
     from dern_stream.families import family_for
 
-    for config in ({"model_type": "glm4v_moe", "text_config": {"model_type": "glm4v_moe_text", "n_routed_experts": 8}},
-                   {"model_type": "qwen3_omni_moe", "thinker_config": {"text_config": {
-                       "model_type": "qwen3_omni_moe_text", "num_experts": 128}}}):
+    for config in ({"model_type": "kimi_vl", "text_config": {"model_type": "deepseek_v3", "n_routed_experts": 64}},
+                   {"model_type": "acme_omni", "thinker_config": {"text_config": {
+                       "model_type": "acme_omni_text", "num_experts": 128}}}):
         with pytest.raises(DernError, match=r"multimodal checkpoint whose text model is a Mixture-of-Experts model "
-                                            r"\(\w+_text\).*supported: gemma4, llama4, qwen3_5_moe, qwen3_vl_moe"):
+                                            r"\((deepseek_v3|acme_omni_text)\).*supported: gemma4, glm4v_moe, llama4"):
             family_for(config)
+
+
+def test_a_text_model_transformers_cannot_load_alone_is_refused_with_its_reason():
+    import pytest
+
+    from dern_stream.errors import DernError
+    from dern_stream.families import family_for
+
+    config = {"model_type": "qwen3_vl_moe_text", "num_experts": 8, "hidden_size": 64}
+    with pytest.raises(DernError, match=r"model_type 'qwen3_vl_moe_text' is not supported: transformers has no class "
+                                        r"that loads this text model alone \(its multimodal model, qwen3_vl_moe"):
+        family_for(config)

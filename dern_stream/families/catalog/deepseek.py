@@ -350,3 +350,15 @@ FAMILIES += (
                         ("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")),),
     ),
 )
+
+# GLM-4.5V: the multimodal model whose language model is GLM-4.5's (its config defaults the same), the vision tower
+# copied untouched (checkpoint/config_view.py reads its text_config)
+_GLM4_MOE = next(f for f in FAMILIES if f.model_type == "glm4_moe")
+FAMILIES += (replace(
+    _GLM4_MOE, model_type="glm4v_moe", architectures=("Glm4vMoeForConditionalGeneration",),
+    layers="model.language_model.layers", multimodal=True,
+    # (its multimodal rotary sections sum to half the rotated head dims: 16 x 0.5 / 2)
+    tiny_config=dict(text_config=dict(_GLM4_MOE.tiny_config, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 1, 1])),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, image_size=28))),)

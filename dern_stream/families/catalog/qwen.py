@@ -129,3 +129,27 @@ FAMILIES += (replace(
     _QWEN3_5_MOE_TEXT, model_type="qwen3_5_moe", architectures=("Qwen3_5MoeForConditionalGeneration",),
     layers=_LANGUAGE_MODEL, multimodal=True,
     tiny_config=dict(text_config=_QWEN3_5_MOE_TEXT.tiny_config, vision_config=_TINY_VISION)),)
+
+# Qwen3-Omni-MoE: its thinker (the language model, with audio and vision towers) alone, or the whole model, whose
+# talker (another MoE model, that speaks what the thinker writes) and code-to-wave decoder are copied untouched
+_QWEN3_MOE = next(f for f in FAMILIES if f.model_type == "qwen3_moe")
+_TINY_THINKER = dict(
+    text_config=_QWEN3_MOE.tiny_config,
+    vision_config=dict(_TINY_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+    audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                      output_dim=64, downsample_hidden_size=16, max_source_positions=100))
+FAMILIES += (
+    # (transformers builds the thinker's towers and language model under `model.`, and stores them without it)
+    replace(_QWEN3_MOE, model_type="qwen3_omni_moe_thinker", multimodal=True,
+            memory_layers="model.language_model.layers",
+            model_memory_names=(("model.language_model.", "model."), ("model.visual.", "visual."),
+                                ("model.audio_tower.", "audio_tower.")),
+            architectures=("Qwen3OmniMoeThinkerForConditionalGeneration",), tiny_config=_TINY_THINKER),
+    replace(_QWEN3_MOE, model_type="qwen3_omni_moe", multimodal=True, layers="thinker.model.layers",
+            memory_layers="thinker.model.language_model.layers",
+            model_memory_names=(("thinker.model.language_model.", "thinker.model."),
+                                ("thinker.model.visual.", "thinker.visual."),
+                                ("thinker.model.audio_tower.", "thinker.audio_tower.")),
+            architectures=("Qwen3OmniMoeForConditionalGeneration",),
+            tiny_config=dict(thinker_config=_TINY_THINKER, enable_audio_output=False)),
+)
