@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import dern_stream
+from dern_stream.checkpoint.config_view import text_section
 from dern_stream.tiny_models import FAMILY_CONFIGS, build_demo, save_deepseek_moe_16b, save_fp8_copy, save_mxfp4_copy
 
 TOKENS, SEQ_LEN = 1024, 64
@@ -74,8 +75,9 @@ def _stable_bytes(path: Path) -> bytes:
 
 def experts_of(family: str) -> int:
     config = FAMILY_CONFIGS.get(family, {})
-    for section in ("text_config", "ffn_config"):  # (a multimodal model's language model; DBRX's experts)
-        config = {**config, **config.get(section, {})}
+    for key in text_section(config) or ():  # (a multimodal model's language model)
+        config = config[key]
+    config = {**config, **config.get("ffn_config", {})}  # (DBRX's experts)
     n = next(config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
              if k in config) if config else 8
     return n // 2
