@@ -50,6 +50,11 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     from .stream.executor import moe_router_weight
 
     with torch.no_grad():
+        # Experts outside the language model's layers (Qwen3-Omni-MoE's talker): transformers leaves them uninitialised
+        layers = FAMILIES[family].layers_in_memory + "."
+        for name, tensor in model.named_parameters():
+            if ".experts." in name and not name.startswith(layers):
+                tensor.copy_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
         # Random inits leave routers near-uniform; widen them so experts differ in importance.
         for layer in model.get_submodule(FAMILIES[family].layers_in_memory):
             router = moe_router_weight(layer)

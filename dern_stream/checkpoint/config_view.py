@@ -8,7 +8,8 @@ Two layouts keep those settings elsewhere:
   there, and the section itself (so that the view of a view is the same);
 - a family may keep part of its own settings in a sub-config and name some keys its own way (DBRX: the experts'
   in `ffn_config`, the width as `d_model`). The family's record registers them (NESTED, filled by families/); the
-  view is the top level, then the sections' keys it lacks, and each alias under the name every family reads.
+  view is the top level, the sections' keys over it (transformers reads those), and each alias under the name every
+  family reads.
 A rewrite's changes to the view go back where each key was read from (file_config)."""
 
 from __future__ import annotations
@@ -82,12 +83,13 @@ def _sources(config: dict) -> dict[str, tuple[str, ...]] | None:
     if nested is None:
         return None
     sections, aliases = nested
+    # (a section's keys over the top level's, as transformers reads them, but for the checkpoint's identity; the
+    # model's own key over a copy a section may hold: DBRX's d_model over ffn_config.hidden_size)
     sources = {key: (key,) for key in config}
     for section in sections:
         if isinstance(config.get(section), dict):
-            for key in config[section]:
-                sources.setdefault(key, (section, key))
-    for name, key in aliases:  # (the model's own key, over a copy a section may hold: DBRX's ffn_config.hidden_size)
+            sources.update({key: (section, key) for key in config[section] if key not in _TOP_LEVEL})
+    for name, key in aliases:
         if key in config:
             sources[name] = (key,)
     return sources

@@ -26,13 +26,14 @@ def family_for(config: dict) -> Family:
     (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked. A multimodal
     model's config is read as its language model's (checkpoint/config_view.py), as Checkpoint.config is."""
     check_model_type(config)
-    if "text_config" in config and not isinstance(config["text_config"], dict):
-        raise DernError(f"config.json: text_config is {show(config['text_config'])}; expected a JSON object (the "
-                        "language model's config)")
+    _check_sections(config)
     view = config_view(config)
     model_type = view.get("model_type")
     family = FAMILIES.get(model_type) or _named_family(view)
     if family is not None:
+        for section in family.config_sections:  # (DBRX's ffn_config)
+            if section in config and not isinstance(config[section], dict):
+                raise DernError(f"config.json: {section} is {show(config[section])}; expected a JSON object")
         check_config(view, family)  # value types and ranges, before any command does any work
         return family
     if model_type in REFUSED:
@@ -48,6 +49,19 @@ def family_for(config: dict) -> Family:
                         f"count); dern-stream shrinks MoE models: {', '.join(sorted(FAMILIES))}")
     raise DernError(f"model_type {model_type!r} is not supported (nor is a class its config.json names); supported "
                     f"families: {', '.join(sorted(FAMILIES))}")
+
+
+def _check_sections(config: dict) -> None:
+    """A language model's section (text_config, Qwen3-Omni-MoE's thinker_config.text_config) that is not an object is
+    named as such, rather than its keys as missing."""
+    for path in (("text_config",), ("thinker_config",), ("thinker_config", "text_config")):
+        value, present = config, True
+        for key in path:
+            present = isinstance(value, dict) and key in value
+            value = value.get(key) if present else None
+        if present and not isinstance(value, dict):
+            raise DernError(f"config.json: {'.'.join(path)} is {show(value)}; expected a JSON object (the language "
+                            "model's config)")
 
 
 def _moe_section(config: dict) -> str | None:

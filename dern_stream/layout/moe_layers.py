@@ -177,6 +177,11 @@ def router_input_scale(ckpt: Checkpoint, family: Family, index: int) -> torch.Te
     return family.router_input.vector(ckpt.load(scale), ckpt.load(norm), family.layer_prefix(index))
 
 
+def _is_shared(name: str) -> bool:
+    """A shared expert's tensor (never cut: a width that happens to equal N is no expert dimension)."""
+    return any(part.startswith(("shared_expert", "shared_mlp")) for part in name.split("."))
+
+
 def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: int, names: list[str]) -> None:
     """A tensor of layer i's MoE block with one entry per expert that the family does not name (a router bias
     Mixtral has no use for, say) cannot be cut to K experts as the rest of the layer is: refused, not copied whole
@@ -186,7 +191,7 @@ def _check_no_unknown_per_expert(ckpt: Checkpoint, family: Family, i: int, n: in
              *(family.router_input.names(family.layer_prefix(i)) if family.router_input else ())}
     for name in names:
         entry = ckpt.entries[name]
-        if (name.startswith(block) and name not in known and n in entry.shape
+        if (name.startswith(block) and name not in known and n in entry.shape and not _is_shared(name)
                 and not family.is_layer_expert_tensor(i, name) and not is_fp8_scale(ckpt, name)):
             raise DernError(f"{name} {list(entry.shape)} has one entry per expert, but {family.model_type} has no "
                             f"such tensor, so it cannot be cut to fewer experts with the rest of the layer: remove it "

@@ -169,7 +169,7 @@ def disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Fa
     exist with fitting shapes (the same rules as materialise, without reading data); DernError if not. `shapes`: every
     in-memory tensor's shape (for the tensors transformers splits from one on disk)."""
     for suffix, parts in _FUSED.items():
-        if layer is not None and name.endswith(suffix) and family.fused is None:
+        if name.endswith(suffix) and family.fused is None and (layer is not None or name not in ckpt.entries):
             return _fused_disk_tensors(name, shape, ckpt, family, layer, parts)
     concatenated = _concatenated_parts(name, ckpt, family)
     if concatenated is not None:
@@ -209,13 +209,16 @@ def _checked_compressed(ckpt: Checkpoint, disk: str, shape: tuple[int, ...], nam
     return set(compressed_parts(ckpt, disk)[1].values())
 
 
-def _fused_disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int,
+def _fused_disk_tensors(name: str, shape: tuple[int, ...], ckpt: Checkpoint, family: Family, layer: int | None,
                         parts: tuple[str, ...]) -> set[str]:
-    """disk_tensors for a fused in-memory tensor: each expert's tensors of `parts`, stacked along dim 1."""
+    """disk_tensors for a fused in-memory tensor: each expert's tensors of `parts`, stacked along dim 1. Outside the
+    family's decoder layers (Qwen3-Omni-MoE's talker, never run, but checked by verify) they are stored as
+    transformers 5 saves experts: `experts.{e}.{gate,up,down}_proj.weight`."""
     names, rows = set(), 0
     for part in parts:
         for e in range(shape[0]):
-            disk = family.expert_name(layer, e, part)
+            disk = family.expert_name(layer, e, part) if layer is not None else \
+                f"{name.rsplit('.', 1)[0]}.{e}.{part}_proj.weight"
             entry = ckpt.entries.get(disk)
             stored = entry.shape if entry is not None else compressed_shape(ckpt, disk)
             if stored is None:

@@ -70,3 +70,18 @@ def test_routing_it_cannot_express_is_refused(ffn, message, build, tmp_path):
     result = CliRunner().invoke(main, ["rewrite", str(src), str(tmp_path / "out"), "--experts", "4",
                                        "--calib", str(built.calib)])
     assert_clean_failure(result, tmp_path / "out", message)
+
+
+def test_the_experts_keys_are_read_from_ffn_config_alone(build, tmp_path):
+    """transformers reads moe_top_k and moe_num_experts from ffn_config: a top-level key of the same name is neither
+    read nor rewritten."""
+    built = build("dbrx")
+    src = _hub_copy(built, tmp_path / "in")
+    config = {**HUB_CONFIG, "moe_top_k": 1, "moe_num_experts": 99}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    dern_stream.rewrite(src, out, experts=1, calib=built.calib, method="prune", progress=False)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["moe_top_k"], written["moe_num_experts"]) == (1, 99)
+    assert (written["ffn_config"]["moe_top_k"], written["ffn_config"]["moe_num_experts"]) == (1, 1)  # (top-k clipped)
+    assert torch.isfinite(load_model(out)(torch.randint(3, 250, (1, 8))).logits).all()

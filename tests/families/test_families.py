@@ -242,3 +242,14 @@ def test_hunyuan_width_change_is_refused_in_one_line(build, tmp_path):
     result = CliRunner().invoke(main, ["rewrite", str(built.model_dir), str(tmp_path / "out"), "--experts", "4",
                                        "--calib", str(built.calib), "--intermediate-size", "16"])
     assert_clean_failure(result, tmp_path / "out", "shared MLP")
+
+
+def test_a_shared_expert_as_wide_as_the_expert_count_is_not_an_expert_dimension(build, tmp_path):
+    """GLM-4.5 with 8 routed experts of width 8 and one shared expert of width 8: the shared expert's [d, 8] and [8, d]
+    tensors are copied, not refused as unknown per-expert tensors."""
+    built = build("glm4_moe", moe_intermediate_size=8)
+    out = tmp_path / "out"
+    dern_stream.rewrite(built.model_dir, out, experts=4, calib=built.calib, progress=False)
+    shared = [n for n in raw_bytes(out) if "shared_experts" in n]
+    assert shared and all(raw_bytes(out)[n] == raw_bytes(built.model_dir)[n] for n in shared)
+    assert torch.isfinite(load_model(out)(torch.randint(3, 250, (1, 8))).logits).all()

@@ -47,7 +47,7 @@ def test_config_sections_and_the_vision_tower(family, build, tmp_path):
     dst_text.update({k: src_text[k] for k in changed})
     assert dst == src
     before, after = raw_bytes(built.model_dir), raw_bytes(out)
-    tower = [n for n in before if any(t in n for t in ("vision", "visual", "multi_modal_projector", "audio"))]
+    tower = [n for n in before if any(t in n for t in ("vision", "visual", "multi_modal_projector", "audio", "talker"))]
     assert tower and all(after[n] == before[n] for n in tower)
     assert Checkpoint(out).config["model_type"] == family  # (the view keeps the top level's identity)
 

@@ -138,6 +138,14 @@ _TINY_THINKER = dict(
     vision_config=dict(_TINY_VISION, num_position_embeddings=16, deepstack_visual_indexes=[0]),
     audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
                       output_dim=64, downsample_hidden_size=16, max_source_positions=100))
+# (the talker: another MoE model, with a shared expert, that the rewrite copies as it is)
+_TINY_TALKER = dict(
+    text_config=dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                     num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=16, vocab_size=128),
+    code_predictor_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, vocab_size=64, num_code_groups=4),
+    thinker_hidden_size=64, accept_hidden_layer=1, num_code_groups=4, spatial_merge_size=2)
 FAMILIES += (
     # (transformers builds the thinker's towers and language model under `model.`, and stores them without it)
     replace(_QWEN3_MOE, model_type="qwen3_omni_moe_thinker", multimodal=True,
@@ -151,5 +159,9 @@ FAMILIES += (
                                 ("thinker.model.visual.", "thinker.visual."),
                                 ("thinker.model.audio_tower.", "thinker.audio_tower.")),
             architectures=("Qwen3OmniMoeForConditionalGeneration",),
-            tiny_config=dict(thinker_config=_TINY_THINKER, enable_audio_output=False)),
+            tiny_config=dict(thinker_config=_TINY_THINKER, enable_audio_output=True, talker_config=_TINY_TALKER,
+                             code2wav_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                                  num_attention_heads=2, num_key_value_heads=2, decoder_dim=32,
+                                                  codebook_size=64, num_quantizers=4, upsample_rates=[2, 2],
+                                                  upsampling_ratios=[2, 2], sliding_window=8))),
 )
