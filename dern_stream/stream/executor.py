@@ -107,16 +107,17 @@ class StreamedModel:
                 auto = transformers.AutoModelForMultimodalLM if self.family.multimodal else AutoModelForCausalLM
                 self.model = auto.from_config(config)
             self.model.eval().requires_grad_(False)
-            # The decoder stack, whose layers are the family's `layers` (Llama-4's base_model_prefix says
-            # "language_model", the attribute of its multimodal parent, not of Llama4ForCausalLM).
-            # (DBRX: transformer, blocks; Qwen3-Omni-MoE's thinker: model.language_model, layers)
+            # The decoder stack, whose layers the family names (DBRX: transformer, blocks; Qwen3-Omni-MoE's thinker:
+            # model.language_model, layers)
             self.prefix, self.layers_name = self.family.layers_in_memory.rsplit(".", 1)
             self.base = self.model.get_submodule(self.prefix)
             self.layers = getattr(self.base, self.layers_name)
             self.text_config = self.model.config.get_text_config()
             # The lm_head and its own name (a multimodal model's may sit under its language model's, or beside it:
             # Qwen3-Omni-MoE's thinker.lm_head, which its top-level model does not return)
-            self.head = self.model.get_output_embeddings() or _nearest_lm_head(self.model, self.prefix)
+            self.head = self.model.get_output_embeddings()
+            if self.head is None:
+                self.head = _nearest_lm_head(self.model, self.prefix)
             self.head_prefix = next(n for n, m in self.model.named_modules() if m is self.head) + "."
             # The final norm: `norm`, or LFM2-MoE's `embedding_norm` (applied after the last layer, despite its name).
             self.final_norm_name = next(n for n in _FINAL_NORMS if isinstance(getattr(self.base, n, None),
