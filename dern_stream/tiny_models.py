@@ -8,6 +8,7 @@ Needs the `dump` or `test` extra (transformers); the rewrite itself never import
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     one (its language model's config takes the shared sizes and `overrides`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMultimodalLM
 
-    from .checkpoint.config_view import text_section
+    from .checkpoint.config_view import lookup, text_section
 
     common = dict(_COMMON)
     if FAMILIES[family].layers_key != "num_hidden_layers":  # (LongCat-Flash derives num_hidden_layers from its own)
@@ -35,11 +36,9 @@ def build_model(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float3
     own = FAMILY_CONFIGS[family]
     composite = FAMILIES[family].multimodal
     if composite:  # (the shared sizes and the overrides go to its language model's section)
-        own, section = json.loads(json.dumps(own)), text_section(own)
-        inner = own
-        for step in section[:-1]:
-            inner = inner[step]
-        inner[section[-1]] = {**common, **inner[section[-1]], **overrides}
+        own, section = copy.deepcopy(own), text_section(own)
+        text = lookup(own, section)[1]
+        text.update({**common, **text, **overrides})
         config = AutoConfig.for_model(family, **own, tie_word_embeddings=False)
     else:
         config = AutoConfig.for_model(family, **{**common, **own, **overrides})

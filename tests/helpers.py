@@ -49,7 +49,7 @@ def load_model(path, **kwargs):
 
 def decoder_layers(model):
     """A loaded model's decoder layers (a multimodal model's language model's)."""
-    return model.get_submodule(family_for(config_view(model.config.to_dict())).layers_in_memory)
+    return model.get_submodule(family_for(model.config.to_dict()).layers_in_memory)
 
 
 def read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 
 SECTION = "text_config"
-_THINKER = "thinker_config"  # (Qwen3-Omni-MoE: the language model is its thinker's, beside the talker's)
+# Where a composite model keeps its language model's config, in the order looked for (Qwen3-Omni-MoE: its thinker's,
+# beside the talker's)
+TEXT_SECTIONS = ((SECTION,), ("thinker_config", SECTION))
 # Keys a composite model keeps at its top level whatever text_config says: they describe the whole checkpoint.
 _TOP_LEVEL = ("model_type", "architectures", "auto_map", "quantization_config")
 # model_type -> (sub-configs read as the top level's, (name read, config.json's key) aliases): families/ registers them
@@ -26,12 +28,17 @@ NESTED: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
 
 def text_section(config: dict) -> tuple[str, ...] | None:
     """The path of keys to a composite model's language model's config, or None."""
-    if isinstance(config.get(SECTION), dict):
-        return (SECTION,)
-    thinker = config.get(_THINKER)
-    if isinstance(thinker, dict) and isinstance(thinker.get(SECTION), dict):
-        return (_THINKER, SECTION)
-    return None
+    return next((path for path in TEXT_SECTIONS if isinstance(lookup(config, path)[1], dict)), None)
+
+
+def lookup(config: dict, path: tuple[str, ...]) -> tuple[bool, object]:
+    """(whether config.json holds the value at this path of keys, the value or None)."""
+    value = config
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return False, None
+        value = value[key]
+    return True, value
 
 
 def is_composite(config: dict) -> bool:
@@ -43,7 +50,7 @@ def config_view(config: dict) -> dict:
     sources = _sources(config)
     if sources is None:
         return config
-    return {key: _read(config, path) for key, path in sources.items()}
+    return {key: lookup(config, path)[1] for key, path in sources.items()}
 
 
 def file_config(config: dict, view: dict, changed: dict) -> dict:
@@ -75,7 +82,7 @@ def _sources(config: dict) -> dict[str, tuple[str, ...]] | None:
         # transformers builds the language model from its section alone (a key it lacks takes the config class's
         # default, never the top level's), and the section itself stays in the view, so that the view of a view is
         # the same view and a refusal can still name the language model's model_type
-        sources = {key: (*section, key) for key in _read(config, section)}
+        sources = {key: (*section, key) for key in lookup(config, section)[1]}
         sources.update({key: (key,) for key in (*_TOP_LEVEL, section[0]) if key in config})
         return sources
     model_type = config.get("model_type")
@@ -93,10 +100,3 @@ def _sources(config: dict) -> dict[str, tuple[str, ...]] | None:
         if key in config:
             sources[name] = (key,)
     return sources
-
-
-def _read(config: dict, path: tuple[str, ...]):
-    value = config
-    for step in path:
-        value = value[step]
-    return value

@@ -1,6 +1,6 @@
 """Model families, one record each (record.py; every record: catalog/), chosen by config.json's `model_type`."""
 
-from ..checkpoint.config_view import NESTED, config_view, text_section
+from ..checkpoint.config_view import NESTED, TEXT_SECTIONS, config_view, lookup, text_section
 from ..errors import DernError
 from .catalog import all_families
 from .config_check import check_config, check_model_type, show
@@ -26,14 +26,14 @@ def family_for(config: dict) -> Family:
     (a model_type of its own whose remote code is a supported family's, as Kimi-K2's), checked. A multimodal
     model's config is read as its language model's (checkpoint/config_view.py), as Checkpoint.config is."""
     check_model_type(config)
-    _check_sections(config)
+    # (a language model's section that is not an object is named as such, rather than its keys as missing)
+    _check_objects(config, {path[:n] for path in TEXT_SECTIONS for n in range(1, len(path) + 1)},
+                   " (the language model's config)")
     view = config_view(config)
     model_type = view.get("model_type")
     family = FAMILIES.get(model_type) or _named_family(view)
     if family is not None:
-        for section in family.config_sections:  # (DBRX's ffn_config)
-            if section in config and not isinstance(config[section], dict):
-                raise DernError(f"config.json: {section} is {show(config[section])}; expected a JSON object")
+        _check_objects(config, {(section,) for section in family.config_sections})  # (DBRX's ffn_config)
         check_config(view, family)  # value types and ranges, before any command does any work
         return family
     if model_type in REFUSED:
@@ -51,27 +51,18 @@ def family_for(config: dict) -> Family:
                     f"families: {', '.join(sorted(FAMILIES))}")
 
 
-def _check_sections(config: dict) -> None:
-    """A language model's section (text_config, Qwen3-Omni-MoE's thinker_config.text_config) that is not an object is
-    named as such, rather than its keys as missing."""
-    for path in (("text_config",), ("thinker_config",), ("thinker_config", "text_config")):
-        value, present = config, True
-        for key in path:
-            present = isinstance(value, dict) and key in value
-            value = value.get(key) if present else None
+def _check_objects(config: dict, paths: set[tuple[str, ...]], what: str = "") -> None:
+    """Refuse a value config.json holds at one of `paths` (of keys) that is not a JSON object."""
+    for path in sorted(paths):
+        present, value = lookup(config, path)
         if present and not isinstance(value, dict):
-            raise DernError(f"config.json: {'.'.join(path)} is {show(value)}; expected a JSON object (the language "
-                            "model's config)")
+            raise DernError(f"config.json: {'.'.join(path)} is {show(value)}; expected a JSON object{what}")
 
 
 def _moe_section(config: dict) -> str | None:
     """The model_type of a multimodal model's language model whose config holds an expert count, or None."""
     section = text_section(config)
-    if section is None:
-        return None
-    text = config
-    for key in section:
-        text = text[key]
+    text = lookup(config, section)[1] if section is not None else {}
     return str(text.get("model_type") or section[-1]) if any(k in text for k in _EXPERT_COUNT_KEYS) else None
 
 

@@ -277,14 +277,14 @@ class Family:
         return self.disk_name(f"{self.layers.rsplit('.', 1)[0]}.{self.embed}.weight", None)
 
     def router_name(self, layer: int) -> str:
-        return f"{self.layers}.{layer}.{self.router}"
+        return self.layer_prefix(layer) + self.router
 
     def bias_name(self, layer: int) -> str | None:
-        return f"{self.layers}.{layer}.{self.bias}" if self.bias else None
+        return self.layer_prefix(layer) + self.bias if self.bias else None
 
     def expert_name(self, layer: int, expert: int, part: str) -> str:
         proj = self.proj_names[PARTS.index(part)]
-        return f"{self.layers}.{layer}.{self.experts.format(e=expert, proj=proj)}"
+        return self.layer_prefix(layer) + self.experts.format(e=expert, proj=proj)
 
     def expert_names(self, layer: int, experts: int) -> list[str]:
         """Every routed-expert tensor of experts 0..experts-1 in `layer`: expert by expert, parts in PARTS order."""
@@ -322,12 +322,12 @@ class Family:
 
     def fused_names(self, layer: int) -> list[str]:
         """A fused family's expert tensors of `layer`: gate_up, down (and their biases)."""
-        return [f"{self.layers}.{layer}.{t}" for t in self.fused.templates()]
+        return [self.layer_prefix(layer) + t for t in self.fused.templates()]
 
     def is_layer_expert_tensor(self, layer: int, name: str) -> bool:
         if self.fused is not None:  # (MXFP4 stores a weight as its _blocks and _scales)
             return any(name in (f, f + MXFP4_BLOCKS, f + MXFP4_SCALES) for f in self.fused_names(layer))
-        return name.startswith(f"{self.layers}.{layer}.{self.experts.split('{e}')[0]}")
+        return name.startswith(self.layer_prefix(layer) + self.experts.split("{e}")[0])
 
     def disk_name(self, memory_name: str, layer: int | None) -> str:
         """The on-disk name of an in-memory tensor of decoder layer `layer` (memory_layers and memory_names applied),
